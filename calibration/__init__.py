@@ -1,0 +1,1 @@
+"""INT8 post-training calibration (imported as ``mvcompile.calibration``)."""

@@ -1,0 +1,1 @@
+"""Models authored as ONNX graphs with onnxscript (imported as ``mvcompile.graphs``)."""

@@ -1,0 +1,188 @@
+"""Reading MobileViT checkpoints (Hugging Face or ml-cvnets) and matching them strictly.
+
+Supported files:
+
+- a Hugging Face model folder holding ``model.safetensors`` or ``pytorch_model.bin``;
+- ``*.safetensors`` (read with safetensors, no torch needed);
+- ``*.bin`` / ``*.pt`` / ``*.pth`` pickles, read with ``torch.load(weights_only=True)`` only.
+
+Matching is strict: every parameter of the model must be present with the right shape, and
+every tensor in the checkpoint must be used (BatchNorm ``num_batches_tracked`` counters
+excepted). Anything else raises :class:`~mvcompile.errors.UserError` listing missing keys,
+unexpected keys and shape mismatches.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from mvcompile.graphs.cvnets_names import cvnets_key, looks_like_cvnets
+
+from mvcompile.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+_LAST_CONV = "mobilevit.conv_1x1_exp.convolution.weight"
+_SIZE_BY_LAST_CHANNELS = {320: "xxs", 384: "xs", 640: "s"}
+_SHOW = 8  # keys listed per category in an error message
+
+
+def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a checkpoint file or HF folder into {name: float32 array}."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"Weights file not found: {path}. Pass the path to a .safetensors, "
+                        ".bin or .pt checkpoint, or to a Hugging Face model folder.")
+    if path.is_dir():
+        path = _file_in_hf_folder(path)
+    if path.suffix == ".safetensors":
+        state = _read_safetensors(path)
+    elif path.suffix in _PICKLE_SUFFIXES:
+        state = _read_pickle(path)
+    else:
+        raise UserError(f"Cannot read weights from {path}: expected a .safetensors, "
+                        f"{', '.join(_PICKLE_SUFFIXES)} file or a Hugging Face model folder.")
+    if not state:
+        raise UserError(f"{path} holds no tensors; it is not a MobileViT checkpoint.")
+    return state
+
+
+def _file_in_hf_folder(folder: Path) -> Path:
+    for name in _HF_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise UserError(f"{folder} is a folder without {' or '.join(_HF_FILES)}; "
+                    "pass a Hugging Face model folder or a checkpoint file.")
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return {k: np.asarray(v, dtype=np.float32) for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError, ValueError, TypeError) as err:
+        raise UserError(f"Cannot read {path} as safetensors ({err}). The file may be "
+                        "truncated or not a safetensors file.") from err
+
+
+def _read_pickle(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as err:
+        raise UserError(f"Reading {path.suffix} checkpoints needs PyTorch: install it with "
+                        "`pip install torch==2.13.0` (or the [train] extra), or convert the "
+                        "checkpoint to .safetensors.") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or unsafe pickles
+        raise UserError(f"Cannot read {path} with torch.load(weights_only=True): "
+                        f"{str(err).splitlines()[0]}. The file may be corrupt, or hold "
+                        "objects other than tensors, which we refuse to unpickle.") from err
+    for wrapper in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} does not hold a state dict (found {type(obj).__name__}).")
+    state = {}
+    for key, value in obj.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            state[key.removeprefix("module.")] = value.detach().float().numpy()
+    return state
+
+
+def to_hf_names(state: dict[str, np.ndarray], expected: list[str],
+                depths: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Rename an ml-cvnets state dict to our names; split ``qkv_proj`` into q, k, v.
+
+    Keys that map to none of ``expected`` are kept under their own name, so that the strict
+    match reports them as unexpected.
+    """
+    if not looks_like_cvnets(list(state)):
+        return state
+    renamed: dict[str, np.ndarray] = {}
+    used: set[str] = set()
+    for name in expected:
+        key, chunk = cvnets_key(name, depths)
+        if key not in state:
+            continue
+        used.add(key)
+        tensor = state[key]
+        if chunk is not None:
+            third = tensor.shape[0] // 3
+            tensor = tensor[chunk * third:(chunk + 1) * third]
+        renamed[name] = tensor
+    renamed.update({k: v for k, v in state.items() if k not in used})
+    return renamed
+
+
+class CheckpointWeights:
+    """A ParamSource that serves tensors from a checkpoint and records every mismatch."""
+
+    def __init__(self, state: dict[str, np.ndarray], source: str) -> None:
+        self.state = state
+        self.source = source
+        self.missing: list[str] = []
+        self.mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+        self.requested: set[str] = set()
+
+    def __call__(self, name: str, shape: tuple[int, ...], role: str) -> np.ndarray:
+        self.requested.add(name)
+        tensor = self.state.get(name)
+        if tensor is None:
+            self.missing.append(name)
+        elif tuple(tensor.shape) != tuple(shape):
+            self.mismatched.append((name, tuple(tensor.shape), tuple(shape)))
+        else:
+            return tensor
+        return np.zeros(shape, dtype=np.float32)
+
+    def unexpected(self) -> list[str]:
+        return [k for k in self.state
+                if k not in self.requested and not k.endswith(_IGNORED_SUFFIXES)]
+
+    def raise_if_mismatched(self, model_desc: str) -> None:
+        """Raise a :class:`UserError` describing every difference, or return if none."""
+        unexpected = self.unexpected()
+        if not (self.missing or unexpected or self.mismatched):
+            return
+        lines = [f"The checkpoint {self.source} does not match {model_desc}: "
+                 f"{len(self.missing)} missing keys, {len(unexpected)} unexpected keys, "
+                 f"{len(self.mismatched)} shape mismatches. Nothing was written."]
+        lines += _listing("missing", self.missing)
+        lines += _listing("unexpected", unexpected)
+        lines += _listing("shape mismatch", [f"{n}: checkpoint {list(a)} vs model {list(b)}"
+                                             for n, a, b in self.mismatched])
+        hint = self._hint()
+        if hint:
+            lines.append(hint)
+        raise UserError("\n".join(lines))
+
+    def _hint(self) -> str:
+        last = self.state.get(_LAST_CONV)
+        head = self.state.get("classifier.weight")
+        if last is None:
+            if not any(k.startswith("mobilevit.") for k in self.state):
+                return ("It does not look like a MobileViT checkpoint (no mobilevit.* or "
+                        "ml-cvnets keys).")
+            return ""
+        size = _SIZE_BY_LAST_CHANNELS.get(last.shape[0])
+        classes = f" with {head.shape[0]} classes" if head is not None else ""
+        if size is None:
+            return ""
+        flags = f"--size {size}" + (f" --num-classes {head.shape[0]}" if head is not None else "")
+        return f"It looks like a MobileViT-{size.upper()} checkpoint{classes}; try {flags}."
+
+
+def _listing(label: str, items: list[str]) -> list[str]:
+    if not items:
+        return []
+    shown = [f"  {label}: {item}" for item in items[:_SHOW]]
+    if len(items) > _SHOW:
+        shown.append(f"  ... and {len(items) - _SHOW} more {label} entries")
+    return shown

@@ -1,0 +1,50 @@
+"""Create a MobileViT ``ir.Model`` from a config plus a checkpoint, or seeded random weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+from mvcompile.graphs.checkpoints import CheckpointWeights, load_state_dict, to_hf_names
+from mvcompile.graphs.mobilevit import MobileViTConfig, build_graph
+from mvcompile.graphs.random_weights import DEFAULT_SEED, RandomWeights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where the weights came from, for reports."""
+
+    kind: str  # "checkpoint" or "random"
+    description: str
+
+
+def parameter_shapes(cfg: MobileViTConfig) -> dict[str, tuple[int, ...]]:
+    """Every initializer the graph for ``cfg`` asks for, in construction order."""
+    source = RandomWeights(DEFAULT_SEED)
+    build_graph(cfg, source)
+    return {name: tuple(t.shape) for name, t in source.tensors.items()}
+
+
+def describe(cfg: MobileViTConfig) -> str:
+    return f"MobileViT-{cfg.size.upper()} with {cfg.num_classes} classes"
+
+
+def create_mobilevit(
+    cfg: MobileViTConfig, weights: str | Path | None = None, seed: int = DEFAULT_SEED
+) -> tuple[ir.Model, WeightsInfo]:
+    """Build the graph; with ``weights``, match the checkpoint strictly or raise UserError."""
+    if weights is None:
+        log.info("No weights given: the weights are random (seed %d), not trained.", seed)
+        model = build_graph(cfg, RandomWeights(seed))
+        return model, WeightsInfo("random", f"random, seed {seed} (not trained)")
+    state = load_state_dict(weights)
+    state = to_hf_names(state, list(parameter_shapes(cfg)), cfg.depths)
+    source = CheckpointWeights(state, str(weights))
+    model = build_graph(cfg, source)
+    source.raise_if_mismatched(describe(cfg))
+    log.info("Loaded %d tensors from %s", len(source.requested), weights)
+    return model, WeightsInfo("checkpoint", str(weights))

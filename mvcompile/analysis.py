@@ -1,0 +1,169 @@
+"""Static figures of any ONNX model: parameters, MACs, op histogram, input/output shapes.
+
+MACs come from shapes inferred by ONNX shape inference with every symbolic input dimension set
+to 1 (batch 1):
+
+- Conv-like ops: MACs = |Y| · (C_in/groups) · k_h · k_w, i.e. output elements times the
+  weight's elements per output channel;
+- MatMul-like ops: MACs = |Y| · K, K the contracted dimension;
+- Gemm: MACs = M · N · K.
+
+Parameters are the elements of floating-point initializers of rank ≥ 1, excluding BatchNorm
+running statistics (which are buffers, not parameters). Integer initializers (shapes, axes)
+and scalar constants are not parameters.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+log = logging.getLogger(__name__)
+
+# op type -> index of its weight input, for conv-like ops.
+_CONV_WEIGHT_INPUT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1,
+                      "NhwcFusedConv": 1}
+# op type -> (index of A, index of B) for matmul-like ops.
+_MATMUL_INPUTS = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3),
+                  "FusedMatMul": (0, 1)}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16}
+
+
+@dataclass
+class ModelSummary:
+    """What ``mvcompile info`` prints."""
+
+    parameters: int
+    macs: int
+    macs_unknown_nodes: list[str]
+    op_histogram: dict[str, int]
+    inputs: list[tuple[str, list[int | str]]]
+    outputs: list[tuple[str, list[int | str]]]
+    opsets: dict[str, int]
+    ir_version: int
+    node_count: int = field(default=0)
+
+
+def summarize(model: onnx.ModelProto) -> ModelSummary:
+    macs, unknown = count_macs(model)
+    return ModelSummary(
+        parameters=count_parameters(model),
+        macs=macs,
+        macs_unknown_nodes=unknown,
+        op_histogram=op_histogram(model),
+        inputs=[(v.name, _dims(v)) for v in _graph_inputs(model)],
+        outputs=[(v.name, _dims(v)) for v in model.graph.output],
+        opsets={(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        ir_version=model.ir_version,
+        node_count=len(model.graph.node),
+    )
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    """{op type: count}, most frequent first; non-default domains are prefixed."""
+    counts = collections.Counter(
+        f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        for n in model.graph.node
+    )
+    return dict(counts.most_common())
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    bn_stats = {name for n in model.graph.node if n.op_type == "BatchNormalization"
+                for name in n.input[3:5]}
+    return sum(
+        int(np.prod(init.dims))
+        for init in model.graph.initializer
+        if init.data_type in _FLOAT_TYPES and len(init.dims) >= 1 and init.name not in bn_stats
+    )
+
+
+def count_macs(model: onnx.ModelProto) -> tuple[int, list[str]]:
+    """(MACs at batch 1, names of conv/matmul nodes whose shapes could not be inferred)."""
+    shapes = _inferred_shapes(model)
+    total, unknown = 0, []
+    for node in model.graph.node:
+        macs = _node_macs(node, shapes)
+        if macs is None:
+            unknown.append(node.name or node.op_type)
+        else:
+            total += macs
+    return total, unknown
+
+
+def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
+    """MACs of one node; 0 for ops that are not conv/matmul; None if shapes are unknown."""
+    out = shapes.get(node.output[0]) if node.output else None
+    if node.op_type in _CONV_WEIGHT_INPUT:
+        weight = shapes.get(node.input[_CONV_WEIGHT_INPUT[node.op_type]])
+        if out is None or weight is None:
+            return None
+        return int(np.prod(out)) * int(np.prod(weight[1:]))
+    if node.op_type in _MATMUL_INPUTS:
+        a = shapes.get(node.input[_MATMUL_INPUTS[node.op_type][0]])
+        if out is None or a is None:
+            return None
+        return int(np.prod(out)) * a[-1]
+    if node.op_type in ("Gemm", "FusedGemm"):
+        a = shapes.get(node.input[0])
+        if out is None or a is None:
+            return None
+        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+        return int(np.prod(out)) * (a[0] if trans_a else a[1])
+    return 0
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """{value name: static shape} after inference with symbolic input dims set to 1."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    init_names = {i.name for i in fixed.graph.initializer}
+    for value in fixed.graph.input:
+        if value.name in init_names:
+            continue
+        for dim in value.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.Clear()
+                dim.dim_value = 1
+    del fixed.graph.value_info[:]
+    try:
+        fixed = shape_inference.infer_shapes(fixed, data_prop=True)
+    except Exception as err:  # inference is best-effort; report unknown nodes instead
+        log.warning("Shape inference failed (%s); MACs may be incomplete.", err)
+    shapes: dict[str, list[int]] = {}
+    for value in [*fixed.graph.input, *fixed.graph.value_info, *fixed.graph.output]:
+        dims = _dims(value)
+        if dims and all(isinstance(d, int) for d in dims):
+            shapes[value.name] = dims
+    for init in fixed.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    for node in fixed.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            shapes[node.output[0]] = list(numpy_helper.to_array(node.attribute[0].t).shape)
+    return shapes
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    init_names = {i.name for i in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in init_names]
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in value.type.tensor_type.shape.dim]
+
+
+def format_shape(dims: list[int | str]) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+__all__ = ["ModelSummary", "summarize", "count_macs", "count_parameters", "op_histogram",
+           "format_shape"]

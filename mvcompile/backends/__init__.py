@@ -1,0 +1,1 @@
+"""Lowering to deployment formats: ONNX Runtime mobile (.ort) and Core ML (.mlpackage)."""

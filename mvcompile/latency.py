@@ -1,0 +1,67 @@
+"""ONNX Runtime CPU latency: medians of repeated single-batch runs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency over ``runs`` timed calls, in milliseconds."""
+
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    runs: int
+
+    @property
+    def throughput(self) -> float:
+        """Inferences per second at the median latency."""
+        return 1000.0 / self.median_ms
+
+    @classmethod
+    def from_samples(cls, seconds: list[float]) -> LatencyStats:
+        ms = np.asarray(seconds) * 1000.0
+        return cls(float(np.median(ms)), float(np.percentile(ms, 90)), float(ms.min()), len(ms))
+
+
+def make_session(model: bytes | str, threads: int = 2,
+                 level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                 ) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads and one inter-op thread."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = level
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def random_feed(session: ort.InferenceSession, batch: int = 1, seed: int = 0
+                ) -> dict[str, np.ndarray]:
+    """Uniform [0,1) inputs for every float input; symbolic dims become ``batch``."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in session.get_inputs():
+        shape = [d if isinstance(d, int) else batch for d in inp.shape]
+        feed[inp.name] = rng.uniform(0.0, 1.0, shape).astype(np.float32)
+    return feed
+
+
+def measure(session: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int = 30,
+            warmup: int = 5, on_run: Callable[[], None] | None = None) -> LatencyStats:
+    """Time ``runs`` calls of ``session.run`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        session.run(None, feed)
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        samples.append(time.perf_counter() - start)
+        if on_run is not None:
+            on_run()
+    return LatencyStats.from_samples(samples)

@@ -1,0 +1,72 @@
+"""Reading and writing ONNX files safely: validated before writing, written atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from mvcompile.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MAX_IR_VERSION = 10  # onnxruntime 1.31 refuses newer IR versions than this
+
+
+def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
+    """An ``onnx.ModelProto`` whose IR version onnxruntime accepts."""
+    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    return proto
+
+
+def validate(proto: onnx.ModelProto) -> None:
+    """``onnx.checker.check_model(full_check=True)``, then check that onnxruntime loads it."""
+    onnx.checker.check_model(proto, full_check=True)
+    ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def save_model(model: ir.Model | onnx.ModelProto, path: str | Path) -> onnx.ModelProto:
+    """Validate, then write atomically (temp file + rename). Returns the written proto."""
+    proto = to_proto(model)
+    validate(proto)
+    atomic_write_bytes(Path(path), proto.SerializeToString())
+    return proto
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Read an ONNX file, raising :class:`UserError` for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ONNX model not found: {path}.")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as err:  # protobuf raises DecodeError, onnx raises several others
+        raise UserError(f"{path} is not a readable ONNX model ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else 'parse failed'}). "
+                        "The file may be corrupt or truncated.") from err
+    if not proto.graph.node and not proto.graph.output:
+        raise UserError(f"{path} parsed as an empty ONNX model: it is corrupt or not ONNX.")
+    return proto
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

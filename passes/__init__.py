@@ -1,0 +1,1 @@
+"""Graph passes (imported as ``mvcompile.passes``)."""
