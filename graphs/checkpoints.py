@@ -18,9 +18,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from mvcompile.graphs.cvnets_names import cvnets_key, looks_like_cvnets
 
 from mvcompile.errors import UserError
+from mvcompile.graphs.cvnets_names import cvnets_key, looks_like_cvnets
 
 log = logging.getLogger(__name__)
 

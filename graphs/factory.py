@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
+
 from mvcompile.graphs.checkpoints import CheckpointWeights, load_state_dict, to_hf_names
 from mvcompile.graphs.mobilevit import MobileViTConfig, build_graph
 from mvcompile.graphs.random_weights import DEFAULT_SEED, RandomWeights

@@ -132,21 +132,77 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
                 dim.Clear()
                 dim.dim_value = 1
     del fixed.graph.value_info[:]
-    try:
-        fixed = shape_inference.infer_shapes(fixed, data_prop=True)
-    except Exception as err:  # inference is best-effort; report unknown nodes instead
-        log.warning("Shape inference failed (%s); MACs may be incomplete.", err)
     shapes: dict[str, list[int]] = {}
-    for value in [*fixed.graph.input, *fixed.graph.value_info, *fixed.graph.output]:
-        dims = _dims(value)
-        if dims and all(isinstance(d, int) for d in dims):
-            shapes[value.name] = dims
+    for infer in (_onnx_inference, _symbolic_inference, _runtime_shapes):
+        inferred = infer(fixed)
+        if inferred is None:
+            continue
+        for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+            dims = _dims(value)
+            if dims and all(isinstance(d, int) for d in dims):
+                shapes.setdefault(value.name, dims)
+        if all(o in shapes for n in fixed.graph.node for o in n.output[:1]):
+            break  # every node's output is known; no need for the slower fallback
     for init in fixed.graph.initializer:
         shapes[init.name] = list(init.dims)
     for node in fixed.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             shapes[node.output[0]] = list(numpy_helper.to_array(node.attribute[0].t).shape)
     return shapes
+
+
+def _onnx_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """ONNX shape inference with data propagation (handles constant Reshape targets)."""
+    try:
+        return shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as err:  # best effort: unknown nodes are reported, not fatal
+        log.info("ONNX shape inference failed: %s", err)
+        return None
+
+
+def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference: follows Shape→Gather→Concat→Reshape chains
+    that torch exports use, which ONNX inference leaves unknown."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as err:  # best effort, as above
+        log.info("Symbolic shape inference failed: %s", err)
+        return None
+
+
+def _runtime_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Last resort: run the model once in ONNX Runtime with every node output exposed, and
+    record the real shapes (exact for batch 1; costs one inference)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    names = [o for n in probe.graph.node for o in n.output if o and o not in known]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        feed = {i.name: _zeros_for(i) for i in session.get_inputs()}
+        values = session.run(None, feed)
+    except Exception as err:  # best effort, as above
+        log.info("Runtime shape probe failed: %s", err)
+        return None
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    for out, value in zip(session.get_outputs(), values, strict=True):
+        if out.name in names and hasattr(value, "shape"):
+            result.graph.value_info.append(onnx.helper.make_tensor_value_info(
+                out.name, onnx.TensorProto.FLOAT, list(value.shape)))
+    return result
+
+
+def _zeros_for(arg: object) -> np.ndarray:
+    dtype = {"tensor(float)": np.float32, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(float16)": np.float16}.get(arg.type, np.float32)
+    return np.zeros([d if isinstance(d, int) else 1 for d in arg.shape], dtype=dtype)
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

@@ -64,8 +64,8 @@ def main(verbose: int) -> None:
 def build(size: str, weights: str | None, resolution: int, patch_config: str, num_classes: int,
           out_dir: str | None, seed: int, latency_runs: int, threads: int) -> None:
     """Build MobileViT as an ONNX graph, write model.onnx and report.json, print a summary."""
-    from mvcompile.build import BuildOptions
-    from mvcompile.build import build as run_build
+    from mvcompile.builder import BuildOptions
+    from mvcompile.builder import build as run_build
 
     options = BuildOptions(size=size, weights=weights, resolution=resolution,
                            patch_config=patch_config, num_classes=num_classes,

@@ -1,0 +1,53 @@
+"""Hugging Face transformers' MobileViT as the independent reference, for tests and benchmarks.
+
+Needs the ``[test]`` extra (torch + transformers); nothing in the compiler imports this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mvcompile.graphs.mobilevit import MobileViTConfig
+
+# Our sizes as transformers.MobileViTConfig arguments (as in Apple's published HF checkpoints).
+HF_SIZE_ARGS: dict[str, dict[str, Any]] = {
+    "xxs": {"hidden_sizes": [64, 80, 96], "neck_hidden_sizes": [16, 16, 24, 48, 64, 80, 320],
+            "expand_ratio": 2.0},
+    "xs": {"hidden_sizes": [96, 120, 144], "neck_hidden_sizes": [16, 32, 48, 64, 80, 96, 384]},
+    "s": {"hidden_sizes": [144, 192, 240], "neck_hidden_sizes": [16, 32, 64, 96, 128, 160, 640]},
+}
+
+
+def hf_model(cfg: MobileViTConfig, weights: dict[str, np.ndarray] | None = None):
+    """transformers.MobileViTForImageClassification for ``cfg`` in eval mode.
+
+    With ``weights`` (our initializer names = HF state-dict names) they are loaded strictly.
+    Per-block patch sizes (Config-B) are set on each MobileViTLayer, which HF supports
+    internally although its config has a single ``patch_size``.
+    """
+    import torch
+    from transformers import MobileViTConfig as HFConfig
+    from transformers import MobileViTForImageClassification
+
+    hf_cfg = HFConfig(num_labels=cfg.num_classes, image_size=cfg.resolution,
+                      patch_size=cfg.patch_sizes[0], **HF_SIZE_ARGS[cfg.size])
+    model = MobileViTForImageClassification(hf_cfg).eval()
+    for layer, patch in zip(model.mobilevit.encoder.layer[2:], cfg.patch_sizes, strict=True):
+        layer.patch_height = layer.patch_width = patch
+    if weights is not None:
+        state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            raise KeyError(f"HF load mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def hf_logits(model, pixels: np.ndarray) -> np.ndarray:
+    """Logits of the HF model for a float32 NCHW batch."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(pixels)).logits.numpy()

@@ -1,0 +1,36 @@
+"""Shared fixtures: building our MobileViT and running it in ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from mvcompile import onnx_io
+from mvcompile.graphs.mobilevit import MobileViTConfig, build_graph
+from mvcompile.graphs.random_weights import RandomWeights
+
+
+def build_random(cfg: MobileViTConfig, seed: int = 0) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """Our graph with seeded random weights, and those weights by name."""
+    source = RandomWeights(seed)
+    return build_graph(cfg, source), source.tensors
+
+
+def ort_run(model: ir.Model, pixels: np.ndarray) -> np.ndarray:
+    """Run the validated model in ONNX Runtime (CPU, default optimisations)."""
+    proto = onnx_io.to_proto(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: pixels})[0]
+
+
+def random_pixels(batch: int, resolution: int, seed: int = 1) -> np.ndarray:
+    """Images in the MobileViT input convention: RGB, [0, 1], NCHW float32."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0.0, 1.0, (batch, 3, resolution, resolution)).astype(np.float32)
+
+
+@pytest.fixture
+def xxs64() -> MobileViTConfig:
+    return MobileViTConfig.for_size("xxs", resolution=64)

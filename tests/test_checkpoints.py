@@ -1,0 +1,148 @@
+"""Importing Hugging Face and ml-cvnets checkpoints, strictly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+torch = pytest.importorskip("torch")
+
+from conftest import build_random, ort_run, random_pixels
+from mvcompile.errors import UserError
+from mvcompile.graphs.cvnets_names import cvnets_key
+from mvcompile.graphs.factory import create_mobilevit, parameter_shapes
+from mvcompile.graphs.mobilevit import MobileViTConfig
+from mvcompile.reference import hf_logits, hf_model
+
+CFG = MobileViTConfig.for_size("xxs", resolution=64)
+
+# Keys as they appear in Apple's published ml-cvnets mobilevit_xxs.pt (written out by hand, so
+# that the name mapping is checked against the real checkpoint layout, not against itself).
+REAL_CVNETS_KEYS = [
+    "conv_1.block.conv.weight",
+    "conv_1.block.norm.running_var",
+    "layer_1.0.block.exp_1x1.block.conv.weight",
+    "layer_1.0.block.conv_3x3.block.norm.weight",
+    "layer_1.0.block.red_1x1.block.conv.weight",
+    "layer_2.2.block.exp_1x1.block.norm.bias",
+    "layer_3.0.block.exp_1x1.block.conv.weight",
+    "layer_3.1.local_rep.conv_3x3.block.conv.weight",
+    "layer_3.1.local_rep.conv_1x1.block.conv.weight",
+    "layer_3.1.global_rep.0.pre_norm_mha.0.weight",
+    "layer_3.1.global_rep.0.pre_norm_mha.1.qkv_proj.weight",
+    "layer_3.1.global_rep.1.pre_norm_mha.1.out_proj.bias",
+    "layer_3.1.global_rep.1.pre_norm_ffn.0.bias",
+    "layer_3.1.global_rep.1.pre_norm_ffn.1.weight",
+    "layer_3.1.global_rep.1.pre_norm_ffn.4.weight",
+    "layer_3.1.global_rep.2.weight",
+    "layer_4.1.global_rep.4.bias",
+    "layer_5.1.global_rep.3.weight",
+    "layer_5.1.conv_proj.block.conv.weight",
+    "layer_5.1.fusion.block.norm.running_mean",
+    "conv_1x1_exp.block.conv.weight",
+    "classifier.fc.weight",
+    "classifier.fc.bias",
+]
+
+
+class Payload:
+    """A non-tensor object: torch.load(weights_only=True) must refuse to unpickle it."""
+
+
+def _cvnets_state(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Pack our weights the ml-cvnets way: renamed, with q, k, v stacked into qkv_proj."""
+    state: dict[str, list] = {}
+    for name, value in weights.items():
+        key, chunk = cvnets_key(name)
+        state.setdefault(key, [None, None, None] if chunk is not None else [value])
+        if chunk is not None:
+            state[key][chunk] = value
+    return {k: torch.from_numpy(np.concatenate(v)) for k, v in state.items()}
+
+
+def test_cvnets_mapping_produces_the_real_checkpoint_keys() -> None:
+    produced = {cvnets_key(n)[0] for n in parameter_shapes(CFG)}
+    assert set(REAL_CVNETS_KEYS) <= produced
+    # q, k and v share one tensor; everything else maps one to one.
+    assert len(produced) == len(parameter_shapes(CFG)) - 2 * (2 + 4 + 3) * 2
+
+
+def test_hf_safetensors_folder_and_bin_load_with_parity(tmp_path: Path) -> None:
+    _, weights = build_random(CFG, seed=21)
+    reference = hf_model(CFG, weights)
+    reference.save_pretrained(tmp_path / "hf")  # writes model.safetensors + config.json
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    pixels = random_pixels(2, 64)
+    expected = hf_logits(reference, pixels)
+    for path in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors",
+                 tmp_path / "pytorch_model.bin"):
+        model, info = create_mobilevit(CFG, path)
+        assert info.kind == "checkpoint"
+        np.testing.assert_allclose(ort_run(model, pixels), expected, rtol=0, atol=1e-4)
+
+
+def test_cvnets_checkpoint_loads_with_parity(tmp_path: Path) -> None:
+    _, weights = build_random(CFG, seed=22)
+    state = _cvnets_state(weights)
+    state["conv_1.block.norm.num_batches_tracked"] = torch.tensor(5)
+    torch.save(state, tmp_path / "mobilevit_xxs.pt")
+    model, _ = create_mobilevit(CFG, tmp_path / "mobilevit_xxs.pt")
+    pixels = random_pixels(1, 64)
+    np.testing.assert_allclose(ort_run(model, pixels), hf_logits(hf_model(CFG, weights), pixels),
+                               rtol=0, atol=1e-4)
+
+
+def test_checkpoint_of_another_size_lists_mismatches_and_suggests_size(tmp_path: Path) -> None:
+    _, xs_weights = build_random(MobileViTConfig.for_size("xs", resolution=64))
+    save_file(xs_weights, str(tmp_path / "xs.safetensors"))
+    with pytest.raises(UserError) as err:
+        create_mobilevit(CFG, tmp_path / "xs.safetensors")
+    message = str(err.value)
+    assert "shape mismatches" in message
+    assert "shape mismatch: mobilevit.conv_stem" not in message  # the stem is the same
+    assert "checkpoint [64, 16, 1, 1] vs model [32, 16, 1, 1]" in message
+    assert "try --size xs --num-classes 1000" in message
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
+    _, weights = build_random(CFG)
+    del weights["classifier.bias"]
+    weights["extra.head.weight"] = np.zeros(3, np.float32)
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    with pytest.raises(UserError) as err:
+        create_mobilevit(CFG, tmp_path / "w.safetensors")
+    assert "1 missing keys, 1 unexpected keys, 0 shape mismatches" in str(err.value)
+    assert "missing: classifier.bias" in str(err.value)
+    assert "unexpected: extra.head.weight" in str(err.value)
+
+
+def test_wrong_class_count_suggests_num_classes(tmp_path: Path) -> None:
+    _, weights = build_random(MobileViTConfig.for_size("xxs", resolution=64, num_classes=10))
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    with pytest.raises(UserError, match="try --size xxs --num-classes 10"):
+        create_mobilevit(CFG, tmp_path / "w.safetensors")
+
+
+def test_not_a_mobilevit_checkpoint(tmp_path: Path) -> None:
+    save_file({"encoder.block.0.weight": np.ones((4, 4), np.float32)},
+              str(tmp_path / "bert.safetensors"))
+    with pytest.raises(UserError, match="does not look like a MobileViT checkpoint"):
+        create_mobilevit(CFG, tmp_path / "bert.safetensors")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.pt"])
+def test_corrupt_or_missing_files(tmp_path: Path, name: str) -> None:
+    with pytest.raises(UserError, match="not found"):
+        create_mobilevit(CFG, tmp_path / name)
+    (tmp_path / name).write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(UserError, match="Cannot read"):
+        create_mobilevit(CFG, tmp_path / name)
+
+
+def test_pickles_with_arbitrary_objects_are_refused(tmp_path: Path) -> None:
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="weights_only"):
+        create_mobilevit(CFG, tmp_path / "evil.pt")

@@ -1,0 +1,147 @@
+"""The CLI end to end: outputs, summaries, and clean failures that write nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+from conftest import build_random
+from mvcompile.cli import main
+from mvcompile.graphs.mobilevit import MobileViTConfig
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def assert_clean_failure(code: int, output: str, *phrases: str) -> None:
+    assert code != 0
+    assert "Traceback" not in output
+    for phrase in phrases:
+        assert phrase in output, output
+
+
+def test_build_writes_model_and_report_and_prints_summary(tmp_path: Path) -> None:
+    out = tmp_path / "xxs"
+    code, output = run("build", "--size", "xxs", "--resolution", "64", "-o", str(out),
+                       "--latency-runs", "3")
+    assert code == 0, output
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    report = json.loads((out / "report.json").read_text())
+    assert report["parameters"] == 1_272_024
+    assert report["model"] == {"size": "xxs", "resolution": 64, "patch_sizes": [2, 2, 2],
+                               "num_classes": 1000}
+    assert report["weights"]["kind"] == "random"
+    assert report["latency"]["runs"] == 3 and report["latency"]["median_ms"] > 0
+    assert report["op_histogram"]["Conv"] == 35
+    assert report["file_bytes"] == (out / "model.onnx").stat().st_size
+    for phrase in ("parameters", "1,272,024", "MACs", "ORT latency", "file size", "Conv"):
+        assert phrase in output
+    assert "random" in output
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json"]
+
+
+def test_build_with_weights_and_classes(tmp_path: Path) -> None:
+    cfg = MobileViTConfig.for_size("xxs", resolution=64, num_classes=10)
+    _, weights = build_random(cfg, seed=9)
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    code, output = run("build", "--weights", str(tmp_path / "w.safetensors"), "--resolution",
+                       "64", "--num-classes", "10", "-o", str(tmp_path / "o"),
+                       "--latency-runs", "0")
+    assert code == 0, output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["weights"]["kind"] == "checkpoint"
+    model = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    stored = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    np.testing.assert_array_equal(stored["classifier.weight"], weights["classifier.weight"])
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    code, output = run("build", "--weights", str(tmp_path / "nope.safetensors"),
+                       "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "Weights file not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_wrong_checkpoint_size(tmp_path: Path) -> None:
+    _, weights = build_random(MobileViTConfig.for_size("s", resolution=64))
+    save_file(weights, str(tmp_path / "s.safetensors"))
+    code, output = run("build", "--size", "xxs", "--weights", str(tmp_path / "s.safetensors"),
+                       "--resolution", "64", "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "does not match MobileViT-XXS", "try --size s")
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_mobilevit_checkpoint(tmp_path: Path) -> None:
+    save_file({"fc.weight": np.ones((2, 2), np.float32)}, str(tmp_path / "x.safetensors"))
+    code, output = run("build", "--weights", str(tmp_path / "x.safetensors"),
+                       "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "not look like a MobileViT checkpoint")
+    assert not (tmp_path / "o").exists()
+
+
+def test_resolution_that_does_not_divide(tmp_path: Path) -> None:
+    code, output = run("build", "--resolution", "100", "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "Resolution 100", "64 or 128")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_size(tmp_path: Path) -> None:
+    code, output = run("build", "--size", "xl", "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "xl", "xxs")
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_under_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    code, output = run("build", "--resolution", "64", "-o", str(tmp_path / "file" / "o"))
+    assert_clean_failure(code, output, "is a file")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08\x07garbage\xff\xfe" * 50])
+def test_info_on_corrupt_onnx(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "bad.onnx").write_bytes(content)
+    code, output = run("info", str(tmp_path / "bad.onnx"))
+    assert_clean_failure(code, output, "bad.onnx")
+
+
+def test_info_on_missing_file(tmp_path: Path) -> None:
+    code, output = run("info", str(tmp_path / "none.onnx"))
+    assert_clean_failure(code, output, "not found")
+
+
+def test_info_reports_our_model(tmp_path: Path) -> None:
+    code, _ = run("build", "--resolution", "64", "-o", str(tmp_path), "--latency-runs", "0")
+    assert code == 0
+    code, output = run("info", str(tmp_path / "model.onnx"))
+    assert code == 0
+    for phrase in ("1,272,024", "21.18 M", "ai.onnx 24", "IR version", "[batch, 3, 64, 64]",
+                   "[batch, 1000]", "BatchNormalization  32"):
+        assert phrase in output, output
+
+
+def test_info_on_a_torch_export(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from mvcompile.reference import hf_model
+
+    cfg = MobileViTConfig.for_size("xxs", resolution=64)
+    _, weights = build_random(cfg)
+    model = hf_model(cfg, weights)
+    path = tmp_path / "hf.onnx"
+    torch.onnx.export(model, (torch.rand(1, 3, 64, 64),), str(path), dynamo=False,
+                      input_names=["pixel_values"], output_names=["logits"], opset_version=17)
+    code, output = run("info", str(path))
+    assert code == 0, output
+    # torch folds each BN into its Conv: gamma and beta (2C) become one conv bias (C).
+    bn_channels = sum(v.shape[0] for k, v in weights.items() if k.endswith("running_mean"))
+    assert f"{1_272_024 - bn_channels:,}" in output
+    assert "21.18 M" in output  # same MACs as our graph, found by shape inference
+    assert "shapes unknown" not in output
+    assert "ai.onnx 17" in output and "Transpose" in output
