@@ -1,0 +1,158 @@
+"""Calibration and evaluation images: folders, .npy arrays, or bundled real photos.
+
+Preprocessing is the MobileViT convention: RGB, resize the shorter side to R·(288/256),
+centre-crop R×R, scale to [0, 1] (no mean/std), NCHW float32.
+
+A folder is searched recursively for image files. When its images sit in per-class subfolders
+(the ImageNet-val layout), the sorted subfolder names are the class labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mvcompile.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm"}
+RESIZE_RATIO = 288 / 256  # resize the shorter side to this multiple of the crop, as HF does
+_BUNDLED_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
+                   "immunohistochemistry", "retina", "camera", "moon", "coins", "brick", "grass",
+                   "gravel")
+
+
+@dataclass
+class ImageSet:
+    """Preprocessed images, optional labels, and what was skipped on the way."""
+
+    pixels: np.ndarray  # [N, 3, R, R] float32 in [0, 1]
+    labels: np.ndarray | None = None  # [N] int64 class indices, when the folder has classes
+    class_names: list[str] = field(default_factory=list)
+    description: str = ""
+    skipped: list[str] = field(default_factory=list)  # non-image files that were ignored
+
+    def batches(self, batch_size: int = 8):
+        for start in range(0, len(self.pixels), batch_size):
+            yield self.pixels[start:start + batch_size]
+
+
+def preprocess(image, resolution: int) -> np.ndarray:
+    """PIL image → [3, R, R] float32: RGB, shorter side to R·288/256, centre crop, /255."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    short = round(resolution * RESIZE_RATIO)
+    w, h = image.size
+    scale = short / min(w, h)
+    image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))),
+                         Image.BILINEAR)
+    w, h = image.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return (np.asarray(image, dtype=np.float32) / 255.0).transpose(2, 0, 1)
+
+
+def load_images(source: str | None, resolution: int, limit: int | None = None,
+                on_image: Callable[[], None] | None = None) -> ImageSet:
+    """A folder, a .npy file, or (``None``) the bundled scikit-image photos."""
+    if source is None:
+        return bundled_photos(resolution, limit or 32)
+    path = Path(source)
+    if path.suffix == ".npy":
+        return _load_npy(path, resolution, limit)
+    return load_folder(path, resolution, limit, on_image)
+
+
+def load_folder(folder: Path, resolution: int, limit: int | None = None,
+                on_image: Callable[[], None] | None = None) -> ImageSet:
+    from PIL import Image, UnidentifiedImageError
+
+    if not folder.is_dir():
+        raise UserError(f"Image folder not found: {folder}.")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    skipped = [str(p.relative_to(folder)) for p in files if p not in set(images)]
+    if not images:
+        raise UserError(f"No images in {folder} (searched recursively for "
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))}).")
+    images = _subsample(images, limit)
+    class_names = _class_names(folder, images)
+    arrays, broken = [], []
+    for p in images:
+        try:
+            with Image.open(p) as image:
+                arrays.append(preprocess(image, resolution))
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            broken.append(f"{p.relative_to(folder)} ({type(err).__name__})")
+        if on_image is not None:
+            on_image()
+    if broken:
+        raise UserError(f"{len(broken)} image(s) in {folder} cannot be decoded: "
+                        f"{', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}. "
+                        "Remove or fix them and run again.")
+    labels = None
+    if class_names:
+        labels = np.array([class_names.index(p.relative_to(folder).parts[0]) for p in images])
+    return ImageSet(np.stack(arrays), labels, class_names,
+                    f"{len(arrays)} images from {folder}", skipped)
+
+
+def _class_names(folder: Path, images: list[Path]) -> list[str]:
+    """Sorted top-level subfolder names if every image is in one (and there are ≥ 2)."""
+    tops = {p.relative_to(folder).parts[0] for p in images if len(p.relative_to(folder).parts) > 1}
+    if len(tops) >= 2 and all(len(p.relative_to(folder).parts) > 1 for p in images):
+        return sorted(tops)
+    return []
+
+
+def _subsample(items: list, limit: int | None) -> list:
+    """At most ``limit`` items, evenly spread (deterministic), so every class is represented."""
+    if limit is None or len(items) <= limit:
+        return items
+    picks = np.linspace(0, len(items) - 1, limit).round().astype(int)
+    return [items[i] for i in picks]
+
+
+def _load_npy(path: Path, resolution: int, limit: int | None) -> ImageSet:
+    if not path.is_file():
+        raise UserError(f"Calibration array not found: {path}.")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise UserError(f"Cannot read {path} as a .npy array ({err}).") from err
+    expected = (3, resolution, resolution)
+    if array.ndim != 4 or tuple(array.shape[1:]) != expected:
+        raise UserError(f"{path} has shape {list(array.shape)}; expected [N, 3, {resolution}, "
+                        f"{resolution}] preprocessed inputs (RGB, [0, 1]).")
+    if len(array) == 0:
+        raise UserError(f"{path} holds no samples.")
+    array = np.asarray(_subsample(list(array), limit), dtype=np.float32)
+    return ImageSet(array, description=f"{len(array)} arrays from {path}")
+
+
+def bundled_photos(resolution: int, count: int = 32) -> ImageSet:
+    """Real photos shipped with scikit-image, with deterministic crops to reach ``count``."""
+    import skimage.data
+    from PIL import Image
+
+    photos = []
+    for name in _BUNDLED_PHOTOS:
+        array = getattr(skimage.data, name)()
+        photos.append(Image.fromarray(array if array.ndim == 3 else np.stack([array] * 3, -1)))
+    samples = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        zoom = 1.0 - 0.25 * ((i // len(photos)) % 3)  # whole photo, 75%, 50% central crops
+        w, h = photo.size
+        cw, ch = int(w * zoom), int(h * zoom)
+        crop = photo.crop(((w - cw) // 2, (h - ch) // 2, (w + cw) // 2, (h + ch) // 2))
+        samples.append(preprocess(crop, resolution))
+    return ImageSet(np.stack(samples),
+                    description=f"{count} crops of {len(photos)} scikit-image sample photos "
+                                "(bundled default; pass --calib-data for your own images)")

@@ -1,0 +1,216 @@
+"""QuantizeLinear/DequantizeLinear (QDQ) insertion: the calibrated FP32 graph → an INT8 graph.
+
+For an activation tensor x with range [lo, hi] → (s, z) (:func:`.qparams.quant_params`):
+
+    x  →  Q(x) = clip(round(x/s) + z)  →  DQ(q) = (q − z)·s  →  every consumer
+
+For a weight W (per channel c along the op's weight axis) and a bias b:
+
+    W_q = clip(round(W/s_c), −127, 127) (int8),  b_q = round(b / (s_x·s_c)) (int32)
+
+stored as initializers feeding DequantizeLinear. ONNX Runtime fuses DQ → Conv/MatMul/Gemm → Q
+into integer kernels; the Core ML backend reads the same graph.
+
+The work is split into :func:`plan_tensors` (which activations need ranges, used by the
+observation phase) and :func:`insert_qdq` (the rewrite).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from mvcompile.calibration import qparams
+from mvcompile.calibration.registry import ACTIVATION, BIAS, QUANTIZERS, Weight
+
+log = logging.getLogger(__name__)
+
+Range = tuple[float, float]
+
+
+@dataclass
+class QuantPlan:
+    """What to quantize: op types, nodes kept in float, and the activation format."""
+
+    op_types: frozenset[str]
+    keep_float: set[str] = field(default_factory=set)
+    activation_dtype: str = "uint8"  # or "int8" (symmetric)
+
+    @property
+    def symmetric_activations(self) -> bool:
+        return self.activation_dtype == "int8"
+
+
+def quantizable_nodes(graph: ir.Graph, plan: QuantPlan) -> list[ir.Node]:
+    """Nodes the plan quantizes, in graph order."""
+    return [n for n in graph if n.op_type in plan.op_types and n.op_type in QUANTIZERS
+            and n.domain in ("", "ai.onnx") and n.name not in plan.keep_float]
+
+
+def _roles(node: ir.Node) -> dict[int, object]:
+    """Input roles of ``node``; a MatMul input that is not a constant is an activation."""
+    roles = dict(QUANTIZERS[node.op_type].inputs)
+    for index, role in list(roles.items()):
+        if index >= len(node.inputs) or node.inputs[index] is None:
+            del roles[index]
+        elif isinstance(role, Weight) and node.inputs[index].const_value is None:
+            roles[index] = ACTIVATION
+        elif node.op_type == "Concat" and index == 1:
+            roles.update({i: ACTIVATION for i in range(1, len(node.inputs))})
+    return roles
+
+
+def plan_tensors(graph: ir.Graph, plan: QuantPlan) -> list[ir.Value]:
+    """Every activation tensor that needs a calibrated range, in first-seen order."""
+    seen: dict[str, ir.Value] = {}
+    for node in quantizable_nodes(graph, plan):
+        for index, role in _roles(node).items():
+            value = node.inputs[index]
+            if role == ACTIVATION and value.const_value is None:
+                seen.setdefault(value.name, value)
+        if QUANTIZERS[node.op_type].output:
+            seen.setdefault(node.outputs[0].name, node.outputs[0])
+    return list(seen.values())
+
+
+def insert_qdq(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan) -> dict[str, int]:
+    """Rewrite ``model`` in place; returns counts of what was inserted."""
+    graph = model.graph
+    counts = {"activations": 0, "weights": 0, "biases": 0, "nodes": 0}
+    act_params = {name: qparams.quant_params(*r, plan.activation_dtype,
+                                             plan.symmetric_activations)
+                  for name, r in ranges.items()}
+    weight_cache: dict[tuple[str, int], tuple[ir.Value, np.ndarray]] = {}
+    activations = plan_tensors(graph, plan)  # before weights turn into DQ outputs
+    for node in quantizable_nodes(graph, plan):
+        roles = _roles(node)
+        input_scale = _input_scale(node, roles, act_params)
+        weight_scales = None
+        for index, role in roles.items():
+            if isinstance(role, Weight):
+                axis = _weight_axis(node, role)
+                dq, weight_scales = _quantized_weight(graph, node, index, axis, weight_cache)
+                node.replace_input_with(index, dq)
+                counts["weights"] += 1
+        if BIAS in roles.values() and weight_scales is not None and input_scale is not None:
+            index = next(i for i, r in roles.items() if r == BIAS)
+            node.replace_input_with(index, _quantized_bias(graph, node, index, input_scale,
+                                                           weight_scales))
+            counts["biases"] += 1
+        counts["nodes"] += 1
+    for value in activations:
+        if value.name not in act_params:
+            raise KeyError(f"no calibrated range for {value.name}")
+        _quantize_activation(graph, value, *act_params[value.name])
+        counts["activations"] += 1
+    return counts
+
+
+def _input_scale(node: ir.Node, roles: dict, act_params: dict) -> float | None:
+    value = node.inputs[0]
+    if roles.get(0) == ACTIVATION and value.name in act_params:
+        return float(act_params[value.name][0])
+    return None
+
+
+def _weight_axis(node: ir.Node, role: Weight) -> int | None:
+    """The output-channel axis of the weight (Gemm with transB=0 stores [in, out]), or None
+    for per-tensor."""
+    if role.axis is None:
+        return None
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return 0 if trans_b is not None and trans_b.value else 1
+    rank = len(node.inputs[1].const_value.shape)
+    return role.axis % rank
+
+
+def _quantized_weight(graph: ir.Graph, node: ir.Node, index: int, axis: int | None,
+                      cache: dict) -> tuple[ir.Value, np.ndarray]:
+    """DQ(int8 W, per-channel scales) for input ``index``; shared weights quantize once."""
+    value = node.inputs[index]
+    key = (value.name, axis)
+    if key not in cache:
+        weight = value.const_value.numpy().astype(np.float32)
+        if axis is None:  # per tensor: one scale, broadcast as a 0-d tensor
+            scales = qparams.weight_scales(weight.reshape(1, -1), 0).reshape(())
+            q = qparams.quantize_weight(weight.reshape(1, -1), scales.reshape(1), 0)
+            q = q.reshape(weight.shape)
+        else:
+            scales = qparams.weight_scales(weight, axis)
+            q = qparams.quantize_weight(weight, scales, axis)
+        zero = np.zeros_like(scales, dtype=np.int8)
+        dq = _dequantize(graph, node, f"{value.name}_quantized", q, scales, zero, axis or 0)
+        cache[key] = (dq, scales)
+    return cache[key]
+
+
+def _quantized_bias(graph: ir.Graph, node: ir.Node, index: int, input_scale: float,
+                    weight_scales: np.ndarray) -> ir.Value:
+    value = node.inputs[index]
+    bias = value.const_value.numpy().astype(np.float32)
+    q, scales = qparams.quantize_bias(bias, input_scale, weight_scales)
+    return _dequantize(graph, node, f"{value.name}_quantized_{node.name}", q, scales,
+                       np.zeros_like(q), 0)
+
+
+def _dequantize(graph: ir.Graph, before: ir.Node, name: str, q: np.ndarray, scale: np.ndarray,
+                zero_point: np.ndarray, axis: int) -> ir.Value:
+    """Register (q, scale, zp) as initializers and insert DQ before ``before``."""
+    inputs = [_initializer(graph, name, q), _initializer(graph, f"{name}_scale", scale),
+              _initializer(graph, f"{name}_zero_point", zero_point)]
+    attrs = {"axis": ir.AttrInt64("axis", axis)} if scale.ndim else {}
+    node = ir.Node("", "DequantizeLinear", inputs, attributes=attrs, name=f"{name}_dq",
+                   outputs=[ir.Value(name=f"{name}_dequantized")])
+    graph.insert_before(before, node)
+    return node.outputs[0]
+
+
+def _quantize_activation(graph: ir.Graph, value: ir.Value, scale: np.float32,
+                         zero_point: np.integer) -> None:
+    """value → Q → one DQ per consumer (ORT fuses best when each DQ has a single consumer)."""
+    uses = list(value.uses())
+    s = _initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32))
+    z = _initializer(graph, f"{value.name}_zero_point", np.asarray(zero_point))
+    q_node = ir.Node("", "QuantizeLinear", [value, s, z], name=f"{value.name}_q",
+                     outputs=[ir.Value(name=f"{value.name}_quantized")])
+    producer = value.producer()
+    if producer is None:
+        graph.insert_before(graph.node(0), q_node)
+    else:
+        graph.insert_after(producer, q_node)
+    consumers = [(u.node, u.idx) for u in uses]
+    if value.is_graph_output():
+        consumers.append((None, None))
+    for i, (consumer, index) in enumerate(consumers):
+        dq = ir.Node("", "DequantizeLinear", [q_node.outputs[0], s, z],
+                     name=f"{value.name}_dq{i}",
+                     outputs=[ir.Value(name=f"{value.name}_dequantized{i}")])
+        graph.insert_after(q_node, dq)
+        if consumer is None:
+            _reroute_graph_output(graph, value, dq.outputs[0])
+        else:
+            consumer.replace_input_with(index, dq.outputs[0])
+
+
+def _reroute_graph_output(graph: ir.Graph, value: ir.Value, replacement: ir.Value) -> None:
+    """Make the dequantized tensor the graph output, keeping the output's name."""
+    position = list(graph.outputs).index(value)
+    name = value.name
+    value.name = f"{name}_float"
+    replacement.name = name
+    replacement.shape, replacement.type = value.shape, value.type
+    graph.outputs[position] = replacement
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    if name in graph.initializers:
+        return graph.initializers[name]
+    value = ir.Value(name=name, shape=ir.Shape(array.shape),
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value

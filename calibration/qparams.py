@@ -1,0 +1,60 @@
+"""Real range → (scale, zero_point), the one formula every quantizer uses.
+
+Asymmetric uint8 (activations):   scale = (hi − lo) / 255,  zp = round(−lo / scale) ∈ [0, 255]
+Symmetric int8 (weights, or activations when chosen):  scale = max(|lo|, |hi|) / 127,  zp = 0
+
+The range is first widened to include 0, so that 0.0 (padding, ReLU/Swish zeros) is exactly
+representable. A degenerate range (lo = hi, e.g. a constant or all-zero tensor) gets a tiny
+positive scale instead of 0, which would divide by zero in QuantizeLinear.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MIN_SCALE = float(np.finfo(np.float32).tiny) * 1e6  # ~1.2e-32: positive, and 1/scale finite
+
+QRANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+def quant_params(lo: float, hi: float, dtype: str = "uint8", symmetric: bool = False
+                 ) -> tuple[np.float32, np.integer]:
+    """(scale, zero_point) for quantizing the real interval [lo, hi] to ``dtype``."""
+    if dtype not in QRANGES:
+        raise ValueError(f"dtype must be one of {sorted(QRANGES)}, got {dtype!r}")
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+        raise ValueError(f"invalid range [{lo}, {hi}]")
+    qmin, qmax = QRANGES[dtype]
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    np_dtype = np.uint8 if dtype == "uint8" else np.int8
+    if symmetric:
+        bound = max(-lo, hi)
+        scale = bound / ((qmax - qmin) / 2) if bound > 0 else 1.0
+        zero_point = (qmin + qmax + 1) // 2  # 0 for int8, 128 for uint8
+    else:
+        scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
+        zero_point = int(np.clip(round(qmin - lo / scale), qmin, qmax))
+    return np.float32(max(scale, MIN_SCALE)), np_dtype(zero_point)
+
+
+def weight_scales(weight: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Per-channel symmetric int8 scales along ``axis``: s_c = max|W_c| / 127 (1.0 for a zero
+    channel)."""
+    reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
+    bound = np.abs(weight).max(axis=reduce_axes) if reduce_axes else np.abs(weight)
+    return np.where(bound > 0, bound / 127.0, 1.0).astype(np.float32)
+
+
+def quantize_weight(weight: np.ndarray, scales: np.ndarray, axis: int = 0) -> np.ndarray:
+    """q = clip(round(W / s_c), −127, 127) as int8 (−128 unused: symmetric)."""
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    return np.clip(np.round(weight / scales.reshape(shape)), -127, 127).astype(np.int8)
+
+
+def quantize_bias(bias: np.ndarray, input_scale: float, weight_scales: np.ndarray) -> tuple[
+        np.ndarray, np.ndarray]:
+    """int32 bias with scale s_x·s_w[c] and zero point 0, as QLinearConv expects."""
+    scales = (np.float32(input_scale) * weight_scales).astype(np.float32)
+    q = np.clip(np.round(bias / scales), -(2**31), 2**31 - 1).astype(np.int32)
+    return q, scales

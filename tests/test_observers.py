@@ -1,0 +1,139 @@
+"""Observers on known distributions, and the range → (scale, zero point) maths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mvcompile.calibration import qparams
+from mvcompile.calibration.observers import (
+    OBSERVERS,
+    EntropyObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MseObserver,
+    PercentileObserver,
+    make_observer,
+)
+
+
+def test_minmax_over_batches() -> None:
+    obs = MinMaxObserver()
+    obs.update(np.array([0.5, -3.0, 1.0]))
+    obs.update(np.array([5.0, -1.0]))
+    obs.update(np.array([]))
+    assert obs.compute_range() == (-3.0, 5.0)
+
+
+def test_moving_average_minmax() -> None:
+    obs = MovingAverageMinMaxObserver(averaging_constant=0.5)
+    obs.update(np.array([-1.0, 2.0]))  # first batch sets the range
+    obs.update(np.array([-3.0, 4.0]))  # lo = -1 + 0.5·(-3 + 1), hi = 2 + 0.5·(4 - 2)
+    assert obs.compute_range() == (-2.0, 3.0)
+
+
+def test_percentile_on_one_value_per_bin() -> None:
+    # Integers -1024..1023 with 2048 bins over [-1024, 1024]: one value per bin, so the
+    # 0.1% tails are exactly 2.048 values, and the range ends at the edges of bins 2 and 2045.
+    obs = PercentileObserver(percentile=99.9, bins=2048)
+    values = np.arange(-1024, 1024, dtype=np.float32)
+    for chunk in np.array_split(values, 4):
+        obs.update(chunk)
+    assert obs.compute_range() == (-1022.0, 1022.0)
+
+
+def test_histogram_range_grows_without_losing_counts() -> None:
+    obs = PercentileObserver(percentile=100.0, bins=64)
+    obs.update(np.full(10, 0.5, np.float32))
+    obs.update(np.full(10, 7.0, np.float32))  # doubles the histogram range 0.5 -> 8
+    assert obs.limit == 8.0
+    assert obs.counts.sum() == 20
+    lo, hi = obs.compute_range()
+    assert lo == 0.5 and hi == 7.0  # clipped to the values actually seen
+
+
+def test_entropy_keeps_the_full_range_of_a_uniform_distribution() -> None:
+    obs = EntropyObserver()
+    obs.update(np.linspace(-1.0, 1.0, 100_001, dtype=np.float32))
+    assert obs.compute_range() == (-1.0, 1.0)
+
+
+def test_mse_keeps_two_spikes_exactly() -> None:
+    obs = MseObserver()
+    obs.update(np.array([-1.0, 0.0, 1.0] * 1000, dtype=np.float32))
+    assert obs.compute_range() == (-1.0, 1.0)
+
+
+@pytest.mark.parametrize("observer", [EntropyObserver, MseObserver, PercentileObserver])
+def test_clipping_observers_ignore_a_single_outlier(observer: type) -> None:
+    rng = np.random.default_rng(0)
+    data = rng.normal(0.0, 1.0, 200_000).astype(np.float32)
+    data[0] = 50.0  # a 50-sigma activation outlier
+    obs = observer()
+    obs.update(data)
+    lo, hi = obs.compute_range()
+    assert -10.0 < lo < -2.0 and 2.0 < hi <= 25.0
+
+
+def test_mse_range_has_lower_error_than_minmax() -> None:
+    rng = np.random.default_rng(1)
+    data = np.concatenate([rng.normal(0, 1, 100_000), rng.normal(0, 1, 20) * 40])
+    data = data.astype(np.float32)
+
+    def error(lo: float, hi: float) -> float:
+        scale, zp = qparams.quant_params(lo, hi)
+        q = np.clip(np.round(data / scale) + int(zp), 0, 255)
+        return float(np.mean(((q - int(zp)) * scale - data) ** 2))
+
+    mse, minmax = MseObserver(), MinMaxObserver()
+    mse.update(data)
+    minmax.update(data)
+    assert error(*mse.compute_range()) < error(*minmax.compute_range())
+
+
+@pytest.mark.parametrize("method", list(OBSERVERS))
+def test_every_observer_refuses_to_answer_without_data(method: str) -> None:
+    with pytest.raises(ValueError, match="no data"):
+        make_observer(method).compute_range()
+
+
+def test_asymmetric_uint8_params() -> None:
+    scale, zp = qparams.quant_params(-1.0, 3.0, "uint8")
+    assert scale == np.float32(4.0 / 255) and zp == 64 and zp.dtype == np.uint8
+
+
+def test_symmetric_int8_params() -> None:
+    scale, zp = qparams.quant_params(-2.0, 1.0, "int8", symmetric=True)
+    assert scale == np.float32(2.0 / 127.5) and zp == 0 and zp.dtype == np.int8
+
+
+def test_ranges_are_widened_to_include_zero() -> None:
+    scale, zp = qparams.quant_params(2.0, 2.0, "uint8")  # -> [0, 2]
+    assert scale == np.float32(2.0 / 255) and zp == 0
+    scale, zp = qparams.quant_params(-3.0, -1.0, "uint8")  # -> [-3, 0]
+    assert scale == np.float32(3.0 / 255) and zp == 255
+
+
+def test_degenerate_zero_range_gets_a_usable_scale() -> None:
+    for symmetric, dtype in ((False, "uint8"), (True, "int8")):
+        scale, zp = qparams.quant_params(0.0, 0.0, dtype, symmetric=symmetric)
+        assert scale > 0 and np.isfinite(1.0 / scale)
+        assert int(zp) in (0, 128)
+
+
+@pytest.mark.parametrize("lo, hi", [(1.0, -1.0), (np.nan, 1.0), (0.0, np.inf)])
+def test_invalid_ranges_raise(lo: float, hi: float) -> None:
+    with pytest.raises(ValueError, match="invalid range"):
+        qparams.quant_params(lo, hi)
+
+
+def test_per_channel_weights_and_bias() -> None:
+    weight = np.array([[[[1.0, -2.0]]], [[[0.0, 0.0]]], [[[0.5, 0.25]]]], dtype=np.float32)
+    scales = qparams.weight_scales(weight, axis=0)
+    np.testing.assert_allclose(scales, [2.0 / 127, 1.0, 0.5 / 127], rtol=1e-6)
+    q = qparams.quantize_weight(weight, scales, axis=0)
+    assert q.dtype == np.int8
+    np.testing.assert_array_equal(q[:, 0, 0, :], [[64, -127], [0, 0], [127, 64]])
+    bias_q, bias_scales = qparams.quantize_bias(np.array([1.0, 0.0, -0.5]), 0.1, scales)
+    assert bias_q.dtype == np.int32
+    np.testing.assert_allclose(bias_q * bias_scales, [1.0, 0.0, -0.5], atol=1e-3)
