@@ -8,9 +8,10 @@ to 1 (batch 1):
 - MatMul-like ops: MACs = |Y| · K, K the contracted dimension;
 - Gemm: MACs = M · N · K.
 
-Parameters are the elements of floating-point initializers of rank ≥ 1, excluding BatchNorm
-running statistics (which are buffers, not parameters). Integer initializers (shapes, axes)
-and scalar constants are not parameters.
+Parameters are the elements of floating-point initializers of rank ≥ 1, plus the quantized
+(int8/int32) initializers that DequantizeLinear turns into weights, excluding BatchNorm running
+statistics (buffers), quantization scales and zero points. Integer shape/axes initializers and
+scalar constants are not parameters.
 """
 
 from __future__ import annotations
@@ -75,12 +76,18 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
-    bn_stats = {name for n in model.graph.node if n.op_type == "BatchNormalization"
+    """Elements of weight initializers: float ones, and the int8/int32 tensors that
+    DequantizeLinear turns into weights; not BN statistics, shapes, scales or zero points."""
+    excluded = {name for n in model.graph.node if n.op_type == "BatchNormalization"
                 for name in n.input[3:5]}
+    excluded |= {name for n in model.graph.node
+                 if n.op_type in ("QuantizeLinear", "DequantizeLinear") for name in n.input[1:3]}
+    dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     return sum(
         int(np.prod(init.dims))
         for init in model.graph.initializer
-        if init.data_type in _FLOAT_TYPES and len(init.dims) >= 1 and init.name not in bn_stats
+        if (init.data_type in _FLOAT_TYPES or init.name in dequantized)
+        and len(init.dims) >= 1 and init.name not in excluded
     )
 
 

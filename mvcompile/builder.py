@@ -1,7 +1,9 @@
-"""``mvcompile build``: MobileViT graph → validated ``model.onnx`` + ``report.json``.
+"""``mvcompile build``: MobileViT graph → compiled FP32 (and INT8) ONNX + ``report.json``.
 
-Everything is computed and validated in memory first; files are written only at the end,
-each through a temporary file and a rename, so a failed build leaves nothing behind.
+Steps: validate every input → author the graph → run the pass pipeline (checking numerics
+against the plain graph) → optionally calibrate and quantize → time with ONNX Runtime → write.
+Everything is computed and validated in memory first; files are written only at the end, each
+through a temporary file and a rename, so a failed build leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -9,18 +11,42 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import onnx
+import onnx_ir as ir
 
 from mvcompile import analysis, latency, onnx_io
+from mvcompile.calibration.observers import OBSERVERS
 from mvcompile.errors import UserError
-from mvcompile.graphs.factory import WeightsInfo, create_mobilevit
+from mvcompile.graphs.factory import create_mobilevit
 from mvcompile.graphs.mobilevit import MobileViTConfig
 
 log = logging.getLogger(__name__)
+
+PASS_TOLERANCE = 1e-4  # max abs logit difference allowed between plain and compiled graphs
+
+
+class Progress(Protocol):
+    """What the builder reports long work to (the CLI draws progress bars)."""
+
+    def start(self, label: str, total: int) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def finish(self) -> None: ...
+
+
+class _Silent:
+    def start(self, label: str, total: int) -> None:
+        log.info("%s (%d)", label, total)
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -36,66 +62,138 @@ class BuildOptions:
     seed: int = 0
     latency_runs: int = 20
     threads: int = 2
+    passes: bool = True
+    int8: bool = False
+    calib_data: str | None = None
+    calib_size: int = 32
+    calib_method: str = "percentile"
+    accuracy_budget: float | None = None
+    eval_data: str | None = None
 
 
 @dataclass
 class BuildResult:
     """What a build produced: file paths and the report written beside them."""
 
-    model_path: Path
-    report_path: Path
-    report: dict
+    out_dir: Path
+    files: dict[str, Path]
+    report: dict = field(default_factory=dict)
+
+    @property
+    def model_path(self) -> Path:
+        return self.files["onnx"]
+
+    @property
+    def report_path(self) -> Path:
+        return self.files["report"]
 
 
-def build(options: BuildOptions, on_latency_run: Callable[[], None] | None = None
-          ) -> BuildResult:
-    """Build, validate and write the model; raise :class:`UserError` on bad input."""
+def build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
+    """Build, validate and write the model(s); raise :class:`UserError` on bad input."""
+    progress = progress or _Silent()
+    config = _check_inputs(options)
+    plain, weights_info = create_mobilevit(config, options.weights, options.seed)
+    fp32, pass_report = compile_fp32(plain, options.passes)
+    models = {"onnx": onnx_io.to_proto(fp32)}
+    report: dict = {"model": _model_entry(config), "weights": asdict(weights_info),
+                    "passes": pass_report}
+    if options.int8:
+        from mvcompile.int8_build import build_int8
+
+        int8_proto, int8_report = build_int8(plain, models["onnx"], options, progress)
+        models["int8"] = int8_proto
+        report["int8"] = int8_report
+    for proto in models.values():
+        onnx_io.validate(proto)
+    blobs = {key: proto.SerializeToString() for key, proto in models.items()}
+    report["models"] = {key: _model_stats(models[key], blobs[key]) for key in models}
+    report["latency"] = _measure(blobs, options, progress)
+    return _write(Path(options.out_dir), blobs, report)
+
+
+def _check_inputs(options: BuildOptions) -> MobileViTConfig:
+    """Fail on bad arguments before doing any work."""
     config = MobileViTConfig.for_size(options.size, resolution=options.resolution,
                                       patch_config=options.patch_config,
                                       num_classes=options.num_classes)
-    out_dir = Path(options.out_dir)
-    _check_writable(out_dir)
-    model, weights_info = create_mobilevit(config, options.weights, options.seed)
-    proto = onnx_io.to_proto(model)
-    onnx_io.validate(proto)
-    model_bytes = proto.SerializeToString()
-    stats = None
-    if options.latency_runs > 0:
-        session = latency.make_session(model_bytes, threads=options.threads)
-        stats = latency.measure(session, latency.random_feed(session), runs=options.latency_runs,
-                                on_run=on_latency_run)
-    report = make_report(config, weights_info, proto, len(model_bytes), stats, options)
-    model_path, report_path = out_dir / "model.onnx", out_dir / "report.json"
-    onnx_io.atomic_write_bytes(model_path, model_bytes)
-    onnx_io.atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
-    log.info("Wrote %s and %s", model_path, report_path)
-    return BuildResult(model_path, report_path, report)
+    _check_writable(Path(options.out_dir))
+    if options.calib_method not in OBSERVERS:
+        raise UserError(f"Unknown calibration method {options.calib_method!r}. Choose one of: "
+                        f"{', '.join(OBSERVERS)}.")
+    if options.calib_size < 1:
+        raise UserError(f"--calib-size must be at least 1, got {options.calib_size}.")
+    for flag, path in (("--calib-data", options.calib_data), ("--eval-data", options.eval_data)):
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{flag}: {path} does not exist.")
+    return config
 
 
-def make_report(config: MobileViTConfig, weights: WeightsInfo, proto: onnx.ModelProto,
-                file_bytes: int, stats: latency.LatencyStats | None,
-                options: BuildOptions) -> dict:
+def compile_fp32(plain: ir.Model, passes: bool = True) -> tuple[ir.Model, dict | None]:
+    """The pass pipeline on a copy of ``plain``, checked against it on random inputs."""
+    if not passes:
+        return plain, None
+    from mvcompile.pipeline import run_pipeline
+
+    compiled = ir.serde.deserialize_model(ir.serde.serialize_model(plain))
+    compiled, report = run_pipeline(compiled, "fp32")
+    report["max_abs_diff"] = check_numerics(plain, compiled)
+    return compiled, report
+
+
+def check_numerics(reference: ir.Model, candidate: ir.Model, batch: int = 2) -> float:
+    """Max abs output difference on random inputs; raises if above :data:`PASS_TOLERANCE`."""
+    ref = latency.make_session(onnx_io.to_proto(reference).SerializeToString())
+    cand = latency.make_session(onnx_io.to_proto(candidate).SerializeToString())
+    feed = latency.random_feed(ref, batch=batch, seed=123)
+    diff = float(np.abs(ref.run(None, feed)[0] - cand.run(None, feed)[0]).max())
+    if not diff <= PASS_TOLERANCE:
+        raise RuntimeError(f"compiled graph differs from the plain graph by {diff:.2e} "
+                           f"(> {PASS_TOLERANCE}); this is a bug in the passes")
+    return diff
+
+
+def _model_entry(config: MobileViTConfig) -> dict:
+    return {"size": config.size, "resolution": config.resolution,
+            "patch_sizes": list(config.patch_sizes), "num_classes": config.num_classes}
+
+
+def _model_stats(proto: onnx.ModelProto, blob: bytes) -> dict:
     summary = analysis.summarize(proto)
-    return {
-        "model": {"size": config.size, "resolution": config.resolution,
-                  "patch_sizes": list(config.patch_sizes), "num_classes": config.num_classes},
-        "weights": asdict(weights),
-        "parameters": summary.parameters,
-        "macs": summary.macs,
-        "op_histogram": summary.op_histogram,
-        "node_count": summary.node_count,
-        "opset": summary.opsets,
-        "ir_version": summary.ir_version,
-        "file_bytes": file_bytes,
-        "latency": None if stats is None else {
-            **asdict(stats), "threads": options.threads, "batch": 1,
-            "runtime": "onnxruntime CPUExecutionProvider, ORT_ENABLE_ALL"},
-        "artifacts": {"onnx": "model.onnx"},
-    }
+    return {"parameters": summary.parameters, "macs": summary.macs,
+            "node_count": summary.node_count, "op_histogram": summary.op_histogram,
+            "opset": summary.opsets, "ir_version": summary.ir_version, "file_bytes": len(blob)}
+
+
+def _measure(blobs: dict[str, bytes], options: BuildOptions, progress: Progress) -> dict | None:
+    """Median latency of each model, runs interleaved so that they share machine noise."""
+    if options.latency_runs <= 0:
+        return None
+    sessions = {k: latency.make_session(b, threads=options.threads) for k, b in blobs.items()}
+    feed = latency.random_feed(next(iter(sessions.values())))
+    progress.start("Timing with ONNX Runtime", options.latency_runs)
+    stats = latency.measure_interleaved(sessions, feed, options.latency_runs,
+                                        on_run=progress.advance)
+    progress.finish()
+    result = {k: asdict(s) for k, s in stats.items()}
+    result["conditions"] = {"threads": options.threads, "batch": 1,
+                            "runtime": "onnxruntime CPUExecutionProvider, ORT_ENABLE_ALL"}
+    return result
+
+
+def _write(out_dir: Path, blobs: dict[str, bytes], report: dict) -> BuildResult:
+    names = {"onnx": "model.onnx", "int8": "model_int8.onnx"}
+    files = {key: out_dir / names[key] for key in blobs}
+    files["report"] = out_dir / "report.json"
+    report["artifacts"] = {key: path.name for key, path in files.items() if key != "report"}
+    for key, blob in blobs.items():
+        onnx_io.atomic_write_bytes(files[key], blob)
+    onnx_io.atomic_write_text(files["report"], json.dumps(report, indent=2) + "\n")
+    log.info("Wrote %s", ", ".join(str(p) for p in files.values()))
+    return BuildResult(out_dir, files, report)
 
 
 def _check_writable(out_dir: Path) -> None:
-    """Fail before any work if ``out_dir`` is a file or sits under one."""
+    """Fail before any work if ``out_dir`` is a file, sits under one, or is read-only."""
     for parent in [out_dir, *out_dir.parents]:
         if parent.exists():
             if not parent.is_dir():

@@ -13,7 +13,10 @@ import click
 from mvcompile import analysis, onnx_io
 from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import SIZES
-from mvcompile.table import format_table, human_bytes, human_count
+from mvcompile.calibration.observers import OBSERVERS as OBSERVER_NAMES
+from mvcompile.summary import build_summary
+from mvcompile.table import format_table, human_count
+from mvcompile.train.cli import train as train_command  # imports torch only when it runs
 
 
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -39,6 +42,27 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+class _ProgressBars:
+    """The builder's Progress protocol drawn as click progress bars on stderr."""
+
+    def __init__(self) -> None:
+        self._bar = None
+
+    def start(self, label: str, total: int) -> None:
+        self.finish()
+        self._bar = click.progressbar(length=max(total, 1), label=label, file=sys.stderr)
+        self._bar.__enter__()
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+
 @main.command()
 @click.option("--size", type=click.Choice(SIZES), default="xxs", show_default=True,
               help="MobileViT variant: xxs (1.3 M params), xs (2.3 M) or s (5.6 M).")
@@ -53,7 +77,24 @@ def main(verbose: int) -> None:
 @click.option("--num-classes", type=int, default=1000, show_default=True,
               help="Classifier outputs; must match the checkpoint when --weights is given.")
 @click.option("-o", "--out-dir", type=click.Path(), default=None,
-              help="Output folder for model.onnx and report.json [default: out/mobilevit_SIZE].")
+              help="Output folder for model.onnx, model_int8.onnx and report.json "
+                   "[default: out/mobilevit_SIZE].")
+@click.option("--no-passes", is_flag=True,
+              help="Skip the graph passes and write the plain authored graph (for comparison).")
+@click.option("--int8", is_flag=True,
+              help="Also calibrate and write an INT8 (QDQ) model, model_int8.onnx.")
+@click.option("--calib-data", type=click.Path(), default=None,
+              help="Calibration images: a folder (searched recursively) or a preprocessed .npy "
+                   "[N,3,R,R] array. Default: bundled scikit-image photos.")
+@click.option("--calib-size", type=int, default=32, show_default=True,
+              help="How many calibration images to use.")
+@click.option("--calib-method", type=click.Choice(list(OBSERVER_NAMES)), default="percentile",
+              show_default=True, help="How activation ranges are chosen from calibration data.")
+@click.option("--accuracy-budget", type=float, default=None,
+              help="Max top-1 disagreement with FP32 on the calibration images, in percent; "
+                   "the most sensitive layers stay in float until it is met.")
+@click.option("--eval-data", type=click.Path(), default=None,
+              help="Image folder (one subfolder per class) to report FP32 and INT8 accuracy on.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for the random weights used without --weights.")
 @click.option("--latency-runs", type=int, default=20, show_default=True,
@@ -62,43 +103,33 @@ def main(verbose: int) -> None:
               help="ONNX Runtime intra-op threads for the latency measurement.")
 @_user_errors
 def build(size: str, weights: str | None, resolution: int, patch_config: str, num_classes: int,
-          out_dir: str | None, seed: int, latency_runs: int, threads: int) -> None:
-    """Build MobileViT as an ONNX graph, write model.onnx and report.json, print a summary."""
+          out_dir: str | None, no_passes: bool, int8: bool, calib_data: str | None,
+          calib_size: int, calib_method: str, accuracy_budget: float | None,
+          eval_data: str | None, seed: int, latency_runs: int, threads: int) -> None:
+    """Build MobileViT as an ONNX graph, compile it (and quantize it with --int8), write the
+    models and report.json, and print a summary."""
     from mvcompile.builder import BuildOptions
     from mvcompile.builder import build as run_build
 
     options = BuildOptions(size=size, weights=weights, resolution=resolution,
                            patch_config=patch_config, num_classes=num_classes,
                            out_dir=out_dir or f"out/mobilevit_{size}", seed=seed,
-                           latency_runs=latency_runs, threads=threads)
+                           latency_runs=latency_runs, threads=threads, passes=not no_passes,
+                           int8=int8, calib_data=calib_data, calib_size=calib_size,
+                           calib_method=calib_method, accuracy_budget=accuracy_budget,
+                           eval_data=eval_data)
     if weights is None:
         click.secho(f"Note: no --weights given, so the weights are random (seed {seed}); "
                     "the model is not trained.", fg="yellow", err=True)
-    with click.progressbar(length=max(latency_runs, 1), label="Timing with ONNX Runtime",
-                           file=sys.stderr) as bar:
-        result = run_build(options, on_latency_run=lambda: bar.update(1))
-    click.echo(_build_summary(result.report, result.model_path, result.report_path))
-
-
-def _build_summary(report: dict, model_path: object, report_path: object) -> str:
-    m = report["model"]
-    lat = report["latency"]
-    rows = [
-        ("model", f"MobileViT-{m['size'].upper()}, {m['resolution']}x{m['resolution']}, "
-                  f"patches {tuple(m['patch_sizes'])}, {m['num_classes']} classes"),
-        ("weights", report["weights"]["description"]),
-        ("parameters", f"{report['parameters']:,} ({human_count(report['parameters'])})"),
-        ("MACs (batch 1)", human_count(report["macs"])),
-        ("nodes", report["node_count"]),
-        ("file size", human_bytes(report["file_bytes"])),
-        ("ORT latency", "not measured" if lat is None else
-         f"median {lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms over {lat['runs']} runs "
-         f"(batch 1, {lat['threads']} threads)"),
-        ("model.onnx", model_path),
-        ("report.json", report_path),
-    ]
-    hist = format_table(list(report["op_histogram"].items()), header=("op", "count"))
-    return format_table(rows, header=("build", "")) + "\n\n" + hist
+    if int8 and calib_data is None:
+        click.secho("Note: no --calib-data given; calibrating on the bundled scikit-image "
+                    "sample photos.", fg="yellow", err=True)
+    progress = _ProgressBars()
+    try:
+        result = run_build(options, progress)
+    finally:
+        progress.finish()
+    click.echo(build_summary(result.report, result.files))
 
 
 @main.command()
@@ -122,6 +153,39 @@ def info(model: str) -> None:
     click.echo(format_table(rows, header=(model, "")))
     click.echo()
     click.echo(format_table(list(s.op_histogram.items()), header=("op", "count")))
+
+
+main.add_command(train_command, name="train")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the result.")
+@click.option("--target", type=click.Choice(["ort", "mobile"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime contrib ops where faster; mobile: standard ONNX only.")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True,
+              help="Largest max-abs output difference to the input model on random inputs.")
+@_user_errors
+def optimize(model: str, output: str, target: str, tolerance: float) -> None:
+    """Run onnxsim and the mvcompile passes on any ONNX MODEL; check numerics, write OUTPUT."""
+    from mvcompile.optimize import optimize_file
+
+    report = optimize_file(model, output, target=target, tolerance=tolerance)
+    nodes, transposes = report["nodes"], report["transposes"]
+    rows: list[tuple[str, object]] = [
+        ("nodes", f"{nodes['input']} -> onnxsim {nodes['onnxsim']} -> {nodes['optimized']}"),
+        ("Transpose", f"{transposes['input']} -> {transposes['optimized']}"),
+        ("max abs diff", f"{report['max_abs_diff']:.3g}"),
+        ("written", output),
+    ]
+    click.echo(format_table(rows, header=(model, "")))
+    passes = []
+    for stage in report["pipeline"]["stages"]:
+        for rule, count in stage.get("rules", {}).items():
+            why = stage["refused"].get(rule, "") if count == 0 else ""
+            passes.append((rule, count, why[:90]))
+    click.echo()
+    click.echo(format_table(passes, header=("rule", "matches", "why not")))
 
 
 if __name__ == "__main__":

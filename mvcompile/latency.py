@@ -65,3 +65,22 @@ def measure(session: ort.InferenceSession, feed: dict[str, np.ndarray], runs: in
         if on_run is not None:
             on_run()
     return LatencyStats.from_samples(samples)
+
+
+def measure_interleaved(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray],
+                        runs: int = 30, warmup: int = 5,
+                        on_run: Callable[[], None] | None = None) -> dict[str, LatencyStats]:
+    """Time several sessions round-robin, one call each per round, so that they see the same
+    machine load; compare their medians as ratios."""
+    for session in sessions.values():
+        for _ in range(warmup):
+            session.run(None, feed)
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(runs):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feed)
+            samples[name].append(time.perf_counter() - start)
+        if on_run is not None:
+            on_run()
+    return {name: LatencyStats.from_samples(s) for name, s in samples.items()}

@@ -1,0 +1,117 @@
+"""The INT8 driver: calibrate, insert QDQ, and (optionally) keep sensitive layers in float.
+
+Phases, in order:
+
+1. plan: which activations need ranges (:func:`.qdq.plan_tensors`);
+2. observe: run the calibration images, one observer per tensor (:func:`.collect.collect_ranges`);
+3. rewrite: insert QDQ with the ranges (:func:`.qdq.insert_qdq`);
+4. budget (only with ``accuracy_budget``): while top-1 disagreement with FP32 on the calibration
+   images exceeds the budget, keep the most sensitive remaining layer in float
+   (:mod:`.sensitivity`) and rewrite again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
+
+from mvcompile import metrics
+from mvcompile.calibration import sensitivity
+from mvcompile.calibration.collect import Range, collect_ranges
+from mvcompile.calibration.data import ImageSet
+from mvcompile.calibration.qdq import QuantPlan, insert_qdq, plan_tensors
+from mvcompile.calibration.registry import DEFAULT_OP_TYPES
+
+log = logging.getLogger(__name__)
+
+MAX_FLOAT_FRACTION = 0.25  # the budget loop never keeps more than this share of layers in float
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """``--calib-method``, the quantized op types, activation format, and accuracy budget."""
+
+    method: str = "percentile"
+    op_types: frozenset[str] = DEFAULT_OP_TYPES
+    activation_dtype: str = "uint8"
+    accuracy_budget: float | None = None  # max top-1 disagreement with FP32, in percent
+    keep_float: frozenset[str] = frozenset()
+
+
+@dataclass
+class QuantizeReport:
+    """What quantization did, for report.json and the CLI summary."""
+
+    method: str
+    activation_dtype: str
+    op_types: list[str]
+    counts: dict[str, int]
+    kept_float: list[dict[str, str]] = field(default_factory=list)
+    calibration: str = ""
+    calibration_agreement: float | None = None
+    calibration_sqnr_db: float | None = None
+
+
+def clone(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
+             on_batch: Callable[[int], None] | None = None) -> tuple[ir.Model, QuantizeReport]:
+    """Return an INT8 (QDQ) copy of ``model`` and a report; ``model`` is not modified."""
+    model = clone(model)
+    NameFixPass()(model)  # keep-float decisions and reports refer to node names
+    plan = QuantPlan(frozenset(options.op_types), set(options.keep_float),
+                     options.activation_dtype)
+    names = [v.name for v in plan_tensors(model.graph, QuantPlan(plan.op_types))]
+    ranges = collect_ranges(model, names, images.batches(), options.method, on_batch)
+    quantized, counts = _rewrite(model, ranges, plan)
+    report = QuantizeReport(options.method, options.activation_dtype, sorted(plan.op_types),
+                            counts, calibration=images.description)
+    report.kept_float = [{"node": n, "reason": "requested"} for n in sorted(plan.keep_float)]
+    if options.accuracy_budget is not None:
+        quantized = _meet_budget(model, quantized, ranges, plan, images, options, report)
+    fp32_logits = sensitivity.logits(model, images)
+    int8_logits = sensitivity.logits(quantized, images)
+    report.calibration_agreement = metrics.top1_agreement(fp32_logits, int8_logits)
+    report.calibration_sqnr_db = metrics.sqnr_db(fp32_logits, int8_logits)
+    return quantized, report
+
+
+def _rewrite(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan
+             ) -> tuple[ir.Model, dict[str, int]]:
+    quantized = clone(model)
+    counts = insert_qdq(quantized, ranges, plan)
+    RemoveUnusedNodesPass()(quantized)  # drops the float weights the DQs replaced
+    return quantized, counts
+
+
+def _meet_budget(model: ir.Model, quantized: ir.Model, ranges: dict[str, Range],
+                 plan: QuantPlan, images: ImageSet, options: QuantizeOptions,
+                 report: QuantizeReport) -> ir.Model:
+    """Greedily keep the most sensitive layer in float until disagreement ≤ budget."""
+    budget = options.accuracy_budget / 100.0
+    fp32_logits = sensitivity.logits(model, images)
+    limit = max(1, int(MAX_FLOAT_FRACTION * report.counts["nodes"]))
+    for _ in range(limit):
+        disagreement = 1.0 - metrics.top1_agreement(fp32_logits,
+                                                    sensitivity.logits(quantized, images))
+        if disagreement <= budget:
+            log.info("Within budget: %.1f%% disagreement", 100 * disagreement)
+            break
+        ranking = sensitivity.rank_layers(model, quantized, plan, images)
+        if not ranking:
+            break
+        worst = ranking[0]
+        plan.keep_float.add(worst.node)
+        report.kept_float.append({"node": worst.node, "reason": (
+            f"most sensitive: {worst.degradation_db:.1f} dB local SQNR loss; "
+            f"disagreement was {100 * disagreement:.1f}% > budget {options.accuracy_budget}%")})
+        quantized, report.counts = _rewrite(model, ranges, plan)
+    else:
+        log.warning("Accuracy budget not met after keeping %d layers in float.", limit)
+    return quantized

@@ -1,0 +1,50 @@
+"""Accuracy of built models on an image set: FP32 vs INT8 agreement, SQNR, labelled top-1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from mvcompile import latency, metrics
+from mvcompile.calibration.data import ImageSet
+from mvcompile.errors import UserError
+
+
+def predict(model: bytes | str, images: ImageSet, threads: int = 2, batch_size: int = 16,
+            on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """Logits of ``model`` (first output) for every image."""
+    session = latency.make_session(model, threads=threads)
+    _check_input(session, images)
+    name = session.get_inputs()[0].name
+    outputs = []
+    for batch in images.batches(batch_size):
+        outputs.append(session.run(None, {name: batch})[0])
+        if on_batch is not None:
+            on_batch(len(batch))
+    return np.concatenate(outputs)
+
+
+def _check_input(session: ort.InferenceSession, images: ImageSet) -> None:
+    expected = session.get_inputs()[0].shape[1:]
+    actual = list(images.pixels.shape[1:])
+    if any(isinstance(e, int) and e != a for e, a in zip(expected, actual, strict=False)):
+        raise UserError(f"The model expects inputs of shape [N, {', '.join(map(str, expected))}]"
+                        f" but the images were prepared as {actual}; pass the model's "
+                        "resolution.")
+
+
+def accuracy_report(images: ImageSet, fp32_logits: np.ndarray,
+                    int8_logits: np.ndarray | None = None) -> dict:
+    """{images, top1_agreement, sqnr_db, top1_fp32, top1_int8} as applicable."""
+    report: dict = {"images": len(images.pixels), "source": images.description}
+    labelled = images.labels is not None and fp32_logits.shape[-1] >= len(images.class_names)
+    if labelled:
+        report["top1_fp32"] = metrics.top1_accuracy(fp32_logits, images.labels)
+    if int8_logits is not None:
+        report["top1_agreement"] = metrics.top1_agreement(fp32_logits, int8_logits)
+        report["sqnr_db"] = metrics.sqnr_db(fp32_logits, int8_logits)
+        if labelled:
+            report["top1_int8"] = metrics.top1_accuracy(int8_logits, images.labels)
+    return report

@@ -1,0 +1,75 @@
+"""The ``--int8`` part of ``mvcompile build``: calibration data → QDQ model → accuracy report."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+import onnx
+import onnx_ir as ir
+
+from mvcompile import onnx_io
+from mvcompile.calibration.data import ImageSet, load_images
+from mvcompile.calibration.quantize import QuantizeOptions, quantize
+from mvcompile.evaluate import accuracy_report, predict
+
+if TYPE_CHECKING:
+    from mvcompile.builder import BuildOptions, Progress
+
+log = logging.getLogger(__name__)
+
+# The graph form that quantizes best on ONNX Runtime (see README, "INT8"): standard ops only,
+# so that ORT's QDQ fusions (QLinearConv, QGemm, QLinearMatMul) apply.
+INT8_PIPELINE = "mobile"
+
+
+def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
+               progress: Progress) -> tuple[onnx.ModelProto, dict]:
+    """Quantize the compiled graph; report calibration and (optional) eval accuracy."""
+    source = _int8_source(plain, options.passes)
+    calibration = _images(options.calib_data, options, progress, options.calib_size)
+    if calibration.skipped:
+        log.warning("Skipped %d non-image files in %s", len(calibration.skipped),
+                    options.calib_data)
+    progress.start("Calibrating", len(calibration.pixels))
+    quantize_options = QuantizeOptions(method=options.calib_method,
+                                       accuracy_budget=options.accuracy_budget)
+    int8, qreport = quantize(source, calibration, quantize_options, progress.advance)
+    progress.finish()
+    int8_proto = onnx_io.to_proto(int8)
+    report = {"quantization": asdict(qreport), "calibration_skipped": calibration.skipped,
+              "accuracy": {"calibration": _compare(fp32, int8_proto, calibration, progress)}}
+    if options.eval_data is not None:
+        images = _images(options.eval_data, options, progress, None)
+        report["accuracy"]["eval"] = _compare(fp32, int8_proto, images, progress)
+    return int8_proto, report
+
+
+def _int8_source(plain: ir.Model, passes: bool) -> ir.Model:
+    if not passes:
+        return plain
+    from mvcompile.builder import check_numerics
+    from mvcompile.pipeline import run_pipeline
+
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(plain))
+    model, _ = run_pipeline(model, INT8_PIPELINE)
+    check_numerics(plain, model)
+    return model
+
+
+def _images(source: str | None, options: BuildOptions, progress: Progress,
+            limit: int | None) -> ImageSet:
+    progress.start(f"Loading images from {source or 'bundled photos'}", limit or 0)
+    images = load_images(source, options.resolution, limit, on_image=progress.advance)
+    progress.finish()
+    return images
+
+
+def _compare(fp32: onnx.ModelProto, int8: onnx.ModelProto, images: ImageSet,
+             progress: Progress) -> dict:
+    progress.start(f"Evaluating on {images.description}", 2 * len(images.pixels))
+    fp32_logits = predict(fp32.SerializeToString(), images, on_batch=progress.advance)
+    int8_logits = predict(int8.SerializeToString(), images, on_batch=progress.advance)
+    progress.finish()
+    return accuracy_report(images, fp32_logits, int8_logits)

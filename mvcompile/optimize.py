@@ -1,0 +1,123 @@
+"""``mvcompile optimize IN.onnx -o OUT.onnx``: our pass pipeline applied to any ONNX model.
+
+Steps: load → onnxsim → pipeline (each rule reports its match count or why it refused) →
+check_model + ORT load → numerics against the *input* model on seeded random inputs
+(max |Δ| ≤ tolerance) → atomic write. Nothing is written if any step fails.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from mvcompile import onnx_io
+from mvcompile.errors import UserError
+from mvcompile.pipeline import run_pipeline
+
+log = logging.getLogger(__name__)
+
+TARGET_PIPELINES = {"ort": "fp32-foreign", "mobile": "mobile-foreign"}
+DEFAULT_TOLERANCE = 1e-4
+
+
+def simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxsim's simplification; the input unchanged (with a warning) if onnxsim fails."""
+    import onnxsim
+
+    try:
+        simplified, ok = onnxsim.simplify(proto)
+    except Exception as err:  # onnxsim raises bare RuntimeErrors from C++
+        log.warning("onnxsim failed (%s); continuing with the unsimplified model", err)
+        return proto
+    if not ok:
+        log.warning("onnxsim could not validate its result; continuing without it")
+        return proto
+    return simplified
+
+
+def random_inputs(proto: onnx.ModelProto, seed: int = 0, batch: int = 1
+                  ) -> dict[str, np.ndarray]:
+    """Seeded inputs for every graph input: floats U[0,1), integers zero; symbolic dims =
+    ``batch``."""
+    rng = np.random.default_rng(seed)
+    initializers = {init.name for init in proto.graph.initializer}
+    feed = {}
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feed[value.name] = rng.uniform(0.0, 1.0, dims).astype(dtype)
+        else:
+            feed[value.name] = np.zeros(dims, dtype=dtype)
+    return feed
+
+
+def max_abs_diff(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 0) -> float:
+    """max |Δ| over all outputs of the two models on the same random inputs (ORT, no graph
+    optimisations, so the comparison is of the graphs themselves)."""
+    feed = random_inputs(reference, seed)
+    outputs = []
+    for proto in (reference, candidate):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(onnx_io.to_proto(proto).SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, feed))
+    return max(float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
+               for a, b in zip(*outputs, strict=True))
+
+
+def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    return dict(collections.Counter(node.op_type for node in proto.graph.node).most_common())
+
+
+def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
+                   tolerance: float = DEFAULT_TOLERANCE) -> tuple[onnx.ModelProto, dict]:
+    """Simplify, run the pipeline for ``target`` and check numerics; raise UserError if the
+    result is invalid or differs from ``proto`` by more than ``tolerance``."""
+    if target not in TARGET_PIPELINES:
+        raise UserError(f"Unknown target {target!r}; choose one of {sorted(TARGET_PIPELINES)}.")
+    simplified = simplify(proto)
+    model = ir.serde.deserialize_model(simplified)
+    model, pipeline_report = run_pipeline(model, TARGET_PIPELINES[target])
+    result = onnx_io.to_proto(model)
+    try:
+        onnx_io.validate(result)
+    except Exception as err:
+        raise UserError(f"The optimised model failed validation ({type(err).__name__}: {err}); "
+                        "nothing was written. Please report this with the input model.") from err
+    diff = max_abs_diff(proto, result)
+    if not diff <= tolerance:
+        raise UserError(f"The optimised model differs from the input by {diff:.3g} (max abs) "
+                        f"on random inputs, above the tolerance {tolerance:g}; nothing was "
+                        "written. Please report this with the input model.")
+    before, simple, after = op_counts(proto), op_counts(simplified), op_counts(result)
+    report = {
+        "target": target,
+        "nodes": {"input": sum(before.values()), "onnxsim": sum(simple.values()),
+                  "optimized": sum(after.values())},
+        "transposes": {"input": before.get("Transpose", 0), "onnxsim": simple.get("Transpose", 0),
+                       "optimized": after.get("Transpose", 0)},
+        "max_abs_diff": diff,
+        "pipeline": pipeline_report,
+    }
+    return result, report
+
+
+def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
+                  tolerance: float = DEFAULT_TOLERANCE) -> dict:
+    """:func:`optimize_proto` on a file, then an atomic, validated write to ``dst``."""
+    proto = onnx_io.load_model(src)
+    result, report = optimize_proto(proto, target, tolerance)
+    onnx_io.save_model(result, dst)
+    log.info("Wrote %s", dst)
+    return report

@@ -1,0 +1,168 @@
+"""Graph-pass pipelines as data, run through ``onnx_ir.passes.PassManager``.
+
+A pipeline is a list of :class:`Stage`. A stage is a named pass factory; rule-set stages are
+wrapped in :class:`RuleSetPass`, which applies one rule at a time (in list order) and records
+how many times each rule fired and, for rules that never fired, why their best candidate was
+refused. :func:`run_pipeline` returns the rewritten model and that report.
+
+Pipelines:
+
+- ``fp32``: tuned for ONNX Runtime (what ``mvcompile build`` measures). Emits ORT contrib ops
+  where they are measured faster: QuickGelu for Swish, FusedMatMul(transA/transB) for the
+  transposed matmuls. No Transpose node in our MobileViT.
+- ``mobile``: standard ONNX opset 24 only, for Core ML / ORT-mobile targets: Swish,
+  SpaceToDepth/DepthToSpace, Einsum; no Transpose, every tensor rank ≤ 5.
+- ``fp32-foreign`` / ``mobile-foreign``: the same plus fusions that exported graphs need
+  (LayerNorm, GELU) and onnxscript's general clean-ups; used by ``mvcompile optimize``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+import onnxscript.optimizer
+from onnxscript.rewriter import MatchingTracer, MatchStatus, RewriteRuleSet
+
+from mvcompile.passes import (
+    fold_head_split,
+    fuse_conv_bn,
+    fuse_gelu,
+    fuse_layer_norm,
+    fuse_swish,
+    unfold_fold,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RuleSetPass(ir.passes.InPlacePass):
+    """Apply a rule set one rule at a time, recording match counts and refusals."""
+
+    def __init__(self, name: str, rule_set: RewriteRuleSet) -> None:
+        super().__init__()
+        self.name = name
+        self.rule_set = rule_set
+        self.counts: dict[str, int] = {}
+        self.refusals: dict[str, str] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        total = 0
+        for rule in self.rule_set.rules:
+            single = RewriteRuleSet([rule])
+            count = single.apply_to_model(model)
+            self.counts[rule.name] = self.counts.get(rule.name, 0) + count
+            total += count
+            if count == 0 and rule.name not in self.refusals:  # before later rules rewrite
+                self.refusals[rule.name] = _why_not(single, model)
+            log.info("%s: %s matched %d time(s)", self.name, rule.name, count)
+        for name, count in self.counts.items():  # commuted variants share a name
+            if count:
+                self.refusals.pop(name, None)
+        return ir.passes.PassResult(model, modified=total > 0)
+
+    def report(self) -> dict:
+        return {"rules": dict(self.counts), "refused": dict(self.refusals)}
+
+
+def _why_not(rule_set: RewriteRuleSet, model: ir.Model) -> str:
+    """The failure reason of the rule's best partial match (a dry run with a tracer)."""
+    tracer = MatchingTracer()
+    rule_set.apply_to_model(model, tracer=tracer)
+    best = [m for matches in tracer.best_matches_map.values() for m in matches
+            if m.status != MatchStatus.SUCCESS]
+    if not best:
+        return "no candidate subgraph in this model"
+    reason = best[0].match_result.reason or "pattern did not match"
+    return f"{best[0].status.name.lower()}: {reason}"
+
+
+class OnnxscriptOptimize(ir.passes.InPlacePass):
+    """onnxscript.optimizer.optimize: constant folding, its default rewrite rules (which
+    include BN folding and Reshape/Transpose collapsing) and dead-code removal."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = len(list(model.graph))
+        onnxscript.optimizer.optimize_ir(model)
+        return ir.passes.PassResult(model, modified=len(list(model.graph)) != before)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One named step of a pipeline."""
+
+    name: str
+    make: Callable[[], ir.passes.PassBase]
+
+
+def _rules(name: str, factory: Callable[[], RewriteRuleSet]) -> Stage:
+    return Stage(name, lambda: RuleSetPass(name, factory()))
+
+
+def _core(target: str) -> list[Stage]:
+    return [
+        # Static shapes first: unfold_fold decides matches by simulating shapes.
+        Stage("infer_shapes", common.ShapeInferencePass),
+        # Before unfold_fold: folding BN leaves the conv after a fold as a plain 1x1 Conv
+        # that unfold_fold can absorb.
+        _rules("fuse_conv_bn", lambda: fuse_conv_bn.rules),
+        _rules("fuse_swish", lambda: fuse_swish.rules(target)),
+        _rules("unfold_fold", lambda: unfold_fold.rules(target)),
+        _rules("fold_head_split", lambda: fold_head_split.rules(target)),
+    ]
+
+
+_CLEANUP = [
+    Stage("remove_unused_nodes", common.RemoveUnusedNodesPass),
+    Stage("remove_unused_opsets", common.RemoveUnusedOpsetsPass),
+    Stage("topological_sort", common.TopologicalSortPass),
+    Stage("infer_shapes_final", common.ShapeInferencePass),
+]
+
+
+def _foreign(target: str) -> list[Stage]:
+    return [
+        # Constant-fold and canonicalise exported graphs before matching our patterns.
+        Stage("onnxscript_optimize", OnnxscriptOptimize),
+        _rules("fuse_layer_norm", lambda: fuse_layer_norm.rules),
+        _rules("fuse_gelu", lambda: fuse_gelu.rules),
+        *_core(target),
+    ]
+
+
+PIPELINES: dict[str, list[Stage]] = {
+    "fp32": [*_core("ort"), *_CLEANUP],
+    "mobile": [*_core("mobile"), *_CLEANUP],
+    "fp32-foreign": [*_foreign("ort"), *_CLEANUP],
+    "mobile-foreign": [*_foreign("mobile"), *_CLEANUP],
+}
+
+
+def run_pipeline(model: ir.Model, name: str = "fp32") -> tuple[ir.Model, dict]:
+    """Run pipeline ``name`` on ``model`` in place; return it and a JSON-able report:
+    ``{"pipeline", "nodes_before", "nodes_after", "stages": [{"name", "rules", "refused"}]}``.
+    """
+    if name not in PIPELINES:
+        raise KeyError(f"unknown pipeline {name!r}; choose one of {sorted(PIPELINES)}")
+    before = _op_counts(model)
+    passes = [stage.make() for stage in PIPELINES[name]]
+    result = ir.passes.PassManager(passes, steps=1)(model)
+    stages = []
+    for stage, pass_ in zip(PIPELINES[name], passes, strict=True):
+        entry = {"name": stage.name}
+        if isinstance(pass_, RuleSetPass):
+            entry.update(pass_.report())
+        stages.append(entry)
+    after = _op_counts(result.model)
+    report = {"pipeline": name, "nodes_before": sum(before.values()),
+              "nodes_after": sum(after.values()), "ops_before": before, "ops_after": after,
+              "stages": stages}
+    return result.model, report
+
+
+def _op_counts(model: ir.Model) -> dict[str, int]:
+    return dict(collections.Counter(node.op_type for node in model.graph).most_common())

@@ -1,0 +1,66 @@
+"""The end-of-build summary tables (text only; the CLI prints them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mvcompile.table import format_table, human_bytes, human_count
+
+
+def build_summary(report: dict, files: dict[str, Path]) -> str:
+    """Model facts, one column per written model, accuracy for INT8, op histogram."""
+    m = report["model"]
+    head = [("model", f"MobileViT-{m['size'].upper()}, {m['resolution']}x{m['resolution']}, "
+                      f"patches {tuple(m['patch_sizes'])}, {m['num_classes']} classes"),
+            ("weights", report["weights"]["description"])]
+    if report.get("passes"):
+        p = report["passes"]
+        head.append(("passes", f"{p['pipeline']}: {p['nodes_before']} -> {p['nodes_after']} "
+                               f"nodes, max abs diff {p['max_abs_diff']:.1e}"))
+    parts = [format_table(head, header=("build", "")), _models_table(report, files)]
+    if "int8" in report:
+        parts.append(_accuracy_table(report["int8"]))
+    hist = report["models"]["onnx"]["op_histogram"]
+    parts.append(format_table(list(hist.items()), header=("op (model.onnx)", "count")))
+    return "\n\n".join(parts)
+
+
+def _models_table(report: dict, files: dict[str, Path]) -> str:
+    keys = list(report["models"])
+    latency = report.get("latency") or {}
+    rows = []
+    for label, get in (
+        ("parameters", lambda s, k: f"{s['parameters']:,}"),
+        ("MACs (batch 1)", lambda s, k: human_count(s["macs"])),
+        ("nodes", lambda s, k: s["node_count"]),
+        ("file size", lambda s, k: human_bytes(s["file_bytes"])),
+        ("ORT median latency", lambda s, k: f"{latency[k]['median_ms']:.2f} ms"
+         if k in latency else "not measured"),
+        ("ORT p90 latency", lambda s, k: f"{latency[k]['p90_ms']:.2f} ms"
+         if k in latency else "not measured"),
+    ):
+        rows.append((label, *(get(report["models"][k], k) for k in keys)))
+    if "int8" in latency and "onnx" in latency:
+        ratio = latency["int8"]["median_ms"] / latency["onnx"]["median_ms"]
+        rows.append(("INT8 / FP32 latency", "", f"{ratio:.2f}x"))
+    rows.append(("file", *(str(files[k]) for k in keys)))
+    conditions = latency.get("conditions")
+    note = (f"\n(latency: batch 1, {conditions['threads']} threads, runs interleaved)"
+            if conditions else "")
+    return format_table(rows, header=("", *("FP32" if k == "onnx" else "INT8" for k in keys))
+                        ) + note
+
+
+def _accuracy_table(int8: dict) -> str:
+    q = int8["quantization"]
+    rows = [("calibration", q["calibration"]), ("method", q["method"]),
+            ("quantized ops", ", ".join(q["op_types"])),
+            ("kept in float", ", ".join(k["node"] for k in q["kept_float"]) or "none")]
+    for name, acc in int8["accuracy"].items():
+        line = (f"top-1 agreement {100 * acc['top1_agreement']:.1f}%, "
+                f"SQNR {acc['sqnr_db']:.1f} dB")
+        if "top1_fp32" in acc:
+            line += (f", top-1 FP32 {100 * acc['top1_fp32']:.2f}% / "
+                     f"INT8 {100 * acc['top1_int8']:.2f}%")
+        rows.append((f"{name} ({acc['images']} images)", line))
+    return format_table(rows, header=("INT8", ""))

@@ -1,0 +1,76 @@
+"""Run-folder files: the resumable training checkpoint and the exported weights.
+
+Every file is written to a temporary file in the same folder and renamed over the old one,
+so an interrupted run (Ctrl-C, a crash, a killed job) always leaves the last complete
+checkpoint intact. ``last.pt`` holds everything ``--resume`` needs; ``*.safetensors`` hold
+only the weights, under the ONNX graph's initializer names.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_save
+
+from mvcompile.errors import UserError
+from mvcompile.onnx_io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mvcompile-train-1"
+LAST = "last.pt"
+MODEL_KEYS = ("size", "patch_config", "num_classes")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` the training state atomically."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write weights as safetensors atomically; ``mvcompile build --weights`` reads them."""
+    atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
+
+
+def resolve(path: str | Path) -> Path:
+    """A run folder means its ``last.pt``."""
+    path = Path(path)
+    return path / LAST if path.is_dir() else path
+
+
+def load_checkpoint(path: str | Path, model_config: dict, device: torch.device) -> dict:
+    """Read ``last.pt`` and check that it was trained with the same model shape."""
+    path = resolve(path)
+    if not path.is_file():
+        raise UserError(f"--resume {path}: no such checkpoint. Pass a run folder "
+                        f"(runs/NAME) or its {LAST}.")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt pickles
+        raise UserError(f"Cannot read the checkpoint {path}: {str(err).splitlines()[0]}. "
+                        "It may be truncated or not written by mvcompile train.") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path} is not a training checkpoint written by mvcompile train "
+                        f"(format {FORMAT}); to start from weights only, begin a new run.")
+    check_same_model(state["model_config"], model_config, path)
+    return state
+
+
+def check_same_model(saved: dict, wanted: dict, path: Path) -> None:
+    """Raise UserError if the checkpoint's size, patch config or class count differ."""
+    diffs = [k for k in MODEL_KEYS if saved.get(k) != wanted.get(k)]
+    if not diffs:
+        return
+    def describe(c: dict) -> str:
+        return (f"MobileViT-{str(c.get('size')).upper()}, patch config "
+                f"{c.get('patch_config')}, {c.get('num_classes')} classes")
+    raise UserError(
+        f"Cannot resume from {path}: it was trained as {describe(saved)}, but this run asks "
+        f"for {describe(wanted)} ({', '.join(diffs)} differ). Resume with the same "
+        f"--size/--patch-config/--data (e.g. --size {saved.get('size')}), or start a new run "
+        "under another --name.")

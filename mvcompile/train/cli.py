@@ -1,0 +1,127 @@
+"""``mvcompile train``: the click command. Printing happens here; the loop only logs.
+
+Registered lazily by :mod:`mvcompile.cli`, so that ``mvcompile --help`` works without torch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from mvcompile.errors import UserError
+from mvcompile.graphs.mobilevit import SIZES
+
+EXAMPLES = """
+\b
+Examples:
+  mvcompile train --data digits --resolution 64 --epochs 40 --batch-size 64
+  mvcompile train --data ~/flowers --val-split 0.1 --resolution 128 --epochs 100
+  mvcompile train --resume runs/digits_xxs
+\b
+On 8 GPUs (ImageNet, the paper's recipe: 128 images per GPU at 256, 300 epochs):
+  torchrun --standalone --nproc_per_node 8 -m mvcompile.train --data /data/imagenet \\
+      --size s --resolution 256 --batch-size 128 --epochs 300 --ema-decay 0.9995 \\
+      --workers 8 --amp --name imagenet_s
+"""
+
+
+class ProgressReporter:
+    """A click progress bar per epoch (loss, lr, batch resolution) and a line per epoch."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.status = ""
+
+    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
+        self.bar = click.progressbar(length=batches, label=f"epoch {epoch}/{epochs}",
+                                     file=sys.stderr, item_show_func=lambda _: self.status,
+                                     show_eta=True, width=24)
+        self.bar.__enter__()
+
+    def batch_end(self, loss: float, lr: float, resolution: int) -> None:
+        self.status = f"loss {loss:.4f}  lr {lr:.2e}  {resolution}px"
+        self.bar.update(1)
+
+    def epoch_end(self, row: dict) -> None:
+        self.bar.__exit__(None, None, None)
+        ema = (f"  EMA val acc {row['ema_val_acc']:.2%}"
+               if row.get("ema_val_acc") is not None else "")
+        click.echo(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}  val loss "
+                   f"{row['val_loss']:.4f}  val acc {row['val_acc']:.2%}{ema}  "
+                   f"({row['seconds']:.0f} s)", err=True)
+
+
+@click.command(epilog=EXAMPLES)
+@click.option("--data", default="digits", show_default=True,
+              help="`digits` (built-in scikit-learn digits), or an image folder: DIR/<class>/"
+                   "*.jpg, or DIR/train/<class>/ with DIR/val/<class>/.")
+@click.option("--val-split", type=float, default=None,
+              help="Fraction of each class held out for validation when there is no val/ "
+                   "folder [default: 0.1; digits 0.2]. The split is fixed (seed 0).")
+@click.option("--size", type=click.Choice(SIZES), default="xxs", show_default=True)
+@click.option("--patch-config", type=click.Choice(["A", "B"]), default="A", show_default=True,
+              help="A = (2,2,2), B = (8,4,2).")
+@click.option("--resolution", type=int, default=256, show_default=True,
+              help="Base resolution: validation size and centre of the multi-scale set "
+                   "(multiple of 64).")
+@click.option("--multiscale/--no-multiscale", default=True, show_default=True,
+              help="Multi-scale sampler: {160..320}·R/256 snapped to multiples of 64.")
+@click.option("--epochs", type=int, default=300, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True,
+              help="Images per process at the base resolution (the multi-scale sampler scales it by (R/r)²).")
+@click.option("--lr", type=float, default=0.002, show_default=True, help="Peak learning rate.")
+@click.option("--lr-init", type=float, default=0.0002, show_default=True,
+              help="Learning rate at the start of the warm-up.")
+@click.option("--lr-min", type=float, default=0.0002, show_default=True,
+              help="Learning rate at the end of the cosine decay.")
+@click.option("--warmup-steps", type=int, default=None,
+              help="Warm-up steps [default: min(3000, 5% of all steps)].")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
+@click.option("--ema-decay", type=float, default=None,
+              help="Keep an EMA of the weights with this decay (e.g. 0.9995) and export it.")
+@click.option("--dropout", type=float, default=0.0, show_default=True,
+              help="Dropout after attention and FFN.")
+@click.option("--classifier-dropout", type=float, default=0.1, show_default=True)
+@click.option("--crop-scale", type=float, default=None,
+              help="Smallest area fraction of the random resized crop [default: 0.08; "
+                   "digits 0.6].")
+@click.option("--flip/--no-flip", default=None,
+              help="Random horizontal flip [default: on; digits off].")
+@click.option("--subset", type=int, default=None,
+              help="Train on a random subset of this many images (quick experiments).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="Data loader worker processes per training process.")
+@click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA.")
+@click.option("--name", default=None,
+              help="Run folder runs/NAME [default: DATA_SIZE, e.g. digits_xxs].")
+@click.option("--runs-dir", default="runs", show_default=True)
+@click.option("--resume", default=None,
+              help="Continue a run exactly where it stopped: a run folder or its last.pt.")
+@click.option("--overwrite", is_flag=True, help="Start over in an existing run folder.")
+def train(**kwargs: object) -> None:
+    """Train MobileViT with the paper's recipe; writes runs/NAME/best.safetensors."""
+    try:
+        from mvcompile.train.loop import train as run_training
+        from mvcompile.train.options import TrainOptions
+    except ImportError as err:
+        _fail(f"mvcompile train needs PyTorch ({err}). Install the [train] extra: "
+              "pip install 'mvcompile[train]'.")
+    try:
+        result = run_training(TrainOptions(**kwargs), ProgressReporter())
+    except UserError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        click.secho("\nInterrupted. The last complete epoch is saved; continue with "
+                    "--resume runs/NAME.", fg="yellow", err=True)
+        sys.exit(130)
+    best = result.best
+    click.echo(f"best val accuracy {best['val_acc']:.2%} at epoch {best['epoch']}: "
+               f"{result.run_dir / 'best.safetensors'}")
+
+
+def _fail(message: str) -> None:
+    click.secho(f"Error: {message}", fg="red", err=True)
+    sys.exit(1)

@@ -1,0 +1,313 @@
+"""The training loop: set up a run (fresh or resumed), train epoch by epoch, save each epoch.
+
+One epoch: the multi-scale sampler plans the batches; each step computes the label-smoothed
+cross-entropy, takes an AdamW step, advances the per-step lr schedule and the EMA. After the
+epoch the model is validated at the base resolution and the run folder is updated:
+``last.pt`` (everything ``--resume`` needs), ``last.safetensors``, ``best.safetensors`` (best
+validation accuracy so far), ``metrics.csv`` and ``curves.png``. Library code logs; progress
+goes to a :class:`Reporter` supplied by the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from mvcompile.errors import UserError
+from mvcompile.graphs.mobilevit import MobileViTConfig
+from mvcompile.train import checkpoint, outputs
+from mvcompile.train.data import DataSplit, ImageSource, eval_item, load_data, train_item
+from mvcompile.train.distributed import Dist, all_sum, barrier, gather_objects, init_distributed
+from mvcompile.train.distributed import shutdown as shutdown_distributed
+from mvcompile.train.model import MobileViT
+from mvcompile.train.options import RECIPE_KEYS, TrainOptions
+from mvcompile.train.recipe import EMA, Schedule, default_warmup, make_optimizer, make_scheduler
+from mvcompile.train.sampler import Item, MultiScaleBatchSampler, eval_batches, scaled_resolutions
+
+log = logging.getLogger(__name__)
+
+
+class Reporter(Protocol):
+    """Progress callbacks, called on rank 0 only."""
+
+    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None: ...
+    def batch_end(self, loss: float, lr: float, resolution: int) -> None: ...
+    def epoch_end(self, row: dict) -> None: ...
+
+
+class SilentReporter:
+    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None: ...
+    def batch_end(self, loss: float, lr: float, resolution: int) -> None: ...
+    def epoch_end(self, row: dict) -> None: ...
+
+
+class ItemDataset(Dataset):
+    """Maps a sampler item (index, resolution, seed) to (image [3,r,r] in [0,1], label)."""
+
+    def __init__(self, source: ImageSource, train: bool, min_scale: float, flip: bool) -> None:
+        self.source, self.train, self.min_scale, self.flip = source, train, min_scale, flip
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, item: Item) -> tuple[torch.Tensor, int]:
+        i, res, seed = item
+        x = (train_item(self.source, i, res, seed, self.min_scale, self.flip) if self.train
+             else eval_item(self.source, i, res))
+        return torch.from_numpy(x), self.source.labels[i]
+
+
+@dataclass
+class Run:
+    """Everything one training run holds."""
+
+    options: TrainOptions
+    dist: Dist
+    cfg: MobileViTConfig
+    data: DataSplit
+    model: nn.Module
+    net: nn.Module  # the model, wrapped in DDP when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA | None
+    sampler: MultiScaleBatchSampler
+    loader: DataLoader
+    val_loader: DataLoader
+    run_dir: Path
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": 0, "val_acc": -1.0})
+
+    @property
+    def export_model(self) -> nn.Module:
+        """The weights we publish: the EMA when enabled, else the model."""
+        return self.ema.module if self.ema else self.model
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict]
+    best: dict
+    model: nn.Module  # the exported (EMA or plain) model at the end, in eval mode
+
+
+def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResult:
+    """Train (or resume) and return the run's results. Raises UserError on bad input."""
+    d = init_distributed()
+    reporter = reporter if reporter is not None and d.is_main else SilentReporter()
+    try:
+        run = prepare(options, d)
+        for epoch in range(run.start_epoch, options.epochs):
+            train_loss, seconds = train_epoch(run, epoch, reporter)
+            end_epoch(run, epoch, train_loss, seconds, reporter)
+        run.export_model.eval()
+        return TrainResult(run.run_dir, run.history, run.best, run.export_model)
+    finally:
+        shutdown_distributed(d)
+
+
+def prepare(options: TrainOptions, d: Dist) -> Run:
+    """Data, model, optimizer, schedule, sampler, loaders; then the resumed state, if any."""
+    _check_options(options)
+    data = load_data(options.data, options.val_split)
+    if options.subset:
+        data.train = _subset(data.train, options.subset, options.seed)
+    cfg = MobileViTConfig.for_size(options.size, resolution=options.resolution,
+                                   patch_config=options.patch_config,
+                                   num_classes=len(data.train.classes))
+    run_dir = _run_dir(options, d)
+    torch.manual_seed(options.seed + d.rank)
+    model = MobileViT(cfg, options.dropout, options.classifier_dropout).to(d.device)
+    net = DistributedDataParallel(model) if d.enabled else model
+    sampler = _train_sampler(options, cfg, len(data.train), d)
+    schedule = _schedule(options, sampler)
+    optimizer = make_optimizer(model, options.lr, options.weight_decay)
+    run = Run(options, d, cfg, data, model, net, optimizer, make_scheduler(optimizer, schedule),
+              EMA(model, options.ema_decay) if options.ema_decay else None, sampler,
+              *_loaders(options, cfg, data, sampler, d), run_dir)
+    log.info("%s; %d steps, warm-up %d; resolutions %s", data.description,
+             schedule.total_steps, schedule.warmup_steps, sampler.resolutions)
+    if options.resume:
+        _restore(run, checkpoint.load_checkpoint(options.resume, _model_config(run), d.device))
+    elif d.is_main:
+        outputs.write_run_info(run_dir, options, cfg, data)
+    return run
+
+
+def _check_options(o: TrainOptions) -> None:
+    if o.epochs < 1 or o.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be at least 1.")
+    if o.crop_scale is not None and not 0.0 < o.crop_scale <= 1.0:
+        raise UserError(f"--crop-scale must be in (0, 1], got {o.crop_scale}.")
+    if o.ema_decay is not None and not 0.0 < o.ema_decay < 1.0:
+        raise UserError(f"--ema-decay must be in (0, 1), got {o.ema_decay}.")
+
+
+def _subset(source: ImageSource, n: int, seed: int) -> ImageSource:
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(len(source), generator=g)[:n].sort().values.tolist()
+    return source.subset(keep)
+
+
+def _run_dir(o: TrainOptions, d: Dist) -> Path:
+    if o.resume and o.name is None:
+        return checkpoint.resolve(o.resume).parent
+    run_dir = Path(o.runs_dir) / o.run_name()
+    if not o.resume and not o.overwrite and (run_dir / checkpoint.LAST).exists():
+        raise UserError(f"{run_dir} already holds a run. Continue it with --resume {run_dir}, "
+                        "start over with --overwrite, or choose another --name.")
+    return run_dir
+
+
+def _train_sampler(o: TrainOptions, cfg: MobileViTConfig, n: int, d: Dist
+                   ) -> MultiScaleBatchSampler:
+    sizes = scaled_resolutions(o.resolution, cfg.patch_sizes) if o.multiscale else (
+        o.resolution,)
+    if n < d.world_size:
+        raise UserError(f"{n} training images cannot be shared by {d.world_size} processes.")
+    return MultiScaleBatchSampler(n, o.batch_size, o.resolution, sizes, seed=o.seed,
+                                  rank=d.rank, world_size=d.world_size)
+
+
+def _schedule(o: TrainOptions, sampler: MultiScaleBatchSampler) -> Schedule:
+    """T = Σ_epochs batches per epoch (exact: the sampler's plan is deterministic)."""
+    total = sum(sampler.num_batches(e) for e in range(o.epochs))
+    warmup = o.warmup_steps if o.warmup_steps is not None else default_warmup(total)
+    return Schedule(total, min(warmup, total), o.lr, o.lr_init, o.lr_min)
+
+
+def _loaders(o: TrainOptions, cfg: MobileViTConfig, data: DataSplit,
+             sampler: MultiScaleBatchSampler, d: Dist) -> tuple[DataLoader, DataLoader]:
+    scale = o.crop_scale if o.crop_scale is not None else data.train.crop_scale
+    flip = o.flip if o.flip is not None else data.train.flip
+    pin = d.device.type == "cuda"
+    train = DataLoader(ItemDataset(data.train, True, scale, flip), batch_sampler=sampler,
+                       num_workers=o.workers, pin_memory=pin)
+    val_batches = eval_batches(len(data.val), o.batch_size, cfg.resolution, rank=d.rank,
+                               world_size=d.world_size)
+    val = DataLoader(ItemDataset(data.val, False, 1.0, False), batch_sampler=val_batches,
+                     num_workers=o.workers, pin_memory=pin)
+    return train, val
+
+
+def _model_config(run: Run) -> dict:
+    return {"size": run.cfg.size, "patch_config": run.options.patch_config,
+            "num_classes": run.cfg.num_classes}
+
+
+def train_epoch(run: Run, epoch: int, reporter: Reporter) -> tuple[float, float]:
+    """One pass over the training set; returns (mean training loss over ranks, seconds)."""
+    o, d = run.options, run.dist
+    run.sampler.set_epoch(epoch)
+    run.net.train()
+    reporter.epoch_start(epoch + 1, o.epochs, len(run.sampler))
+    sums = torch.zeros(2, dtype=torch.float64)
+    start = time.perf_counter()
+    for x, y in run.loader:
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        with torch.autocast(d.device.type, torch.bfloat16, enabled=o.amp and x.is_cuda):
+            loss = F.cross_entropy(run.net(x), y, label_smoothing=o.label_smoothing)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.scheduler.step()
+        if run.ema:
+            run.ema.update(run.model)
+        value = loss.item()
+        sums += torch.tensor([value * len(y), len(y)], dtype=torch.float64)
+        reporter.batch_end(value, lr, x.shape[-1])
+    total = all_sum(d, sums)
+    return float(total[0] / total[1]), time.perf_counter() - start
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, d: Dist) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 accuracy) over the whole validation set, all ranks."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for x, y in loader:
+        logits = model(x.to(d.device)).float()
+        y = y.to(d.device)
+        sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
+                              (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+    total = all_sum(d, sums)
+    return float(total[0] / total[2]), float(total[1] / total[2])
+
+
+def end_epoch(run: Run, epoch: int, train_loss: float, seconds: float,
+              reporter: Reporter) -> None:
+    """Validate, update best, write the run folder (rank 0), keep ranks in step."""
+    val_loss, val_acc = evaluate(run.model, run.val_loader, run.dist)
+    ema_acc = evaluate(run.ema.module, run.val_loader, run.dist)[1] if run.ema else None
+    row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+           "val_acc": val_acc, "ema_val_acc": ema_acc,
+           "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds}
+    run.history.append(row)
+    score = ema_acc if ema_acc is not None else val_acc
+    improved = score > run.best["val_acc"]
+    if improved:
+        run.best = {"epoch": epoch + 1, "val_acc": score}
+    rng = gather_objects(run.dist, _rng_state())
+    if run.dist.is_main:
+        outputs.write_epoch(run.run_dir, run.export_model, _metadata(run), improved,
+                            run.history)
+        checkpoint.save_checkpoint(run.run_dir / checkpoint.LAST, _state(run, epoch, rng))
+    barrier(run.dist)
+    reporter.epoch_end(row)
+
+
+def _metadata(run: Run) -> dict[str, str]:
+    return {"mvcompile.size": run.cfg.size, "mvcompile.patch_config": run.options.patch_config,
+            "mvcompile.num_classes": str(run.cfg.num_classes),
+            "mvcompile.resolution": str(run.cfg.resolution),
+            "mvcompile.classes": ",".join(run.data.train.classes)}
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _state(run: Run, epoch: int, rng: list[dict]) -> dict:
+    return {"model_config": _model_config(run), "options": asdict(run.options),
+            "epoch": epoch + 1, "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "ema": run.ema.state_dict() if run.ema else None, "rng": rng,
+            "history": run.history, "best": run.best}
+
+
+def _restore(run: Run, state: dict) -> None:
+    """Continue exactly where the checkpoint stopped; warn if the recipe changed."""
+    changed = [k for k in RECIPE_KEYS if state["options"].get(k) != getattr(run.options, k)]
+    if changed:
+        log.warning("Resuming with changed options (%s): the run will not reproduce an "
+                    "uninterrupted one.", ", ".join(changed))
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.ema and state["ema"]:
+        run.ema.load_state_dict(state["ema"])
+    rng = state["rng"]
+    if len(rng) == run.dist.world_size:
+        torch.set_rng_state(rng[run.dist.rank]["torch"].cpu())
+        if "cuda" in rng[run.dist.rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng[run.dist.rank]["cuda"].cpu())
+    else:
+        log.warning("The checkpoint comes from %d processes, this run has %d: random "
+                    "streams restart.", len(rng), run.dist.world_size)
+    run.start_epoch, run.history, run.best = state["epoch"], state["history"], state["best"]
+    log.info("Resumed %s after epoch %d of %d.", run.run_dir, run.start_epoch,
+             run.options.epochs)

@@ -1,0 +1,163 @@
+"""Shared helpers for the layout passes: constants, attributes, and index simulation.
+
+A chain of Reshape/Transpose nodes is a fixed permutation of its input's elements. We find out
+*which* permutation by running the chain in numpy on an index tensor ``arange(|x|)`` and
+comparing the result with the permutation a candidate rewrite computes. This decides matches by
+what a chain does, not by how an exporter happened to spell it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+SIM_BATCH = 2  # a symbolic batch dimension is simulated with this size
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind ``value`` (initializer or folded Constant), else None."""
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def int_attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def ints_attr(node: ir.Node, name: str) -> list[int] | None:
+    attr = node.attributes.get(name)
+    return None if attr is None else list(attr.as_ints())
+
+
+def float_attr(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_float()
+
+
+def static_shape(value: ir.Value) -> list[int | None] | None:
+    """Dimensions of ``value`` with symbolic ones as None; None if the rank is unknown."""
+    if value.shape is None:
+        return None
+    return [d if isinstance(d, int) else None for d in value.shape]
+
+
+def sim_shape(value: ir.Value) -> tuple[int, ...] | None:
+    """A concrete shape to simulate ``value`` with: static dims, symbolic batch = SIM_BATCH.
+
+    None if any dimension other than the first is symbolic.
+    """
+    dims = static_shape(value)
+    if dims is None or any(d is None for d in dims[1:]):
+        return None
+    return tuple(SIM_BATCH if d is None else d for d in dims)
+
+
+def apply_reshape(x: np.ndarray, shape: Sequence[int], allowzero: int = 0) -> np.ndarray | None:
+    """numpy Reshape with ONNX semantics (0 copies the input dim unless allowzero); None if
+    the element counts do not agree."""
+    dims = [x.shape[i] if (d == 0 and not allowzero) else int(d) for i, d in enumerate(shape)]
+    try:
+        return x.reshape(dims)
+    except ValueError:
+        return None
+
+
+def run_chain(nodes: Sequence[ir.Node], x: np.ndarray) -> np.ndarray | None:
+    """Apply a chain of Reshape/Transpose nodes to ``x``; None if a shape is not constant."""
+    for node in nodes:
+        if node.op_type == "Reshape":
+            shape = const_array(node.inputs[1])
+            if shape is None:
+                return None
+            x = apply_reshape(x, shape.tolist(), int_attr(node, "allowzero", 0))
+            if x is None:
+                return None
+        elif node.op_type == "Transpose":
+            perm = ints_attr(node, "perm")
+            x = np.transpose(x, perm)
+        else:
+            raise ValueError(f"not a layout node: {node.op_type}")
+    return x
+
+
+def unfold_ref(x: np.ndarray, p: int) -> np.ndarray:
+    """Reference unfold: [B,C,H,W] -> [B,P,N,C]; token n=(i,j) of group (pi,pj) is pixel
+    (i·p+pi, j·p+pj), as in transformers' and ml-cvnets' MobileViT."""
+    b, c, h, w = x.shape
+    t = x.reshape(b, c, h // p, p, w // p, p).transpose(0, 3, 5, 2, 4, 1)
+    return t.reshape(b, p * p, (h // p) * (w // p), c)
+
+
+def find_unfold_patch(nodes: Sequence[ir.Node], in_shape: tuple[int, ...]) -> int | None:
+    """The patch size p for which ``nodes`` equal unfold_ref (up to a final reshape), or None."""
+    if len(in_shape) != 4:
+        return None
+    index = np.arange(int(np.prod(in_shape))).reshape(in_shape)
+    out = run_chain(nodes, index)
+    if out is None:
+        return None
+    for p in _patch_candidates(in_shape):
+        if np.array_equal(out.ravel(), unfold_ref(index, p).ravel()):
+            return p
+    return None
+
+
+def find_fold_patch(nodes: Sequence[ir.Node], in_shape: tuple[int, ...],
+                    out_shape: tuple[int, ...]) -> int | None:
+    """The p for which ``nodes`` map unfold_ref(img, p) back to img ([B,C,H,W]), or None."""
+    if len(out_shape) != 4 or int(np.prod(in_shape)) != int(np.prod(out_shape)):
+        return None
+    image = np.arange(int(np.prod(out_shape))).reshape(out_shape)
+    for p in _patch_candidates(out_shape):
+        tokens = unfold_ref(image, p).reshape(in_shape)
+        out = run_chain(nodes, tokens)
+        if out is not None and out.shape == image.shape and np.array_equal(out, image):
+            return p
+    return None
+
+
+def _patch_candidates(shape: Sequence[int]) -> list[int]:
+    h, w = shape[2], shape[3]
+    return [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]
+
+
+def chain_nodes(last: ir.Value, length: int) -> list[ir.Node] | None:
+    """The ``length`` producer nodes ending in ``last``, first to last, following input 0."""
+    nodes: list[ir.Node] = []
+    value: ir.Value | None = last
+    for _ in range(length):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return None
+        nodes.append(node)
+        value = node.inputs[0]
+    return nodes[::-1]
+
+
+def transposed_matmul(op, a: ir.Value, b: ir.Value, *, equation: str, trans_a: bool = False,
+                      trans_b: bool = False, target: str = "mobile") -> ir.Value:
+    """op(A)·op(B) with op = transpose of the last two axes where asked, as one node.
+
+    ``target="ort"``: com.microsoft FusedMatMul(transA, transB), which ONNX Runtime runs as one
+    GEMM. ``target="mobile"``: the standard ONNX Einsum ``equation`` (Core ML: matmul with
+    transpose_x/transpose_y). Neither writes a Transpose node.
+    """
+    if target == "ort":
+        return op.FusedMatMul(a, b, transA=int(trans_a), transB=int(trans_b), alpha=1.0,
+                              _domain="com.microsoft")
+    return op.Einsum(a, b, equation=equation)
+
+
+def int64_init(op, values: Sequence[int], name: str) -> ir.Value:
+    """A new int64 initializer (shapes, axes) named ``name``."""
+    return op.initializer(ir.tensor(np.asarray(values, dtype=np.int64), name=name), name=name)
+
+
+def float_init(op, array: np.ndarray, name: str) -> ir.Value:
+    """A new float32 initializer named ``name``."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return op.initializer(ir.tensor(array, name=name), name=name)

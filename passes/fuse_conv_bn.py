@@ -1,0 +1,43 @@
+"""Fold inference BatchNormalization into the Conv that feeds it.
+
+Conv∘BN → Conv with, per output channel o and σ_o = sqrt(var_o + ε):
+
+    W'[o] = W[o] · γ_o/σ_o,        b'_o = (b_o − μ_o) · γ_o/σ_o + β_o.
+
+The arithmetic is onnxscript's ``FuseBatchNormIntoConv`` (which also refuses non-constant or
+shared conv weights); this module adds the refusals a compiler for user graphs needs.
+"""
+
+from __future__ import annotations
+
+from onnxscript.rewriter import MatchResult, RewriteRuleSet
+from onnxscript.rewriter.rules.common._fuse_batchnorm import FuseBatchNormIntoConv
+
+
+class FoldBatchNormIntoConv(FuseBatchNormIntoConv):
+    """``BatchNormalization(Conv(x))`` → ``Conv(x)`` with scaled weights and a new bias."""
+
+    def __init__(self) -> None:
+        super().__init__(name="fold_bn_into_conv")
+
+    def check(self, context, x, inbound_out, batchnorm_out) -> MatchResult:  # type: ignore[override]
+        result = super().check(context, x, inbound_out, batchnorm_out)
+        if not result:
+            return result
+        bn = batchnorm_out.producer()
+        if len(bn.outputs) > 1 or bn.attributes.get("training_mode") is not None and (
+                bn.attributes["training_mode"].as_int()):
+            return result.fail("BatchNormalization is in training mode (batch statistics).")
+        for stat in bn.inputs[1:]:
+            others = [user for user, _ in stat.uses() if user is not bn]
+            if others:
+                return result.fail(
+                    f"BatchNorm parameter '{stat.name}' is shared with node "
+                    f"'{others[0].name}' ({others[0].op_type}); folding would untie it.")
+        return result
+
+
+# Conv -> BatchNormalization  ->  Conv (W', b')
+fold_bn_into_conv_rule = FoldBatchNormIntoConv.rule()
+
+rules = RewriteRuleSet([fold_bn_into_conv_rule])

@@ -1,0 +1,274 @@
+"""Rewrite MobileViT's unfold/fold Reshape/Transpose chains into transpose-free forms.
+
+Unfold maps an image X ∈ R^{B×C×H×W} to tokens T ∈ R^{B×P×N×C}, P = p² positions inside a
+patch, N = (H/p)(W/p) patches: T[b, (i',j'), (i,j), c] = X[b, c, i·p+i', j·p+j'].
+The reference spelling is 3 Reshapes and 2 Transposes; fold is its inverse.
+
+SpaceToDepth with block p computes exactly the patch-position split, channel-minor:
+S2D_p(X)[b, (i'·p+j')·C + c, i, j] = X[b, c, i·p+i', j·p+j'], so Reshape(S2D_p(X)) = Tᵀ as
+[B·P, C, N]. The remaining N↔C swap is absorbed by the neighbouring 1×1 conv (weights
+W ∈ R^{d×C}), computed as a matmul that contracts the right axes:
+
+    unfold ∘ Conv1x1:  T' = (S2D_p(X) as [B·P, C, N])ᵀ · Wᵀ + b                 ∈ R^{B·P×N×d}
+    Conv1x1 ∘ fold:    Y  = D2S_p( W · (T as [B·P, N, d])ᵀ + b  as [B, P·C, H/p, W/p])
+
+DepthToSpace (DCR) is the inverse of SpaceToDepth. The transposed matmul is one node:
+FusedMatMul(transA/transB) for ONNX Runtime, Einsum for mobile targets. Where no 1×1 conv is
+adjacent, the mobile form transposes with a second SpaceToDepth over the whole (square) patch
+grid, S2D_{H/p} on [B·P, C, H/p, W/p] = [B·P, N·C, 1, 1]; the ORT form uses one Transpose,
+which measured faster there.
+
+Chains are matched by what they compute, not how they are spelled: the check runs the chain
+on an index tensor and compares with the reference unfold (see :mod:`._layout`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+
+from mvcompile.passes._layout import (
+    chain_nodes,
+    const_array,
+    find_fold_patch,
+    find_unfold_patch,
+    float_init,
+    int64_init,
+    ints_attr,
+    int_attr,
+    sim_shape,
+    static_shape,
+    transposed_matmul,
+)
+
+CHAIN_LENGTH = 5  # Reshape, Transpose, Reshape, Transpose, Reshape
+
+
+def check_pointwise_conv(conv: ir.Node, result: MatchResult) -> MatchResult:
+    """Fail unless ``conv`` is a 1×1, stride-1, unpadded, ungrouped Conv with constant,
+    unshared weights (and bias)."""
+    weight = const_array(conv.inputs[1])
+    if weight is None or weight.ndim != 4 or weight.shape[2:] != (1, 1):
+        return result.fail("Conv weight is not a constant 1x1 kernel.")
+    if int_attr(conv, "group", 1) != 1:
+        return result.fail("Conv is grouped.")
+    if any(s != 1 for s in ints_attr(conv, "strides") or [1]):
+        return result.fail("Conv has a stride.")
+    if any(p != 0 for p in ints_attr(conv, "pads") or [0]):
+        return result.fail("Conv is padded.")
+    auto_pad = conv.attributes.get("auto_pad")
+    if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", "VALID"):
+        return result.fail("Conv uses auto_pad.")
+    if len(conv.inputs) > 2 and conv.inputs[2] is not None and const_array(conv.inputs[2]) is None:
+        return result.fail("Conv bias is not constant.")
+    if len(conv.inputs[1].uses()) > 1:
+        return result.fail(f"Conv weight '{conv.inputs[1].name}' is shared with other nodes.")
+    return result
+
+
+def _conv_bias(conv: ir.Node) -> np.ndarray | None:
+    return const_array(conv.inputs[2]) if len(conv.inputs) > 2 else None
+
+
+def _fold_in_shape(tokens: ir.Value, image_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Concrete shape of a fold's token input, its leading dim derived from the image size."""
+    dims = static_shape(tokens)
+    if dims is None or any(d is None for d in dims[1:]):
+        return None
+    rest = int(np.prod(dims[1:], dtype=np.int64))
+    total = int(np.prod(image_shape))
+    if dims[0] is None:
+        return (total // rest, *dims[1:]) if total % rest == 0 else None
+    return tuple(dims)  # type: ignore[arg-type]
+
+
+class _ChainRule(RewriteRuleClassBase):
+    """Common state: the target and the patch geometry found by ``check``."""
+
+    def __init__(self, name: str, target: str) -> None:
+        super().__init__(name=f"{name}_{target}")
+        self.target = target
+        self.p = 0
+        self.image: tuple[int, ...] = ()  # [B, C, H, W] of the image side
+
+    def _geometry(self) -> tuple[int, int, int, int]:
+        """(P, N, H/p, W/p) of the matched chain."""
+        _, _, h, w = self.image
+        return self.p * self.p, (h // self.p) * (w // self.p), h // self.p, w // self.p
+
+
+class UnfoldAfterConv1x1(_ChainRule):
+    """Conv1x1 → unfold chain → S2D → Reshape → transposed MatMul (+ bias) → Reshape."""
+
+    def __init__(self, target: str = "mobile") -> None:
+        super().__init__("unfold_after_conv1x1", target)
+
+    def pattern(self, op, x, w, s1, s2, s3):
+        y = op.Conv(x, w, _allow_other_inputs=True, _outputs=["conv_out"])
+        t = op.Transpose(op.Reshape(y, s1))
+        t = op.Transpose(op.Reshape(t, s2))
+        return op.Reshape(t, s3, _outputs=["tokens"])
+
+    def check(self, context, x, w, s1, s2, s3, conv_out, tokens) -> MatchResult:
+        result = check_pointwise_conv(conv_out.producer(), MatchResult())
+        if not result:
+            return result
+        return _check_unfold(self, conv_out, tokens, result)
+
+    def rewrite(self, op, x, w, s1, s2, s3, conv_out, tokens):
+        conv = conv_out.producer()
+        weight = const_array(w)[:, :, 0, 0]  # [d, C]
+        _, n, _, _ = self._geometry()
+        base = f"{w.name}__unfold"
+        y = op.SpaceToDepth(x, blocksize=self.p)  # [B, P·C, H/p, W/p]
+        y = op.Reshape(y, int64_init(op, [-1, weight.shape[1], n], f"{base}_shape"))  # [B·P,C,N]
+        y = transposed_matmul(op, y, float_init(op, weight.T, f"{base}_weight"),
+                              equation="bcn,cd->bnd", trans_a=True, target=self.target)
+        bias = _conv_bias(conv)
+        if bias is not None:
+            y = op.Add(y, float_init(op, bias, f"{base}_bias"))  # [B·P, N, d]
+        return op.Reshape(y, s3)
+
+
+class UnfoldToSpaceToDepth(_ChainRule):
+    """Unfold chain alone → S2D → Reshape → S2D over the patch grid (mobile) or Transpose
+    (ORT) → Reshape."""
+
+    def __init__(self, target: str = "mobile") -> None:
+        super().__init__("unfold_to_space_to_depth", target)
+
+    def pattern(self, op, x, s1, s2, s3):
+        t = op.Transpose(op.Reshape(x, s1))
+        t = op.Transpose(op.Reshape(t, s2))
+        return op.Reshape(t, s3, _outputs=["tokens"])
+
+    def check(self, context, x, s1, s2, s3, tokens) -> MatchResult:
+        result = _check_unfold(self, x, tokens, MatchResult())
+        if result and self.target == "mobile":
+            _, _, nh, nw = self._geometry()
+            if nh != nw:
+                return result.fail(f"patch grid {nh}x{nw} is not square: no transpose-free "
+                                   "form without an adjacent 1x1 conv.")
+        return result
+
+    def rewrite(self, op, x, s1, s2, s3, tokens):
+        c = self.image[1]
+        _, n, nh, nw = self._geometry()
+        base = f"{tokens.name}__unfold"
+        y = op.SpaceToDepth(x, blocksize=self.p)  # [B, P·C, H/p, W/p]
+        if self.target == "ort":
+            y = op.Reshape(y, int64_init(op, [-1, c, n], f"{base}_shape"))  # [B·P, C, N]
+            y = op.Transpose(y, perm=[0, 2, 1])  # [B·P, N, C]
+        else:
+            y = op.Reshape(y, int64_init(op, [-1, c, nh, nw], f"{base}_shape"))
+            y = op.SpaceToDepth(y, blocksize=nh)  # [B·P, N·C, 1, 1]
+        return op.Reshape(y, s3)
+
+
+def _check_unfold(rule: _ChainRule, image: ir.Value, tokens: ir.Value,
+                  result: MatchResult) -> MatchResult:
+    shape = sim_shape(image)
+    if shape is None or len(shape) != 4:
+        return result.fail(f"shape of '{image.name}' is not a static 4-D [B,C,H,W].")
+    p = find_unfold_patch(chain_nodes(tokens, CHAIN_LENGTH), shape)
+    if p is None:
+        return result.fail("Reshape/Transpose chain is not a MobileViT unfold.")
+    rule.p, rule.image = p, shape
+    return result
+
+
+class FoldBeforeConv1x1(_ChainRule):
+    """fold chain → Conv1x1  →  Reshape → transposed MatMul (+ bias) → Reshape → D2S."""
+
+    def __init__(self, target: str = "mobile") -> None:
+        super().__init__("fold_before_conv1x1", target)
+
+    def pattern(self, op, t, w, s1, s2, s3):
+        f = op.Transpose(op.Reshape(t, s1))
+        f = op.Transpose(op.Reshape(f, s2))
+        image = op.Reshape(f, s3, _outputs=["image"])
+        return op.Conv(image, w, _allow_other_inputs=True, _outputs=["conv_out"])
+
+    def check(self, context, t, w, s1, s2, s3, image, conv_out) -> MatchResult:
+        result = check_pointwise_conv(conv_out.producer(), MatchResult())
+        if not result:
+            return result
+        return _check_fold(self, t, image, result)
+
+    def rewrite(self, op, t, w, s1, s2, s3, image, conv_out):
+        weight = const_array(w)[:, :, 0, 0]  # [C_out, d]
+        c_out, d = weight.shape
+        p_area, n, nh, nw = self._geometry()
+        base = f"{w.name}__fold"
+        y = op.Reshape(t, int64_init(op, [-1, n, d], f"{base}_tokens_shape"))  # [B·P, N, d]
+        y = transposed_matmul(op, float_init(op, weight, f"{base}_weight"), y,
+                              equation="cd,bnd->bcn", trans_b=True, target=self.target)
+        bias = _conv_bias(conv_out.producer())
+        if bias is not None:
+            y = op.Add(y, float_init(op, bias[:, None], f"{base}_bias"))  # [B·P, C_out, N]
+        y = op.Reshape(y, int64_init(op, [-1, p_area * c_out, nh, nw], f"{base}_shape"))
+        return op.DepthToSpace(y, blocksize=self.p, mode="DCR")  # [B, C_out, H, W]
+
+
+class FoldToDepthToSpace(_ChainRule):
+    """fold chain alone → D2S over the patch grid (mobile) or Transpose (ORT) → D2S."""
+
+    def __init__(self, target: str = "mobile") -> None:
+        super().__init__("fold_to_depth_to_space", target)
+
+    def pattern(self, op, t, s1, s2, s3):
+        f = op.Transpose(op.Reshape(t, s1))
+        f = op.Transpose(op.Reshape(f, s2))
+        return op.Reshape(f, s3, _outputs=["image"])
+
+    def check(self, context, t, s1, s2, s3, image) -> MatchResult:
+        result = _check_fold(self, t, image, MatchResult())
+        if result and self.target == "mobile":
+            _, _, nh, nw = self._geometry()
+            if nh != nw:
+                return result.fail(f"patch grid {nh}x{nw} is not square: no transpose-free "
+                                   "form without an adjacent 1x1 conv.")
+        return result
+
+    def rewrite(self, op, t, s1, s2, s3, image):
+        c = self.image[1]
+        p_area, n, nh, nw = self._geometry()
+        base = f"{image.name}__fold"
+        if self.target == "ort":
+            y = op.Reshape(t, int64_init(op, [-1, n, c], f"{base}_tokens_shape"))
+            y = op.Transpose(y, perm=[0, 2, 1])  # [B·P, C, N]
+        else:
+            y = op.Reshape(t, int64_init(op, [-1, n * c, 1, 1], f"{base}_tokens_shape"))
+            y = op.DepthToSpace(y, blocksize=nh, mode="DCR")  # [B·P, C, H/p, W/p]
+        y = op.Reshape(y, int64_init(op, [-1, p_area * c, nh, nw], f"{base}_shape"))
+        return op.DepthToSpace(y, blocksize=self.p, mode="DCR")
+
+
+def _check_fold(rule: _ChainRule, tokens: ir.Value, image: ir.Value,
+                result: MatchResult) -> MatchResult:
+    out_shape = sim_shape(image)
+    if out_shape is None or len(out_shape) != 4:
+        return result.fail(f"shape of '{image.name}' is not a static 4-D [B,C,H,W].")
+    in_shape = _fold_in_shape(tokens, out_shape)
+    if in_shape is None:
+        return result.fail(f"shape of '{tokens.name}' is not static.")
+    p = find_fold_patch(chain_nodes(image, CHAIN_LENGTH), in_shape, out_shape)
+    if p is None:
+        return result.fail("Reshape/Transpose chain is not a MobileViT fold.")
+    rule.p, rule.image = p, out_shape
+    return result
+
+
+def rules(target: str = "mobile") -> RewriteRuleSet:
+    """Conv-absorbing rules first; the pipeline applies rules one at a time in this order."""
+    return RewriteRuleSet([
+        # Conv1x1 -> unfold  ->  SpaceToDepth -> Reshape -> MatMulᵀ (+b) -> Reshape
+        UnfoldAfterConv1x1.rule(target),
+        # fold -> Conv1x1  ->  Reshape -> MatMulᵀ (+b) -> Reshape -> DepthToSpace
+        FoldBeforeConv1x1.rule(target),
+        # unfold  ->  SpaceToDepth -> Reshape -> SpaceToDepth | Transpose -> Reshape
+        UnfoldToSpaceToDepth.rule(target),
+        # fold  ->  Reshape -> DepthToSpace | Transpose -> Reshape -> DepthToSpace
+        FoldToDepthToSpace.rule(target),
+    ])

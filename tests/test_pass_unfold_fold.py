@@ -1,0 +1,92 @@
+"""passes.unfold_fold: MobileViT unfold/fold chains → SpaceToDepth/DepthToSpace forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _passes_util import apply, assert_same_outputs, ops, parse
+
+from mvcompile.passes import unfold_fold
+
+RNG = np.random.default_rng(0)
+C, D, S, P = 4, 6, 8, 2  # conv in, transformer width, image side, patch
+N = (S // P) ** 2
+HEADER = '<ir_version: 10, opset_import: ["" : 24]>\n'
+FEED = {"x": RNG.normal(0, 1, (2, C, S, S)).astype(np.float32)}
+
+
+def _shapes(d: int) -> dict[str, np.ndarray]:
+    shapes = {"u1": [-1, P, S // P, P], "u2": [-1, d, N, P * P], "u3": [-1, d],
+              "f1": [-1, P * P, N, d], "f2": [-1, S // P, P, P], "f3": [-1, d, S, S]}
+    return {k: np.array(v, np.int64) for k, v in shapes.items()}
+
+
+def _model(before_unfold: str, after_fold: str, unfold_perm: str = "[0,3,2,1]", d: int = D):
+    """x → (op) → unfold → +bias → fold → (op) → y; 1x1 convs w1 (C→D), w2 (D→C); ``d`` is
+    the token width (C when no conv changes it)."""
+    text = HEADER + f"""g (float[B,{C},{S},{S}] x) => (float[B,{C},{S},{S}] y) {{
+        a = {before_unfold}
+        r1 = Reshape (a, u1)
+        t1 = Transpose <perm=[0,2,1,3]> (r1)
+        r2 = Reshape (t1, u2)
+        t2 = Transpose <perm={unfold_perm}> (r2)
+        tok = Reshape (t2, u3)
+        mid = Add (tok, bias)
+        q1 = Reshape (mid, f1)
+        s1 = Transpose <perm=[0,3,2,1]> (q1)
+        q2 = Reshape (s1, f2)
+        s2 = Transpose <perm=[0,2,1,3]> (q2)
+        img = Reshape (s2, f3)
+        y = {after_fold}
+    }}"""
+    weights = {"w1": RNG.normal(0, 0.5, (D, C, 1, 1)).astype(np.float32),
+               "w2": RNG.normal(0, 0.5, (C, D, 1, 1)).astype(np.float32),
+               "b2": RNG.normal(0, 0.5, (C,)).astype(np.float32),
+               "w3": RNG.normal(0, 0.5, (D, C, 3, 3)).astype(np.float32),
+               "bias": RNG.normal(0, 1, (d,)).astype(np.float32)}
+    return parse(text, {**weights, **_shapes(d)})
+
+
+@pytest.mark.parametrize(("target", "matmul"), [("mobile", "Einsum"), ("ort", "FusedMatMul")])
+def test_chains_next_to_1x1_convs_absorb_them(target: str, matmul: str) -> None:
+    before = _model("Conv (x, w1)", "Conv (img, w2, b2)")
+    after, pass_ = apply(before, "unfold_fold", unfold_fold.rules(target))
+    assert ops(after) == ["SpaceToDepth", "Reshape", matmul, "Reshape", "Add",
+                          "Reshape", matmul, "Add", "Reshape", "DepthToSpace"]
+    assert pass_.counts[f"unfold_after_conv1x1_{target}"] == 1
+    assert pass_.counts[f"fold_before_conv1x1_{target}"] == 1
+    assert_same_outputs(before, after, FEED)
+
+
+def test_mobile_chains_without_convs_use_space_to_depth_twice() -> None:
+    before = _model("Relu (x)", "Relu (img)", d=C)
+    after, pass_ = apply(before, "unfold_fold", unfold_fold.rules("mobile"))
+    assert ops(after) == ["Relu", "SpaceToDepth", "Reshape", "SpaceToDepth", "Reshape", "Add",
+                          "Reshape", "DepthToSpace", "Reshape", "DepthToSpace", "Relu"]
+    assert pass_.counts["unfold_to_space_to_depth_mobile"] == 1
+    assert_same_outputs(before, after, FEED)
+
+
+def test_ort_chains_without_convs_keep_one_transpose_each() -> None:
+    before = _model("Relu (x)", "Relu (img)", d=C)
+    after, _ = apply(before, "unfold_fold", unfold_fold.rules("ort"))
+    assert ops(after).count("Transpose") == 2
+    assert_same_outputs(before, after, FEED)
+
+
+def test_3x3_conv_is_not_absorbed() -> None:
+    before = _model("Conv <pads=[1,1,1,1]> (x, w3)", "Conv (img, w2, b2)")
+    after, pass_ = apply(before, "unfold_fold", unfold_fold.rules("mobile"))
+    assert "1x1" in pass_.refusals["unfold_after_conv1x1_mobile"]
+    assert ops(after)[:3] == ["Conv", "SpaceToDepth", "Reshape"]
+    assert "Transpose" not in ops(after)
+    assert_same_outputs(before, after, FEED)
+
+
+def test_a_different_permutation_is_not_an_unfold() -> None:
+    # [B,D,N,P] -> [B,N,P,D]: a valid layout change, but tokens are no longer grouped by P.
+    before = _model("Relu (x)", "Relu (img)", unfold_perm="[0,2,3,1]", d=C)
+    after, pass_ = apply(before, "unfold_fold", unfold_fold.rules("mobile"))
+    assert ops(after)[:6] == ["Relu", "Reshape", "Transpose", "Reshape", "Transpose", "Reshape"]
+    assert "not a MobileViT unfold" in pass_.refusals["unfold_to_space_to_depth_mobile"]
+    assert_same_outputs(before, after, FEED)

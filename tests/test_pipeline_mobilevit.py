@@ -1,0 +1,55 @@
+"""Whole-model: our MobileViT-XXS at 64x64 through each pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import build_random, ort_run, random_pixels
+
+from mvcompile import onnx_io
+from mvcompile.pipeline import PIPELINES, run_pipeline
+
+
+def _sigmoid_mul_pairs(proto: onnx.ModelProto) -> int:
+    sigmoid_outputs = {n.output[0] for n in proto.graph.node if n.op_type == "Sigmoid"}
+    return sum(1 for n in proto.graph.node
+               if n.op_type == "Mul" and sigmoid_outputs & set(n.input))
+
+
+@pytest.mark.parametrize("name", ["fp32", "mobile"])
+def test_compiled_xxs_has_no_bn_transpose_or_sigmoid_mul(xxs64, name: str) -> None:
+    plain, _ = build_random(xxs64, seed=3)
+    pixels = random_pixels(2, 64)
+    expected = ort_run(plain, pixels)
+    compiled, report = run_pipeline(build_random(xxs64, seed=3)[0], name)
+    proto = onnx_io.to_proto(compiled)
+    onnx.checker.check_model(proto, full_check=True)
+    op_types = [n.op_type for n in proto.graph.node]
+    assert "BatchNormalization" not in op_types
+    assert "Transpose" not in op_types
+    assert _sigmoid_mul_pairs(proto) == 0
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    ranks = [len(v.type.tensor_type.shape.dim) for v in inferred.graph.value_info]
+    assert ranks and max(ranks) <= 5
+    np.testing.assert_allclose(ort_run(compiled, pixels), expected, rtol=0, atol=1e-4)
+    counts = {s["name"]: s.get("rules", {}) for s in report["stages"]}
+    target = "ort" if name == "fp32" else "mobile"
+    assert counts["fuse_conv_bn"] == {"fold_bn_into_conv": 32}
+    assert counts["fuse_swish"][f"fuse_swish_{target}"] == 34
+    assert counts["unfold_fold"][f"unfold_after_conv1x1_{target}"] == 3
+    assert counts["unfold_fold"][f"fold_before_conv1x1_{target}"] == 3
+    assert counts["fold_head_split"][f"fold_head_split_{target}"] == sum(xxs64.depths)
+    assert report["nodes_after"] < report["nodes_before"]
+
+
+def test_mobile_pipeline_uses_standard_onnx_only(xxs64) -> None:
+    compiled, _ = run_pipeline(build_random(xxs64)[0], "mobile")
+    assert {node.domain for node in compiled.graph} <= {""}
+    assert "Swish" in {node.op_type for node in compiled.graph}
+
+
+def test_unknown_pipeline_is_a_key_error(xxs64) -> None:
+    with pytest.raises(KeyError, match="fp32"):
+        run_pipeline(build_random(xxs64)[0], "nope")
+    assert set(PIPELINES) >= {"fp32", "mobile"}
