@@ -59,10 +59,13 @@ def preprocess(image, resolution: int) -> np.ndarray:
 
 
 def load_images(source: str | None, resolution: int, limit: int | None = None,
-                on_image: Callable[[], None] | None = None) -> ImageSet:
-    """A folder, a .npy file, or (``None``) the bundled scikit-image photos."""
+                on_image: Callable[[], None] | None = None, split: str = "train") -> ImageSet:
+    """A folder, a .npy file, ``digits`` (its ``split``: train or val, as ``mvcompile train``
+    splits it), or (``None``) the bundled scikit-image photos."""
     if source is None:
         return bundled_photos(resolution, limit or 32)
+    if source == "digits":
+        return digits(resolution, split, limit)
     path = Path(source)
     if path.suffix == ".npy":
         return _load_npy(path, resolution, limit)
@@ -156,3 +159,16 @@ def bundled_photos(resolution: int, count: int = 32) -> ImageSet:
     return ImageSet(np.stack(samples),
                     description=f"{count} crops of {len(photos)} scikit-image sample photos "
                                 "(bundled default; pass --calib-data for your own images)")
+
+
+def digits(resolution: int, split: str = "val", limit: int | None = None) -> ImageSet:
+    """scikit-learn's digits with the split and preprocessing of ``mvcompile train``."""
+    from mvcompile.train.data import eval_item, load_data
+
+    data = load_data("digits")
+    source = data.val if split == "val" else data.train
+    indices = _subsample(list(range(len(source))), limit)
+    pixels = np.stack([eval_item(source, i, resolution) for i in indices])
+    labels = np.array([source.labels[i] for i in indices])
+    return ImageSet(pixels, labels, source.classes,
+                    f"{len(indices)} {split} images of scikit-learn digits")

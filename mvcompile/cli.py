@@ -11,9 +11,9 @@ from typing import Any
 import click
 
 from mvcompile import analysis, onnx_io
+from mvcompile.calibration.observers import OBSERVERS as OBSERVER_NAMES
 from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import SIZES
-from mvcompile.calibration.observers import OBSERVERS as OBSERVER_NAMES
 from mvcompile.summary import build_summary
 from mvcompile.table import format_table, human_count
 from mvcompile.train.cli import train as train_command  # imports torch only when it runs
@@ -153,6 +153,44 @@ def info(model: str) -> None:
     click.echo(format_table(rows, header=(model, "")))
     click.echo()
     click.echo(format_table(list(s.op_histogram.items()), header=("op", "count")))
+
+
+@main.command(name="eval")
+@click.argument("model", type=click.Path())
+@click.option("--data", required=True,
+              help="Image folder (one subfolder per class gives labels), a preprocessed .npy "
+                   "array, or `digits` (its validation split).")
+@click.option("--reference", type=click.Path(), default=None,
+              help="FP32 model to compare with (top-1 agreement, SQNR). Default: model.onnx "
+                   "beside a model_int8.onnx written by `mvcompile build`.")
+@click.option("--limit", type=int, default=None, help="Use at most this many images.")
+@_user_errors
+def evaluate(model: str, data: str, reference: str | None, limit: int | None) -> None:
+    """Report top-1 accuracy of MODEL on --data and, against an FP32 reference, top-1
+    agreement and output SQNR."""
+    from mvcompile.evaluate import evaluate_file, find_reference
+
+    reference = reference or find_reference(model)
+    progress = _ProgressBars()
+    progress.start("Evaluating", 0)
+    try:
+        report = evaluate_file(model, data, reference, limit,
+                               on_batch=lambda n: progress.advance(n))
+    finally:
+        progress.finish()
+    rows: list[tuple[str, object]] = [("images", f"{report['images']} ({report['source']})")]
+    if reference:
+        rows.append(("reference", reference))
+        rows.append(("top-1 agreement", f"{100 * report['top1_agreement']:.2f}%"))
+        rows.append(("output SQNR", f"{report['sqnr_db']:.1f} dB"))
+    if "top1_int8" in report:
+        rows.append(("top-1 (reference)", f"{100 * report['top1_fp32']:.2f}%"))
+        rows.append(("top-1 (model)", f"{100 * report['top1_int8']:.2f}%"))
+    elif "top1_fp32" in report:
+        rows.append(("top-1", f"{100 * report['top1_fp32']:.2f}%"))
+    else:
+        rows.append(("top-1", "no labels (use one subfolder per class)"))
+    click.echo(format_table(rows, header=(model, "")))
 
 
 main.add_command(train_command, name="train")

@@ -48,3 +48,42 @@ def accuracy_report(images: ImageSet, fp32_logits: np.ndarray,
         if labelled:
             report["top1_int8"] = metrics.top1_accuracy(int8_logits, images.labels)
     return report
+
+
+def model_resolution(proto_path: str) -> int:
+    """The static square resolution of a model's image input."""
+    from mvcompile import onnx_io
+
+    proto = onnx_io.load_model(proto_path)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    sizes = [d.dim_value for d in dims[2:4] if d.HasField("dim_value")]
+    if len(dims) != 4 or len(sizes) != 2 or sizes[0] != sizes[1]:
+        raise UserError(f"{proto_path} does not take a square [N, 3, R, R] image input.")
+    return sizes[0]
+
+
+def find_reference(model_path: str) -> str | None:
+    """For model_int8.onnx written by ``mvcompile build``, the FP32 model.onnx beside it."""
+    from pathlib import Path
+
+    candidate = Path(model_path).with_name("model.onnx")
+    if Path(model_path).name == "model_int8.onnx" and candidate.is_file():
+        return str(candidate)
+    return None
+
+
+def evaluate_file(model_path: str, data: str, reference: str | None = None,
+                  limit: int | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> dict:
+    """Top-1 of ``model_path`` on ``data``; with a reference FP32 model, agreement and SQNR."""
+    from mvcompile.calibration.data import load_images
+
+    resolution = model_resolution(model_path)
+    images = load_images(data, resolution, limit, split="val")
+    logits = predict(model_path, images, on_batch=on_batch)
+    if reference is None:
+        return accuracy_report(images, logits)
+    ref_logits = predict(reference, images, on_batch=on_batch)
+    report = accuracy_report(images, ref_logits, logits)
+    report["reference"] = reference
+    return report

@@ -56,6 +56,10 @@ def _accuracy_table(int8: dict) -> str:
     rows = [("calibration", q["calibration"]), ("method", q["method"]),
             ("quantized ops", ", ".join(q["op_types"])),
             ("kept in float", ", ".join(k["node"] for k in q["kept_float"]) or "none")]
+    skipped = int8.get("calibration_skipped") or []
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        rows.insert(1, ("calibration data", f"skipped {len(skipped)} non-image files: {shown}"))
     for name, acc in int8["accuracy"].items():
         line = (f"top-1 agreement {100 * acc['top1_agreement']:.1f}%, "
                 f"SQNR {acc['sqnr_db']:.1f} dB")

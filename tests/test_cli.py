@@ -16,7 +16,6 @@ from mvcompile.cli import main
 from mvcompile.graphs.factory import parameter_shapes
 from mvcompile.graphs.mobilevit import MobileViTConfig
 
-
 BN_CHANNELS_XXS = sum(
     c for name, (c,) in ((n, s) for n, s in parameter_shapes(
         MobileViTConfig.for_size("xxs", resolution=64)).items() if n.endswith("running_mean")))

@@ -1,0 +1,124 @@
+"""`mvcompile build --int8` end to end, and its bad-input failures (which write nothing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from test_cli import assert_clean_failure, run
+
+FAST = ("--resolution", "64", "--latency-runs", "2", "--calib-size", "6")
+
+
+def _photo_folder(root: Path, classes: int = 2, per_class: int = 3) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"img_{i}.png")
+    return root
+
+
+def test_int8_build_writes_a_qdq_model_that_ort_runs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, output = run("build", *FAST, "--int8", "-o", str(out),
+                       "--eval-data", str(_photo_folder(tmp_path / "eval")))
+    assert code == 0, output
+    proto = onnx.load(str(out / "model_int8.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    session = ort.InferenceSession(str(out / "model_int8.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"pixel_values": np.zeros((2, 3, 64, 64), np.float32)})[0]
+    assert logits.shape == (2, 1000)
+    report = json.loads((out / "report.json").read_text())
+    assert report["artifacts"] == {"onnx": "model.onnx", "int8": "model_int8.onnx"}
+    accuracy = report["int8"]["accuracy"]
+    assert accuracy["calibration"]["images"] == 6
+    assert 0.0 <= accuracy["calibration"]["top1_agreement"] <= 1.0
+    assert accuracy["eval"]["images"] == 6 and "top1_int8" in accuracy["eval"]
+    assert "latency" in report and report["latency"]["int8"]["median_ms"] > 0
+    assert "bundled" in output and "top-1 agreement" in output and "INT8" in output
+
+
+def test_missing_calibration_folder(tmp_path: Path) -> None:
+    code, output = run("build", *FAST, "--int8", "--calib-data", str(tmp_path / "nope"),
+                       "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_calibration_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    code, output = run("build", *FAST, "--int8", "--calib-data", str(tmp_path / "empty"),
+                       "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "No images in")
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_image_files_are_skipped_and_reported(tmp_path: Path) -> None:
+    folder = _photo_folder(tmp_path / "calib")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "class_0" / "labels.csv").write_text("a,b")
+    code, output = run("build", *FAST, "--int8", "--calib-data", str(folder),
+                       "-o", str(tmp_path / "o"))
+    assert code == 0, output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert sorted(report["int8"]["calibration_skipped"]) == ["class_0/labels.csv", "notes.txt"]
+    assert "skipped 2 non-image files: class_0/labels.csv, notes.txt" in output
+
+
+def test_undecodable_image(tmp_path: Path) -> None:
+    folder = _photo_folder(tmp_path / "calib")
+    (folder / "class_1" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    code, output = run("build", *FAST, "--calib-size", "7", "--int8", "--calib-data", str(folder),
+                       "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "cannot be decoded", "broken.jpg")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_calibration_method(tmp_path: Path) -> None:
+    code, output = run("build", *FAST, "--int8", "--calib-method", "magic",
+                       "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "magic", "percentile")
+    assert not (tmp_path / "o").exists()
+
+
+def test_npy_calibration_array_with_wrong_shape(tmp_path: Path) -> None:
+    np.save(tmp_path / "calib.npy", np.zeros((4, 3, 32, 32), np.float32))
+    code, output = run("build", *FAST, "--int8", "--calib-data", str(tmp_path / "calib.npy"),
+                       "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "expected [N, 3, 64, 64]")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_npy_calibration_and_methods(tmp_path: Path, method: str) -> None:
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).uniform(0, 1, (4, 3, 64, 64))
+            .astype(np.float32))
+    code, output = run("build", *FAST, "--int8", "--calib-data", str(tmp_path / "calib.npy"),
+                       "--calib-method", method, "-o", str(tmp_path / "o"))
+    assert code == 0, output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["int8"]["quantization"]["method"] == method
+    assert report["int8"]["accuracy"]["calibration"]["images"] == 4
+
+
+def test_eval_command_on_a_labelled_folder(tmp_path: Path) -> None:
+    code, _ = run("build", *FAST, "--int8", "-o", str(tmp_path / "o"))
+    assert code == 0
+    folder = _photo_folder(tmp_path / "eval")
+    code, output = run("eval", str(tmp_path / "o" / "model_int8.onnx"), "--data", str(folder))
+    assert code == 0, output
+    assert "top-1 agreement" in output and "model.onnx" in output
+    code, output = run("eval", str(tmp_path / "o" / "model.onnx"), "--data",
+                       str(tmp_path / "missing"))
+    assert_clean_failure(code, output, "not found")
