@@ -6,8 +6,10 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
 
 from mvcompile import onnx_io
+from mvcompile.cli import main
 from mvcompile.graphs.mobilevit import MobileViTConfig, build_graph
 from mvcompile.graphs.random_weights import RandomWeights
 
@@ -34,3 +36,15 @@ def random_pixels(batch: int, resolution: int, seed: int = 1) -> np.ndarray:
 @pytest.fixture
 def xxs64() -> MobileViTConfig:
     return MobileViTConfig.for_size("xxs", resolution=64)
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def assert_clean_failure(code: int, output: str, *phrases: str) -> None:
+    assert code != 0
+    assert "Traceback" not in output
+    for phrase in phrases:
+        assert phrase in output, output

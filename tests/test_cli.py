@@ -8,29 +8,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from conftest import build_random
-from mvcompile.cli import main
+from conftest import assert_clean_failure, build_random, run
 from mvcompile.graphs.factory import parameter_shapes
 from mvcompile.graphs.mobilevit import MobileViTConfig
 
 BN_CHANNELS_XXS = sum(
     c for name, (c,) in ((n, s) for n, s in parameter_shapes(
         MobileViTConfig.for_size("xxs", resolution=64)).items() if n.endswith("running_mean")))
-
-
-def run(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args))
-    return result.exit_code, result.output
-
-
-def assert_clean_failure(code: int, output: str, *phrases: str) -> None:
-    assert code != 0
-    assert "Traceback" not in output
-    for phrase in phrases:
-        assert phrase in output, output
 
 
 def test_build_writes_model_and_report_and_prints_summary(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from test_cli import assert_clean_failure, run
+from conftest import assert_clean_failure, run
 
 FAST = ("--resolution", "64", "--latency-runs", "2", "--calib-size", "6")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import build_random, ort_run, random_pixels
 
+from conftest import build_random, ort_run, random_pixels
 from mvcompile import onnx_io
 from mvcompile.pipeline import PIPELINES, run_pipeline
 
