@@ -226,5 +226,31 @@ def optimize(model: str, output: str, target: str, tolerance: float) -> None:
     click.echo(format_table(passes, header=("rule", "matches", "why not")))
 
 
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--backend", type=click.Choice(["ort", "coreml"]), default=None,
+              help="ort: ONNX Runtime CPU (.onnx, .ort); coreml: MLModel.predict (.mlpackage, "
+                   "macOS only) [default: from the file suffix].")
+@click.option("--threads", type=int, default=2, show_default=True,
+              help="ONNX Runtime intra-op threads.")
+@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Timed runs.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Untimed runs first.")
+@click.option("--compute-units", type=click.Choice(["all", "cpu_and_ne", "cpu_only",
+                                                    "cpu_and_gpu"]),
+              default="all", show_default=True, help="Core ML compute units.")
+@_user_errors
+def bench(model: str, backend: str | None, threads: int, runs: int, warmup: int,
+          compute_units: str) -> None:
+    """Time MODEL: median, p90 and min latency and throughput at batch 1."""
+    from mvcompile import bench as bench_module
+
+    with click.progressbar(length=runs, label="Timing", file=sys.stderr) as bar:
+        result = bench_module.bench(model, backend, threads=threads, runs=runs, warmup=warmup,
+                                    compute_units=compute_units, on_run=lambda: bar.update(1))
+    click.echo(format_table(bench_module.format_rows(result), header=(model, "")))
+
+
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ INT8_PIPELINE = "mobile"
 def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
                progress: Progress) -> tuple[onnx.ModelProto, dict]:
     """Quantize the compiled graph; report calibration and (optional) eval accuracy."""
-    source = _int8_source(plain, options.passes)
+    source = int8_source(plain, options.passes)
     calibration = _images(options.calib_data, options, progress, options.calib_size)
     if calibration.skipped:
         log.warning("Skipped %d non-image files in %s", len(calibration.skipped),
@@ -46,7 +46,8 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
     return int8_proto, report
 
 
-def _int8_source(plain: ir.Model, passes: bool) -> ir.Model:
+def int8_source(plain: ir.Model, passes: bool) -> ir.Model:
+    """The graph that gets quantized: the plain graph through :data:`INT8_PIPELINE`."""
     if not passes:
         return plain
     from mvcompile.builder import check_numerics

@@ -51,3 +51,19 @@ def hf_logits(model, pixels: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.from_numpy(pixels)).logits.numpy()
+
+
+def export_peer(cfg: MobileViTConfig, weights: dict[str, np.ndarray] | None = None):
+    """What a user gets without us: HF MobileViT → torch.onnx.export (dynamo) → onnxsim.
+
+    Returns an ``onnx.ModelProto`` with input ``pixel_values`` [1,3,R,R] and output ``logits``.
+    """
+    import torch
+
+    from mvcompile.optimize import simplify
+
+    model = hf_model(cfg, weights)
+    pixels = torch.rand(1, 3, cfg.resolution, cfg.resolution)
+    exported = torch.onnx.export(model, (pixels,), dynamo=True, input_names=["pixel_values"],
+                                 output_names=["logits"])
+    return simplify(exported.model_proto)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +20,7 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
+from test_train_data import make_folder  # noqa: E402
 
 from mvcompile import onnx_io  # noqa: E402
 from mvcompile.cli import main  # noqa: E402
@@ -47,6 +53,15 @@ class Recorder:
 
     def epoch_end(self, row: dict) -> None:
         self.rows.append(row)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: far faster than two on a shared, oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +118,10 @@ def test_mvcompile_build_loads_the_trained_weights(tiny_run, tmp_path: Path) -> 
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path: Path) -> None:
-    opts = replace(TINY, runs_dir=str(tmp_path), ema_decay=0.9, dropout=0.1, epochs=3,
-                   subset=96, multiscale=True, resolution=128, batch_size=16)
+    make_folder(tmp_path / "data" / "train", {"red": 12, "green": 12})
+    make_folder(tmp_path / "data" / "val", {"red": 2, "green": 2})
+    opts = replace(TINY, data=str(tmp_path / "data"), runs_dir=str(tmp_path), ema_decay=0.9,
+                   dropout=0.1, epochs=3, subset=None, resolution=128, batch_size=4)
     straight = Recorder()
     train(replace(opts, name="straight"), straight)
     with pytest.raises(KeyboardInterrupt):
@@ -145,3 +162,37 @@ def test_starting_over_an_existing_run_is_refused(tiny_run) -> None:
 def test_invalid_base_resolution_is_a_user_error(tmp_path: Path) -> None:
     result = _cli("--resolution", "96", "--runs-dir", str(tmp_path))
     assert result.exit_code == 1 and "multiple of 64" in result.output
+
+
+@pytest.mark.parametrize(("counts", "message"), [
+    ({}, "is empty for training"), ({"solo": 4}, "only one class"),
+])
+def test_bad_data_folders_fail_cleanly_from_the_cli(tmp_path: Path, counts: dict, message: str
+                                                    ) -> None:
+    data = make_folder(tmp_path / "data", counts) if counts else tmp_path
+    result = _cli("--data", str(data), "--runs-dir", str(tmp_path / "runs"))
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_ctrl_c_leaves_the_last_complete_checkpoint_intact(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data", {"red": 12, "green": 12})
+    cmd = [sys.executable, "-m", "mvcompile.train", "--data", str(data), "--resolution", "64",
+           "--epochs", "100", "--batch-size", "4", "--runs-dir", str(tmp_path), "--name", "run"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = tmp_path / "run" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.7)  # into a later epoch, possibly in the middle of writing a checkpoint
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Interrupted" in err and "Traceback" not in err
+    state = torch.load(last, weights_only=True)
+    assert 1 <= state["epoch"] < 100
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert len(rows) in (state["epoch"], state["epoch"] + 1)  # metrics precede last.pt
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]

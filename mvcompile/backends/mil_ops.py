@@ -199,6 +199,12 @@ def _fused_matmul(ctx, node, attrs):
     return [y if alpha == 1.0 else mb.mul(x=y, y=np.float32(alpha))]
 
 
+def _is_constexpr(value: Value | None) -> bool:
+    """A Var computed at load time from stored constants (an int8 weight)."""
+    return isinstance(value, Var) and value.op is not None and value.op.op_type.startswith(
+        "constexpr")
+
+
 def _is_const(value: Value | None) -> bool:
     return isinstance(value, np.ndarray) or (value is not None and value.val is not None)
 
@@ -211,7 +217,7 @@ def _gemm(ctx, node, attrs):
     alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
     trans_a, trans_b = bool(attrs.get("transA", 0)), bool(attrs.get("transB", 0))
     n = shape(b)[0 if trans_b else 1]
-    constexpr_b = isinstance(b, Var) and b.op.op_type.startswith("constexpr")
+    constexpr_b = _is_constexpr(b)
     if isinstance(b, Var) and b.val is not None and not constexpr_b:
         b = np.asarray(b.val)
     bias_ok = c is None or (_is_const(c) and int(np.prod(shape(c))) in (1, n)

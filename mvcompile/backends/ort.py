@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,8 @@ STYLES = {"fixed": OptimizationStyle.Fixed, "runtime": OptimizationStyle.Runtime
 # Which style each execution provider wants (the --ort-style default is "fixed").
 STYLE_FOR_EP = {"cpu": "fixed", "xnnpack": "fixed", "nnapi": "runtime", "coreml": "runtime"}
 FLOAT_TOLERANCE = 1e-5
+REFERENCE_LEVEL = {"fixed": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                   "runtime": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,10 @@ def write_ort(onnx_proto: onnx.ModelProto, out_dir: str | Path, style: str = "fi
         source = stage / f"{name}.onnx"
         source.write_bytes(onnx_proto.SerializeToString())
         staged = _convert(source, stage / "out", STYLES[style], target_platform)
-        check = verify_ort(onnx_proto, staged[0])
+        for config in staged[1:]:  # the header names the converted model: use its final path
+            config.write_text(config.read_text().replace(
+                str((stage / "out").resolve()), str(out_dir.resolve())))
+        check = verify_ort(onnx_proto, staged[0], style)
         log.info("%s matches the ONNX model: max abs diff %.3g (tolerance %.3g)",
                  staged[0].name, check.max_abs_diff, check.tolerance)
         return [_output.publish(path, out_dir / path.name, "ORT model") for path in staged]
@@ -83,8 +89,9 @@ def _convert(source: Path, out: Path, style: OptimizationStyle, target_platform:
              ) -> list[Path]:
     """Run the converter twice (plain and type-reduced config); return [.ort, configs...]."""
     captured = io.StringIO()  # the tool prints its progress; keep it for the debug log
+    tool_log = logging.getLogger("ort_format_model.utils")  # logs each config at INFO
     try:
-        with contextlib.redirect_stdout(captured):
+        with contextlib.redirect_stdout(captured), _quiet(tool_log):
             for reduced in (False, True):
                 convert_onnx_models_to_ort(source, output_dir=out, optimization_styles=[style],
                                            target_platform=target_platform,
@@ -101,9 +108,26 @@ def _convert(source: Path, out: Path, style: OptimizationStyle, target_platform:
     return models + configs
 
 
-def verify_ort(onnx_proto: onnx.ModelProto, ort_path: Path, seed: int = 0) -> OrtCheck:
-    """Load ``ort_path`` in onnxruntime and compare it with ``onnx_proto`` on random inputs."""
-    reference = latency.make_session(onnx_proto.SerializeToString(), threads=1)
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def verify_ort(onnx_proto: onnx.ModelProto, ort_path: Path, style: str = "fixed",
+               seed: int = 0) -> OrtCheck:
+    """Load ``ort_path`` in onnxruntime and compare it with ``onnx_proto`` on random inputs.
+
+    The reference runs at the level the ``.ort`` file was optimized to: all optimizations for
+    the fixed style; basic for the runtime style, whose saved optimizations are replayed only
+    by the NNAPI/Core ML execution providers (on the CPU here it runs as basic).
+    """
+    level = REFERENCE_LEVEL[style]
+    reference = latency.make_session(onnx_proto.SerializeToString(), threads=1, level=level)
     try:
         session = latency.make_session(str(ort_path), threads=1)
     except Exception as err:

@@ -69,7 +69,8 @@ class ProgressReporter:
               help="Multi-scale sampler: {160..320}·R/256 snapped to multiples of 64.")
 @click.option("--epochs", type=int, default=300, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True,
-              help="Images per process at the base resolution (the multi-scale sampler scales it by (R/r)²).")
+              help="Images per process at the base resolution; the multi-scale sampler scales "
+                   "it by (R/r)² at resolution r.")
 @click.option("--lr", type=float, default=0.002, show_default=True, help="Peak learning rate.")
 @click.option("--lr-init", type=float, default=0.0002, show_default=True,
               help="Learning rate at the start of the warm-up.")

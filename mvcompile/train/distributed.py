@@ -66,6 +66,20 @@ def gather_objects(d: Dist, obj: object) -> list:
     return out
 
 
+@torch.no_grad()
+def broadcast_state(d: Dist, module: torch.nn.Module, buffers_only: bool = False) -> None:
+    """Copy rank 0's buffers (and parameters) to every rank.
+
+    DDP broadcasts BatchNorm statistics at the start of each forward, so after the last step
+    of an epoch they differ by rank; this makes validation and checkpoints rank-independent.
+    """
+    if not d.enabled:
+        return
+    tensors = list(module.buffers()) if buffers_only else list(module.state_dict().values())
+    for t in tensors:
+        dist.broadcast(t, src=0)
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

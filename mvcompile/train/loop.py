@@ -26,7 +26,14 @@ from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import MobileViTConfig
 from mvcompile.train import checkpoint, outputs
 from mvcompile.train.data import DataSplit, ImageSource, eval_item, load_data, train_item
-from mvcompile.train.distributed import Dist, all_sum, barrier, gather_objects, init_distributed
+from mvcompile.train.distributed import (
+    Dist,
+    all_sum,
+    barrier,
+    broadcast_state,
+    gather_objects,
+    init_distributed,
+)
 from mvcompile.train.distributed import shutdown as shutdown_distributed
 from mvcompile.train.model import MobileViT
 from mvcompile.train.options import RECIPE_KEYS, TrainOptions
@@ -227,6 +234,9 @@ def train_epoch(run: Run, epoch: int, reporter: Reporter) -> tuple[float, float]
         value = loss.item()
         sums += torch.tensor([value * len(y), len(y)], dtype=torch.float64)
         reporter.batch_end(value, lr, x.shape[-1])
+    broadcast_state(d, run.model, buffers_only=True)
+    if run.ema:
+        broadcast_state(d, run.ema.module)
     total = all_sum(d, sums)
     return float(total[0] / total[1]), time.perf_counter() - start
 

@@ -1,0 +1,145 @@
+"""INT8 tables: latency (ours vs ORT quantize_static on the peer export) and accuracy.
+
+Latency — XXS at 256², batch 1, 2 threads, ORT CPU ORT_ENABLE_ALL, one process, interleaved:
+  ours INT8 (mvcompile build --int8), ours FP32 (compiled), the peer FP32 (transformers →
+  torch.onnx.export → onnxsim) and the peer INT8 (onnxruntime.quantization.quantize_static,
+  QDQ, per-channel, MinMax, uint8 activations / int8 weights) on that export.
+
+Accuracy — a trained model (default runs/digits_xxs/best.safetensors from
+benchmarks/train_digits.py; XXS, 64², 10 classes): FP32 and INT8 top-1 on the digits
+validation split, and top-1 agreement with FP32, for ours and for quantize_static with MinMax
+and with Percentile, all calibrated on the same images.
+
+    python benchmarks/bench_int8.py [--weights PATH] [--rounds 15] [--skip-latency]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+from mvcompile import latency, metrics, onnx_io
+from mvcompile.builder import compile_fp32
+from mvcompile.calibration.data import ImageSet, bundled_photos, digits
+from mvcompile.calibration.quantize import QuantizeOptions, quantize
+from mvcompile.evaluate import predict
+from mvcompile.graphs.factory import create_mobilevit
+from mvcompile.graphs.mobilevit import MobileViTConfig
+from mvcompile.graphs.random_weights import RandomWeights
+from mvcompile.int8_build import int8_source
+from mvcompile.reference import export_peer
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, images: ImageSet, name: str) -> None:
+        self._batches = iter([{name: images.pixels[i:i + 1]} for i in range(len(images.pixels))])
+
+    def get_next(self) -> dict | None:
+        return next(self._batches, None)
+
+
+def ort_quantize_static(proto: onnx.ModelProto, images: ImageSet,
+                        method: CalibrationMethod) -> onnx.ModelProto:
+    """The peer INT8: ORT's own static QDQ quantization, per-channel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(proto, str(src))
+        quantize_static(str(src), str(dst), _Reader(images, proto.graph.input[0].name),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=method)
+        return onnx.load(str(dst))
+
+
+def ours(cfg: MobileViTConfig, weights: str | None, images: ImageSet) -> tuple[
+        onnx.ModelProto, onnx.ModelProto]:
+    plain, _ = create_mobilevit(cfg, weights)
+    fp32, _ = compile_fp32(plain)
+    int8, _ = quantize(int8_source(plain, True), images, QuantizeOptions())
+    return onnx_io.to_proto(fp32), onnx_io.to_proto(int8)
+
+
+def latency_table(rounds: int, threads: int) -> None:
+    cfg = MobileViTConfig.for_size("xxs", resolution=256)
+    images = bundled_photos(256, 32)
+    source = RandomWeights(0)
+    from mvcompile.graphs.mobilevit import build_graph
+    build_graph(cfg, source)
+    fp32, int8 = ours(cfg, None, images)
+    peer = export_peer(cfg, source.tensors)
+    peer_int8 = ort_quantize_static(peer, images, CalibrationMethod.MinMax)
+    models = {"ours INT8": int8, "ours FP32": fp32, "peer FP32": peer, "peer INT8": peer_int8}
+    sessions = {k: latency.make_session(m.SerializeToString(), threads=threads)
+                for k, m in models.items()}
+    feed_ours = {"pixel_values": images.pixels[:1]}
+    medians: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            feed = {session.get_inputs()[0].name: feed_ours["pixel_values"]}
+            medians[name].append(latency.measure(session, feed, runs=10, warmup=2).median_ms)
+    med = {k: float(np.median(v)) for k, v in medians.items()}
+    print(f"\nLatency: XXS 256², batch 1, {threads} threads, ORT CPU; median of {rounds} "
+          "interleaved rounds of 10 runs")
+    print("| model | median ms | × ours FP32 | × peer INT8 | × peer FP32 |")
+    print("|---|---|---|---|---|")
+    for name in models:
+        print(f"| {name} | {med[name]:.2f} | {med[name] / med['ours FP32']:.2f} | "
+              f"{med[name] / med['peer INT8']:.2f} | {med[name] / med['peer FP32']:.2f} |")
+
+
+def accuracy_table(weights: str, calib_size: int) -> None:
+    cfg = MobileViTConfig.for_size("xxs", resolution=64, num_classes=10)
+    calib = digits(64, "train", calib_size)
+    val = digits(64, "val")
+    fp32, int8 = ours(cfg, weights, calib)
+    from mvcompile.graphs.checkpoints import load_state_dict
+    peer = export_peer(cfg, load_state_dict(weights))
+    rows = {"ours FP32": fp32, "ours INT8": int8,
+            "quantize_static MinMax": ort_quantize_static(peer, calib, CalibrationMethod.MinMax),
+            "quantize_static Percentile": ort_quantize_static(peer, calib,
+                                                              CalibrationMethod.Percentile)}
+    ref = predict(fp32.SerializeToString(), val)
+    print(f"\nAccuracy: XXS 64², digits val ({len(val.pixels)} images), calibration: "
+          f"{calib.description}; weights {weights}")
+    print("| model | top-1 | Δ vs FP32 (points) | top-1 agreement with FP32 | SQNR dB |")
+    print("|---|---|---|---|---|")
+    base = metrics.top1_accuracy(ref, val.labels)
+    for name, proto in rows.items():
+        logits = predict(proto.SerializeToString(), val)
+        top1 = metrics.top1_accuracy(logits, val.labels)
+        print(f"| {name} | {100 * top1:.2f}% | {100 * (top1 - base):+.2f} | "
+              f"{100 * metrics.top1_agreement(ref, logits):.2f}% | "
+              f"{metrics.sqnr_db(ref, logits):.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--weights", default="runs/digits_xxs/best.safetensors")
+    parser.add_argument("--calib-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_latency:
+        latency_table(args.rounds, args.threads)
+    if not args.skip_accuracy:
+        if Path(args.weights).exists():
+            accuracy_table(args.weights, args.calib_size)
+        else:
+            print(f"\n{args.weights} not found: train it with benchmarks/train_digits.py")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`mvcompile optimize` on a torch export of transformers' MobileViT (64x64, small)."""
+
+from __future__ import annotations
+
+import io
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import build_random
+from mvcompile.cli import main
+from mvcompile.optimize import max_abs_diff, optimize_proto
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from mvcompile.reference import hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_export(tmp_path_factory) -> tuple[onnx.ModelProto, str]:
+    """HF MobileViT-XXS with our random weights, TorchScript-exported (fast) at 64x64."""
+    from mvcompile.graphs.mobilevit import MobileViTConfig
+
+    cfg = MobileViTConfig.for_size("xxs", resolution=64)
+    _, weights = build_random(cfg, seed=2)
+    buffer = io.BytesIO()
+    torch.onnx.export(hf_model(cfg, weights), (torch.rand(1, 3, 64, 64),), buffer,
+                      dynamo=False, opset_version=18, input_names=["pixel_values"],
+                      output_names=["logits"])
+    proto = onnx.load_from_string(buffer.getvalue())
+    path = tmp_path_factory.mktemp("hf") / "mobilevit.onnx"
+    onnx.save(proto, str(path))
+    return proto, str(path)
+
+
+def test_unfold_fold_chains_of_a_transformers_export_are_rewritten(hf_export) -> None:
+    proto, _ = hf_export
+    optimized, report = optimize_proto(proto, "ort")
+    stages = {s["name"]: s.get("rules", {}) for s in report["pipeline"]["stages"]}
+    assert stages["unfold_fold"]["unfold_after_conv1x1_ort"] == 3
+    assert stages["unfold_fold"]["fold_before_conv1x1_ort"] == 3
+    assert stages["fuse_swish"]["fuse_swish_ort"] > 0
+    assert report["transposes"]["onnxsim"] - report["transposes"]["optimized"] == 12
+    assert report["nodes"]["optimized"] < report["nodes"]["onnxsim"]
+    assert report["max_abs_diff"] <= 1e-4
+    assert max_abs_diff(proto, optimized) <= 1e-4
+    onnx.checker.check_model(optimized, full_check=True)
+
+
+def test_cli_writes_a_checked_model_and_reports_rules(hf_export, tmp_path) -> None:
+    _, path = hf_export
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["optimize", path, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "unfold_after_conv1x1_ort" in result.output
+    assert "max abs diff" in result.output
+    written = onnx.load(str(out))
+    assert sum(n.op_type == "SpaceToDepth" for n in written.graph.node) == 3
+
+
+def test_cli_rejects_a_missing_file_without_writing(tmp_path) -> None:
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["optimize", str(tmp_path / "nope.onnx"), "-o", str(out)])
+    assert result.exit_code == 1
+    assert "not found" in result.output
+    assert not out.exists()
+
+
+def test_numerics_mismatch_writes_nothing(hf_export, tmp_path) -> None:
+    _, path = hf_export
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["optimize", path, "-o", str(out), "--tolerance", "-1"])
+    assert result.exit_code == 1
+    assert "nothing was" in result.output
+    assert not out.exists()
