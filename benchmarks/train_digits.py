@@ -14,12 +14,17 @@ overwritten.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import torch
+# The CPU is shared: OpenMP threads that spin while waiting slow training down several-fold
+# when other processes compete for the cores. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from mvcompile.train.loop import train
-from mvcompile.train.options import TrainOptions
+import torch  # noqa: E402
+
+from mvcompile.train.loop import train  # noqa: E402
+from mvcompile.train.options import TrainOptions  # noqa: E402
 
 TARGET_ACC, BUDGET_S = 0.95, 600.0
 

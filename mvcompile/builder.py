@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from mvcompile import analysis, latency, onnx_io
+from mvcompile.backends._output import check_writable_dir
 from mvcompile.calibration.observers import OBSERVERS
 from mvcompile.errors import UserError
 from mvcompile.graphs.factory import create_mobilevit
@@ -27,6 +27,7 @@ from mvcompile.graphs.mobilevit import MobileViTConfig
 
 log = logging.getLogger(__name__)
 
+TARGETS = ("onnx", "ort", "coreml")
 PASS_TOLERANCE = 1e-4  # max abs logit difference allowed between plain and compiled graphs
 
 
@@ -69,6 +70,12 @@ class BuildOptions:
     calib_method: str = "percentile"
     accuracy_budget: float | None = None
     eval_data: str | None = None
+    targets: tuple[str, ...] = ("onnx",)
+    ort_style: str = "fixed"
+    coreml_precision: str = "fp16"
+    coreml_int8: str = "w8a8"
+    coreml_input: str = "image"
+    coreml_batch: int = 1
 
 
 @dataclass
@@ -108,7 +115,27 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     blobs = {key: proto.SerializeToString() for key, proto in models.items()}
     report["models"] = {key: _model_stats(models[key], blobs[key]) for key in models}
     report["latency"] = _measure(blobs, options, progress)
-    return _write(Path(options.out_dir), blobs, report)
+    coreml_sources = _coreml_sources(plain, models, options)
+    return _write(Path(options.out_dir), blobs, report, options, coreml_sources, progress)
+
+
+def _coreml_sources(plain: ir.Model, models: dict[str, onnx.ModelProto],
+                    options: BuildOptions) -> dict[str, onnx.ModelProto]:
+    """What Core ML lowers: the standard-ONNX ``mobile`` pipeline's graph (the ORT ``fp32``
+    pipeline uses ORT contrib ops), and the INT8 model, which is quantized from that graph."""
+    if "coreml" not in options.targets:
+        return {}
+    sources = {"onnx": models["onnx"]}
+    if options.passes:
+        from mvcompile.pipeline import run_pipeline
+
+        mobile, _ = run_pipeline(ir.serde.deserialize_model(ir.serde.serialize_model(plain)),
+                                 "mobile")
+        check_numerics(plain, mobile)
+        sources["onnx"] = onnx_io.to_proto(mobile)
+    if "int8" in models:
+        sources["int8"] = models["int8"]
+    return sources
 
 
 def _check_inputs(options: BuildOptions) -> MobileViTConfig:
@@ -116,14 +143,18 @@ def _check_inputs(options: BuildOptions) -> MobileViTConfig:
     config = MobileViTConfig.for_size(options.size, resolution=options.resolution,
                                       patch_config=options.patch_config,
                                       num_classes=options.num_classes)
-    _check_writable(Path(options.out_dir))
+    check_writable_dir(Path(options.out_dir), "build outputs")
     if options.calib_method not in OBSERVERS:
         raise UserError(f"Unknown calibration method {options.calib_method!r}. Choose one of: "
                         f"{', '.join(OBSERVERS)}.")
     if options.calib_size < 1:
         raise UserError(f"--calib-size must be at least 1, got {options.calib_size}.")
+    unknown = set(options.targets) - set(TARGETS)
+    if unknown:
+        raise UserError(f"Unknown target(s) {', '.join(sorted(unknown))}. Choose from: "
+                        f"{', '.join(TARGETS)}.")
     for flag, path in (("--calib-data", options.calib_data), ("--eval-data", options.eval_data)):
-        if path is not None and not Path(path).exists():
+        if path is not None and path != "digits" and not Path(path).exists():
             raise UserError(f"{flag}: {path} does not exist.")
     return config
 
@@ -180,24 +211,62 @@ def _measure(blobs: dict[str, bytes], options: BuildOptions, progress: Progress)
     return result
 
 
-def _write(out_dir: Path, blobs: dict[str, bytes], report: dict) -> BuildResult:
-    names = {"onnx": "model.onnx", "int8": "model_int8.onnx"}
-    files = {key: out_dir / names[key] for key in blobs}
-    files["report"] = out_dir / "report.json"
-    report["artifacts"] = {key: path.name for key, path in files.items() if key != "report"}
-    for key, blob in blobs.items():
-        onnx_io.atomic_write_bytes(files[key], blob)
-    onnx_io.atomic_write_text(files["report"], json.dumps(report, indent=2) + "\n")
+def _write(out_dir: Path, blobs: dict[str, bytes], report: dict, options: BuildOptions,
+           coreml_sources: dict[str, onnx.ModelProto], progress: Progress) -> BuildResult:
+    """Write every artifact into a staging folder, then move them all into ``out_dir``."""
+    from mvcompile.backends._output import publish, staging_dir
+
+    with staging_dir(out_dir / "model.onnx", "build outputs") as stage:
+        staged = {key: stage / _ONNX_NAMES[key] for key in blobs}
+        for key, blob in blobs.items():
+            staged[key].write_bytes(blob)
+        staged.update(_write_targets(stage, blobs, report, options, coreml_sources, progress))
+        report["artifacts"] = {key: path.name for key, path in staged.items()}
+        staged["report"] = stage / "report.json"
+        staged["report"].write_text(json.dumps(report, indent=2) + "\n")
+        files = {key: publish(path, out_dir / path.name, "build output")
+                 for key, path in staged.items()}
     log.info("Wrote %s", ", ".join(str(p) for p in files.values()))
     return BuildResult(out_dir, files, report)
 
 
-def _check_writable(out_dir: Path) -> None:
-    """Fail before any work if ``out_dir`` is a file, sits under one, or is read-only."""
-    for parent in [out_dir, *out_dir.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"Cannot write to {out_dir}: {parent} is a file, not a folder.")
-            if not os.access(parent, os.W_OK):
-                raise UserError(f"Cannot write to {out_dir}: {parent} is not writable.")
-            return
+_ONNX_NAMES = {"onnx": "model.onnx", "int8": "model_int8.onnx"}
+
+
+def _write_targets(stage: Path, blobs: dict[str, bytes], report: dict, options: BuildOptions,
+                   coreml_sources: dict[str, onnx.ModelProto], progress: Progress
+                   ) -> dict[str, Path]:
+    """The .ort and .mlpackage artifacts (each verified against ONNX Runtime first)."""
+    written: dict[str, Path] = {}
+    if "ort" in options.targets:
+        from mvcompile.backends.ort import write_ort
+
+        for key, blob in blobs.items():
+            progress.start(f"Writing {_ONNX_NAMES[key].replace('.onnx', '.ort')}", 1)
+            paths = write_ort(onnx.load_from_string(blob), stage, style=options.ort_style,
+                              name=_ONNX_NAMES[key].removesuffix(".onnx"))
+            progress.finish()
+            for path in paths:
+                written[f"{key}_ort_{path.name}"] = path
+    if "coreml" in options.targets:
+        from mvcompile.backends.coreml import write_coreml
+
+        report["coreml"] = {}
+        for key, proto in coreml_sources.items():
+            name = _ONNX_NAMES[key].replace(".onnx", ".mlpackage")
+            progress.start(f"Lowering to Core ML: {name}", 1)
+            written[f"{key}_coreml"] = write_coreml(
+                proto, stage / name, precision=options.coreml_precision,
+                int8_mode=options.coreml_int8, input_type=options.coreml_input,
+                batch=options.coreml_batch)
+            progress.finish()
+            report["coreml"][name] = _coreml_io(written[f"{key}_coreml"])
+    return written
+
+
+def _coreml_io(path: Path) -> list[dict]:
+    import coremltools as ct
+
+    from mvcompile.backends.coreml import describe_io
+
+    return describe_io(ct.models.MLModel(str(path), skip_model_load=True))

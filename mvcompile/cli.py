@@ -95,6 +95,22 @@ class _ProgressBars:
                    "the most sensitive layers stay in float until it is met.")
 @click.option("--eval-data", type=click.Path(), default=None,
               help="Image folder (one subfolder per class) to report FP32 and INT8 accuracy on.")
+@click.option("--targets", default="onnx", show_default=True,
+              help="Comma-separated artifacts to write: onnx (always), ort (ONNX Runtime mobile "
+                   ".ort + operator configs), coreml (.mlpackage ML Program).")
+@click.option("--ort-style", type=click.Choice(["fixed", "runtime"]), default="fixed",
+              show_default=True, help=".ort optimization style: fixed for the CPU/XNNPACK "
+                                      "execution providers, runtime for NNAPI/Core ML.")
+@click.option("--coreml-precision", type=click.Choice(["fp16", "fp32"]), default="fp16",
+              show_default=True, help="Core ML compute precision (Apple ships fp16).")
+@click.option("--coreml-int8", type=click.Choice(["w8a8", "weight-only"]), default="w8a8",
+              show_default=True, help="Core ML form of the INT8 model: W8A8 (iOS17) or int8 "
+                                      "weights only (iOS16, for devices without int8 compute).")
+@click.option("--coreml-input", type=click.Choice(["image", "tensor"]), default="image",
+              show_default=True, help="Core ML input: an RGB image (scaled by 1/255 inside) or "
+                                      "a float32 [B,3,H,W] tensor in [0,1].")
+@click.option("--coreml-batch", type=int, default=1, show_default=True,
+              help="Fixed batch size of the Core ML model (Core ML needs static shapes).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for the random weights used without --weights.")
 @click.option("--latency-runs", type=int, default=20, show_default=True,
@@ -105,7 +121,9 @@ class _ProgressBars:
 def build(size: str, weights: str | None, resolution: int, patch_config: str, num_classes: int,
           out_dir: str | None, no_passes: bool, int8: bool, calib_data: str | None,
           calib_size: int, calib_method: str, accuracy_budget: float | None,
-          eval_data: str | None, seed: int, latency_runs: int, threads: int) -> None:
+          eval_data: str | None, targets: str, ort_style: str, coreml_precision: str,
+          coreml_int8: str, coreml_input: str, coreml_batch: int, seed: int,
+          latency_runs: int, threads: int) -> None:
     """Build MobileViT as an ONNX graph, compile it (and quantize it with --int8), write the
     models and report.json, and print a summary."""
     from mvcompile.builder import BuildOptions
@@ -117,7 +135,11 @@ def build(size: str, weights: str | None, resolution: int, patch_config: str, nu
                            latency_runs=latency_runs, threads=threads, passes=not no_passes,
                            int8=int8, calib_data=calib_data, calib_size=calib_size,
                            calib_method=calib_method, accuracy_budget=accuracy_budget,
-                           eval_data=eval_data)
+                           eval_data=eval_data,
+                           targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                           ort_style=ort_style, coreml_precision=coreml_precision,
+                           coreml_int8=coreml_int8, coreml_input=coreml_input,
+                           coreml_batch=coreml_batch)
     if weights is None:
         click.secho(f"Note: no --weights given, so the weights are random (seed {seed}); "
                     "the model is not trained.", fg="yellow", err=True)

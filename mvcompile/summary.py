@@ -44,6 +44,9 @@ def _models_table(report: dict, files: dict[str, Path]) -> str:
         ratio = latency["int8"]["median_ms"] / latency["onnx"]["median_ms"]
         rows.append(("INT8 / FP32 latency", "", f"{ratio:.2f}x"))
     rows.append(("file", *(str(files[k]) for k in keys)))
+    others = sorted(p.name for k, p in files.items() if k not in keys and k != "report")
+    if others:
+        rows.append(("other artifacts", ", ".join(others)))
     conditions = latency.get("conditions")
     note = (f"\n(latency: batch 1, {conditions['threads']} threads, runs interleaved)"
             if conditions else "")

@@ -93,7 +93,8 @@ def test_plain_graph_fp16_image_input(plain: onnx.ModelProto) -> None:
     image = spec.description.input[0].type.imageType
     assert (image.width, image.height) == (64, 64)
     assert image.colorSpace == coreml.ct.proto.FeatureTypes_pb2.ImageFeatureType.RGB
-    first = mlmodel._mil_program.functions["main"].operations[0]
+    first = next(op for op in mlmodel._mil_program.functions["main"].operations
+                 if op.op_type != "const")
     assert first.op_type == "mul" and np.isclose(first.y.val, 1 / 255)  # MobileViT /255
     ops = coreml.program_summary(mlmodel._mil_program)["ops"]
     assert ops["cast"] == 2 and "batch_norm" not in ops  # fp16 inside; BN folded into conv

@@ -122,3 +122,28 @@ def test_eval_command_on_a_labelled_folder(tmp_path: Path) -> None:
     code, output = run("eval", str(tmp_path / "o" / "model.onnx"), "--data",
                        str(tmp_path / "missing"))
     assert_clean_failure(code, output, "not found")
+
+
+def test_targets_write_ort_and_coreml_for_fp32_and_int8(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    code, output = run("build", *FAST, "--int8", "--targets", "onnx,ort,coreml", "-o", str(out))
+    assert code == 0, output
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "model_int8.onnx", "model.ort", "model_int8.ort",
+            "model.required_operators.config", "model.mlpackage",
+            "model_int8.mlpackage", "report.json"} <= names
+    assert not [n for n in names if n.startswith(".")]  # no staging leftovers
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["artifacts"].values()) <= names
+    io = {row["name"]: row for row in report["coreml"]["model.mlpackage"]}
+    assert io["pixel_values"]["kind"] == "image" and io["pixel_values"]["shape"] == [1, 3, 64, 64]
+    assert io["logits"]["role"] == "output"
+    session = ort.InferenceSession(str(out / "model_int8.ort"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"pixel_values": np.zeros((1, 3, 64, 64), np.float32)})[0].shape \
+        == (1, 1000)
+
+
+def test_unknown_target(tmp_path: Path) -> None:
+    code, output = run("build", *FAST, "--targets", "onnx,tflite", "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "Unknown target(s) tflite")
+    assert not (tmp_path / "o").exists()

@@ -119,9 +119,9 @@ def _input_types(proto: onnx.ModelProto, program: Program, options: CoreMLOption
 def _describe(mlmodel: ct.models.MLModel, proto: onnx.ModelProto, options: CoreMLOptions
               ) -> None:
     meta = {p.key: p.value for p in proto.metadata_props}
+    weights = f"int8 {options.int8_mode}" if is_quantized(proto) else "float"
     mlmodel.short_description = (f"MobileViT lowered by mvcompile from ONNX "
-                                 f"({options.precision}, "
-                                 f"{'int8 ' + options.int8_mode if is_quantized(proto) else 'float'})")
+                                 f"({options.precision}, {weights})")
     for io in describe_io(mlmodel):
         text = f"{io['kind']} {io['shape']}"
         if io["role"] == "input":
