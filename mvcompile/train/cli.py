@@ -34,6 +34,7 @@ class ProgressReporter:
         self.status = ""
 
     def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
+        self.status = ""
         self.bar = click.progressbar(length=batches, label=f"epoch {epoch}/{epochs}",
                                      file=sys.stderr, item_show_func=lambda _: self.status,
                                      show_eta=True, width=24)

@@ -135,7 +135,8 @@ def prepare(options: TrainOptions, d: Dist) -> Run:
     run_dir = _run_dir(options, d)
     torch.manual_seed(options.seed + d.rank)
     model = MobileViT(cfg, options.dropout, options.classifier_dropout).to(d.device)
-    net = DistributedDataParallel(model) if d.enabled else model
+    ids = [d.device.index] if d.device.type == "cuda" else None
+    net = DistributedDataParallel(model, device_ids=ids) if d.enabled else model
     sampler = _train_sampler(options, cfg, len(data.train), d)
     schedule = _schedule(options, sampler)
     optimizer = make_optimizer(model, options.lr, options.weight_decay)
