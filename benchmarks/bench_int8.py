@@ -109,14 +109,14 @@ def accuracy_table(weights: str, calib_size: int) -> None:
             "quantize_static MinMax": ort_quantize_static(peer, calib, CalibrationMethod.MinMax),
             "quantize_static Percentile": ort_quantize_static(peer, calib,
                                                               CalibrationMethod.Percentile)}
-    ref = predict(fp32.SerializeToString(), val)
+    ref = predict(fp32.SerializeToString(), val, batch_size=1)
     print(f"\nAccuracy: XXS 64², digits val ({len(val.pixels)} images), calibration: "
           f"{calib.description}; weights {weights}")
     print("| model | top-1 | Δ vs FP32 (points) | top-1 agreement with FP32 | SQNR dB |")
     print("|---|---|---|---|---|")
     base = metrics.top1_accuracy(ref, val.labels)
     for name, proto in rows.items():
-        logits = predict(proto.SerializeToString(), val)
+        logits = predict(proto.SerializeToString(), val, batch_size=1)  # peer: static batch 1
         top1 = metrics.top1_accuracy(logits, val.labels)
         print(f"| {name} | {100 * top1:.2f}% | {100 * (top1 - base):+.2f} | "
               f"{100 * metrics.top1_agreement(ref, logits):.2f}% | "

@@ -38,6 +38,7 @@ class QuantPlan:
     op_types: frozenset[str]
     keep_float: set[str] = field(default_factory=set)
     activation_dtype: str = "uint8"  # or "int8" (symmetric)
+    weight_qmax: int = 127  # 63: 7-bit weights, see qparams.REDUCED_QMAX
 
     @property
     def symmetric_activations(self) -> bool:
@@ -45,9 +46,19 @@ class QuantPlan:
 
 
 def quantizable_nodes(graph: ir.Graph, plan: QuantPlan) -> list[ir.Node]:
-    """Nodes the plan quantizes, in graph order."""
+    """Nodes the plan quantizes, in graph order.
+
+    Elementwise ops with a constant operand (a bias Add, a scale Mul) are left in float: ORT
+    fuses DQ → Add → Q only when every operand is dequantized, so quantizing them would add
+    Q/DQ work without an integer kernel.
+    """
     return [n for n in graph if n.op_type in plan.op_types and n.op_type in QUANTIZERS
-            and n.domain in ("", "ai.onnx") and n.name not in plan.keep_float]
+            and n.domain in ("", "ai.onnx") and n.name not in plan.keep_float
+            and not (n.op_type in _ELEMENTWISE and any(
+                v is not None and v.const_value is not None for v in n.inputs))]
+
+
+_ELEMENTWISE = {"Add", "Mul"}
 
 
 def _roles(node: ir.Node) -> dict[int, object]:
@@ -92,7 +103,8 @@ def insert_qdq(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan) -> di
         for index, role in roles.items():
             if isinstance(role, Weight):
                 axis = _weight_axis(node, role)
-                dq, weight_scales = _quantized_weight(graph, node, index, axis, weight_cache)
+                dq, weight_scales = _quantized_weight(graph, node, index, axis, weight_cache,
+                                                      plan.weight_qmax)
                 node.replace_input_with(index, dq)
                 counts["weights"] += 1
         if BIAS in roles.values() and weight_scales is not None and input_scale is not None:
@@ -129,19 +141,19 @@ def _weight_axis(node: ir.Node, role: Weight) -> int | None:
 
 
 def _quantized_weight(graph: ir.Graph, node: ir.Node, index: int, axis: int | None,
-                      cache: dict) -> tuple[ir.Value, np.ndarray]:
+                      cache: dict, qmax: int) -> tuple[ir.Value, np.ndarray]:
     """DQ(int8 W, per-channel scales) for input ``index``; shared weights quantize once."""
     value = node.inputs[index]
     key = (value.name, axis)
     if key not in cache:
         weight = value.const_value.numpy().astype(np.float32)
         if axis is None:  # per tensor: one scale, broadcast as a 0-d tensor
-            scales = qparams.weight_scales(weight.reshape(1, -1), 0).reshape(())
-            q = qparams.quantize_weight(weight.reshape(1, -1), scales.reshape(1), 0)
+            scales = qparams.weight_scales(weight.reshape(1, -1), 0, qmax).reshape(())
+            q = qparams.quantize_weight(weight.reshape(1, -1), scales.reshape(1), 0, qmax)
             q = q.reshape(weight.shape)
         else:
-            scales = qparams.weight_scales(weight, axis)
-            q = qparams.quantize_weight(weight, scales, axis)
+            scales = qparams.weight_scales(weight, axis, qmax)
+            q = qparams.quantize_weight(weight, scales, axis, qmax)
         zero = np.zeros_like(scales, dtype=np.int8)
         dq = _dequantize(graph, node, f"{value.name}_quantized", q, scales, zero, axis or 0)
         cache[key] = (dq, scales)

@@ -40,6 +40,7 @@ class QuantizeOptions:
     activation_dtype: str = "uint8"
     accuracy_budget: float | None = None  # max top-1 disagreement with FP32, in percent
     keep_float: frozenset[str] = frozenset()
+    weight_bits: int = 7  # 7 avoids x86 int16 saturation (qparams.REDUCED_QMAX); 8 for ARM
 
 
 @dataclass
@@ -48,6 +49,7 @@ class QuantizeReport:
 
     method: str
     activation_dtype: str
+    weight_bits: int
     op_types: list[str]
     counts: dict[str, int]
     kept_float: list[dict[str, str]] = field(default_factory=list)
@@ -66,11 +68,12 @@ def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
     model = clone(model)
     NameFixPass()(model)  # keep-float decisions and reports refer to node names
     plan = QuantPlan(frozenset(options.op_types), set(options.keep_float),
-                     options.activation_dtype)
+                     options.activation_dtype, 2 ** (options.weight_bits - 1) - 1)
     names = [v.name for v in plan_tensors(model.graph, QuantPlan(plan.op_types))]
     ranges = collect_ranges(model, names, images.batches(), options.method, on_batch)
     quantized, counts = _rewrite(model, ranges, plan)
-    report = QuantizeReport(options.method, options.activation_dtype, sorted(plan.op_types),
+    report = QuantizeReport(options.method, options.activation_dtype, options.weight_bits,
+                            sorted(plan.op_types),
                             counts, calibration=images.description)
     report.kept_float = [{"node": n, "reason": "requested"} for n in sorted(plan.keep_float)]
     if options.accuracy_budget is not None:

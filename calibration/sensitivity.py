@@ -2,9 +2,9 @@
 
 Both the FP32 and the QDQ model keep the original float tensor names (a QDQ graph quantizes a
 tensor after it is produced), so one run of each with those tensors exposed gives, for every
-quantized node n with primary input a and output y,
+quantized node n with activation inputs a_i and output y,
 
-    degradation(n) = SQNR(a) − SQNR(y)   [dB]
+    degradation(n) = min_i SQNR(a_i) − SQNR(y)   [dB]
 
 the SQNR lost inside n itself, without the error it merely inherits from upstream. The node
 with the largest degradation is the first to keep in float.
@@ -50,18 +50,25 @@ def _tensors(model: ir.Model, images: ImageSet, names: list[str]) -> dict[str, n
 def rank_layers(fp32: ir.Model, quantized: ir.Model, plan: QuantPlan, images: ImageSet
                 ) -> list[LayerSensitivity]:
     """Quantized nodes, most sensitive first (nodes already kept float are left out)."""
-    nodes = [(n.name, n.op_type, n.inputs[0].name, n.outputs[0].name)
+    nodes = [(n.name, n.op_type, [v.name for v in n.inputs
+                                  if v is not None and v.const_value is None],
+              n.outputs[0].name)
              for n in quantizable_nodes(fp32.graph, plan)]
-    names = sorted({t for _, _, a, y in nodes for t in (a, y)})
+    names = sorted({t for _, _, inputs, y in nodes for t in (*inputs, y)})
     available = {v.name for n in quantized.graph for v in n.outputs} | {
         v.name for v in quantized.graph.inputs}
     names = [n for n in names if n in available]
     reference = _tensors(fp32, images, names)
     observed = _tensors(quantized, images, names)
     sqnr = {n: metrics.sqnr_db(reference[n], observed[n]) for n in names}
-    ranking = [LayerSensitivity(node, op, _finite(sqnr.get(a)) - _finite(sqnr.get(y)))
-               for node, op, a, y in nodes if y in sqnr]
+    ranking = [LayerSensitivity(node, op, _input_sqnr(sqnr, inputs) - _finite(sqnr.get(y)))
+               for node, op, inputs, y in nodes if y in sqnr]
     return sorted(ranking, key=lambda s: s.degradation_db, reverse=True)
+
+
+def _input_sqnr(sqnr: dict[str, float], inputs: list[str]) -> float:
+    """The worst SQNR among a node's activation inputs: the error it inherits."""
+    return min((_finite(sqnr.get(name)) for name in inputs), default=_finite(None))
 
 
 def _finite(value: float | None, cap: float = 100.0) -> float:

@@ -70,6 +70,7 @@ class BuildOptions:
     calib_method: str = "percentile"
     accuracy_budget: float | None = None
     eval_data: str | None = None
+    weight_bits: int = 7
     targets: tuple[str, ...] = ("onnx",)
     ort_style: str = "fixed"
     coreml_precision: str = "fp16"
@@ -201,7 +202,7 @@ def _measure(blobs: dict[str, bytes], options: BuildOptions, progress: Progress)
         return None
     sessions = {k: latency.make_session(b, threads=options.threads) for k, b in blobs.items()}
     feed = latency.random_feed(next(iter(sessions.values())))
-    progress.start("Timing with ONNX Runtime", options.latency_runs)
+    progress.start("Timing with ONNX Runtime", -(-options.latency_runs // latency.BLOCK))
     stats = latency.measure_interleaved(sessions, feed, options.latency_runs,
                                         on_run=progress.advance)
     progress.finish()

@@ -93,6 +93,9 @@ class _ProgressBars:
 @click.option("--accuracy-budget", type=float, default=None,
               help="Max top-1 disagreement with FP32 on the calibration images, in percent; "
                    "the most sensitive layers stay in float until it is met.")
+@click.option("--weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
+              help="INT8 weight range: 7 bits avoids the int16 saturation of x86 u8*s8 kernels "
+                   "(measured accuracy loss without it); 8 uses the full range (ARM phones).")
 @click.option("--eval-data", type=click.Path(), default=None,
               help="Image folder (one subfolder per class) to report FP32 and INT8 accuracy on.")
 @click.option("--targets", default="onnx", show_default=True,
@@ -121,8 +124,8 @@ class _ProgressBars:
 def build(size: str, weights: str | None, resolution: int, patch_config: str, num_classes: int,
           out_dir: str | None, no_passes: bool, int8: bool, calib_data: str | None,
           calib_size: int, calib_method: str, accuracy_budget: float | None,
-          eval_data: str | None, targets: str, ort_style: str, coreml_precision: str,
-          coreml_int8: str, coreml_input: str, coreml_batch: int, seed: int,
+          weight_bits: str, eval_data: str | None, targets: str, ort_style: str,
+          coreml_precision: str, coreml_int8: str, coreml_input: str, coreml_batch: int, seed: int,
           latency_runs: int, threads: int) -> None:
     """Build MobileViT as an ONNX graph, compile it (and quantize it with --int8), write the
     models and report.json, and print a summary."""
@@ -135,7 +138,7 @@ def build(size: str, weights: str | None, resolution: int, patch_config: str, nu
                            latency_runs=latency_runs, threads=threads, passes=not no_passes,
                            int8=int8, calib_data=calib_data, calib_size=calib_size,
                            calib_method=calib_method, accuracy_budget=accuracy_budget,
-                           eval_data=eval_data,
+                           weight_bits=int(weight_bits), eval_data=eval_data,
                            targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
                            ort_style=ort_style, coreml_precision=coreml_precision,
                            coreml_int8=coreml_int8, coreml_input=coreml_input,

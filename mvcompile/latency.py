@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+BLOCK = 5  # consecutive calls per session in interleaved timing
+
 
 @dataclass(frozen=True)
 class LatencyStats:
@@ -68,19 +70,26 @@ def measure(session: ort.InferenceSession, feed: dict[str, np.ndarray], runs: in
 
 
 def measure_interleaved(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray],
-                        runs: int = 30, warmup: int = 5,
+                        runs: int = 30, warmup: int = 5, block: int = BLOCK,
                         on_run: Callable[[], None] | None = None) -> dict[str, LatencyStats]:
-    """Time several sessions round-robin, one call each per round, so that they see the same
-    machine load; compare their medians as ratios."""
+    """Time several sessions in alternating blocks of ``block`` calls, so that they see the
+    same machine load; compare their medians as ratios.
+
+    Blocks rather than single calls: after a call, ONNX Runtime's worker threads spin for a
+    while, and a single call of another session interleaved there would compete with them.
+    The first call of each block is discarded for the same reason.
+    """
     for session in sessions.values():
         for _ in range(warmup):
             session.run(None, feed)
     samples: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(runs):
+    while min(len(s) for s in samples.values()) < runs:
         for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feed)
-            samples[name].append(time.perf_counter() - start)
+            session.run(None, feed)  # settles the thread pool after the previous session
+            for _ in range(min(block, runs - len(samples[name]))):
+                start = time.perf_counter()
+                session.run(None, feed)
+                samples[name].append(time.perf_counter() - start)
         if on_run is not None:
             on_run()
     return {name: LatencyStats.from_samples(s) for name, s in samples.items()}

@@ -56,7 +56,8 @@ def _models_table(report: dict, files: dict[str, Path]) -> str:
 
 def _accuracy_table(int8: dict) -> str:
     q = int8["quantization"]
-    rows = [("calibration", q["calibration"]), ("method", q["method"]),
+    rows = [("calibration", q["calibration"]),
+            ("method", f"{q['method']}, {q['weight_bits']}-bit weights"),
             ("quantized ops", ", ".join(q["op_types"])),
             ("kept in float", ", ".join(k["node"] for k in q["kept_float"]) or "none")]
     skipped = int8.get("calibration_skipped") or []
