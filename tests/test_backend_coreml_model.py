@@ -100,11 +100,25 @@ def test_plain_graph_fp16_image_input(plain: onnx.ModelProto) -> None:
     assert ops["cast"] == 2 and "batch_norm" not in ops  # fp16 inside; BN folded into conv
 
 
+def _constant_softmax_quantizes(model: onnx.ModelProto) -> int:
+    """QuantizeLinear nodes fed by a Softmax over an axis of length 1 (a constant output)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in inferred.graph.value_info}
+    softmax_outputs = {n.output[0] for n in inferred.graph.node if n.op_type == "Softmax"
+                       and dims.get(n.output[0], [0])[-1] == 1}
+    return sum(n.op_type == "QuantizeLinear" and n.input[0] in softmax_outputs
+               for n in inferred.graph.node)
+
+
 def test_int8_w8a8_uses_quantize_dequantize(int8: onnx.ModelProto) -> None:
     mlmodel, diff, _ = compare(int8, coreml.CoreMLOptions("fp32", "w8a8", "tensor"))
     assert diff <= 3 * ort_backend.output_quant_steps(int8)["logits"]  # rounding flips
     ops = coreml.program_summary(mlmodel._mil_program)["ops"]
-    assert ops["quantize"] == sum(n.op_type == "QuantizeLinear" for n in int8.graph.node)
+    onnx_quantize = sum(n.op_type == "QuantizeLinear" for n in int8.graph.node)
+    # At 64x64 the last block has one token per patch group: softmax over one element is the
+    # constant 1, and MIL may fold the quantize that follows it.
+    assert onnx_quantize - _constant_softmax_quantizes(int8) <= ops["quantize"] <= onnx_quantize
     assert ops["dequantize"] >= ops["quantize"]
     assert ops["constexpr_affine_dequantize"] == 66  # int8 weights stay int8 in the file
     assert mlmodel.get_spec().specificationVersion == 8  # iOS17
