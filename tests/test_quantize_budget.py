@@ -1,0 +1,58 @@
+"""The accuracy budget keeps the most sensitive layer in float, and says why."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
+
+from mvcompile.calibration import sensitivity
+from mvcompile.calibration.data import ImageSet
+from mvcompile.calibration.qdq import QuantPlan
+from mvcompile.calibration.quantize import QuantizeOptions, quantize
+from test_qdq import fixture_model
+
+
+def _fragile_model() -> ir.Model:
+    """The Conv → Swish → pool → Gemm fixture with one huge tap per filter, on input channel 0,
+    which the test images leave at zero: the tap never contributes, but per-channel int8 scales
+    to it and rounds every tap that does contribute to zero."""
+    model = fixture_model(seed=3)
+    weight = model.graph.initializers["w"]
+    array = weight.const_value.numpy().copy()
+    array[:, 0, 1, 1] = 500.0
+    weight.const_value = ir.tensor(array, name="w")
+    return model
+
+
+def _images(count: int = 32) -> ImageSet:
+    pixels = np.random.default_rng(5).uniform(0, 1, (count, 3, 8, 8)).astype(np.float32)
+    pixels[:, 0] = 0.0
+    return ImageSet(pixels, description="random test images, channel 0 blank")
+
+
+def test_conv_with_outlier_weights_is_ranked_most_sensitive() -> None:
+    model, images = _fragile_model(), _images()
+    quantized, _ = quantize(model, images, QuantizeOptions(method="minmax", weight_bits=8))
+    plan = QuantPlan(frozenset({"Conv", "Gemm"}))
+    NameFixPass()(model)
+    ranking = sensitivity.rank_layers(model, quantized, plan, images)
+    assert [r.op_type for r in ranking] == ["Conv", "Gemm"]
+    assert ranking[0].degradation_db > ranking[1].degradation_db + 10
+
+
+def test_budget_keeps_the_sensitive_conv_in_float() -> None:
+    model, images = _fragile_model(), _images()
+    options = QuantizeOptions(method="minmax", weight_bits=8,
+                              op_types=frozenset({"Conv", "Gemm"}))
+    _, unconstrained = quantize(model, images, options)
+    assert unconstrained.calibration_agreement < 1.0  # the outliers do flip predictions
+    _, report = quantize(model, images, QuantizeOptions(
+        method="minmax", weight_bits=8, op_types=frozenset({"Conv", "Gemm"}),
+        accuracy_budget=0.0))
+    assert len(report.kept_float) == 1
+    kept = report.kept_float[0]
+    conv = next(n.name for n in model.graph if n.op_type == "Conv")
+    assert kept["node"] == conv and "most sensitive" in kept["reason"]
+    assert report.calibration_agreement == 1.0
+    assert report.counts["nodes"] == 1  # the Gemm is still quantized
