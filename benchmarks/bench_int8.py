@@ -32,10 +32,12 @@ from onnxruntime.quantization import (
 from mvcompile import latency, metrics, onnx_io
 from mvcompile.builder import compile_fp32
 from mvcompile.calibration.data import ImageSet, bundled_photos, digits
+from mvcompile.calibration.observers import OBSERVERS
 from mvcompile.calibration.quantize import QuantizeOptions, quantize
 from mvcompile.evaluate import predict
+from mvcompile.graphs.checkpoints import load_state_dict
 from mvcompile.graphs.factory import create_mobilevit
-from mvcompile.graphs.mobilevit import MobileViTConfig
+from mvcompile.graphs.mobilevit import MobileViTConfig, build_graph
 from mvcompile.graphs.random_weights import RandomWeights
 from mvcompile.int8_build import int8_source
 from mvcompile.reference import export_peer
@@ -74,7 +76,6 @@ def latency_table(rounds: int, threads: int) -> None:
     cfg = MobileViTConfig.for_size("xxs", resolution=256)
     images = bundled_photos(256, 32)
     source = RandomWeights(0)
-    from mvcompile.graphs.mobilevit import build_graph
     build_graph(cfg, source)
     fp32, int8 = ours(cfg, None, images)
     peer = export_peer(cfg, source.tensors)
@@ -103,7 +104,6 @@ def accuracy_table(weights: str, calib_size: int) -> None:
     calib = digits(64, "train", calib_size)
     val = digits(64, "val")
     fp32, int8 = ours(cfg, weights, calib)
-    from mvcompile.graphs.checkpoints import load_state_dict
     peer = export_peer(cfg, load_state_dict(weights))
     rows = {"ours FP32": fp32, "ours INT8": int8,
             "quantize_static MinMax": ort_quantize_static(peer, calib, CalibrationMethod.MinMax),
@@ -123,6 +123,26 @@ def accuracy_table(weights: str, calib_size: int) -> None:
               f"{metrics.sqnr_db(ref, logits):.1f} |")
 
 
+def methods_table(weights: str, calib_size: int) -> None:
+    """Every --calib-method (7-bit weights), and the default with full 8-bit weights."""
+    cfg = MobileViTConfig.for_size("xxs", resolution=64, num_classes=10)
+    plain, _ = create_mobilevit(cfg, weights)
+    source = int8_source(plain, True)
+    calib, val = digits(64, "train", calib_size), digits(64, "val")
+    ref = predict(onnx_io.to_proto(source).SerializeToString(), val)
+    print(f"\nCalibration methods: XXS 64², digits val ({len(val.pixels)} images), "
+          f"{calib.description}; FP32 top-1 {100 * metrics.top1_accuracy(ref, val.labels):.2f}%")
+    print("| method | weight bits | INT8 top-1 | agreement with FP32 | SQNR dB |")
+    print("|---|---|---|---|---|")
+    runs = [(m, 7) for m in OBSERVERS] + [("percentile", 8)]
+    for method, bits in runs:
+        int8, _ = quantize(source, calib, QuantizeOptions(method=method, weight_bits=bits))
+        logits = predict(onnx_io.to_proto(int8).SerializeToString(), val)
+        print(f"| {method} | {bits} | {100 * metrics.top1_accuracy(logits, val.labels):.2f}% | "
+              f"{100 * metrics.top1_agreement(ref, logits):.2f}% | "
+              f"{metrics.sqnr_db(ref, logits):.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--weights", default="runs/digits_xxs/best.safetensors")
@@ -137,6 +157,7 @@ def main() -> None:
     if not args.skip_accuracy:
         if Path(args.weights).exists():
             accuracy_table(args.weights, args.calib_size)
+            methods_table(args.weights, args.calib_size)
         else:
             print(f"\n{args.weights} not found: train it with benchmarks/train_digits.py")
 

@@ -1,0 +1,60 @@
+"""Per-op-type ONNX Runtime time of a built model, from ORT's own profiler.
+
+    python benchmarks/profile_ops.py out/mobilevit_xxs/model.onnx out/mobilevit_xxs/model_int8.onnx
+
+Prints, for each model, the summed kernel time per op type per inference (batch 1, 2 threads,
+ORT_ENABLE_ALL, after fusions: QLinearConv, QGemm, ... appear as ORT runs them). Profiling adds
+overhead, so compare shares within a model rather than with the latency tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def profile(path: str, runs: int, threads: int) -> collections.Counter:
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        inp = session.get_inputs()[0]
+        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+        feed = {inp.name: np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)}
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"] / runs / 1000.0
+    return per_op
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args()
+    for path in args.models:
+        per_op = profile(path, args.runs, args.threads)
+        print(f"\n{path}: {sum(per_op.values()):.2f} ms of kernel time per inference")
+        print("| op | ms | share |")
+        print("|---|---|---|")
+        total = sum(per_op.values())
+        for op, ms in per_op.most_common(args.top):
+            print(f"| {op} | {ms:.2f} | {100 * ms / total:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
