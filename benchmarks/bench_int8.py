@@ -34,6 +34,7 @@ from mvcompile.builder import compile_fp32
 from mvcompile.calibration.data import ImageSet, bundled_photos, digits
 from mvcompile.calibration.observers import OBSERVERS
 from mvcompile.calibration.quantize import QuantizeOptions, quantize
+from mvcompile.calibration.registry import DEFAULT_OP_TYPES
 from mvcompile.evaluate import predict
 from mvcompile.graphs.checkpoints import load_state_dict
 from mvcompile.graphs.factory import create_mobilevit
@@ -81,15 +82,7 @@ def latency_table(rounds: int, threads: int) -> None:
     peer = export_peer(cfg, source.tensors)
     peer_int8 = ort_quantize_static(peer, images, CalibrationMethod.MinMax)
     models = {"ours INT8": int8, "ours FP32": fp32, "peer FP32": peer, "peer INT8": peer_int8}
-    sessions = {k: latency.make_session(m.SerializeToString(), threads=threads)
-                for k, m in models.items()}
-    feed_ours = {"pixel_values": images.pixels[:1]}
-    medians: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            feed = {session.get_inputs()[0].name: feed_ours["pixel_values"]}
-            medians[name].append(latency.measure(session, feed, runs=10, warmup=2).median_ms)
-    med = {k: float(np.median(v)) for k, v in medians.items()}
+    med = _interleaved_medians(models, images.pixels[:1], rounds, threads)
     print(f"\nLatency: XXS 256², batch 1, {threads} threads, ORT CPU; median of {rounds} "
           "interleaved rounds of 10 runs")
     print("| model | median ms | × ours FP32 | × peer INT8 | × peer FP32 |")
@@ -143,6 +136,41 @@ def methods_table(weights: str, calib_size: int) -> None:
               f"{metrics.sqnr_db(ref, logits):.1f} |")
 
 
+def variants_table(rounds: int, threads: int) -> None:
+    """Latency of INT8 graphs that quantize different op sets, vs our FP32 (XXS 256²)."""
+    cfg = MobileViTConfig.for_size("xxs", resolution=256)
+    images = bundled_photos(256, 16)
+    plain, _ = create_mobilevit(cfg)
+    source = int8_source(plain, True)
+    models = {"FP32": onnx_io.to_proto(compile_fp32(plain)[0])}
+    conv_matmul = frozenset({"Conv", "MatMul", "Gemm"})
+    for label, ops in (("Conv/MatMul/Gemm", conv_matmul),
+                       ("+ Sigmoid·Mul", conv_matmul | {"Sigmoid", "Mul"}),
+                       ("+ Add/Concat/pool (default)", DEFAULT_OP_TYPES)):
+        int8, _ = quantize(source, images, QuantizeOptions(op_types=ops))
+        models[label] = onnx_io.to_proto(int8)
+    med = _interleaved_medians(models, images.pixels[:1], rounds, threads)
+    print(f"\nINT8 op sets: XXS 256², batch 1, {threads} threads; median of {rounds} "
+          "interleaved rounds of 10 runs")
+    print("| quantized ops | median ms | × FP32 |")
+    print("|---|---|---|")
+    for name, ms in med.items():
+        print(f"| {name} | {ms:.2f} | {ms / med['FP32']:.2f} |")
+
+
+def _interleaved_medians(models: dict[str, onnx.ModelProto], pixels: np.ndarray, rounds: int,
+                         threads: int) -> dict[str, float]:
+    """Median over rounds of each model's 10-run median; models alternate every round."""
+    sessions = {k: latency.make_session(m.SerializeToString(), threads=threads)
+                for k, m in models.items()}
+    medians: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            feed = {session.get_inputs()[0].name: pixels}
+            medians[name].append(latency.measure(session, feed, runs=10, warmup=2).median_ms)
+    return {k: float(np.median(v)) for k, v in medians.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--weights", default="runs/digits_xxs/best.safetensors")
@@ -151,9 +179,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--variants", action="store_true", help="also time INT8 op sets")
     args = parser.parse_args()
     if not args.skip_latency:
         latency_table(args.rounds, args.threads)
+    if args.variants:
+        variants_table(args.rounds, args.threads)
     if not args.skip_accuracy:
         if Path(args.weights).exists():
             accuracy_table(args.weights, args.calib_size)
