@@ -146,7 +146,8 @@ def variants_table(rounds: int, threads: int) -> None:
     conv_matmul = frozenset({"Conv", "MatMul", "Gemm"})
     for label, ops in (("Conv/MatMul/Gemm", conv_matmul),
                        ("+ Sigmoid·Mul", conv_matmul | {"Sigmoid", "Mul"}),
-                       ("+ Add/Concat/pool (default)", DEFAULT_OP_TYPES)):
+                       ("+ Add/Concat/pool (default)", DEFAULT_OP_TYPES),
+                       ("+ Softmax", DEFAULT_OP_TYPES | {"Softmax"})):
         int8, _ = quantize(source, images, QuantizeOptions(op_types=ops))
         models[label] = onnx_io.to_proto(int8)
     med = _interleaved_medians(models, images.pixels[:1], rounds, threads)
