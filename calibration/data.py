@@ -43,19 +43,14 @@ class ImageSet:
 
 
 def preprocess(image, resolution: int) -> np.ndarray:
-    """PIL image → [3, R, R] float32: RGB, shorter side to R·288/256, centre crop, /255."""
-    from PIL import Image
+    """PIL image → [3, R, R] float32: RGB, shorter side to R·288/256, centre crop, /255.
 
-    image = image.convert("RGB")
-    short = round(resolution * RESIZE_RATIO)
-    w, h = image.size
-    scale = short / min(w, h)
-    image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))),
-                         Image.BILINEAR)
-    w, h = image.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    return (np.asarray(image, dtype=np.float32) / 255.0).transpose(2, 0, 1)
+    The same functions ``mvcompile train`` evaluates with, so a trained model sees identical
+    inputs at calibration time.
+    """
+    from mvcompile.train.data import center_crop, to_array
+
+    return to_array(center_crop(image.convert("RGB"), resolution, RESIZE_RATIO))
 
 
 def load_images(source: str | None, resolution: int, limit: int | None = None,

@@ -131,6 +131,17 @@ class UnfoldAfterConv1x1(_ChainRule):
         return op.Reshape(y, s3)
 
 
+def _check_square_grid(rule: _ChainRule, result: MatchResult) -> MatchResult:
+    """The mobile form of a chain without an adjacent 1x1 conv transposes the patch grid with
+    a second SpaceToDepth/DepthToSpace, which needs a square grid."""
+    if result and rule.target == "mobile":
+        _, _, nh, nw = rule._geometry()
+        if nh != nw:
+            return result.fail(f"patch grid {nh}x{nw} is not square: no transpose-free "
+                               "form without an adjacent 1x1 conv.")
+    return result
+
+
 class UnfoldToSpaceToDepth(_ChainRule):
     """Unfold chain alone → S2D → Reshape → S2D over the patch grid (mobile) or Transpose
     (ORT) → Reshape."""
@@ -144,13 +155,7 @@ class UnfoldToSpaceToDepth(_ChainRule):
         return op.Reshape(t, s3, _outputs=["tokens"])
 
     def check(self, context, x, s1, s2, s3, tokens) -> MatchResult:
-        result = _check_unfold(self, x, tokens, MatchResult())
-        if result and self.target == "mobile":
-            _, _, nh, nw = self._geometry()
-            if nh != nw:
-                return result.fail(f"patch grid {nh}x{nw} is not square: no transpose-free "
-                                   "form without an adjacent 1x1 conv.")
-        return result
+        return _check_square_grid(self, _check_unfold(self, x, tokens, MatchResult()))
 
     def rewrite(self, op, x, s1, s2, s3, tokens):
         c = self.image[1]
@@ -223,13 +228,7 @@ class FoldToDepthToSpace(_ChainRule):
         return op.Reshape(f, s3, _outputs=["image"])
 
     def check(self, context, t, s1, s2, s3, image) -> MatchResult:
-        result = _check_fold(self, t, image, MatchResult())
-        if result and self.target == "mobile":
-            _, _, nh, nw = self._geometry()
-            if nh != nw:
-                return result.fail(f"patch grid {nh}x{nw} is not square: no transpose-free "
-                                   "form without an adjacent 1x1 conv.")
-        return result
+        return _check_square_grid(self, _check_fold(self, t, image, MatchResult()))
 
     def rewrite(self, op, t, s1, s2, s3, image):
         c = self.image[1]
