@@ -27,7 +27,7 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
                progress: Progress) -> tuple[onnx.ModelProto, dict]:
     """Quantize the compiled graph; report calibration and (optional) eval accuracy."""
     source = int8_source(plain, options.passes)
-    calibration = _images(options.calib_data, options, progress, options.calib_size)
+    calibration = _images(options.calib_data, options, progress, options.calib_size, "train")
     if calibration.skipped:
         log.warning("Skipped %d non-image files in %s", len(calibration.skipped),
                     options.calib_data)
@@ -41,7 +41,7 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
     report = {"quantization": asdict(qreport), "calibration_skipped": calibration.skipped,
               "accuracy": {"calibration": _compare(fp32, int8_proto, calibration, progress)}}
     if options.eval_data is not None:
-        images = _images(options.eval_data, options, progress, None)
+        images = _images(options.eval_data, options, progress, None, "val")
         report["accuracy"]["eval"] = _compare(fp32, int8_proto, images, progress)
     return int8_proto, report
 
@@ -60,9 +60,11 @@ def int8_source(plain: ir.Model, passes: bool) -> ir.Model:
 
 
 def _images(source: str | None, options: BuildOptions, progress: Progress,
-            limit: int | None) -> ImageSet:
+            limit: int | None, split: str) -> ImageSet:
+    """Calibration uses the training split of ``digits``, evaluation its validation split."""
     progress.start(f"Loading images from {source or 'bundled photos'}", limit or 0)
-    images = load_images(source, options.resolution, limit, on_image=progress.advance)
+    images = load_images(source, options.resolution, limit, on_image=progress.advance,
+                         split=split)
     progress.finish()
     return images
 

@@ -147,3 +147,16 @@ def test_unknown_target(tmp_path: Path) -> None:
     code, output = run("build", *FAST, "--targets", "onnx,tflite", "-o", str(tmp_path / "o"))
     assert_clean_failure(code, output, "Unknown target(s) tflite")
     assert not (tmp_path / "o").exists()
+
+
+def test_digits_calibrates_on_the_train_split_and_evaluates_on_val(tmp_path: Path) -> None:
+    code, output = run("build", *FAST, "--num-classes", "10", "--int8", "--calib-data", "digits",
+                       "--eval-data", "digits", "-o", str(tmp_path / "o"))
+    assert code == 0, output
+    accuracy = json.loads((tmp_path / "o" / "report.json").read_text())["int8"]["accuracy"]
+    assert "train images of scikit-learn digits" in accuracy["calibration"]["source"]
+    assert accuracy["eval"]["images"] == 359  # the fixed 20% validation split of train
+    assert {"top1_fp32", "top1_int8", "top1_agreement"} <= set(accuracy["eval"])
+    code, output = run("eval", str(tmp_path / "o" / "model_int8.onnx"), "--data", "digits")
+    assert code == 0, output
+    assert "359 val images" in output and "top-1 (model)" in output
