@@ -32,12 +32,15 @@ def contenders(size: str, resolution: int) -> dict[str, onnx.ModelProto]:
     source = RandomWeights(0)
     plain = onnx_io.to_proto(build_graph(cfg, source))
     fp32 = onnx_io.to_proto(run_pipeline(build_graph(cfg, RandomWeights(0)), "fp32")[0])
+    one_transpose = onnx_io.to_proto(
+        run_pipeline(build_graph(cfg, RandomWeights(0)), "fp32-transpose")[0])
     mobile = onnx_io.to_proto(run_pipeline(build_graph(cfg, RandomWeights(0)), "mobile")[0])
     pixels = torch.rand(1, 3, resolution, resolution)
     exported = torch.onnx.export(hf_model(cfg, source.tensors), (pixels,), dynamo=True,
                                  input_names=["pixel_values"], output_names=["logits"])
     peer = simplify(exported.model_proto)
-    return {"compiled fp32": fp32, "compiled mobile": mobile, "plain (ours)": plain,
+    return {"compiled fp32": fp32, "fp32, 1 Transpose/direction": one_transpose,
+            "compiled mobile": mobile, "plain (ours)": plain,
             "peer (HF export)": peer}
 
 

@@ -104,7 +104,9 @@ def _rules(name: str, factory: Callable[[], RewriteRuleSet]) -> Stage:
     return Stage(name, lambda: RuleSetPass(name, factory()))
 
 
-def _core(target: str, swish: bool = True) -> list[Stage]:
+def _core(target: str, swish: bool = True, layout: str | None = None) -> list[Stage]:
+    """The shared stages; ``layout`` overrides the target of the unfold/fold rewrite."""
+    layout = layout or target
     return [
         # Static shapes first: unfold_fold decides matches by simulating shapes.
         Stage("infer_shapes", common.ShapeInferencePass),
@@ -112,7 +114,7 @@ def _core(target: str, swish: bool = True) -> list[Stage]:
         # that unfold_fold can absorb.
         _rules("fuse_conv_bn", lambda: fuse_conv_bn.rules),
         *([_rules("fuse_swish", lambda: fuse_swish.rules(target))] if swish else []),
-        _rules("unfold_fold", lambda: unfold_fold.rules(target)),
+        _rules("unfold_fold", lambda: unfold_fold.rules(layout)),
         _rules("fold_head_split", lambda: fold_head_split.rules(target)),
     ]
 
@@ -142,6 +144,9 @@ PIPELINES: dict[str, list[Stage]] = {
     # turns into integer QLinearSigmoid + QLinearMul (measured faster than a float Swish
     # between dequantize/quantize pairs; README "INT8").
     "int8": [*_core("ort", swish=False), *_CLEANUP],
+    # Measured alternative for ORT (benchmarks/bench_fp32.py): unfold/fold with one Transpose
+    # per direction instead of FusedMatMul's transpose flags.
+    "fp32-transpose": [*_core("ort", layout="ort-transpose"), *_CLEANUP],
     "fp32-foreign": [*_foreign("ort"), *_CLEANUP],
     "mobile-foreign": [*_foreign("mobile"), *_CLEANUP],
 }

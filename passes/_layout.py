@@ -144,12 +144,24 @@ def transposed_matmul(op, a: ir.Value, b: ir.Value, *, equation: str, trans_a: b
 
     ``target="ort"``: com.microsoft FusedMatMul(transA, transB), which ONNX Runtime runs as one
     GEMM. ``target="mobile"``: the standard ONNX Einsum ``equation`` (Core ML: matmul with
-    transpose_x/transpose_y). Neither writes a Transpose node.
+    transpose_x/transpose_y). Neither writes a Transpose node. ``target="ort-transpose"``:
+    Transpose + MatMul, kept to measure the one-Transpose-per-direction form against them.
     """
     if target == "ort":
         return op.FusedMatMul(a, b, transA=int(trans_a), transB=int(trans_b), alpha=1.0,
                               _domain="com.microsoft")
+    if target == "ort-transpose":  # the measured alternative: one explicit Transpose
+        ranks = [len(term) for term in equation.split("->")[0].split(",")]
+        if trans_a:
+            a = op.Transpose(a, perm=_swap_last_two(ranks[0]))
+        if trans_b:
+            b = op.Transpose(b, perm=_swap_last_two(ranks[1]))
+        return op.MatMul(a, b)
     return op.Einsum(a, b, equation=equation)
+
+
+def _swap_last_two(rank: int) -> list[int]:
+    return [*range(rank - 2), rank - 1, rank - 2]
 
 
 def int64_init(op, values: Sequence[int], name: str) -> ir.Value:
