@@ -53,3 +53,21 @@ def test_unknown_pipeline_is_a_key_error(xxs64) -> None:
     with pytest.raises(KeyError, match="fp32"):
         run_pipeline(build_random(xxs64)[0], "nope")
     assert set(PIPELINES) >= {"fp32", "mobile"}
+
+
+@pytest.mark.parametrize("name, transposes, sigmoids", [("int8", 0, 34), ("fp32-transpose", 6, 0)])
+def test_int8_and_one_transpose_pipelines(xxs64, name: str, transposes: int,
+                                          sigmoids: int) -> None:
+    """int8 keeps Swish as Sigmoid·Mul (for integer kernels); fp32-transpose has exactly one
+    Transpose per unfold and per fold (3 MobileViT blocks × 2)."""
+    plain, _ = build_random(xxs64, seed=4)
+    pixels = random_pixels(2, 64)
+    compiled, _ = run_pipeline(build_random(xxs64, seed=4)[0], name)
+    proto = onnx_io.to_proto(compiled)
+    onnx.checker.check_model(proto, full_check=True)
+    op_types = [n.op_type for n in proto.graph.node]
+    assert op_types.count("Transpose") == transposes
+    assert _sigmoid_mul_pairs(proto) == sigmoids
+    assert "BatchNormalization" not in op_types
+    np.testing.assert_allclose(ort_run(compiled, pixels), ort_run(plain, pixels), rtol=0,
+                               atol=1e-4)
