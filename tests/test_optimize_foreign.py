@@ -1,0 +1,65 @@
+"""`mvcompile optimize` on torch exports of other transformers vision models (small configs)."""
+
+from __future__ import annotations
+
+import io
+
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from mvcompile.optimize import optimize_proto  # noqa: E402
+
+
+def _small_models() -> dict[str, torch.nn.Module]:
+    t = transformers
+    return {
+        "mobilevitv2": t.MobileViTV2ForImageClassification(t.MobileViTV2Config(
+            image_size=64, width_multiplier=0.5, num_labels=5)),
+        "deit": t.ViTForImageClassification(t.ViTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            image_size=32, patch_size=8, num_labels=5)),
+        "swin": t.SwinForImageClassification(t.SwinConfig(
+            image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+            window_size=4, num_labels=5)),
+    }
+
+
+def _export(model: torch.nn.Module, size: int) -> onnx.ModelProto:
+    """TorchScript exporter (fast); the dynamo one where TorchScript cannot (Col2Im)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # move away from HF's zero/one init
+    pixels = torch.rand(1, 3, size, size)
+    if isinstance(model, transformers.MobileViTV2ForImageClassification):
+        return torch.onnx.export(model.eval(), (pixels,), dynamo=True, verbose=False,
+                                 input_names=["pixel_values"],
+                                 output_names=["logits"]).model_proto
+    buffer = io.BytesIO()
+    torch.onnx.export(model.eval(), (pixels,), buffer, dynamo=False,
+                      opset_version=18, input_names=["pixel_values"], output_names=["logits"])
+    return onnx.load_from_string(buffer.getvalue())
+
+
+SIZES = {"mobilevitv2": 64, "deit": 32, "swin": 32}
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_foreign_vit_graphs_optimize_with_unchanged_outputs(name: str) -> None:
+    proto = _export(_small_models()[name], SIZES[name])
+    optimized, report = optimize_proto(proto, "ort")  # raises if numerics differ > 1e-4
+    onnx.checker.check_model(optimized, full_check=True)
+    assert report["max_abs_diff"] <= 1e-4
+    assert report["nodes"]["optimized"] <= report["nodes"]["onnxsim"] <= report["nodes"]["input"]
+    fired = {rule: n for stage in report["pipeline"]["stages"]
+             for rule, n in stage.get("rules", {}).items() if n}
+    ops = {n.op_type for n in optimized.graph.node}
+    if name in ("deit", "swin"):  # the TorchScript exporter writes GELU as Erf arithmetic
+        assert "Gelu" in ops and "Erf" not in ops
+        assert any("gelu" in rule.lower() for rule in fired), fired
+    refused = {rule: why for stage in report["pipeline"]["stages"]
+               for rule, why in stage.get("refused", {}).items()}
+    assert all(isinstance(why, str) and why for why in refused.values())
