@@ -9,7 +9,7 @@ with the real interval [lo, hi] to quantize. Turning a range into (scale, zero_p
 - :class:`PercentileObserver`: lo, hi = the p and 100−p percentiles of all values seen
   (from a histogram).
 - :class:`EntropyObserver`: the clipping threshold T minimising KL(P‖Q) between the histogram P
-  of |x| and its 255-level quantized version Q (TensorRT's entropy calibration).
+  and its 255-level quantized version Q (TensorRT's entropy calibration, on the uint8 grid).
 - :class:`MseObserver`: the threshold T minimising E[(x − q_T(x))²] over the histogram.
 
 The histogram observers keep a fixed number of bins over a range that grows by doubling, so
@@ -119,48 +119,60 @@ class PercentileObserver(_HistogramObserver):
 
 
 class _ThresholdSearchObserver(_HistogramObserver):
-    """Search a symmetric-about-the-data clipping threshold over the histogram.
+    """Search the clipping threshold T that minimises a loss between the observed histogram
+    and its uint8 quantization over [lo, hi] = [max(lo_seen, −T), min(hi_seen, T)].
 
-    Candidates are T_k = k·R/(bins/2) for k in [levels/2, bins/2]; the returned range is
-    [max(lo_seen, −T), min(hi_seen, T)].
+    The loss sees the grid the activations are really quantized on: 255 steps over [lo, hi],
+    asymmetric (post-Swish activations are nearly one-sided). Candidates are
+    T_k = k·R/(bins/2), k from 255 (so that [lo, hi] spans at least one bin per level) to
+    bins/2, in about 256 steps.
     """
 
     levels = 256
 
+    def __init__(self, bins: int = 4096) -> None:
+        super().__init__(bins)
+
     def compute_range(self) -> Range:
         if self.counts.sum() == 0:
             raise ValueError("observer saw no data")
-        magnitude = self._magnitude_histogram()
+        seen_lo, seen_hi = self.minmax.compute_range()
+        # The quantized range always contains 0 (qparams.quant_params), so search on that.
+        lo0, hi0 = min(seen_lo, 0.0), max(seen_hi, 0.0)
         half = self.bins // 2
         step = max(1, half // 256)
-        candidates = range(self.levels // 2, half + 1, step)
-        best = min(candidates, key=lambda k: self._loss(magnitude, k))
-        threshold = best * self.limit / half
-        seen_lo, seen_hi = self.minmax.compute_range()
-        if threshold >= max(-seen_lo, seen_hi) - step * self.limit / half:
+        candidates = [k * self.limit / half
+                      for k in range(min(self.levels - 1, half), half + 1, step)]
+        ranges = [(max(lo0, -t), min(hi0, t)) for t in candidates]
+        best = min(ranges, key=lambda r: self._loss(*r))
+        if best[1] - best[0] >= (hi0 - lo0) - step * self.limit / half:
             return seen_lo, seen_hi  # within one search step of the data: no clipping
-        return self._clip_to_seen(-threshold, threshold)
+        return best
 
-    def _magnitude_histogram(self) -> np.ndarray:
-        """Histogram of |x| over [0, R] with bins/2 bins."""
-        half = self.bins // 2
-        return self.counts[half:] + self.counts[:half][::-1]
+    def _centers(self) -> np.ndarray:
+        edges = self.edges()
+        return (edges[:-1] + edges[1:]) / 2
 
-    def _loss(self, magnitude: np.ndarray, k: int) -> float:
+    def _loss(self, lo: float, hi: float) -> float:
         raise NotImplementedError
 
 
 class EntropyObserver(_ThresholdSearchObserver):
-    """Minimise KL(P‖Q): P = |x| histogram cut at bin k with the cut-off mass added to its
-    last bin; Q = the first k bins merged into 128 levels and spread back over the non-empty
-    bins (TensorRT's entropy calibration)."""
+    """Minimise KL(P‖Q) (TensorRT's entropy calibration, on the asymmetric uint8 grid):
+    P = the histogram restricted to [lo, hi] with the clipped mass added to its end bins;
+    Q = the in-range bins merged into 255 levels and spread back over the non-empty bins."""
 
-    def _loss(self, magnitude: np.ndarray, k: int) -> float:
-        reference = magnitude[:k]
+    def _loss(self, lo: float, hi: float) -> float:
+        first, last = self._bin(lo), self._bin(hi) + 1
+        reference = self.counts[first:last]
+        if reference.size < 2:
+            return np.inf
         p = reference.copy()
-        p[-1] += magnitude[k:].sum()  # P: clipped values pile into the last bin
-        starts = np.linspace(0, k, self.levels // 2 + 1).astype(int)[:-1]
-        lengths = np.diff(np.append(starts, k))
+        p[0] += self.counts[:first].sum()  # P: clipped values pile into the end bins
+        p[-1] += self.counts[last:].sum()
+        n_levels = min(self.levels - 1, reference.size)
+        starts = np.linspace(0, reference.size, n_levels + 1).astype(int)[:-1]
+        lengths = np.diff(np.append(starts, reference.size))
         occupied = (reference > 0).astype(np.float64)
         mass = np.add.reduceat(reference, starts)  # Q: quantized from the unclipped bins
         count = np.add.reduceat(occupied, starts)
@@ -173,18 +185,20 @@ class EntropyObserver(_ThresholdSearchObserver):
         mask = p > 0
         return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
 
+    def _bin(self, value: float) -> int:
+        index = int((value + self.limit) / (2 * self.limit) * self.bins)
+        return min(max(index, 0), self.bins - 1)
+
 
 class MseObserver(_ThresholdSearchObserver):
-    """Minimise Σ_bins count·(x_bin − q_T(x_bin))², q_T = round-to-nearest on 255 levels of
-    step 2T/255 with values beyond T clipped."""
+    """Minimise Σ_bins count·(x_bin − q(x_bin))², q = uint8 round-to-nearest on 255 steps of
+    (hi − lo)/255 over [lo, hi], values outside clipped."""
 
-    def _loss(self, magnitude: np.ndarray, k: int) -> float:
-        half = self.bins // 2
-        centers = (np.arange(half) + 0.5) * self.limit / half
-        threshold = k * self.limit / half
-        step = 2.0 * threshold / (self.levels - 1)
-        quantized = np.minimum(np.round(centers / step) * step, threshold)
-        return float(np.sum(magnitude * (centers - quantized) ** 2))
+    def _loss(self, lo: float, hi: float) -> float:
+        centers = self._centers()
+        step = max(hi - lo, 1e-12) / (self.levels - 1)
+        quantized = np.clip(np.round((centers - lo) / step), 0, self.levels - 1) * step + lo
+        return float(np.sum(self.counts * (centers - quantized) ** 2))
 
 
 OBSERVERS: dict[str, type] = {
