@@ -46,19 +46,15 @@ class QuantPlan:
 
 
 def quantizable_nodes(graph: ir.Graph, plan: QuantPlan) -> list[ir.Node]:
-    """Nodes the plan quantizes, in graph order.
-
-    Elementwise ops with a constant operand (a bias Add, a scale Mul) are left in float: ORT
-    fuses DQ → Add → Q only when every operand is dequantized, so quantizing them would add
-    Q/DQ work without an integer kernel.
-    """
+    """Nodes the plan quantizes, in graph order."""
     return [n for n in graph if n.op_type in plan.op_types and n.op_type in QUANTIZERS
-            and n.domain in ("", "ai.onnx") and n.name not in plan.keep_float
-            and not (n.op_type in _ELEMENTWISE and any(
-                v is not None and v.const_value is not None for v in n.inputs))]
+            and n.domain in ("", "ai.onnx") and n.name not in plan.keep_float]
 
 
+# ORT fuses DQ → Add/Mul → Q into QLinearAdd/QLinearMul only when every operand is
+# dequantized, so a constant operand (a bias, a scale) is stored as uint8 with its own range.
 _ELEMENTWISE = {"Add", "Mul"}
+CONSTANT = "constant"
 
 
 def _roles(node: ir.Node) -> dict[int, object]:
@@ -71,6 +67,9 @@ def _roles(node: ir.Node) -> dict[int, object]:
             roles[index] = ACTIVATION
         elif node.op_type == "Concat" and index == 1:
             roles.update({i: ACTIVATION for i in range(1, len(node.inputs))})
+    if node.op_type in _ELEMENTWISE:
+        roles.update({i: CONSTANT for i, role in roles.items()
+                      if role == ACTIVATION and node.inputs[i].const_value is not None})
     return roles
 
 
@@ -107,6 +106,9 @@ def insert_qdq(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan) -> di
                                                       plan.weight_qmax)
                 node.replace_input_with(index, dq)
                 counts["weights"] += 1
+        for index, role in roles.items():
+            if role == CONSTANT:
+                node.replace_input_with(index, _quantized_constant(graph, node, index, plan))
         if BIAS in roles.values() and weight_scales is not None and input_scale is not None:
             index = next(i for i, r in roles.items() if r == BIAS)
             node.replace_input_with(index, _quantized_bias(graph, node, index, input_scale,
@@ -158,6 +160,19 @@ def _quantized_weight(graph: ir.Graph, node: ir.Node, index: int, axis: int | No
         dq = _dequantize(graph, node, f"{value.name}_quantized", q, scales, zero, axis or 0)
         cache[key] = (dq, scales)
     return cache[key]
+
+
+def _quantized_constant(graph: ir.Graph, node: ir.Node, index: int, plan: QuantPlan
+                        ) -> ir.Value:
+    """DQ of a constant activation-like operand, quantized per tensor over its own range."""
+    value = node.inputs[index]
+    array = value.const_value.numpy().astype(np.float32)
+    scale, zero = qparams.quant_params(float(array.min()), float(array.max()),
+                                       plan.activation_dtype, plan.symmetric_activations)
+    info = np.iinfo(zero.dtype)
+    q = np.clip(np.round(array / scale) + int(zero), info.min, info.max).astype(zero.dtype)
+    return _dequantize(graph, node, f"{value.name}_quantized_{node.name}", q,
+                       np.asarray(scale), np.asarray(zero), 0)
 
 
 def _quantized_bias(graph: ir.Graph, node: ir.Node, index: int, input_scale: float,

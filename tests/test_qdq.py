@@ -156,3 +156,25 @@ def test_int8_symmetric_activations(data: np.ndarray) -> None:
     assert len(zero_points) == 2
     assert all(z.dtype == np.int8 and z == 0 for z in zero_points)
     onnx_io.validate(onnx_io.to_proto(model))
+
+
+def test_add_with_a_constant_operand_becomes_qlinearadd(tmp_path) -> None:
+    text = """
+    <ir_version: 10, opset_import: ["" : 24]>
+    biased (float[N, 4, 6] x, float[6, 6] w, float[6] b) => (float[N, 4, 6] y) {
+        h = MatMul (x, w)
+        y = Add (h, b)
+    }
+    """
+    model = fixture_model(text)
+    x = np.random.default_rng(3).normal(0, 1, (4, 4, 6)).astype(np.float32)
+    expected = run(model, x)
+    quantize(model, x, QuantPlan(frozenset({"MatMul", "Add"})))
+    add = next(n for n in model.graph if n.op_type == "Add")
+    assert all(v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+               for v in add.inputs)
+    b_quantized = add.inputs[1].producer().inputs[0].const_value
+    assert b_quantized.dtype == ir.DataType.UINT8
+    quantized = run(model, x, optimized_path=str(tmp_path / "opt.onnx"))
+    assert "QLinearAdd" in {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    np.testing.assert_allclose(quantized, expected, atol=0.03 * np.abs(expected).max())
