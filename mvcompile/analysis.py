@@ -17,7 +17,9 @@ scalar constants are not parameters.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -172,11 +174,14 @@ def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
     that torch exports use, which ONNX inference leaves unknown."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    try:
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    except Exception as err:  # best effort, as above
-        log.info("Symbolic shape inference failed: %s", err)
-        return None
+    # It may save a temporary model (plus external data) into the current folder; keep that
+    # out of the user's folder.
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        try:
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        except Exception as err:  # best effort, as above
+            log.info("Symbolic shape inference failed: %s", err)
+            return None
 
 
 def _runtime_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:

@@ -39,12 +39,18 @@ def xxs64() -> MobileViTConfig:
 
 
 def run(*args: str) -> tuple[int, str]:
+    """Invoke the CLI in-process. An exception that escaped the command (which a user would
+    see as a traceback) is re-raised, so every CLI test also checks "no traceback"."""
     result = CliRunner().invoke(main, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"uncaught {type(result.exception).__name__} for {args}: "
+                             f"{result.exception}\n{result.output}") from result.exception
     return result.exit_code, result.output
 
 
 def assert_clean_failure(code: int, output: str, *phrases: str) -> None:
+    """A handled failure: non-zero exit and a message containing ``phrases``."""
     assert code != 0
-    assert "Traceback" not in output
+    assert "Error" in output or "Usage" in output, output
     for phrase in phrases:
         assert phrase in output, output

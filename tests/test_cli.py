@@ -150,3 +150,15 @@ def test_info_on_a_torch_export(tmp_path: Path) -> None:
     assert "21.18 M" in output  # same MACs as our graph, found by shape inference
     assert "shapes unknown" not in output
     assert "ai.onnx 17" in output and "Transpose" in output
+
+
+def test_build_and_info_leave_the_working_folder_untouched(tmp_path: Path, monkeypatch) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    code, output = run("build", "--resolution", "64", "-o", str(tmp_path / "o"),
+                       "--latency-runs", "0")
+    assert code == 0, output
+    code, output = run("info", str(tmp_path / "o" / "model.onnx"))
+    assert code == 0, output
+    assert list(cwd.iterdir()) == []  # shape inference scratch files stay out of it
