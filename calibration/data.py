@@ -79,8 +79,8 @@ def load_folder(folder: Path, resolution: int, limit: int | None = None,
     if not images:
         raise UserError(f"No images in {folder} (searched recursively for "
                         f"{', '.join(sorted(IMAGE_SUFFIXES))}).")
+    class_names = _class_names(folder, images)  # from every image, before subsampling
     images = _subsample(images, limit)
-    class_names = _class_names(folder, images)
     arrays, broken = [], []
     for p in images:
         try:

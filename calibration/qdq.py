@@ -234,8 +234,10 @@ def _reroute_graph_output(graph: ir.Graph, value: ir.Value, replacement: ir.Valu
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    if name in graph.initializers:
-        return graph.initializers[name]
+    """A new initializer; ``name`` gets a numeric suffix if the graph already uses it."""
+    base, suffix = name, 1
+    while name in graph.initializers:
+        name, suffix = f"{base}_{suffix}", suffix + 1
     value = ir.Value(name=name, shape=ir.Shape(array.shape),
                      type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))

@@ -56,6 +56,7 @@ class QuantizeReport:
     calibration: str = ""
     calibration_agreement: float | None = None
     calibration_sqnr_db: float | None = None
+    budget_met: bool | None = None  # None when no --accuracy-budget was given
 
 
 def clone(model: ir.Model) -> ir.Model:
@@ -100,12 +101,12 @@ def _meet_budget(model: ir.Model, quantized: ir.Model, ranges: dict[str, Range],
     budget = options.accuracy_budget / 100.0
     fp32_logits = sensitivity.logits(model, images)
     limit = max(1, int(MAX_FLOAT_FRACTION * report.counts["nodes"]))
-    for _ in range(limit):
-        disagreement = 1.0 - metrics.top1_agreement(fp32_logits,
-                                                    sensitivity.logits(quantized, images))
-        if disagreement <= budget:
-            log.info("Within budget: %.1f%% disagreement", 100 * disagreement)
-            break
+
+    def disagreement() -> float:
+        return 1.0 - metrics.top1_agreement(fp32_logits, sensitivity.logits(quantized, images))
+
+    current = disagreement()
+    while current > budget and len(report.kept_float) < limit:
         ranking = sensitivity.rank_layers(model, quantized, plan, images)
         if not ranking:
             break
@@ -113,8 +114,11 @@ def _meet_budget(model: ir.Model, quantized: ir.Model, ranges: dict[str, Range],
         plan.keep_float.add(worst.node)
         report.kept_float.append({"node": worst.node, "reason": (
             f"most sensitive: {worst.degradation_db:.1f} dB local SQNR loss; "
-            f"disagreement was {100 * disagreement:.1f}% > budget {options.accuracy_budget}%")})
+            f"disagreement was {100 * current:.1f}% > budget {options.accuracy_budget}%")})
         quantized, report.counts = _rewrite(model, ranges, plan)
-    else:
-        log.warning("Accuracy budget not met after keeping %d layers in float.", limit)
+        current = disagreement()
+    report.budget_met = current <= budget
+    if not report.budget_met:
+        log.warning("Accuracy budget not met (%.1f%% disagreement) after keeping %d layers in "
+                    "float.", 100 * current, len(report.kept_float))
     return quantized

@@ -86,7 +86,7 @@ class _ProgressBars:
 @click.option("--calib-data", type=click.Path(), default=None,
               help="Calibration images: a folder (searched recursively) or a preprocessed .npy "
                    "[N,3,R,R] array. Default: bundled scikit-image photos.")
-@click.option("--calib-size", type=int, default=32, show_default=True,
+@click.option("--calib-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="How many calibration images to use.")
 @click.option("--calib-method", type=click.Choice(list(OBSERVER_NAMES)), default="percentile",
               show_default=True, help="How activation ranges are chosen from calibration data.")
@@ -112,13 +112,13 @@ class _ProgressBars:
 @click.option("--coreml-input", type=click.Choice(["image", "tensor"]), default="image",
               show_default=True, help="Core ML input: an RGB image (scaled by 1/255 inside) or "
                                       "a float32 [B,3,H,W] tensor in [0,1].")
-@click.option("--coreml-batch", type=int, default=1, show_default=True,
+@click.option("--coreml-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Fixed batch size of the Core ML model (Core ML needs static shapes).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for the random weights used without --weights.")
-@click.option("--latency-runs", type=int, default=20, show_default=True,
+@click.option("--latency-runs", type=click.IntRange(min=0), default=20, show_default=True,
               help="Timed ONNX Runtime runs for the latency in the summary (0 skips timing).")
-@click.option("--threads", type=int, default=2, show_default=True,
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="ONNX Runtime intra-op threads for the latency measurement.")
 @_user_errors
 def build(size: str, weights: str | None, resolution: int, patch_config: str, num_classes: int,
@@ -188,7 +188,8 @@ def info(model: str) -> None:
 @click.option("--reference", type=click.Path(), default=None,
               help="FP32 model to compare with (top-1 agreement, SQNR). Default: model.onnx "
                    "beside a model_int8.onnx written by `mvcompile build`.")
-@click.option("--limit", type=int, default=None, help="Use at most this many images.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Use at most this many images.")
 @_user_errors
 def evaluate(model: str, data: str, reference: str | None, limit: int | None) -> None:
     """Report top-1 accuracy of MODEL on --data and, against an FP32 reference, top-1
@@ -214,7 +215,7 @@ def evaluate(model: str, data: str, reference: str | None, limit: int | None) ->
     elif "top1_fp32" in report:
         rows.append(("top-1", f"{100 * report['top1_fp32']:.2f}%"))
     else:
-        rows.append(("top-1", "no labels (use one subfolder per class)"))
+        rows.append(("top-1", report.get("labels", "no labels (use one subfolder per class)")))
     click.echo(format_table(rows, header=(model, "")))
 
 

@@ -39,7 +39,10 @@ def accuracy_report(images: ImageSet, fp32_logits: np.ndarray,
                     int8_logits: np.ndarray | None = None) -> dict:
     """{images, top1_agreement, sqnr_db, top1_fp32, top1_int8} as applicable."""
     report: dict = {"images": len(images.pixels), "source": images.description}
-    labelled = images.labels is not None and fp32_logits.shape[-1] >= len(images.class_names)
+    labelled = images.labels is not None and fp32_logits.shape[-1] == len(images.class_names)
+    if images.labels is not None and not labelled:
+        report["labels"] = (f"not scored: the folder has {len(images.class_names)} classes, "
+                            f"the model {fp32_logits.shape[-1]} outputs")
     if labelled:
         report["top1_fp32"] = metrics.top1_accuracy(fp32_logits, images.labels)
     if int8_logits is not None:
@@ -83,6 +86,9 @@ def evaluate_file(model_path: str, data: str, reference: str | None = None,
     logits = predict(model_path, images, on_batch=on_batch)
     if reference is None:
         return accuracy_report(images, logits)
+    from mvcompile import onnx_io
+
+    onnx_io.load_model(reference)  # a clean error for a missing or corrupt reference
     ref_logits = predict(reference, images, on_batch=on_batch)
     report = accuracy_report(images, ref_logits, logits)
     report["reference"] = reference

@@ -17,6 +17,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from mvcompile import onnx_io
+from mvcompile.backends._output import check_writable_dir
 from mvcompile.errors import UserError
 from mvcompile.pipeline import run_pipeline
 
@@ -116,8 +117,24 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
 def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
                   tolerance: float = DEFAULT_TOLERANCE) -> dict:
     """:func:`optimize_proto` on a file, then an atomic, validated write to ``dst``."""
+    dst = Path(dst)
+    if dst.is_dir():
+        raise UserError(f"-o {dst} is a folder; pass the path of the .onnx file to write.")
+    check_writable_dir(dst.parent, "optimised model")
     proto = onnx_io.load_model(src)
+    _check_runs_in_ort(proto, src)
     result, report = optimize_proto(proto, target, tolerance)
     onnx_io.save_model(result, dst)
     log.info("Wrote %s", dst)
     return report
+
+
+def _check_runs_in_ort(proto: onnx.ModelProto, src: str | Path) -> None:
+    """The input must load in ONNX Runtime: numerics are checked against it."""
+    try:
+        ort.InferenceSession(onnx_io.to_proto(proto).SerializeToString(),
+                             providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises several exception types for unloadable models
+        raise UserError(f"ONNX Runtime cannot load the input {src} ({str(err).splitlines()[0]})"
+                        "; mvcompile optimize checks its result against the input, so the "
+                        "input must run. Nothing was written.") from err

@@ -60,6 +60,9 @@ def _accuracy_table(int8: dict) -> str:
             ("method", f"{q['method']}, {q['weight_bits']}-bit weights"),
             ("quantized ops", ", ".join(q["op_types"])),
             ("kept in float", ", ".join(k["node"] for k in q["kept_float"]) or "none")]
+    if q.get("budget_met") is not None:
+        rows.append(("accuracy budget", "met" if q["budget_met"] else
+                     "NOT met (see the log; more layers would have to stay in float)"))
     skipped = int8.get("calibration_skipped") or []
     if skipped:
         shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")

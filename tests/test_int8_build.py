@@ -28,7 +28,7 @@ def _photo_folder(root: Path, classes: int = 2, per_class: int = 3) -> Path:
 
 def test_int8_build_writes_a_qdq_model_that_ort_runs(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, output = run("build", *FAST, "--int8", "-o", str(out),
+    code, output = run("build", *FAST, "--int8", "-o", str(out), "--num-classes", "2",
                        "--eval-data", str(_photo_folder(tmp_path / "eval")))
     assert code == 0, output
     proto = onnx.load(str(out / "model_int8.onnx"))
@@ -38,12 +38,14 @@ def test_int8_build_writes_a_qdq_model_that_ort_runs(tmp_path: Path) -> None:
     session = ort.InferenceSession(str(out / "model_int8.onnx"),
                                    providers=["CPUExecutionProvider"])
     logits = session.run(None, {"pixel_values": np.zeros((2, 3, 64, 64), np.float32)})[0]
-    assert logits.shape == (2, 1000)
+    assert logits.shape == (2, 2)
     report = json.loads((out / "report.json").read_text())
     assert report["artifacts"] == {"onnx": "model.onnx", "int8": "model_int8.onnx"}
     accuracy = report["int8"]["accuracy"]
     assert accuracy["calibration"]["images"] == 6
-    assert 0.0 <= accuracy["calibration"]["top1_agreement"] <= 1.0
+    # Random weights at 64x64 make near-tied logits, so agreement is not a stable measure
+    # here; the SQNR of the logits is (measured 20.7 dB; garbage would be near 0).
+    assert accuracy["calibration"]["sqnr_db"] > 15.0
     assert accuracy["eval"]["images"] == 6 and "top1_int8" in accuracy["eval"]
     assert "latency" in report and report["latency"]["int8"]["median_ms"] > 0
     assert "bundled" in output and "top-1 agreement" in output and "INT8" in output
@@ -119,6 +121,13 @@ def test_eval_command_on_a_labelled_folder(tmp_path: Path) -> None:
     code, output = run("eval", str(tmp_path / "o" / "model_int8.onnx"), "--data", str(folder))
     assert code == 0, output
     assert "top-1 agreement" in output and "model.onnx" in output
+    assert "not scored: the folder has 2 classes, the model 1000 outputs" in output
+    code, output = run("eval", str(tmp_path / "o" / "model_int8.onnx"), "--data", str(folder),
+                       "--reference", str(tmp_path / "missing.onnx"))
+    assert_clean_failure(code, output, "not found")
+    code, output = run("eval", str(tmp_path / "o" / "model.onnx"), "--data", str(folder),
+                       "--limit", "0")
+    assert_clean_failure(code, output, "--limit")
     code, output = run("eval", str(tmp_path / "o" / "model.onnx"), "--data",
                        str(tmp_path / "missing"))
     assert_clean_failure(code, output, "not found")
