@@ -29,7 +29,7 @@ def quant_params(lo: float, hi: float, dtype: str = "uint8", symmetric: bool = F
     np_dtype = np.uint8 if dtype == "uint8" else np.int8
     if symmetric:
         bound = max(-lo, hi)
-        scale = bound / ((qmax - qmin) / 2) if bound > 0 else 1.0
+        scale = bound / ((qmax - qmin) // 2) if bound > 0 else 1.0  # 127: ±bound exact
         zero_point = (qmin + qmax + 1) // 2  # 0 for int8, 128 for uint8
     else:
         scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0

@@ -227,11 +227,39 @@ def _write(out_dir: Path, blobs: dict[str, bytes], report: dict, options: BuildO
         staged["report"].write_text(json.dumps(report, indent=2) + "\n")
         files = {key: publish(path, out_dir / path.name, "build output")
                  for key, path in staged.items()}
+    _remove_stale(out_dir, {p.name for p in files.values()})
     log.info("Wrote %s", ", ".join(str(p) for p in files.values()))
     return BuildResult(out_dir, files, report)
 
 
 _ONNX_NAMES = {"onnx": "model.onnx", "int8": "model_int8.onnx"}
+
+
+def _artifact_names() -> set[str]:
+    """Every file or folder name a build can write (and so may find left from an older one)."""
+    names = {"report.json"}
+    for stem in ("model", "model_int8"):
+        names |= {f"{stem}.onnx", f"{stem}.mlpackage", f"{stem}.ort",
+                  f"{stem}.with_runtime_opt.ort"}
+        for kind in ("required_operators", "required_operators_and_types"):
+            names |= {f"{stem}.{kind}.config", f"{stem}.{kind}.with_runtime_opt.config"}
+    return names
+
+
+def _remove_stale(out_dir: Path, written: set[str]) -> None:
+    """Delete artifacts of an earlier build that this one did not rewrite (an old
+    model_int8.onnx would otherwise sit beside a new model.onnx)."""
+    import shutil
+
+    for name in sorted(_artifact_names() - written):
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        log.info("Removed stale %s", path)
 
 
 def _write_targets(stage: Path, blobs: dict[str, bytes], report: dict, options: BuildOptions,

@@ -32,6 +32,7 @@ from mvcompile.passes._layout import (
     transposed_matmul,
 )
 
+MIN_OPSET = 13  # Split and ReduceSum take their sizes/axes as inputs from opset 13
 HEAD_PERM = [0, 2, 1, 3]  # [G, N, h, d_h] <-> [G, h, N, d_h]
 KEY_PERM = [0, 2, 3, 1]  # [G, N, h, d_h] -> [G, h, d_h, N]
 
@@ -81,6 +82,10 @@ class FoldHeadSplit(RewriteRuleClassBase):
 
     def check(self, context, x, sq, sk, sv, scale, so, **values) -> MatchResult:
         result = MatchResult()
+        opset = context.model.opset_imports.get("", 0)
+        if opset < MIN_OPSET:
+            return result.fail(f"opset {opset} < {MIN_OPSET}: the rewrite emits the opset-13 "
+                               "forms of Split and ReduceSum (axes as inputs).")
         for name in ("gq", "gk", "gv", "out"):
             if _linear(values[name].producer()) is None:
                 return result.fail(f"{name} is not Gemm(x, W, b, transB=1) with constant W, b.")

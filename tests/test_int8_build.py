@@ -169,3 +169,11 @@ def test_digits_calibrates_on_the_train_split_and_evaluates_on_val(tmp_path: Pat
     code, output = run("eval", str(tmp_path / "o" / "model_int8.onnx"), "--data", "digits")
     assert code == 0, output
     assert "359 val images" in output and "top-1 (model)" in output
+
+
+def test_rebuilding_without_int8_removes_the_old_int8_model(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    assert run("build", *FAST, "--int8", "-o", str(out))[0] == 0
+    (out / "notes.txt").write_text("mine")
+    assert run("build", *FAST, "-o", str(out))[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "notes.txt", "report.json"]

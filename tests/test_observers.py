@@ -104,7 +104,7 @@ def test_asymmetric_uint8_params() -> None:
 
 def test_symmetric_int8_params() -> None:
     scale, zp = qparams.quant_params(-2.0, 1.0, "int8", symmetric=True)
-    assert scale == np.float32(2.0 / 127.5) and zp == 0 and zp.dtype == np.int8
+    assert scale == np.float32(2.0 / 127) and zp == 0 and zp.dtype == np.int8
 
 
 def test_ranges_are_widened_to_include_zero() -> None:

@@ -14,8 +14,8 @@ D = H * DH
 FEED = {"x": RNG.normal(0, 1, (G * N, D)).astype(np.float32)}
 
 
-def _model(softmax_axis: int = -1, key_perm: str = "[0,2,3,1]"):
-    text = f"""<ir_version: 10, opset_import: ["" : 24]>
+def _model(softmax_axis: int = -1, key_perm: str = "[0,2,3,1]", opset: int = 24):
+    text = f"""<ir_version: 10, opset_import: ["" : {opset}]>
     g (float[{G * N},{D}] x) => (float[{G * N},{D}] y) {{
         lq = Gemm <transB=1> (x, wq, bq)
         lk = Gemm <transB=1> (x, wk, bk)
@@ -65,3 +65,12 @@ def test_keys_not_transposed_for_scores_are_not_rewritten() -> None:
     after, pass_ = apply(before, "fold_head_split", fold_head_split.rules("mobile"))
     assert ops(after) == before_ops
     assert "Transpose of kt" in pass_.refusals["fold_head_split_mobile"]
+
+
+def test_opsets_before_13_are_refused() -> None:
+    """The rewrite emits opset-13 Split/ReduceSum (axes as inputs); older graphs keep theirs."""
+    before = _model(opset=12)
+    before_ops = ops(before)
+    after, pass_ = apply(before, "fold_head_split", fold_head_split.rules("ort"))
+    assert ops(after) == before_ops
+    assert "opset 12 < 13" in pass_.refusals["fold_head_split_ort"]

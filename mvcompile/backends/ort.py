@@ -31,10 +31,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.tools.convert_onnx_models_to_ort import (
-    OptimizationStyle,
-    convert_onnx_models_to_ort,
-)
 
 from mvcompile import latency
 from mvcompile.backends import _output
@@ -42,7 +38,8 @@ from mvcompile.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STYLES = {"fixed": OptimizationStyle.Fixed, "runtime": OptimizationStyle.Runtime}
+# onnxruntime.tools imports torch when present, so the converter is imported only when used.
+STYLES = ("fixed", "runtime")
 # Which style each execution provider wants (the --ort-style default is "fixed").
 STYLE_FOR_EP = {"cpu": "fixed", "xnnpack": "fixed", "nnapi": "runtime", "coreml": "runtime"}
 FLOAT_TOLERANCE = 1e-5
@@ -75,7 +72,7 @@ def write_ort(onnx_proto: onnx.ModelProto, out_dir: str | Path, style: str = "fi
     with _output.staging_dir(out_dir, "ORT model") as stage:
         source = stage / f"{name}.onnx"
         source.write_bytes(onnx_proto.SerializeToString())
-        staged = _convert(source, stage / "out", STYLES[style], target_platform)
+        staged = _convert(source, stage / "out", style, target_platform)
         for config in staged[1:]:  # the header names the converted model: use its final path
             config.write_text(config.read_text().replace(
                 str((stage / "out").resolve()), str(out_dir.resolve())))
@@ -85,15 +82,22 @@ def write_ort(onnx_proto: onnx.ModelProto, out_dir: str | Path, style: str = "fi
         return [_output.publish(path, out_dir / path.name, "ORT model") for path in staged]
 
 
-def _convert(source: Path, out: Path, style: OptimizationStyle, target_platform: str
+def _convert(source: Path, out: Path, style: str, target_platform: str
              ) -> list[Path]:
     """Run the converter twice (plain and type-reduced config); return [.ort, configs...]."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import (
+        OptimizationStyle,
+        convert_onnx_models_to_ort,
+    )
+
+    optimization = {"fixed": OptimizationStyle.Fixed, "runtime": OptimizationStyle.Runtime}
     captured = io.StringIO()  # the tool prints its progress; keep it for the debug log
     tool_log = logging.getLogger("ort_format_model.utils")  # logs each config at INFO
     try:
         with contextlib.redirect_stdout(captured), _quiet(tool_log):
             for reduced in (False, True):
-                convert_onnx_models_to_ort(source, output_dir=out, optimization_styles=[style],
+                convert_onnx_models_to_ort(source, output_dir=out,
+                                           optimization_styles=[optimization[style]],
                                            target_platform=target_platform,
                                            enable_type_reduction=reduced)
     except Exception as err:

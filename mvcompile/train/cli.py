@@ -60,7 +60,8 @@ class ProgressReporter:
 @click.option("--val-split", type=float, default=None,
               help="Fraction of each class held out for validation when there is no val/ "
                    "folder [default: 0.1; digits 0.2]. The split is fixed (seed 0).")
-@click.option("--size", type=click.Choice(SIZES), default="xxs", show_default=True)
+@click.option("--size", type=click.Choice(SIZES), default="xxs", show_default=True,
+              help="MobileViT variant to train.")
 @click.option("--patch-config", type=click.Choice(["A", "B"]), default="A", show_default=True,
               help="A = (2,2,2), B = (8,4,2).")
 @click.option("--resolution", type=int, default=256, show_default=True,
@@ -68,7 +69,8 @@ class ProgressReporter:
                    "(multiple of 64).")
 @click.option("--multiscale/--no-multiscale", default=True, show_default=True,
               help="Multi-scale sampler: {160..320}·R/256 snapped to multiples of 64.")
-@click.option("--epochs", type=int, default=300, show_default=True)
+@click.option("--epochs", type=int, default=300, show_default=True,
+              help="Passes over the training set (the paper: 300 on ImageNet).")
 @click.option("--batch-size", type=int, default=128, show_default=True,
               help="Images per process at the base resolution; the multi-scale sampler scales "
                    "it by (R/r)² at resolution r.")
@@ -79,13 +81,16 @@ class ProgressReporter:
               help="Learning rate at the end of the cosine decay.")
 @click.option("--warmup-steps", type=int, default=None,
               help="Warm-up steps [default: min(3000, 5% of all steps)].")
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
+@click.option("--weight-decay", type=float, default=0.01, show_default=True,
+              help="AdamW weight decay.")
+@click.option("--label-smoothing", type=float, default=0.1, show_default=True,
+              help="Label smoothing of the cross-entropy loss.")
 @click.option("--ema-decay", type=float, default=None,
               help="Keep an EMA of the weights with this decay (e.g. 0.9995) and export it.")
 @click.option("--dropout", type=float, default=0.0, show_default=True,
               help="Dropout after attention and FFN.")
-@click.option("--classifier-dropout", type=float, default=0.1, show_default=True)
+@click.option("--classifier-dropout", type=float, default=0.1, show_default=True,
+              help="Dropout before the classifier.")
 @click.option("--crop-scale", type=float, default=None,
               help="Smallest area fraction of the random resized crop [default: 0.08; "
                    "digits 0.6].")
@@ -93,13 +98,15 @@ class ProgressReporter:
               help="Random horizontal flip [default: on; digits off].")
 @click.option("--subset", type=int, default=None,
               help="Train on a random subset of this many images (quick experiments).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for initialisation, sampling and augmentation.")
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Data loader worker processes per training process.")
 @click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA.")
 @click.option("--name", default=None,
               help="Run folder runs/NAME [default: DATA_SIZE, e.g. digits_xxs].")
-@click.option("--runs-dir", default="runs", show_default=True)
+@click.option("--runs-dir", default="runs", show_default=True,
+              help="Folder that holds the run folders.")
 @click.option("--resume", default=None,
               help="Continue a run exactly where it stopped: a run folder or its last.pt.")
 @click.option("--overwrite", is_flag=True, help="Start over in an existing run folder.")
