@@ -82,7 +82,7 @@ def bench(model: str | Path, backend: str | None = None, threads: int = 2, runs:
 def _bench_ort(path: Path, threads: int, runs: int, warmup: int,
                on_run: Callable[[], None] | None) -> BenchResult:
     try:
-        session = latency.make_session(str(path), threads=threads)
+        session = latency.make_session(str(path), threads=threads, spinning=True)  # alone
     except Exception as err:  # onnxruntime raises several types for unreadable models
         raise UserError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from err
     feed = latency.random_feed(session, batch=1)

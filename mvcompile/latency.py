@@ -34,12 +34,21 @@ class LatencyStats:
 
 def make_session(model: bytes | str, threads: int = 2,
                  level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                 ) -> ort.InferenceSession:
-    """A CPU session with ``threads`` intra-op threads and one inter-op thread."""
+                 spinning: bool = False) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads and one inter-op thread.
+
+    Spinning is off by default: after each run ONNX Runtime's worker threads busy-wait for
+    more work, and when several sessions are timed interleaved on a 2-core machine those
+    threads steal the CPU from the next session: identical graphs then time differently by
+    position (``python benchmarks/ort_quirks.py``, table 1). ``spinning=True`` is ORT's
+    default, right for timing one session alone (``mvcompile bench``).
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = level
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 

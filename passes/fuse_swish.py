@@ -3,10 +3,11 @@
     Mul(x, Sigmoid(x)) → Swish(x) = x·σ(x)                 (ONNX opset 24, for mobile targets)
     Mul(x, Sigmoid(x)) → com.microsoft.QuickGelu(x, α=1) = x·σ(1·x)   (for ONNX Runtime)
 
-Which op is measured, not assumed (ONNX Runtime 1.31, 2 threads, six 32×128×128 Conv → act
-layers, medians): Sigmoid·Mul 3.32 ms (ORT fuses it into QuickGelu itself), QuickGelu 3.35 ms,
-Swish-24 5.51 ms (ORT has no fast Swish kernel). So the ORT pipeline emits QuickGelu and the
-mobile pipeline emits the standard Swish, which Core ML's ``silu`` maps to.
+Which op is measured, not assumed (``python benchmarks/ort_quirks.py``, table 1: six
+Conv → activation layers on ONNX Runtime 1.31): QuickGelu and Sigmoid·Mul run the same (ORT
+rewrites Sigmoid·Mul into QuickGelu itself) and opset-24 Swish is about 1.5× slower, so the
+ORT pipeline emits QuickGelu and the mobile pipeline the standard Swish, which Core ML's
+``silu`` maps to.
 After :mod:`fuse_conv_bn`, each conv-BN-swish chain is Conv → Swish.
 """
 
