@@ -56,7 +56,7 @@ def quantize_weight(weight: np.ndarray, scales: np.ndarray, axis: int = 0, qmax:
 
 # 7-bit weights. x86 u8·s8 integer kernels add adjacent products in int16 (vpmaddubsw), which
 # saturates when both are near 255·127; ONNX Runtime 1.31's fused QLinearConv does this on
-# this machine (stem conv: output SQNR 42.7 dB unfused vs 18.2 dB fused, README "INT8").
+# this machine (benchmarks/ort_quirks.py, table 2: stem conv 42.7 dB unfused vs 18.2 dB fused).
 # Halving the weight range keeps every pair sum within int16.
 REDUCED_QMAX = 63
 

@@ -43,7 +43,7 @@ class OpQuantizer:
 QUANTIZERS: dict[str, OpQuantizer] = {
     "Conv": OpQuantizer({0: ACTIVATION, 1: Weight(axis=0), 2: BIAS}),
     # Per tensor: ONNX Runtime 1.31's fused QDQ MatMul gives wrong results with per-column
-    # weight scales (tests/test_qdq.py::test_matmul_weight_is_per_tensor shows the failure).
+    # weight scales (benchmarks/ort_quirks.py, table 3, shows the failure).
     "MatMul": OpQuantizer({0: ACTIVATION, 1: Weight(axis=None)}),
     "Gemm": OpQuantizer({0: ACTIVATION, 1: Weight(axis=0), 2: BIAS}),
     "Add": OpQuantizer({0: ACTIVATION, 1: ACTIVATION}),
@@ -56,9 +56,9 @@ QUANTIZERS: dict[str, OpQuantizer] = {
     "GlobalAveragePool": OpQuantizer({0: ACTIVATION}),
 }
 
-# Default, chosen by measurement on ONNX Runtime (README, "INT8"): the compute-heavy ops, plus
-# Sigmoid·Mul (Swish), Add, Concat and pooling, which keeps the conv stages in uint8 NHWC
-# between integer kernels. Softmax and LayerNormalization stay float: QLinearSoftmax measured
-# slower than float Softmax plus its quantize step, and ORT has no integer LayerNorm.
+# Default, chosen by measurement on ONNX Runtime (README, "Measured results"): the
+# compute-heavy ops, plus Sigmoid·Mul (Swish), Add, Concat and pooling, which keeps the conv
+# stages in uint8 NHWC between integer kernels. Softmax and LayerNormalization stay float:
+# quantizing Softmax (QLinearSoftmax) measured clearly slower, and ORT has no integer LayerNorm.
 DEFAULT_OP_TYPES = frozenset({"Conv", "MatMul", "Gemm", "Sigmoid", "Mul", "Add", "Concat",
                               "GlobalAveragePool"})

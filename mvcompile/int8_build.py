@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The graph form that quantizes fastest on ONNX Runtime (measured; see README, "INT8").
+# The graph form that quantizes fastest on ONNX Runtime (measured; see README, "Measured results").
 INT8_PIPELINE = "int8"
 
 

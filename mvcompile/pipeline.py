@@ -141,8 +141,8 @@ PIPELINES: dict[str, list[Stage]] = {
     "fp32": [*_core("ort"), *_CLEANUP],
     "mobile": [*_core("mobile"), *_CLEANUP],
     # The graph that gets quantized for ONNX Runtime: Swish stays Sigmoid·Mul, which QDQ
-    # turns into integer QLinearSigmoid + QLinearMul (measured faster than a float Swish
-    # between dequantize/quantize pairs; README "INT8").
+    # turns into integer QLinearSigmoid + QLinearMul, so the conv stages stay integer
+    # (op-set timings: README "Measured results").
     "int8": [*_core("ort", swish=False), *_CLEANUP],
     # Measured alternative for ORT (benchmarks/bench_fp32.py): unfold/fold with one Transpose
     # per direction instead of FusedMatMul's transpose flags.
