@@ -63,8 +63,9 @@ def export(model: torch.nn.Module, resolution: int) -> onnx.ModelProto:
     try:
         return torch.onnx.export(model, (pixels,), dynamo=True, input_names=["pixel_values"],
                                  output_names=["logits"], verbose=False).model_proto
-    except Exception:  # torch raises many types here; fall back to the TorchScript exporter
-        pass
+    except Exception as err:  # torch raises many types here; fall back to TorchScript
+        logging.warning("dynamo export failed (%s); using the TorchScript exporter",
+                        str(err).splitlines()[0] if str(err) else type(err).__name__)
     buffer = io.BytesIO()
     torch.onnx.export(model, (pixels,), buffer, dynamo=False, opset_version=18,
                       input_names=["pixel_values"], output_names=["logits"])

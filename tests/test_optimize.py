@@ -8,7 +8,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from conftest import build_random
+from conftest import assert_clean_failure, build_random, run
 from mvcompile.cli import main
 from mvcompile.optimize import max_abs_diff, optimize_proto
 
@@ -75,3 +75,23 @@ def test_numerics_mismatch_writes_nothing(hf_export, tmp_path) -> None:
     assert result.exit_code == 1
     assert "nothing was" in result.output
     assert not out.exists()
+
+
+def test_output_path_that_is_a_folder_is_refused(hf_export, tmp_path) -> None:
+    src = tmp_path / "in.onnx"
+    onnx.save(hf_export, str(src))
+    code, output = run("optimize", str(src), "-o", str(tmp_path))
+    assert_clean_failure(code, output, "is a folder")
+
+
+def test_input_that_onnx_runtime_cannot_load_is_named(tmp_path) -> None:
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Foo", ["x"], ["y"], domain="custom")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    model = onnx.helper.make_model(graph, ir_version=10, opset_imports=[
+        onnx.helper.make_opsetid("", 24), onnx.helper.make_opsetid("custom", 1)])
+    onnx.save(model, str(tmp_path / "custom.onnx"))
+    code, output = run("optimize", str(tmp_path / "custom.onnx"), "-o", str(tmp_path / "o.onnx"))
+    assert_clean_failure(code, output, "ONNX Runtime cannot load the input")
+    assert not (tmp_path / "o.onnx").exists()
