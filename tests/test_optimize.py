@@ -78,9 +78,8 @@ def test_numerics_mismatch_writes_nothing(hf_export, tmp_path) -> None:
 
 
 def test_output_path_that_is_a_folder_is_refused(hf_export, tmp_path) -> None:
-    src = tmp_path / "in.onnx"
-    onnx.save(hf_export, str(src))
-    code, output = run("optimize", str(src), "-o", str(tmp_path))
+    _, src = hf_export
+    code, output = run("optimize", src, "-o", str(tmp_path))
     assert_clean_failure(code, output, "is a folder")
 
 
