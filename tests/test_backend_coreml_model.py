@@ -100,6 +100,14 @@ def test_plain_graph_fp16_image_input(plain: onnx.ModelProto) -> None:
     assert ops["cast"] == 2 and "batch_norm" not in ops  # fp16 inside; BN folded into conv
 
 
+def _quantized_constants(model: onnx.ModelProto) -> int:
+    """DequantizeLinear nodes whose data is an 8-bit initializer (weights, constant operands)."""
+    eight_bit = {i.name for i in model.graph.initializer
+                 if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    return sum(n.op_type == "DequantizeLinear" and n.input[0] in eight_bit
+               for n in model.graph.node)
+
+
 def _constant_softmax_quantizes(model: onnx.ModelProto) -> int:
     """QuantizeLinear nodes fed by a Softmax over an axis of length 1 (a constant output)."""
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -120,7 +128,8 @@ def test_int8_w8a8_uses_quantize_dequantize(int8: onnx.ModelProto) -> None:
     # constant 1, and MIL may fold the quantize that follows it.
     assert onnx_quantize - _constant_softmax_quantizes(int8) <= ops["quantize"] <= onnx_quantize
     assert ops["dequantize"] >= ops["quantize"]
-    assert ops["constexpr_affine_dequantize"] == 66  # int8 weights stay int8 in the file
+    # every quantized constant (int8 weights, uint8 add operands) stays 8-bit in the file
+    assert ops["constexpr_affine_dequantize"] == _quantized_constants(int8)
     assert mlmodel.get_spec().specificationVersion == 8  # iOS17
 
 
@@ -131,7 +140,7 @@ def test_int8_weight_only_fp16(int8: onnx.ModelProto) -> None:
     assert diff <= 1e-2
     ops = coreml.program_summary(mlmodel._mil_program)["ops"]
     assert "quantize" not in ops and "dequantize" not in ops
-    assert ops["constexpr_affine_dequantize"] == 66
+    assert ops["constexpr_affine_dequantize"] == _quantized_constants(int8)
     assert mlmodel.get_spec().specificationVersion == 7  # iOS16
 
 
