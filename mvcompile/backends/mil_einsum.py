@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from mvcompile.backends.mil_ops import Value, arg, register, reshape, shape, text, transpose
+
+if TYPE_CHECKING:
+    import onnx
+
+    from mvcompile.backends.mil_lower import LowerContext
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,7 @@ def _arrange(x: Value, side: _Side, plan: _Plan, left: bool, sizes: dict[str, in
 
 
 @register("Einsum")
-def _einsum(ctx, node, attrs):
+def _einsum(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     equation = text(attrs, "equation", "").replace(" ", "")
     if len(node.input) != 2 or "->" not in equation or "." in equation:
         raise NotImplementedError(f"Einsum {equation!r}: only two operands with an explicit "

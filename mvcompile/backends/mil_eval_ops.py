@@ -46,23 +46,23 @@ for _name, _fn in {"add": np.add, "sub": np.subtract, "mul": np.multiply,
 
 
 @op("sigmoid")
-def sigmoid(x):
+def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-f32(x)))
 
 
 @op("silu")
-def silu(x):
+def silu(x: np.ndarray) -> np.ndarray:
     """x·σ(x)."""
     return f32(x) * sigmoid(x)
 
 
 @op("relu")
-def relu(x):
+def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(f32(x), 0)
 
 
 @op("identity", "cast")
-def identity(x, dtype=None):
+def identity(x: np.ndarray, dtype: np.ndarray | None = None) -> np.ndarray:
     return x  # the evaluator stores every result in the op's declared output type
 
 
@@ -70,7 +70,8 @@ def identity(x, dtype=None):
 
 
 @op("matmul")
-def matmul(x, y, transpose_x=False, transpose_y=False):
+def matmul(x: np.ndarray, y: np.ndarray, transpose_x: np.ndarray | bool = False,
+           transpose_y: np.ndarray | bool = False) -> np.ndarray:
     x, y = f32(x), f32(y)
     if bool(transpose_x):
         x = np.swapaxes(x, -1, -2)
@@ -80,7 +81,7 @@ def matmul(x, y, transpose_x=False, transpose_y=False):
 
 
 @op("linear")
-def linear(x, weight, bias=None):
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """y = x·Wᵀ + b, W: [out, in]."""
     y = f32(x) @ f32(weight).T
     return y if bias is None else y + f32(bias)
@@ -95,8 +96,10 @@ def _same_pads(size: int, kernel: int, stride: int, dilation: int, lower: bool
 
 
 @op("conv")
-def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None,
-         groups=1):
+def conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+         strides: np.ndarray | None = None, pad_type: np.ndarray | str = "valid",
+         pad: np.ndarray | None = None, dilations: np.ndarray | None = None,
+         groups: np.ndarray | int = 1) -> np.ndarray:
     """2-D grouped convolution as sliding windows · weights (cross-correlation, NCHW/OIHW)."""
     x, w = f32(x), f32(weight)
     if x.ndim != 4:
@@ -129,7 +132,9 @@ def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilatio
 
 
 @op("layer_norm")
-def layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-5):
+def layer_norm(x: np.ndarray, axes: np.ndarray, gamma: np.ndarray | None = None,
+               beta: np.ndarray | None = None, epsilon: np.ndarray | float = 1e-5
+               ) -> np.ndarray:
     """(x − E x)/sqrt(Var x + ε)·γ + β over ``axes`` (statistics in float64)."""
     x64 = f32(x).astype(np.float64)
     axes = tuple(int(a) % x64.ndim for a in np.atleast_1d(axes))
@@ -142,7 +147,9 @@ def layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-5):
 
 
 @op("batch_norm")
-def batch_norm(x, mean, variance, gamma=None, beta=None, epsilon=1e-5):
+def batch_norm(x: np.ndarray, mean: np.ndarray, variance: np.ndarray,
+               gamma: np.ndarray | None = None, beta: np.ndarray | None = None,
+               epsilon: np.ndarray | float = 1e-5) -> np.ndarray:
     shape = [1, -1] + [1] * (np.ndim(x) - 2)
     y = (f32(x) - f32(mean).reshape(shape)) / np.sqrt(f32(variance).reshape(shape)
                                                        + float(epsilon))
@@ -152,7 +159,7 @@ def batch_norm(x, mean, variance, gamma=None, beta=None, epsilon=1e-5):
 
 
 @op("softmax")
-def softmax(x, axis=-1):
+def softmax(x: np.ndarray, axis: np.ndarray | int = -1) -> np.ndarray:
     x = f32(x)
     e = np.exp(x - x.max(axis=int(axis), keepdims=True))
     return e / e.sum(axis=int(axis), keepdims=True)
@@ -170,34 +177,37 @@ for _name, _fn in {"reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": n
 
 
 @op("reshape")
-def reshape(x, shape):
+def reshape(x: np.ndarray, shape: np.ndarray) -> np.ndarray:
     return np.reshape(x, [int(v) for v in shape])
 
 
 @op("transpose")
-def transpose(x, perm):
+def transpose(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return np.transpose(x, [int(v) for v in perm])
 
 
 @op("expand_dims")
-def expand_dims(x, axes):
+def expand_dims(x: np.ndarray, axes: np.ndarray) -> np.ndarray:
     return np.expand_dims(x, tuple(int(a) for a in np.atleast_1d(axes)))
 
 
 @op("squeeze")
-def squeeze(x, axes=None):
+def squeeze(x: np.ndarray, axes: np.ndarray | None = None) -> np.ndarray:
     return np.squeeze(x, None if axes is None else tuple(int(a) for a in np.atleast_1d(axes)))
 
 
 @op("concat")
-def concat(values, axis, interleave=False):
+def concat(values: list[np.ndarray], axis: np.ndarray | int,
+           interleave: np.ndarray | bool = False) -> np.ndarray:
     if bool(interleave):
         raise NotImplementedError("concat with interleave")
     return np.concatenate([f32(v) for v in values], axis=int(axis))
 
 
 @op("split")
-def split(x, num_splits=None, split_sizes=None, axis=0):
+def split(x: np.ndarray, num_splits: np.ndarray | int | None = None,
+          split_sizes: np.ndarray | None = None, axis: np.ndarray | int = 0
+          ) -> list[np.ndarray]:
     axis = int(axis)
     if split_sizes is None:
         return np.split(x, int(num_splits), axis=axis)
@@ -205,8 +215,10 @@ def split(x, num_splits=None, split_sizes=None, axis=0):
 
 
 @op("slice_by_index")
-def slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None,
-                   squeeze_mask=None):
+def slice_by_index(x: np.ndarray, begin: np.ndarray, end: np.ndarray,
+                   stride: np.ndarray | None = None, begin_mask: np.ndarray | None = None,
+                   end_mask: np.ndarray | None = None,
+                   squeeze_mask: np.ndarray | None = None) -> np.ndarray:
     """Python slicing per axis; masks ignore begin/end, squeeze_mask takes one element."""
     index: list[object] = []
     for i in range(np.ndim(x)):
@@ -218,7 +230,7 @@ def slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None,
 
 
 @op("space_to_depth")
-def space_to_depth(x, block_size):
+def space_to_depth(x: np.ndarray, block_size: np.ndarray | int) -> np.ndarray:
     """y[n, (i·b + j)·C + c, h, w] = x[n, c, h·b + i, w·b + j]."""
     b = int(block_size)
     n, c, h, w = x.shape
@@ -227,7 +239,7 @@ def space_to_depth(x, block_size):
 
 
 @op("depth_to_space")
-def depth_to_space(x, block_size):
+def depth_to_space(x: np.ndarray, block_size: np.ndarray | int) -> np.ndarray:
     """Inverse of space_to_depth (ONNX DepthToSpace, DCR)."""
     b = int(block_size)
     n, c, h, w = x.shape
@@ -236,7 +248,7 @@ def depth_to_space(x, block_size):
 
 
 @op("pixel_shuffle")
-def pixel_shuffle(x, upscale_factor):
+def pixel_shuffle(x: np.ndarray, upscale_factor: np.ndarray | int) -> np.ndarray:
     """ONNX DepthToSpace CRD / torch pixel_shuffle."""
     b = int(upscale_factor)
     n, c, h, w = x.shape
@@ -248,7 +260,9 @@ def pixel_shuffle(x, upscale_factor):
 
 
 @op("quantize")
-def quantize(input, scale, zero_point=None, axis=None, output_dtype="uint8"):  # noqa: A002
+def quantize(input: np.ndarray, scale: np.ndarray,  # noqa: A002
+             zero_point: np.ndarray | None = None, axis: np.ndarray | int | None = None,
+             output_dtype: np.ndarray | str = "uint8") -> np.ndarray:
     """clip(round(x/s) + z) to the int8/uint8 range (round half to even)."""
     info = np.iinfo(np.dtype(str(output_dtype)))
     ndim = np.ndim(input)
@@ -259,7 +273,9 @@ def quantize(input, scale, zero_point=None, axis=None, output_dtype="uint8"):  #
 
 
 @op("dequantize")
-def dequantize(input, scale, zero_point=None, axis=None):  # noqa: A002
+def dequantize(input: np.ndarray, scale: np.ndarray,  # noqa: A002
+               zero_point: np.ndarray | None = None, axis: np.ndarray | int | None = None
+               ) -> np.ndarray:
     """(q − z)·s."""
     ndim = np.ndim(input)
     axis = None if axis is None else int(axis)
@@ -268,5 +284,6 @@ def dequantize(input, scale, zero_point=None, axis=None):  # noqa: A002
 
 
 @op("constexpr_affine_dequantize")
-def constexpr_affine_dequantize(quantized_data, zero_point, scale, axis):
+def constexpr_affine_dequantize(quantized_data: np.ndarray, zero_point: np.ndarray,
+                                scale: np.ndarray, axis: np.ndarray | int) -> np.ndarray:
     return dequantize(quantized_data, scale, zero_point, axis)

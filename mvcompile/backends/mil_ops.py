@@ -8,7 +8,7 @@ QuantizeLinear/DequantizeLinear live in :mod:`.mil_quant`, Einsum in :mod:`.mil_
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -71,18 +71,18 @@ _BINARY = {"Add": mb.add, "Sub": mb.sub, "Mul": mb.mul, "Div": mb.real_div}
 
 
 @register(*_BINARY)
-def _binary(ctx, node, attrs):
+def _binary(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     """Numpy-style broadcasting in both ONNX and MIL; Div is real division (float graphs)."""
     return [_BINARY[node.op_type](x=arg(ctx, node, 0), y=arg(ctx, node, 1))]
 
 
 @register("Sigmoid")
-def _sigmoid(ctx, node, attrs):
+def _sigmoid(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     return [mb.sigmoid(x=arg(ctx, node, 0))]
 
 
 @register("Relu")
-def _relu(ctx, node, attrs):
+def _relu(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     return [mb.relu(x=arg(ctx, node, 0))]
 
 
@@ -94,22 +94,22 @@ def _swish(x: Value, alpha: float) -> Var:
 
 
 @register("Swish")
-def _swish_op(ctx, node, attrs):
+def _swish_op(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     return [_swish(arg(ctx, node, 0), float(attrs.get("alpha", 1.0)))]
 
 
 @register("QuickGelu", domain="com.microsoft")
-def _quick_gelu(ctx, node, attrs):
+def _quick_gelu(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     return [_swish(arg(ctx, node, 0), float(attrs.get("alpha", 1.702)))]
 
 
 @register("Identity")
-def _identity(ctx, node, attrs):
+def _identity(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     return [arg(ctx, node, 0)]
 
 
 @register("Constant")
-def _constant(ctx, node, attrs):
+def _constant(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     (name, value), = attrs.items()
     if isinstance(value, onnx.TensorProto):
         return [onnx.numpy_helper.to_array(value)]
@@ -121,7 +121,7 @@ def _constant(ctx, node, attrs):
 
 
 @register("Conv")
-def _conv(ctx, node, attrs):
+def _conv(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     """ONNX pads [b1, b2, ..., e1, e2, ...] become MIL's [b1, e1, b2, e2, ...]."""
     x, weight, bias = (arg(ctx, node, i) for i in range(3))
     spatial = len(shape(weight)) - 2
@@ -142,7 +142,7 @@ def _conv(ctx, node, attrs):
 
 
 @register("BatchNormalization")
-def _batch_norm(ctx, node, attrs):
+def _batch_norm(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     """Inference form y = (x − μ)/sqrt(σ² + ε)·γ + β with the running statistics."""
     if attrs.get("training_mode", 0) or any(node.output[1:]):
         raise NotImplementedError("training-mode BatchNormalization (batch statistics)")
@@ -152,7 +152,7 @@ def _batch_norm(ctx, node, attrs):
 
 
 @register("LayerNormalization")
-def _layer_norm(ctx, node, attrs):
+def _layer_norm(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     """Normalize over axes [axis, rank): y = (x − E x)/sqrt(Var x + ε)·γ + β."""
     if any(node.output[1:]):
         raise NotImplementedError("LayerNormalization's Mean/InvStdDev outputs")
@@ -169,7 +169,7 @@ def _layer_norm(ctx, node, attrs):
 
 
 @register("Softmax")
-def _softmax(ctx, node, attrs):
+def _softmax(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     x = arg(ctx, node, 0)
     rank = len(shape(x))
     axis = int(attrs.get("axis", -1 if ctx.opset >= 13 else 1)) % rank
@@ -183,12 +183,12 @@ def _softmax(ctx, node, attrs):
 
 
 @register("MatMul")
-def _matmul(ctx, node, attrs):
+def _matmul(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     return [mb.matmul(x=arg(ctx, node, 0), y=arg(ctx, node, 1))]
 
 
 @register("FusedMatMul", domain="com.microsoft")
-def _fused_matmul(ctx, node, attrs):
+def _fused_matmul(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     """α·op(A)·op(B) with op = transpose of the last two axes when transA/transB."""
     if attrs.get("transBatchA", 0) or attrs.get("transBatchB", 0):
         raise NotImplementedError("FusedMatMul with transBatchA/transBatchB")
@@ -210,7 +210,7 @@ def _is_const(value: Value | None) -> bool:
 
 
 @register("Gemm")
-def _gemm(ctx, node, attrs):
+def _gemm(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     """Y = α·op(A)·op(B) + β·C. A constant B (or a constexpr int8 one) in the [N, K] layout
     becomes MIL ``linear`` with C folded into its bias."""
     a, b, c = (arg(ctx, node, i) for i in range(3))
@@ -256,7 +256,7 @@ def transpose(x: Value, perm: list[int]) -> Value:
 
 
 @register("Reshape")
-def _reshape(ctx, node, attrs):
+def _reshape(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     """ONNX target shape: 0 copies the input dim (unless allowzero), −1 is inferred."""
     x = arg(ctx, node, 0)
     dims = shape(x)
@@ -270,7 +270,7 @@ def _reshape(ctx, node, attrs):
 
 
 @register("Flatten")
-def _flatten(ctx, node, attrs):
+def _flatten(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     x = arg(ctx, node, 0)
     dims = shape(x)
     axis = int(attrs.get("axis", 1)) % (len(dims) + 1)
@@ -278,14 +278,14 @@ def _flatten(ctx, node, attrs):
 
 
 @register("Transpose")
-def _transpose(ctx, node, attrs):
+def _transpose(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     x = arg(ctx, node, 0)
     perm = list(attrs.get("perm", reversed(range(len(shape(x))))))
     return [transpose(x, perm)]
 
 
 @register("Concat")
-def _concat(ctx, node, attrs):
+def _concat(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     values = [ctx.value(name) for name in node.input]
     axis = int(attrs["axis"])
     if all(isinstance(v, np.ndarray) for v in values):
@@ -294,7 +294,7 @@ def _concat(ctx, node, attrs):
 
 
 @register("Split")
-def _split(ctx, node, attrs):
+def _split(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     """Sizes from the ``split`` input (or attribute before opset 13); otherwise
     ``num_outputs`` pieces of ceil(dim/n), the last one smaller."""
     x = arg(ctx, node, 0)
@@ -314,7 +314,7 @@ def _split(ctx, node, attrs):
 
 
 @register("Slice")
-def _slice(ctx, node, attrs):
+def _slice(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     """Per axis, ONNX's clamping of (start, end, step) is Python's ``slice.indices``."""
     x = arg(ctx, node, 0)
     dims = shape(x)
@@ -335,7 +335,8 @@ def _slice(ctx, node, attrs):
                               stride=stride, end_mask=end_mask)]
 
 
-def _slice_inputs(ctx, node, attrs) -> tuple:
+def _slice_inputs(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]
+                  ) -> tuple[Sequence[int] | np.ndarray | None, ...]:
     """(starts, ends, axes, steps): inputs since opset 10, attributes before."""
     if ctx.opset < 10:
         return attrs["starts"], attrs["ends"], attrs.get("axes"), None
@@ -345,14 +346,14 @@ def _slice_inputs(ctx, node, attrs) -> tuple:
 
 
 @register("SpaceToDepth")
-def _space_to_depth(ctx, node, attrs):
+def _space_to_depth(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     """y[n, (i·b + j)·C + c, h, w] = x[n, c, h·b + i, w·b + j] (same order in MIL)."""
     x, block = arg(ctx, node, 0), int(attrs["blocksize"])
     return [x if block == 1 else mb.space_to_depth(x=x, block_size=block)]
 
 
 @register("DepthToSpace")
-def _depth_to_space(ctx, node, attrs):
+def _depth_to_space(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     """DCR is MIL ``depth_to_space``; CRD is MIL ``pixel_shuffle``."""
     x, block = arg(ctx, node, 0), int(attrs["blocksize"])
     if block == 1:
@@ -366,7 +367,7 @@ def _depth_to_space(ctx, node, attrs):
 
 
 @register("GlobalAveragePool", "GlobalMaxPool")
-def _global_pool(ctx, node, attrs):
+def _global_pool(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     x = arg(ctx, node, 0)
     axes = list(range(2, len(shape(x))))
     reduce = mb.reduce_mean if node.op_type == "GlobalAveragePool" else mb.reduce_max
@@ -374,7 +375,7 @@ def _global_pool(ctx, node, attrs):
 
 
 @register("ReduceSum", "ReduceMean")
-def _reduce(ctx, node, attrs):
+def _reduce(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     """Axes from the second input (ReduceSum ≥ 13, ReduceMean ≥ 18) or the attribute."""
     x = arg(ctx, node, 0)
     rank = len(shape(x))

@@ -15,17 +15,23 @@ no int32 constexpr, and the compiler folds the bias into the op anyway.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import onnx
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Var
 
-from mvcompile.backends.mil_ops import arg, register, shape
+from mvcompile.backends.mil_ops import Value, arg, register, shape
+
+if TYPE_CHECKING:
+    from mvcompile.backends.mil_lower import LowerContext
 
 _INT8 = {np.dtype(np.int8): "int8", np.dtype(np.uint8): "uint8"}
 
 
-def _params(ctx, node, attrs, rank: int) -> tuple[np.ndarray, np.ndarray | None, int | None]:
+def _params(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any], rank: int
+            ) -> tuple[np.ndarray, np.ndarray | None, int | None]:
     """(scale, zero point, axis or None for per-tensor) from constant inputs."""
     if attrs.get("block_size", 0):
         raise NotImplementedError("blocked quantization (block_size)")
@@ -38,7 +44,7 @@ def _params(ctx, node, attrs, rank: int) -> tuple[np.ndarray, np.ndarray | None,
 
 
 @register("QuantizeLinear")
-def _quantize(ctx, node, attrs):
+def _quantize(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     x = arg(ctx, node, 0)
     if ctx.int8_mode == "weight-only":
         ctx.passthrough.add(node.output[0])
@@ -54,7 +60,7 @@ def _quantize(ctx, node, attrs):
 
 
 @register("DequantizeLinear")
-def _dequantize(ctx, node, attrs):
+def _dequantize(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     x = arg(ctx, node, 0)
     if node.input[0] in ctx.passthrough:
         return [x]
