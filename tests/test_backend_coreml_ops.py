@@ -12,8 +12,8 @@ import collections
 import numpy as np
 import onnx
 import onnx.parser
-import onnxruntime as ort
 import pytest
+from _passes_util import run as run_unoptimised
 from onnx import numpy_helper
 
 from mvcompile.backends import coreml, mil_eval, mil_lower
@@ -33,21 +33,13 @@ def randn(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
 
 
-def ort_outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, feed)
-
-
 def check_op(model: onnx.ModelProto, int8_mode: str = "w8a8", tolerance: float = 1e-4
              ) -> collections.Counter:
     """Compare Core ML with ORT on random inputs; return the lowered program's op counts."""
     onnx.checker.check_model(model, full_check=True)
     feed = {i.name: randn(*[d.dim_value for d in i.type.tensor_type.shape.dim])
             for i in model.graph.input}
-    expected = ort_outputs(model, feed)
+    expected = run_unoptimised(model, feed)
     options = coreml.CoreMLOptions(precision="fp32", int8_mode=int8_mode, input_type="tensor")
     program = mil_lower.lower(model, batch=1, int8_mode=int8_mode)
     mlmodel = coreml.convert(model, options)
@@ -253,6 +245,6 @@ def test_qdq_weight_only_keeps_activations_float() -> None:
     mlmodel = coreml.convert(model, options)
     counts = coreml.program_summary(mlmodel._mil_program)["ops"]
     assert "quantize" not in counts and counts["constexpr_affine_dequantize"] == 1
-    reference = ort_outputs(coreml.reference_model(model, "weight-only")[0], feed)[0]
+    reference = run_unoptimised(coreml.reference_model(model, "weight-only")[0], feed)[0]
     np.testing.assert_allclose(coreml.run_coreml(mlmodel, feed, options)["y"], reference,
                                atol=1e-4, rtol=1e-4)
