@@ -13,7 +13,6 @@ import argparse
 import io
 import logging
 
-import numpy as np
 import onnx
 import torch
 
@@ -83,13 +82,11 @@ def main() -> None:
         exported = export(randomize(model), args.resolution)
         simplified = simplify(exported)
         optimized, report = optimize_proto(exported, "ort")
-        sessions = [latency.make_session(p.SerializeToString()) for p in (simplified, optimized)]
-        feed = random_inputs(simplified)
-        times: list[list[float]] = [[], []]
-        for _ in range(args.rounds):
-            for session, samples in zip(sessions, times, strict=True):
-                samples.append(latency.measure(session, feed, runs=5, warmup=1).median_ms)
-        before, after = (float(np.median(t)) for t in times)
+        sessions = {k: latency.make_session(p.SerializeToString())
+                    for k, p in (("before", simplified), ("after", optimized))}
+        stats = latency.measure_interleaved(sessions, random_inputs(simplified),
+                                            runs=10 * args.rounds)
+        before, after = stats["before"].median_ms, stats["after"].median_ms
         rows.append((name, report["nodes"]["onnxsim"], report["nodes"]["optimized"],
                      report["transposes"]["onnxsim"], report["transposes"]["optimized"],
                      f"{before:.2f}", f"{after:.2f}", f"{after / before:.2f}",
@@ -97,7 +94,7 @@ def main() -> None:
     header = ("model", "nodes before", "after", "Transpose before", "after",
               "ORT ms before", "after", "ratio", "max |Δ|")
     print(f"{args.resolution}x{args.resolution}, batch 1, 2 threads, ORT_ENABLE_ALL, "
-          f"medians of {args.rounds} interleaved rounds")
+          f"medians of {10 * args.rounds} runs each, interleaved in blocks")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:

@@ -17,31 +17,25 @@ import argparse
 
 import numpy as np
 import onnx
-import torch
 
 from mvcompile import latency, onnx_io
+from mvcompile.builder import compile_graph
 from mvcompile.graphs.mobilevit import MobileViTConfig, build_graph
 from mvcompile.graphs.random_weights import RandomWeights
-from mvcompile.optimize import max_abs_diff, simplify
-from mvcompile.pipeline import run_pipeline
-from mvcompile.reference import hf_model
+from mvcompile.optimize import max_abs_diff
+from mvcompile.reference import export_peer
 
 
 def contenders(size: str, resolution: int) -> dict[str, onnx.ModelProto]:
     cfg = MobileViTConfig.for_size(size, resolution=resolution)
     source = RandomWeights(0)
-    plain = onnx_io.to_proto(build_graph(cfg, source))
-    fp32 = onnx_io.to_proto(run_pipeline(build_graph(cfg, RandomWeights(0)), "fp32")[0])
-    one_transpose = onnx_io.to_proto(
-        run_pipeline(build_graph(cfg, RandomWeights(0)), "fp32-transpose")[0])
-    mobile = onnx_io.to_proto(run_pipeline(build_graph(cfg, RandomWeights(0)), "mobile")[0])
-    pixels = torch.rand(1, 3, resolution, resolution)
-    exported = torch.onnx.export(hf_model(cfg, source.tensors), (pixels,), dynamo=True,
-                                 input_names=["pixel_values"], output_names=["logits"])
-    peer = simplify(exported.model_proto)
-    return {"compiled fp32": fp32, "fp32, 1 Transpose/direction": one_transpose,
-            "compiled mobile": mobile, "plain (ours)": plain,
-            "peer (HF export)": peer}
+    plain = build_graph(cfg, source)
+    models = {name: onnx_io.to_proto(compile_graph(plain, pipeline)[0]) for name, pipeline in (
+        ("compiled fp32", "fp32"), ("fp32, 1 Transpose/direction", "fp32-transpose"),
+        ("compiled mobile", "mobile"))}
+    models["plain (ours)"] = onnx_io.to_proto(plain)
+    models["peer (HF export)"] = export_peer(cfg, source.tensors)
+    return models
 
 
 def main() -> None:
@@ -52,7 +46,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     print(f"ORT CPU, ORT_ENABLE_ALL, batch 1, {args.resolution}², {args.threads} threads; "
-          f"median of {args.rounds} interleaved rounds (each a median of 10 runs)")
+          f"medians of {10 * args.rounds} runs each, interleaved in blocks")
     print("| size | model | nodes | Transpose | median ms | × peer | × plain | max |Δ| vs plain |")
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
@@ -61,11 +55,8 @@ def main() -> None:
                     for k, p in models.items()}
         feed = {"pixel_values": np.random.default_rng(0).uniform(
             0, 1, (1, 3, args.resolution, args.resolution)).astype(np.float32)}
-        samples: dict[str, list[float]] = {k: [] for k in sessions}
-        for _ in range(args.rounds):
-            for name, session in sessions.items():
-                samples[name].append(latency.measure(session, feed, runs=10, warmup=2).median_ms)
-        med = {k: float(np.median(v)) for k, v in samples.items()}
+        stats = latency.measure_interleaved(sessions, feed, runs=10 * args.rounds)
+        med = {k: s.median_ms for k, s in stats.items()}
         for name, proto in models.items():
             ops = [n.op_type for n in proto.graph.node]
             diff = max_abs_diff(models["plain (ours)"], proto)

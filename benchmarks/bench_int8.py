@@ -30,7 +30,7 @@ from onnxruntime.quantization import (
 )
 
 from mvcompile import latency, metrics, onnx_io
-from mvcompile.builder import compile_fp32
+from mvcompile.builder import compile_graph
 from mvcompile.calibration.data import ImageSet, bundled_photos, digits
 from mvcompile.calibration.observers import OBSERVERS
 from mvcompile.calibration.quantize import QuantizeOptions, quantize
@@ -68,7 +68,7 @@ def ort_quantize_static(proto: onnx.ModelProto, images: ImageSet,
 def ours(cfg: MobileViTConfig, weights: str | None, images: ImageSet) -> tuple[
         onnx.ModelProto, onnx.ModelProto]:
     plain, _ = create_mobilevit(cfg, weights)
-    fp32, _ = compile_fp32(plain)
+    fp32, _ = compile_graph(plain)
     int8, _ = quantize(int8_source(plain, True), images, QuantizeOptions())
     return onnx_io.to_proto(fp32), onnx_io.to_proto(int8)
 
@@ -84,7 +84,7 @@ def latency_table(rounds: int, threads: int) -> None:
     models = {"ours INT8": int8, "ours FP32": fp32, "peer FP32": peer, "peer INT8": peer_int8}
     med = _interleaved_medians(models, images.pixels[:1], rounds, threads)
     print(f"\nLatency: XXS 256², batch 1, {threads} threads, ORT CPU; median of {rounds} "
-          "interleaved rounds of 10 runs")
+          "runs, interleaved in blocks")
     print("| model | median ms | × ours FP32 | × peer INT8 | × peer FP32 |")
     print("|---|---|---|---|---|")
     for name in models:
@@ -142,7 +142,7 @@ def variants_table(rounds: int, threads: int) -> None:
     images = bundled_photos(256, 16)
     plain, _ = create_mobilevit(cfg)
     source = int8_source(plain, True)
-    models = {"FP32": onnx_io.to_proto(compile_fp32(plain)[0])}
+    models = {"FP32": onnx_io.to_proto(compile_graph(plain)[0])}
     conv_matmul = frozenset({"Conv", "MatMul", "Gemm"})
     for label, ops in (("Conv/MatMul/Gemm", conv_matmul),
                        ("+ Sigmoid·Mul", conv_matmul | {"Sigmoid", "Mul"}),
@@ -152,7 +152,7 @@ def variants_table(rounds: int, threads: int) -> None:
         models[label] = onnx_io.to_proto(int8)
     med = _interleaved_medians(models, images.pixels[:1], rounds, threads)
     print(f"\nINT8 op sets: XXS 256², batch 1, {threads} threads; median of {rounds} "
-          "interleaved rounds of 10 runs")
+          "runs, interleaved in blocks")
     print("| quantized ops | median ms | × FP32 |")
     print("|---|---|---|")
     for name, ms in med.items():
@@ -161,15 +161,11 @@ def variants_table(rounds: int, threads: int) -> None:
 
 def _interleaved_medians(models: dict[str, onnx.ModelProto], pixels: np.ndarray, rounds: int,
                          threads: int) -> dict[str, float]:
-    """Median over rounds of each model's 10-run median; models alternate every round."""
+    """Median latency of each model, timed interleaved (latency.measure_interleaved)."""
     sessions = {k: latency.make_session(m.SerializeToString(), threads=threads)
                 for k, m in models.items()}
-    medians: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            feed = {session.get_inputs()[0].name: pixels}
-            medians[name].append(latency.measure(session, feed, runs=10, warmup=2).median_ms)
-    return {k: float(np.median(v)) for k, v in medians.items()}
+    stats = latency.measure_interleaved(sessions, {"pixel_values": pixels}, runs=10 * rounds)
+    return {k: s.median_ms for k, s in stats.items()}
 
 
 def main() -> None:

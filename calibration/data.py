@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from mvcompile.errors import UserError
+from mvcompile.train.data import IMAGE_SUFFIXES  # one list for training and calibration
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm"}
 RESIZE_RATIO = 288 / 256  # resize the shorter side to this multiple of the crop, as HF does
 _BUNDLED_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
                    "immunohistochemistry", "retina", "camera", "moon", "coins", "brick", "grass",
@@ -78,7 +78,7 @@ def load_folder(folder: Path, resolution: int, limit: int | None = None,
     skipped = [str(p.relative_to(folder)) for p in files if p not in set(images)]
     if not images:
         raise UserError(f"No images in {folder} (searched recursively for "
-                        f"{', '.join(sorted(IMAGE_SUFFIXES))}).")
+                        f"{', '.join(IMAGE_SUFFIXES)}).")
     class_names = _class_names(folder, images)  # from every image, before subsampling
     images = _subsample(images, limit)
     arrays, broken = [], []

@@ -18,6 +18,8 @@ memory stays constant however much data passes through.
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
 Range = tuple[float, float]
@@ -118,7 +120,7 @@ class PercentileObserver(_HistogramObserver):
         return self._clip_to_seen(lo, hi)
 
 
-class _ThresholdSearchObserver(_HistogramObserver):
+class _ThresholdSearchObserver(_HistogramObserver, abc.ABC):
     """Search the clipping threshold T that minimises a loss between the observed histogram
     and its uint8 quantization over [lo, hi] = [max(lo_seen, −T), min(hi_seen, T)].
 
@@ -153,8 +155,9 @@ class _ThresholdSearchObserver(_HistogramObserver):
         edges = self.edges()
         return (edges[:-1] + edges[1:]) / 2
 
+    @abc.abstractmethod
     def _loss(self, lo: float, hi: float) -> float:
-        raise NotImplementedError
+        """How badly the uint8 grid over [lo, hi] represents the histogram."""
 
 
 class EntropyObserver(_ThresholdSearchObserver):

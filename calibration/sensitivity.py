@@ -33,11 +33,10 @@ class LayerSensitivity:
 def logits(model: ir.Model, images: ImageSet) -> np.ndarray:
     """The model's first output over all images, run as users run it: ORT_ENABLE_ALL, so
     that QDQ pairs are fused into the integer kernels (and their int16 arithmetic)."""
-    from mvcompile import latency, onnx_io
+    from mvcompile import onnx_io
+    from mvcompile.evaluate import predict
 
-    session = latency.make_session(onnx_io.to_proto(model).SerializeToString())
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: b})[0] for b in images.batches()])
+    return predict(onnx_io.to_proto(model).SerializeToString(), images)
 
 
 def _tensors(model: ir.Model, images: ImageSet, names: list[str]) -> dict[str, np.ndarray]:

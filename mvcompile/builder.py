@@ -101,7 +101,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     progress = progress or _Silent()
     config = _check_inputs(options)
     plain, weights_info = create_mobilevit(config, options.weights, options.seed)
-    fp32, pass_report = compile_fp32(plain, options.passes)
+    fp32, pass_report = compile_graph(plain, "fp32", options.passes)
     models = {"onnx": onnx_io.to_proto(fp32)}
     report: dict = {"model": _model_entry(config), "weights": asdict(weights_info),
                     "passes": pass_report}
@@ -123,17 +123,11 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
 def _coreml_sources(plain: ir.Model, models: dict[str, onnx.ModelProto],
                     options: BuildOptions) -> dict[str, onnx.ModelProto]:
     """What Core ML lowers: the standard-ONNX ``mobile`` pipeline's graph (the ORT ``fp32``
-    pipeline uses ORT contrib ops), and the INT8 model, which is quantized from that graph."""
+    pipeline uses ORT contrib ops), and the INT8 model as built."""
     if "coreml" not in options.targets:
         return {}
-    sources = {"onnx": models["onnx"]}
-    if options.passes:
-        from mvcompile.pipeline import run_pipeline
-
-        mobile, _ = run_pipeline(ir.serde.deserialize_model(ir.serde.serialize_model(plain)),
-                                 "mobile")
-        check_numerics(plain, mobile)
-        sources["onnx"] = onnx_io.to_proto(mobile)
+    mobile, _ = compile_graph(plain, "mobile", options.passes)
+    sources = {"onnx": onnx_io.to_proto(mobile)}
     if "int8" in models:
         sources["int8"] = models["int8"]
     return sources
@@ -160,14 +154,16 @@ def _check_inputs(options: BuildOptions) -> MobileViTConfig:
     return config
 
 
-def compile_fp32(plain: ir.Model, passes: bool = True) -> tuple[ir.Model, dict | None]:
-    """The pass pipeline on a copy of ``plain``, checked against it on random inputs."""
+def compile_graph(plain: ir.Model, pipeline: str = "fp32", passes: bool = True
+                  ) -> tuple[ir.Model, dict | None]:
+    """Pass pipeline ``pipeline`` on a copy of ``plain``, checked against it on random inputs
+    (``passes=False``: ``plain`` itself, for ``--no-passes``)."""
     if not passes:
         return plain, None
     from mvcompile.pipeline import run_pipeline
 
     compiled = ir.serde.deserialize_model(ir.serde.serialize_model(plain))
-    compiled, report = run_pipeline(compiled, "fp32")
+    compiled, report = run_pipeline(compiled, pipeline)
     report["max_abs_diff"] = check_numerics(plain, compiled)
     return compiled, report
 

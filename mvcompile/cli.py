@@ -257,7 +257,7 @@ def optimize(model: str, output: str, target: str, tolerance: float) -> None:
 @click.option("--backend", type=click.Choice(["ort", "coreml"]), default=None,
               help="ort: ONNX Runtime CPU (.onnx, .ort); coreml: MLModel.predict (.mlpackage, "
                    "macOS only) [default: from the file suffix].")
-@click.option("--threads", type=int, default=2, show_default=True,
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="ONNX Runtime intra-op threads.")
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True,
               help="Timed runs.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from mvcompile import latency, metrics
@@ -53,15 +54,12 @@ def accuracy_report(images: ImageSet, fp32_logits: np.ndarray,
     return report
 
 
-def model_resolution(proto_path: str) -> int:
+def model_resolution(proto: onnx.ModelProto, name: str) -> int:
     """The static square resolution of a model's image input."""
-    from mvcompile import onnx_io
-
-    proto = onnx_io.load_model(proto_path)
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     sizes = [d.dim_value for d in dims[2:4] if d.HasField("dim_value")]
     if len(dims) != 4 or len(sizes) != 2 or sizes[0] != sizes[1]:
-        raise UserError(f"{proto_path} does not take a square [N, 3, R, R] image input.")
+        raise UserError(f"{name} does not take a square [N, 3, R, R] image input.")
     return sizes[0]
 
 
@@ -79,17 +77,16 @@ def evaluate_file(model_path: str, data: str, reference: str | None = None,
                   limit: int | None = None,
                   on_batch: Callable[[int], None] | None = None) -> dict:
     """Top-1 of ``model_path`` on ``data``; with a reference FP32 model, agreement and SQNR."""
+    from mvcompile import onnx_io
     from mvcompile.calibration.data import load_images
 
-    resolution = model_resolution(model_path)
-    images = load_images(data, resolution, limit, split="val")
-    logits = predict(model_path, images, on_batch=on_batch)
+    model = onnx_io.load_model(model_path)  # clean errors for a missing or corrupt file
+    images = load_images(data, model_resolution(model, model_path), limit, split="val")
+    logits = predict(model.SerializeToString(), images, on_batch=on_batch)
     if reference is None:
         return accuracy_report(images, logits)
-    from mvcompile import onnx_io
-
-    onnx_io.load_model(reference)  # a clean error for a missing or corrupt reference
-    ref_logits = predict(reference, images, on_batch=on_batch)
+    ref_logits = predict(onnx_io.load_model(reference).SerializeToString(), images,
+                         on_batch=on_batch)
     report = accuracy_report(images, ref_logits, logits)
     report["reference"] = reference
     return report

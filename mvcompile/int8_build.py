@@ -48,15 +48,9 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
 
 def int8_source(plain: ir.Model, passes: bool) -> ir.Model:
     """The graph that gets quantized: the plain graph through :data:`INT8_PIPELINE`."""
-    if not passes:
-        return plain
-    from mvcompile.builder import check_numerics
-    from mvcompile.pipeline import run_pipeline
+    from mvcompile.builder import compile_graph
 
-    model = ir.serde.deserialize_model(ir.serde.serialize_model(plain))
-    model, _ = run_pipeline(model, INT8_PIPELINE)
-    check_numerics(plain, model)
-    return model
+    return compile_graph(plain, INT8_PIPELINE, passes)[0]
 
 
 def _images(source: str | None, options: BuildOptions, progress: Progress,

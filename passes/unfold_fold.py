@@ -92,6 +92,11 @@ class _ChainRule(RewriteRuleClassBase):
         self.p = 0
         self.image: tuple[int, ...] = ()  # [B, C, H, W] of the image side
 
+    @property
+    def may_transpose(self) -> bool:
+        """ORT targets may use one Transpose where no 1x1 conv can absorb the N↔C swap."""
+        return self.target != "mobile"
+
     def _geometry(self) -> tuple[int, int, int, int]:
         """(P, N, H/p, W/p) of the matched chain."""
         _, _, h, w = self.image
@@ -134,7 +139,7 @@ class UnfoldAfterConv1x1(_ChainRule):
 def _check_square_grid(rule: _ChainRule, result: MatchResult) -> MatchResult:
     """The mobile form of a chain without an adjacent 1x1 conv transposes the patch grid with
     a second SpaceToDepth/DepthToSpace, which needs a square grid."""
-    if result and rule.target == "mobile":
+    if result and not rule.may_transpose:
         _, _, nh, nw = rule._geometry()
         if nh != nw:
             return result.fail(f"patch grid {nh}x{nw} is not square: no transpose-free "
@@ -162,7 +167,7 @@ class UnfoldToSpaceToDepth(_ChainRule):
         _, n, nh, nw = self._geometry()
         base = f"{tokens.name}__unfold"
         y = op.SpaceToDepth(x, blocksize=self.p)  # [B, P·C, H/p, W/p]
-        if self.target == "ort":
+        if self.may_transpose:
             y = op.Reshape(y, int64_init(op, [-1, c, n], f"{base}_shape"))  # [B·P, C, N]
             y = op.Transpose(y, perm=[0, 2, 1])  # [B·P, N, C]
         else:
@@ -234,7 +239,7 @@ class FoldToDepthToSpace(_ChainRule):
         c = self.image[1]
         p_area, n, nh, nw = self._geometry()
         base = f"{image.name}__fold"
-        if self.target == "ort":
+        if self.may_transpose:
             y = op.Reshape(t, int64_init(op, [-1, n, c], f"{base}_tokens_shape"))
             y = op.Transpose(y, perm=[0, 2, 1])  # [B·P, C, N]
         else:

@@ -25,7 +25,7 @@ from mvcompile.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 VAL_FOLDERS = ("val", "validation")
 SPLIT_SEED = 0  # the validation split is fixed, whatever the training seed
 DIGITS = "digits"
