@@ -83,7 +83,7 @@ def latency_table(rounds: int, threads: int) -> None:
     peer_int8 = ort_quantize_static(peer, images, CalibrationMethod.MinMax)
     models = {"ours INT8": int8, "ours FP32": fp32, "peer FP32": peer, "peer INT8": peer_int8}
     med = _interleaved_medians(models, images.pixels[:1], rounds, threads)
-    print(f"\nLatency: XXS 256², batch 1, {threads} threads, ORT CPU; median of {rounds} "
+    print(f"\nLatency: XXS 256², batch 1, {threads} threads, ORT CPU; medians of {10 * rounds} "
           "runs, interleaved in blocks")
     print("| model | median ms | × ours FP32 | × peer INT8 | × peer FP32 |")
     print("|---|---|---|---|---|")
@@ -151,7 +151,7 @@ def variants_table(rounds: int, threads: int) -> None:
         int8, _ = quantize(source, images, QuantizeOptions(op_types=ops))
         models[label] = onnx_io.to_proto(int8)
     med = _interleaved_medians(models, images.pixels[:1], rounds, threads)
-    print(f"\nINT8 op sets: XXS 256², batch 1, {threads} threads; median of {rounds} "
+    print(f"\nINT8 op sets: XXS 256², batch 1, {threads} threads; medians of {10 * rounds} "
           "runs, interleaved in blocks")
     print("| quantized ops | median ms | × FP32 |")
     print("|---|---|---|")
