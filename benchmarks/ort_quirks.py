@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--weights", default="runs/digits_xxs/best.safetensors")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
+    ort.set_default_logger_severity(3)  # the unused-initializer warnings would split the tables
     activation_table(args.rounds)
     if Path(args.weights).exists():
         saturation_table(args.weights)

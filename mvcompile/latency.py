@@ -80,24 +80,28 @@ def measure(session: ort.InferenceSession, feed: dict[str, np.ndarray], runs: in
 
 def measure_interleaved(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray],
                         runs: int = 30, warmup: int = 5, block: int = BLOCK,
-                        on_run: Callable[[], None] | None = None) -> dict[str, LatencyStats]:
+                        on_run: Callable[[], None] | None = None,
+                        feeds: dict[str, dict[str, np.ndarray]] | None = None
+                        ) -> dict[str, LatencyStats]:
     """Time several sessions in alternating blocks of ``block`` calls, so that they see the
     same machine load; compare their medians as ratios.
 
     Blocks rather than single calls: after a call, ONNX Runtime's worker threads spin for a
     while, and a single call of another session interleaved there would compete with them.
-    The first call of each block is discarded for the same reason.
+    The first call of each block is discarded for the same reason. ``feeds`` gives a session
+    its own inputs instead of ``feed`` (for contenders whose inputs differ in type).
     """
-    for session in sessions.values():
+    feeds = {name: (feeds or {}).get(name, feed) for name in sessions}
+    for name, session in sessions.items():
         for _ in range(warmup):
-            session.run(None, feed)
+            session.run(None, feeds[name])
     samples: dict[str, list[float]] = {name: [] for name in sessions}
     while min(len(s) for s in samples.values()) < runs:
         for name, session in sessions.items():
-            session.run(None, feed)  # settles the thread pool after the previous session
+            session.run(None, feeds[name])  # settles the thread pool after the previous one
             for _ in range(min(block, runs - len(samples[name]))):
                 start = time.perf_counter()
-                session.run(None, feed)
+                session.run(None, feeds[name])
                 samples[name].append(time.perf_counter() - start)
         if on_run is not None:
             on_run()
