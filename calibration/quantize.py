@@ -41,6 +41,9 @@ class QuantizeOptions:
     accuracy_budget: float | None = None  # max top-1 disagreement with FP32, in percent
     keep_float: frozenset[str] = frozenset()
     weight_bits: int = 7  # 7 avoids x86 int16 saturation (qparams.REDUCED_QMAX); 8 for ARM
+    # Compare FP32 and INT8 logits on the calibration set for the report; off when the caller
+    # evaluates the finished models itself (mvcompile build does).
+    report_accuracy: bool = True
 
 
 @dataclass
@@ -79,6 +82,8 @@ def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
     report.kept_float = [{"node": n, "reason": "requested"} for n in sorted(plan.keep_float)]
     if options.accuracy_budget is not None:
         quantized = _meet_budget(model, quantized, ranges, plan, images, options, report)
+    if not options.report_accuracy:
+        return quantized, report
     fp32_logits = sensitivity.logits(model, images)
     int8_logits = sensitivity.logits(quantized, images)
     report.calibration_agreement = metrics.top1_agreement(fp32_logits, int8_logits)

@@ -34,12 +34,16 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
     progress.start("Calibrating", len(calibration.pixels))
     quantize_options = QuantizeOptions(method=options.calib_method,
                                        accuracy_budget=options.accuracy_budget,
-                                       weight_bits=options.weight_bits)
+                                       weight_bits=options.weight_bits,
+                                       report_accuracy=False)
     int8, qreport = quantize(source, calibration, quantize_options, progress.advance)
     progress.finish()
     int8_proto = onnx_io.to_proto(int8)
+    on_calibration = _compare(fp32, int8_proto, calibration, progress)
+    qreport.calibration_agreement = on_calibration["top1_agreement"]
+    qreport.calibration_sqnr_db = on_calibration["sqnr_db"]
     report = {"quantization": asdict(qreport), "calibration_skipped": calibration.skipped,
-              "accuracy": {"calibration": _compare(fp32, int8_proto, calibration, progress)}}
+              "accuracy": {"calibration": on_calibration}}
     if options.eval_data is not None:
         images = _images(options.eval_data, options, progress, None, "val")
         report["accuracy"]["eval"] = _compare(fp32, int8_proto, images, progress)
