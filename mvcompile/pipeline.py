@@ -30,6 +30,7 @@ import onnxscript.optimizer
 from onnxscript.rewriter import MatchingTracer, MatchStatus, RewriteRuleSet
 
 from mvcompile.passes import (
+    commute_resize,
     fold_head_split,
     fuse_conv_bn,
     fuse_gelu,
@@ -114,6 +115,9 @@ def _core(target: str, swish: bool = True, layout: str | None = None) -> list[St
         # that unfold_fold can absorb.
         _rules("fuse_conv_bn", lambda: fuse_conv_bn.rules),
         *([_rules("fuse_swish", lambda: fuse_swish.rules(target))] if swish else []),
+        # Before unfold_fold: a Resize between a 1x1 conv and its unfold/fold chain (transformers'
+        # interpolation path) moves across the conv so that unfold_fold can absorb it.
+        _rules("commute_resize", commute_resize.rules),
         _rules("unfold_fold", lambda: unfold_fold.rules(layout)),
         _rules("fold_head_split", lambda: fold_head_split.rules(target)),
     ]

@@ -8,6 +8,7 @@ what a chain does, not by how an exporter happened to spell it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -173,3 +174,17 @@ def float_init(op, array: np.ndarray, name: str) -> ir.Value:
     """A new float32 initializer named ``name``."""
     array = np.ascontiguousarray(array, dtype=np.float32)
     return op.initializer(ir.tensor(array, name=name), name=name)
+
+
+def sim_shape_fitting(value: ir.Value, shape: Sequence[int] | None) -> tuple[int, ...] | None:
+    """:func:`sim_shape` for a ``value`` that ``Reshape(value, shape)`` follows: a symbolic
+    first dimension (e.g. G·N flattened rows) is simulated as SIM_BATCH times the fewest rows
+    that fill whole ``shape`` groups (the product of its positive entries)."""
+    dims = static_shape(value)
+    if dims is None or not dims or any(d is None for d in dims[1:]):
+        return None
+    if dims[0] is not None:
+        return tuple(dims)
+    row = int(np.prod(dims[1:], dtype=np.int64))
+    group = int(np.prod([d for d in (shape or []) if d > 0], dtype=np.int64))
+    return (SIM_BATCH * (group // math.gcd(group, row)), *dims[1:])

@@ -1,6 +1,6 @@
 """Fold multi-head attention's head split/merge transposes into per-head weight constants.
 
-The reference attention on tokens X ∈ R^{G·N×d} (G groups of N tokens, h heads of width
+The reference attention on tokens X ∈ R^{G·N×d_in} (G groups of N tokens, h heads of width
 d_h = d/h) splits heads with Reshape + Transpose:
 
     Q_h = (X·W_qᵀ + b_q)[:, h-th slice] as [G, h, N, d_h]   (likewise K_h, V_h; Kᵀ for scores)
@@ -9,47 +9,289 @@ d_h = d/h) splits heads with Reshape + Transpose:
 The rewrite keeps every tensor in [G, h, N, ·] order by stacking per-head weights as batched
 MatMul constants, with the score scale s folded into the query weights:
 
-    [Q|K|V]_h = X[G,1,N,d] · A_h + c_h,  A_h = [s·W_q,h | W_k,h | W_v,h]ᵀ ∈ R^{h×d×3d_h}
+    [Q|K|V]_h = X[G,1,N,d_in] · A_h + c_h,  A_h = [s·W_q,h | W_k,h | W_v,h]ᵀ ∈ R^{h×d_in×3d_h}
     S_h = Q_h·K_hᵀ   (one transposed MatMul: FusedMatMul transB for ORT, Einsum for mobile)
-    O   = Σ_h (softmax(S_h)·V_h) · W_o,hᵀ + b_o,        W_o,hᵀ ∈ R^{h×d_h×d}
+    O   = Σ_h (softmax(S_h)·V_h) · W_o,hᵀ + b_o,        W_o,hᵀ ∈ R^{h×d_h×d_out}
 
 Σ_h is a ReduceSum over the head axis, so no Transpose remains and the rank stays 4.
+
+The pattern is the attention's tail, ``Softmax [→ Where(IsNaN, 0)] → MatMul(·, V) → Transpose
+→ Reshape → out projection``; the out projection is ``Gemm`` (rule ``fold_head_split_*``: ours,
+TorchScript exports, dynamo exports with an output bias) or ``MatMul`` (rule
+``fold_head_split_matmul_*``: dynamo exports without one). The NaN guard is torch's SDPA
+decomposition and is kept. The scores and V are traced back in ``check`` through the spellings
+exporters use:
+
+- projections: ``Gemm(x, W, b)`` with either ``transB``, ``MatMul(x, W) [+ Add(b)]``, and a
+  fused ``MatMul(x, [W_q|W_k|W_v]) → Split [→ Add(b)]``, on 2-D [G·N, d] or 3-D [G, N, d]
+  tokens (the projections must share x up to Reshapes that keep the last axis);
+- head split: any Reshape/Transpose chain that computes [G,N,d] → [G,h,N,d_h] (Kᵀ:
+  [G,h,d_h,N], e.g. one ``Transpose(0,2,3,1)``, ``Transpose(0,2,1,3) → Transpose(0,1,3,2)``,
+  or SDPA's Reshape to [G·h, N, d_h] → ``Transpose(0,2,1)`` → Reshape), decided by simulating
+  the chain on an index tensor;
+- scale: constant scalar ``Mul``/``Div`` anywhere on the scores, Q, K or V paths, folded into
+  that branch's weights;
+- score bias: constant ``Add(B)`` on the scores (Swin's relative position bias), B
+  broadcasting to [G, h, N, N]; the rewrite adds it to its own [G, h, N, N] scores.
+
+Every intermediate between x and the out projection must feed only this attention.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter.pattern import OrValue
 
 from mvcompile.passes._layout import (
+    apply_reshape,
     const_array,
     float_attr,
     float_init,
     int64_init,
     int_attr,
-    ints_attr,
+    run_chain,
+    sim_shape,
+    sim_shape_fitting,
     transposed_matmul,
 )
 
 MIN_OPSET = 13  # Split and ReduceSum take their sizes/axes as inputs from opset 13
 HEAD_PERM = [0, 2, 1, 3]  # [G, N, h, d_h] <-> [G, h, N, d_h]
 KEY_PERM = [0, 2, 3, 1]  # [G, N, h, d_h] -> [G, h, d_h, N]
+LAYOUT_OPS = ("Reshape", "Transpose")
 
 
-def _linear(gemm: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
-    """(W [d_out, d_in], b [d_out]) of a ``Gemm(x, W, b, transB=1)`` with constants."""
-    if int_attr(gemm, "transA", 0) or not int_attr(gemm, "transB", 0):
+@dataclass(frozen=True)
+class Linear:
+    """y = x·Wᵀ + b along the last axis of x, with W [d_out, d_in] and b [d_out] constant."""
+
+    x: ir.Value
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+@dataclass
+class Branch:
+    """One of Q, Kᵀ, V traced back from the attention: ``scale · layout(linear(x))``."""
+
+    linear: Linear
+    source: ir.Value  # the projection's output, input of ``layout[0]``
+    layout: list[ir.Node]  # Reshape/Transpose nodes, first to last
+    scale: float = 1.0
+    values: list[ir.Value] = field(default_factory=list)  # intermediates it consumes alone
+
+
+@dataclass(frozen=True)
+class Attention:
+    """What ``check`` found and ``rewrite`` emits."""
+
+    x: ir.Value
+    q: Linear
+    k: Linear
+    v: Linear
+    out: Linear
+    heads: int
+    tokens: int
+    head_dim: int
+    out_shape: list[int]  # the merge Reshape's shape with its last entry d_out
+    score_bias: np.ndarray | None  # added to the scores before Softmax
+
+
+def _row(bias: np.ndarray | None, width: int) -> np.ndarray | None:
+    """A bias that broadcasts along the last axis only, as [width]; None otherwise."""
+    if bias is None:
         return None
-    if float_attr(gemm, "alpha", 1.0) != 1.0 or float_attr(gemm, "beta", 1.0) != 1.0:
+    if bias.size == 1:
+        return np.full(width, bias.reshape(()), np.float32)
+    if bias.size == width and bias.shape[-1] == width:
+        return bias.reshape(width)
+    return None
+
+
+def _gemm_linear(gemm: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """(α·W [d_out, d_in], β·b [d_out]) of ``Gemm(x, B, C)`` with constant B, C; W = B or Bᵀ
+    by ``transB``."""
+    if int_attr(gemm, "transA", 0):
         return None
     weight = const_array(gemm.inputs[1])
-    bias = const_array(gemm.inputs[2]) if len(gemm.inputs) > 2 else None
     if weight is None or weight.ndim != 2:
         return None
+    if not int_attr(gemm, "transB", 0):
+        weight = weight.T
+    c = gemm.inputs[2] if len(gemm.inputs) > 2 else None
+    bias = np.zeros(weight.shape[0], np.float32) if c is None else _row(const_array(c),
+                                                                          weight.shape[0])
     if bias is None:
-        bias = np.zeros(weight.shape[0], np.float32)
-    return weight, np.broadcast_to(bias, (weight.shape[0],))
+        return None
+    return (float_attr(gemm, "alpha", 1.0) * weight, float_attr(gemm, "beta", 1.0) * bias)
+
+
+def _projection(node: ir.Node | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(W [d_out, d_in], b) of a ``Gemm`` or ``MatMul(x, W)`` with constant 2-D weights."""
+    if node is None or node.domain != "":
+        return None
+    if node.op_type == "Gemm":
+        return _gemm_linear(node)
+    if node.op_type == "MatMul":
+        weight = const_array(node.inputs[1])
+        if weight is not None and weight.ndim == 2:
+            return weight.T, np.zeros(weight.shape[1], np.float32)
+    return None
+
+
+def _split_rows(node: ir.Node, index: int, width: int) -> slice | None:
+    """The output rows that output ``index`` of a last-axis ``Split`` takes from ``width``."""
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else 0
+    axis = int_attr(node, "axis", 0)
+    if rank == 0 or axis not in (-1, rank - 1):
+        return None
+    sizes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    count = len(node.outputs)
+    if sizes is None:
+        if int_attr(node, "num_outputs", count) != count or width % count:
+            return None
+        sizes = np.full(count, width // count)
+    if sizes.sum() != width or len(sizes) != count:
+        return None
+    start = int(sizes[:index].sum())
+    return slice(start, start + int(sizes[index]))
+
+
+def trace_linear(value: ir.Value, used: list[ir.Value]) -> Linear | None:
+    """The constant affine map from some x to ``value`` along the last axis, through
+    ``Add(b)``, last-axis ``Split`` and a ``Gemm``/``MatMul`` projection; None if there is
+    none. Appends the values passed on the way (``value`` included) to ``used``."""
+    node = value.producer()
+    if node is None or node.domain != "":
+        return None
+    used.append(value)
+    if node.op_type == "Add":
+        for i in (0, 1):
+            inner = (trace_linear(node.inputs[i], used)
+                     if node.inputs[1 - i].const_value is not None else None)
+            bias = _row(const_array(node.inputs[1 - i]), inner.weight.shape[0]) if inner else None
+            if bias is not None:
+                return Linear(inner.x, inner.weight, inner.bias + bias)
+        return None
+    if node.op_type == "Split":
+        inner = trace_linear(node.inputs[0], used)
+        rows = _split_rows(node, node.outputs.index(value), inner.weight.shape[0]) if inner \
+            else None
+        return None if rows is None else Linear(inner.x, inner.weight[rows], inner.bias[rows])
+    weights = _projection(node)
+    return None if weights is None else Linear(node.inputs[0], *weights)
+
+
+def _scalar_factor(node: ir.Node) -> tuple[ir.Value, float] | None:
+    """(y, c) for ``Mul(y, c)``, ``Mul(c, y)`` or ``Div(y, 1/c)`` with a constant scalar c."""
+    if node.domain != "" or node.op_type not in ("Mul", "Div"):
+        return None
+    for i in (0, 1) if node.op_type == "Mul" else (0,):
+        c = const_array(node.inputs[1 - i])
+        if c is not None and c.size == 1 and node.inputs[i].const_value is None:
+            c = float(c.reshape(()))
+            if node.op_type == "Div":
+                return (node.inputs[0], 1.0 / c) if c else None
+            return node.inputs[i], c
+    return None
+
+
+def trace_branch(value: ir.Value) -> Branch | None:
+    """``value`` as scalar · Reshape/Transpose chain · linear projection (in any order of the
+    scalars and layout nodes, which commute); None if it is not one."""
+    layout: list[ir.Node] = []
+    scale, used = 1.0, []
+    node = value.producer()
+    while node is not None and node.domain == "":
+        scaled = _scalar_factor(node)
+        if node.op_type in LAYOUT_OPS:
+            inner = node.inputs[0]
+            layout.append(node)
+        elif scaled is not None:
+            inner, factor = scaled
+            scale *= factor
+        else:
+            break
+        used.append(value)
+        value, node = inner, inner.producer()
+    linear = trace_linear(value, used)
+    if linear is None:
+        return None
+    return Branch(linear, value, layout[::-1], scale, used)
+
+
+def split_dims(branch: Branch, perm: Sequence[int]) -> tuple[int, int, int] | None:
+    """(h, N, d_h) if the branch's layout chain is ``Reshape([G, N, h, d_h]) → Transpose(perm)``
+    as a permutation of its source's elements, else None."""
+    reshapes = [n for n in branch.layout if n.op_type == "Reshape"]
+    first = const_array(reshapes[0].inputs[1]) if reshapes else None
+    shape = sim_shape_fitting(branch.source, None if first is None else first.tolist())
+    if shape is None:
+        return None
+    index = np.arange(int(np.prod(shape))).reshape(shape)
+    out = run_chain(branch.layout, index)
+    if out is None or out.ndim != 4:
+        return None
+    inverse = np.argsort(perm)
+    g, n, h, dh = (out.shape[i] for i in inverse)
+    expected = apply_reshape(index, [g, n, h, dh])
+    if expected is None or not np.array_equal(out, expected.transpose(perm)):
+        return None
+    return h, n, dh
+
+
+def _merge_dims(ctx: ir.Value, nodes: list[ir.Node], width: int) -> list[int] | None:
+    """The merge Reshape's shape with its last entry ``width`` if ``nodes`` (Transpose,
+    Reshape) turn ctx [G, h, N, d_h] into [..., N, h·d_h] rows, else None."""
+    shape = sim_shape(ctx)
+    merge = const_array(nodes[1].inputs[1])
+    if shape is None or len(shape) != 4 or merge is None or 0 in merge.tolist():
+        return None
+    index = np.arange(int(np.prod(shape))).reshape(shape)
+    out = run_chain(nodes, index)
+    g, h, n, dh = shape
+    if out is None or out.shape[-1] != h * dh or not np.array_equal(
+            out.ravel(), index.transpose(HEAD_PERM).ravel()):
+        return None
+    return [*merge.tolist()[:-1], width]
+
+
+def _broadcasts_to(array: np.ndarray, shape: tuple[int, ...] | None) -> bool:
+    """Whether ``array`` broadcasts to ``shape`` (rank 4) without enlarging it."""
+    if shape is None or len(shape) != 4 or array.ndim > 4:
+        return False
+    try:
+        return np.broadcast_shapes(array.shape, shape) == tuple(shape)
+    except ValueError:
+        return False
+
+
+def _only_here(values: Sequence[ir.Value]) -> ir.Value | None:
+    """The first value with a consumer outside the attention (or a graph output), if any."""
+    for value in values:
+        if len(value.uses()) != 1 or value.is_graph_output():
+            return value
+    return None
+
+
+def _rows_of(x: ir.Value) -> ir.Value:
+    """x before Reshapes that keep its last axis (the same rows of tokens)."""
+    node = x.producer()
+    while (node is not None and node.op_type == "Reshape" and node.domain == ""
+           and x.shape is not None and node.inputs[0].shape is not None
+           and isinstance(x.shape[-1], int) and node.inputs[0].shape[-1] == x.shape[-1]):
+        x = node.inputs[0]
+        node = x.producer()
+    return x
+
+
+def _scaled(linear: Linear, scale: float) -> Linear:
+    return Linear(linear.x, linear.weight * scale, linear.bias * scale)
 
 
 def _per_head(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -59,85 +301,171 @@ def _per_head(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.T.reshape(d_in, heads, d_out // heads).transpose(1, 0, 2)
 
 
+@dataclass
+class Scores:
+    """scores = scale · MatMul(q, kt) + bias, with constant scale and bias (bias None if 0)."""
+
+    q: ir.Value
+    kt: ir.Value
+    scale: float
+    bias: np.ndarray | None
+    values: list[ir.Value]  # intermediates from MatMul(q, kt) to scores
+
+
+def _const_addend(node: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
+    """(y, B) for ``Add(y, B)`` or ``Add(B, y)`` with a constant B."""
+    if node.domain != "" or node.op_type != "Add":
+        return None
+    for i in (0, 1):
+        addend = const_array(node.inputs[1 - i])
+        if addend is not None and node.inputs[i].const_value is None:
+            return node.inputs[i], addend
+    return None
+
+
+def trace_scores(scores: ir.Value) -> Scores | None:
+    """scores as s · MatMul(q, kt) + B through constant scalar Mul/Div and constant Adds
+    (a relative position bias), walking back: s·(c·y) = (s·c)·y, s·(y + A) = s·y + s·A."""
+    scale, bias, used = 1.0, None, [scores]
+    node = scores.producer()
+    while node is not None:
+        if (scaled := _scalar_factor(node)) is not None:
+            scores, factor = scaled
+            scale *= factor
+        elif (shifted := _const_addend(node)) is not None:
+            scores, addend = shifted
+            bias = scale * addend if bias is None else bias + scale * addend
+        else:
+            break
+        used.append(scores)
+        node = scores.producer()
+    if node is None or node.op_type != "MatMul" or node.domain != "":
+        return None
+    return Scores(node.inputs[0], node.inputs[1], scale, bias, used)
+
+
 class FoldHeadSplit(RewriteRuleClassBase):
-    """Gemm q/k/v → Reshape → Transpose ... Transpose → Reshape → Gemm out, as per-head
-    batched MatMuls with no Transpose."""
+    """Softmax → MatMul(·, V) → Transpose → Reshape → Gemm out, with Q, Kᵀ, V head splits of
+    constant projections, as per-head batched MatMuls with no Transpose."""
+
+    kind = ""  # rule name: fold_head_split[_kind]_target
 
     def __init__(self, target: str = "mobile") -> None:
-        super().__init__(name=f"fold_head_split_{target}")
+        infix = f"_{self.kind}" if self.kind else ""
+        super().__init__(name=f"fold_head_split{infix}_{target}")
         self.target = target
-        self.tokens = self.heads = self.head_dim = 0
-        self.scale = 1.0
+        self.found: Attention | None = None
 
-    def pattern(self, op, x, wq, wk, wv, sq, sk, sv, scale, so, wo):
-        q = op.Transpose(op.Reshape(op.Gemm(x, wq, _allow_other_inputs=True, _outputs=["gq"]),
-                                    sq), _outputs=["q"])
-        kt = op.Transpose(op.Reshape(op.Gemm(x, wk, _allow_other_inputs=True,
-                                             _outputs=["gk"]), sk), _outputs=["kt"])
-        v = op.Transpose(op.Reshape(op.Gemm(x, wv, _allow_other_inputs=True, _outputs=["gv"]),
-                                    sv), _outputs=["v"])
-        probs = op.Softmax(op.Mul(op.MatMul(q, kt), scale), _outputs=["probs"])
-        ctx = op.Transpose(op.MatMul(probs, v), _outputs=["ctx"])
-        return op.Gemm(op.Reshape(ctx, so), wo, _allow_other_inputs=True, _outputs=["out"])
+    def pattern(self, op, scores, v, merge_shape, wo):
+        probs = op.Softmax(scores, _outputs=["probs"])
+        # torch's SDPA decomposition zeroes NaN probabilities (rows with every key masked)
+        probs = OrValue([op.Where(op.IsNaN(probs), 0.0, probs), probs], tag_var="nan_guard",
+                        tag_values=[True, False])
+        ctx = op.Transpose(op.MatMul(probs, v, _outputs=["pv"]), _outputs=["ctx"])
+        return self.project(op, op.Reshape(ctx, merge_shape, _outputs=["merged"]), wo)
 
-    def check(self, context, x, sq, sk, sv, scale, so, **values) -> MatchResult:
+    def project(self, op, merged, wo):
+        return op.Gemm(merged, wo, _allow_other_inputs=True, _outputs=["out"])
+
+    def check(self, context, scores, v, **values) -> MatchResult:
         result = MatchResult()
         opset = context.model.opset_imports.get("", 0)
         if opset < MIN_OPSET:
             return result.fail(f"opset {opset} < {MIN_OPSET}: the rewrite emits the opset-13 "
                                "forms of Split and ReduceSum (axes as inputs).")
-        for name in ("gq", "gk", "gv", "out"):
-            if _linear(values[name].producer()) is None:
-                return result.fail(f"{name} is not Gemm(x, W, b, transB=1) with constant W, b.")
-        perms = {"q": HEAD_PERM, "kt": KEY_PERM, "v": HEAD_PERM, "ctx": HEAD_PERM}
-        for name, perm in perms.items():
-            if ints_attr(values[name].producer(), "perm") != perm:
-                return result.fail(f"Transpose of {name} is not {perm}.")
-        shapes = [const_array(s) for s in (sq, sk, sv)]
-        if any(s is None or s.shape != (4,) for s in shapes) or not all(
-                np.array_equal(shapes[0], s) for s in shapes[1:]):
-            return result.fail("q/k/v head-split shapes are not one constant [G, N, h, d_h].")
-        _, self.tokens, self.heads, self.head_dim = (int(v) for v in shapes[0])
-        d = self.heads * self.head_dim
-        if min(self.tokens, self.heads, self.head_dim) < 1:
-            return result.fail("head-split shape must give N, h and d_h explicitly.")
-        merge = const_array(so)
-        if merge is None or merge.tolist() != [-1, d]:
-            return result.fail(f"head-merge Reshape is not [-1, {d}].")
-        scale_value = const_array(scale)
-        if scale_value is None or scale_value.size != 1:
-            return result.fail("score scale is not a constant scalar.")
         if int_attr(values["probs"].producer(), "axis", -1) not in (-1, 3):
             return result.fail("Softmax is not over the key axis.")
-        self.scale = float(scale_value.reshape(()))
+        traced = trace_scores(scores)
+        if traced is None:
+            return result.fail("scores are not s · MatMul(q, kt) [+ B] with constant s, B.")
+        branches = {"q": trace_branch(traced.q), "kt": trace_branch(traced.kt),
+                    "v": trace_branch(v)}
+        for name, branch in branches.items():
+            if branch is None:
+                return result.fail(f"{name} is not a Reshape/Transpose head split of a "
+                                   "projection with constant W, b (Gemm, MatMul [+ Add], Split).")
+        perms = {"q": HEAD_PERM, "kt": KEY_PERM, "v": HEAD_PERM}
+        dims = {name: split_dims(branches[name], perm) for name, perm in perms.items()}
+        for name, perm in perms.items():
+            if dims[name] is None:
+                return result.fail(f"Transpose of {name} is not a head split [G,N,h,d_h] -> "
+                                   f"{perm} (or a shape is not static).")
+        if len(set(dims.values())) != 1:
+            return result.fail(f"q/k/v head splits differ: {dims}.")
+        heads, tokens, head_dim = dims["q"]
+        if any(b.linear.weight.shape[0] != heads * head_dim for b in branches.values()):
+            return result.fail("a q/k/v projection's width is not h·d_h.")
+        if traced.bias is not None and not _broadcasts_to(traced.bias, sim_shape(scores)):
+            return result.fail("score bias does not broadcast to the [G, h, N, N] scores.")
+        x = {_rows_of(b.linear.x) for b in branches.values()}
+        if len(x) != 1:
+            return result.fail("q, k and v are projections of different inputs.")
+        out = _projection(values["out"].producer())
+        if out is None:
+            return result.fail("out projection has no constant W, b.")
+        out_shape = _merge_dims(values["pv"], [values["ctx"].producer(),
+                                               values["merged"].producer()], out[0].shape[0])
+        if out_shape is None:
+            return result.fail("head merge is not Transpose(0,2,1,3) → Reshape([..., d]) "
+                               "with a constant shape.")
+        weights = [b.linear.weight for b in branches.values()] + [out[0]]
+        if any(w.dtype != np.float32 for w in weights):
+            return result.fail("weights are not float32.")
+        if out[0].shape[1] != heads * head_dim:
+            return result.fail("out projection width is not h·d_h.")
+        shared = _only_here([*traced.values, *(u for b in branches.values() for u in b.values)])
+        if shared is not None:
+            return result.fail(f"{shared.name} has another consumer.")
+        self.found = Attention(
+            x=x.pop(), q=_scaled(branches["q"].linear, traced.scale * branches["q"].scale),
+            k=_scaled(branches["kt"].linear, branches["kt"].scale),
+            v=_scaled(branches["v"].linear, branches["v"].scale),
+            out=Linear(values["merged"], *out), heads=heads, tokens=tokens, head_dim=head_dim,
+            out_shape=out_shape, score_bias=traced.bias)
         return result
 
-    def rewrite(self, op, x, wq, wk, wv, wo, **values):
-        (w_q, b_q), (w_k, b_k), (w_v, b_v), (w_o, b_o) = (
-            _linear(values[n].producer()) for n in ("gq", "gk", "gv", "out"))
-        h, dh, n = self.heads, self.head_dim, self.tokens
-        d = h * dh
-        stacked = np.concatenate([_per_head(w_q, h) * self.scale, _per_head(w_k, h),
-                                  _per_head(w_v, h)], axis=2)  # [h, d, 3·d_h]
-        bias = np.concatenate([b_q.reshape(h, 1, dh) * self.scale, b_k.reshape(h, 1, dh),
-                               b_v.reshape(h, 1, dh)], axis=2)  # [h, 1, 3·d_h]
-        base = f"{wq.name}__heads"
-        xg = op.Reshape(x, int64_init(op, [-1, 1, n, d], f"{base}_shape"))  # [G, 1, N, d]
+    def rewrite(self, op, **values):
+        a = self.found
+        h, dh, n = a.heads, a.head_dim, a.tokens
+        d_in, d_out = a.q.weight.shape[1], a.out.weight.shape[0]
+        stacked = np.concatenate([_per_head(a.q.weight, h), _per_head(a.k.weight, h),
+                                  _per_head(a.v.weight, h)], axis=2)  # [h, d_in, 3·d_h]
+        bias = np.concatenate([a.q.bias.reshape(h, 1, dh), a.k.bias.reshape(h, 1, dh),
+                               a.v.bias.reshape(h, 1, dh)], axis=2)  # [h, 1, 3·d_h]
+        base = f"{values['probs'].name}__heads"
+        xg = op.Reshape(a.x, int64_init(op, [-1, 1, n, d_in], f"{base}_shape"))  # [G,1,N,d_in]
         qkv = op.Add(op.MatMul(xg, float_init(op, stacked, f"{base}_qkv_weight")),
                      float_init(op, bias, f"{base}_qkv_bias"))  # [G, h, N, 3·d_h]
         q, k, v = op.Split(qkv, int64_init(op, [dh, dh, dh], f"{base}_split"), axis=-1,
                            _outputs=3)
         scores = transposed_matmul(op, q, k, equation="ghnd,ghmd->ghnm", trans_b=True,
                                    target=self.target)  # [G, h, N, N]
-        ctx = op.MatMul(op.Softmax(scores, axis=-1), v)  # [G, h, N, d_h]
-        w_out = w_o.T.reshape(h, dh, w_o.shape[0])  # [h, d_h, d_out]
+        if a.score_bias is not None:
+            scores = op.Add(scores, float_init(op, a.score_bias, f"{base}_score_bias"))
+        probs = op.Softmax(scores, axis=-1)
+        if values["nan_guard"]:
+            probs = op.Where(op.IsNaN(probs), op.Constant(value_float=0.0), probs)
+        ctx = op.MatMul(probs, v)  # [G, h, N, d_h]
+        w_out = a.out.weight.T.reshape(h, dh, d_out)  # [h, d_h, d_out]
         out = op.MatMul(ctx, float_init(op, w_out, f"{base}_out_weight"))  # [G, h, N, d_out]
         out = op.ReduceSum(out, int64_init(op, [1], f"{base}_head_axis"), keepdims=0)
-        out = op.Reshape(out, int64_init(op, [-1, w_o.shape[0]], f"{base}_merge_shape"))
-        return op.Add(out, float_init(op, b_o, f"{base}_out_bias"))  # [G·N, d_out]
+        out = op.Reshape(out, int64_init(op, a.out_shape, f"{base}_merge_shape"))
+        if not a.out.bias.any():
+            return out
+        return op.Add(out, float_init(op, a.out.bias, f"{base}_out_bias"))  # [..., d_out]
+
+
+class FoldHeadSplitMatMul(FoldHeadSplit):
+    """The same with a bias-free ``MatMul(merged, W_o)`` out projection (dynamo exports)."""
+
+    kind = "matmul"
+
+    def project(self, op, merged, wo):
+        return op.MatMul(merged, wo, _outputs=["out"])
 
 
 def rules(target: str = "mobile") -> RewriteRuleSet:
-    # Gemm q,k,v -> Reshape -> Transpose -> MatMul -> Softmax -> MatMul -> Transpose -> Gemm
+    # Gemm|MatMul [Split] q,k,v -> Reshape -> Transpose -> MatMul -> Softmax -> MatMul
+    #   -> Transpose -> Reshape -> Gemm|MatMul
     #   ->  MatMul(per-head qkv) -> Split -> MatMulᵀ -> Softmax -> MatMul -> MatMul -> ReduceSum
-    return RewriteRuleSet([FoldHeadSplit.rule(target)])
+    return RewriteRuleSet([FoldHeadSplit.rule(target), FoldHeadSplitMatMul.rule(target)])

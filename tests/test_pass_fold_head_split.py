@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from _passes_util import apply, assert_same_outputs, ops, parse
 
@@ -14,9 +15,10 @@ D = H * DH
 FEED = {"x": RNG.normal(0, 1, (G * N, D)).astype(np.float32)}
 
 
-def _model(softmax_axis: int = -1, key_perm: str = "[0,2,3,1]", opset: int = 24):
+def _model(softmax_axis: int = -1, key_perm: str = "[0,2,3,1]", opset: int = 24,
+           rows: str = str(G * N)):
     text = f"""<ir_version: 10, opset_import: ["" : {opset}]>
-    g (float[{G * N},{D}] x) => (float[{G * N},{D}] y) {{
+    g (float[{rows},{D}] x) => (float[{rows},{D}] y) {{
         lq = Gemm <transB=1> (x, wq, bq)
         lk = Gemm <transB=1> (x, wk, bk)
         lv = Gemm <transB=1> (x, wv, bv)
@@ -51,6 +53,16 @@ def test_attention_has_no_transpose(target: str, matmul: str) -> None:
     assert_same_outputs(before, after, FEED)
 
 
+def test_symbolic_token_rows_are_simulated_in_whole_groups() -> None:
+    """x [G·N, d] with a symbolic row count (our graphs' batch): the head split is checked on
+    whole [N, h, d_h] groups."""
+    before = _model(rows="rows")
+    after, pass_ = apply(before, "fold_head_split", fold_head_split.rules("ort"))
+    assert "Transpose" not in ops(after)
+    assert pass_.counts["fold_head_split_ort"] == 1
+    assert_same_outputs(before, after, FEED)
+
+
 def test_softmax_over_queries_is_not_rewritten() -> None:
     before = _model(softmax_axis=2)
     after, pass_ = apply(before, "fold_head_split", fold_head_split.rules("mobile"))
@@ -74,3 +86,177 @@ def test_opsets_before_13_are_refused() -> None:
     after, pass_ = apply(before, "fold_head_split", fold_head_split.rules("ort"))
     assert ops(after) == before_ops
     assert "opset 12 < 13" in pass_.refusals["fold_head_split_ort"]
+
+
+# --- Exported forms: 3-D tokens, MatMul [+ Add] projections (torch.onnx.export + onnxsim) ---
+
+FOREIGN_FEED = {"x": RNG.normal(0, 1, (G, N, D)).astype(np.float32)}
+
+
+def _projections(qkv: str) -> str:
+    """q/k/v projections of x [G, N, D] as ``lq, lk, lv``: one fused MatMul + Split + Add
+    (dynamo), separate MatMul + Add(b, ·), or Reshape → Gemm(transB=0) → Reshape
+    (TorchScript)."""
+    if qkv == "fused":
+        return """qkv = MatMul (x, wqkv)
+        sq, sk, sv = Split <axis=-1> (qkv, sizes)
+        lq = Add (sq, bq)
+        lk = Add (sk, bk)
+        lv = Add (sv, bv)"""
+    if qkv == "separate":
+        return "\n".join(f"m{n} = MatMul (x, w{n})\n        l{n} = Add (b{n}, m{n})"
+                         for n in "qkv")
+    return "x2 = Reshape (x, rows)\n" + "\n".join(
+        f"g{n} = Gemm (x2, w{n}, b{n})\n        l{n} = Reshape (g{n}, tokens)" for n in "qkv")
+
+
+def _foreign_model(qkv: str = "fused", key: str = "one", scale: str = "div", out: str = "matmul",
+                   split: tuple[int, ...] = (G, N, -1, DH),
+                   perms: tuple[str, str] = ("[0,2,1,3]", "[0,2,3,1]"),
+                   score_bias: bool = False, weight_input: bool = False,
+                   extra_output: str = "", nan_guard: bool = False):
+    """The attention of transformers' MobileViT/ViT as exported, with residual y = x + attn."""
+    head, key_perm = perms
+    split_keys = f"kh = Transpose <perm={head}> (rk)\n        "
+    keys = {"one": f"kt = Transpose <perm={key_perm}> (rk)",
+            "two": split_keys + "kt = Transpose <perm=[0,1,3,2]> (kh)",
+            # torch's SDPA decomposition: 3-D transpose of the [G·h, N, d_h] keys
+            "sdpa": split_keys + "k3 = Reshape (kh, keys3)\n        "
+                    "kt3 = Transpose <perm=[0,2,1]> (k3)\n        kt = Reshape (kt3, keys4)",
+            }[key]
+    scores = {"div": "qk = MatMul (q, kt)\n        s0 = Div (qk, root)",
+              "mul_q": "qs = Mul (q, scale)\n        s0 = MatMul (qs, kt)",
+              "both": "qs = Mul (q, half)\n        ks = Mul (half, kt)\n"
+                      "        s0 = MatMul (qs, ks)"}[scale]
+    if score_bias:
+        scores += "\n        s = Add (s0, bias)"
+    else:
+        scores = scores.replace("s0 =", "s =")
+    project = ("m = Reshape (c, merge)\n        a = MatMul (m, wo_t)" if out == "matmul" else
+               "m = Reshape (c, rows)\n        a2 = Gemm (m, wo_t, bo)\n"
+               "        a = Reshape (a2, tokens)")
+    # torch's SDPA decomposition zeroes NaN probabilities
+    guard = "n = IsNaN (p)\n        pg = Where (n, zero, p)" if nan_guard else ""
+    wq_input = f", float[{D},{D}] wq" if weight_input else ""
+    outputs = f", float {extra_output}_out" if extra_output else ""
+    text = f"""<ir_version: 10, opset_import: ["" : 18]>
+    g (float[{G},{N},{D}] x{wq_input}) => (float[{G},{N},{D}] y{outputs}) {{
+        {_projections(qkv)}
+        rq = Reshape (lq, split)
+        rk = Reshape (lk, split)
+        rv = Reshape (lv, split)
+        q = Transpose <perm={head}> (rq)
+        {keys}
+        v = Transpose <perm={head}> (rv)
+        {scores}
+        p = Softmax <axis=-1> (s)
+        {guard}
+        pv = MatMul ({"pg" if nan_guard else "p"}, v)
+        c = Transpose <perm=[0,2,1,3]> (pv)
+        {project}
+        y = Add (a, x)
+        {f"{extra_output}_out = Identity ({extra_output})" if extra_output else ""}
+    }}"""
+    inits = {f"w{n}": RNG.normal(0, D**-0.5, (D, D)).astype(np.float32) for n in "qkv"
+             if not (weight_input and n == "q")}
+    inits |= {f"b{n}": RNG.normal(0, 0.1, (D,)).astype(np.float32) for n in "qkvo"}
+    if not weight_input:
+        inits["wqkv"] = np.concatenate([inits[f"w{n}"] for n in "qkv"], axis=1)
+    inits |= {"wo_t": RNG.normal(0, D**-0.5, (D, D)).astype(np.float32),
+              "sizes": np.array([D, D, D], np.int64), "rows": np.array([-1, D], np.int64),
+              "tokens": np.array([G, N, D], np.int64), "merge": np.array([G, N, D], np.int64),
+              "split": np.array(split, np.int64), "root": np.array(DH**0.5, np.float32),
+              "scale": np.array(DH**-0.5, np.float32), "half": np.array(DH**-0.25, np.float32),
+              "bias": RNG.normal(0, 1, (1, H, N, N)).astype(np.float32),
+              "keys3": np.array([G * H, N, DH], np.int64),
+              "keys4": np.array([G, H, DH, N], np.int64), "zero": np.array(0, np.float32)}
+    return parse(text, inits)
+
+
+def _transposes(proto) -> int:
+    return ops(proto).count("Transpose")
+
+
+@pytest.mark.parametrize(("qkv", "key", "scale", "out", "rule"), [
+    ("fused", "one", "div", "matmul", "fold_head_split_matmul"),  # dynamo, no output bias
+    ("fused", "two", "mul_q", "gemm", "fold_head_split"),  # dynamo with an output bias
+    ("separate", "one", "both", "matmul", "fold_head_split_matmul"),
+    ("gemm", "two", "div", "gemm", "fold_head_split"),  # TorchScript
+    ("fused", "sdpa", "both", "gemm", "fold_head_split"),  # dynamo ViT (SDPA)
+])
+@pytest.mark.parametrize("target", ["ort", "mobile"])
+def test_exported_attention_has_no_transpose(qkv, key, scale, out, rule, target) -> None:
+    before = _foreign_model(qkv, key, scale, out, nan_guard=key == "sdpa")
+    after, pass_ = apply(before, "fold_head_split", fold_head_split.rules(target))
+    assert _transposes(before) >= 4
+    assert _transposes(after) == 0
+    assert pass_.counts[f"{rule}_{target}"] == 1
+    assert max(len(v.type.tensor_type.shape.dim) for v in
+               onnx.shape_inference.infer_shapes(after).graph.value_info) <= 5
+    assert_same_outputs(before, after, FOREIGN_FEED, atol=1e-4)
+
+
+def test_relative_position_bias_is_added_to_the_new_scores() -> None:
+    """Swin's scores: s·Q·Kᵀ + B with a constant B [1, h, N, N], kept in [G, h, N, N]."""
+    before = _foreign_model(score_bias=True)
+    after, pass_ = apply(before, "fold_head_split", fold_head_split.rules("mobile"))
+    assert _transposes(after) == 0
+    assert pass_.counts["fold_head_split_matmul_mobile"] == 1
+    assert_same_outputs(before, after, FOREIGN_FEED, atol=1e-4)
+
+
+def test_non_constant_weights_are_not_rewritten() -> None:
+    before = _foreign_model(qkv="separate", weight_input=True)
+    feed = FOREIGN_FEED | {"wq": RNG.normal(0, D**-0.5, (D, D)).astype(np.float32)}
+    after, pass_ = apply(before, "fold_head_split", fold_head_split.rules("ort"))
+    assert ops(after) == ops(before)
+    assert "q is not a Reshape/Transpose head split of a projection with constant W" in \
+        pass_.refusals["fold_head_split_matmul_ort"]
+    assert_same_outputs(before, after, feed)
+
+
+def test_interleaved_heads_are_not_a_head_split() -> None:
+    """Reshape [G, N, d_h, h] → Transpose(0,3,1,2) gives [G, h, N, d_h] shapes too, but head
+    j takes channels j, j+h, …: not the contiguous slices the per-head weights assume."""
+    before = _foreign_model(split=(G, N, DH, H), perms=("[0,3,1,2]", "[0,3,2,1]"))
+    after, pass_ = apply(before, "fold_head_split", fold_head_split.rules("ort"))
+    assert ops(after) == ops(before)
+    assert "Transpose of q is not a head split" in pass_.refusals["fold_head_split_matmul_ort"]
+    assert_same_outputs(before, after, FOREIGN_FEED)
+
+
+@pytest.mark.parametrize("shared", ["q", "kt"])
+def test_intermediates_with_another_consumer_are_not_rewritten(shared: str) -> None:
+    before = _foreign_model(extra_output=shared, key="two" if shared == "kt" else "one")
+    after, pass_ = apply(before, "fold_head_split", fold_head_split.rules("ort"))
+    assert ops(after) == ops(before)
+    assert f"{shared} has another consumer" in pass_.refusals["fold_head_split_matmul_ort"]
+
+
+def test_transformers_mobilevit_dynamo_export_has_no_transpose_left() -> None:
+    """A small transformers MobileViT (9 attention layers) through the dynamo exporter and
+    ``optimize_proto``: unfold_fold removes the 12 unfold/fold Transposes and this pass the
+    36 head split/merge ones. The first block's attentions have no output bias, which the
+    exporter writes as a bare ``MatMul`` (the second rule); the others end in ``Gemm``."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from mvcompile.optimize import optimize_proto
+
+    torch.manual_seed(0)
+    model = transformers.MobileViTForImageClassification(transformers.MobileViTConfig(
+        image_size=128, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 8, 16, 16, 16, 32],
+        num_attention_heads=2, num_labels=5, expand_ratio=2.0)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.add_(torch.randn_like(param) * 0.05)  # non-zero biases: Split → Add(b)
+            if "encoder.layer.2." in name and name.endswith("attention.output.dense.bias"):
+                param.zero_()
+    pixels = torch.rand(1, 3, 128, 128)  # N = 64, 16, 4 tokens per patch position
+    proto = torch.onnx.export(model, (pixels,), dynamo=True, verbose=False,
+                              input_names=["pixel_values"], output_names=["logits"]).model_proto
+    optimized, report = optimize_proto(proto, "ort")  # raises if numerics differ > 1e-4
+    rules = {s["name"]: s["rules"] for s in report["pipeline"]["stages"] if "rules" in s}
+    assert report["transposes"]["onnxsim"] == 48
+    assert report["transposes"]["optimized"] == 0
+    assert rules["fold_head_split"] == {"fold_head_split_ort": 7, "fold_head_split_matmul_ort": 2}
+    onnx.checker.check_model(optimized, full_check=True)
