@@ -229,17 +229,25 @@ main.add_command(train_command, name="train")
               help="ort: ONNX Runtime contrib ops where faster; mobile: standard ONNX only.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Largest max-abs output difference to the input model on random inputs.")
+@click.option("--measure/--no-measure", default=True, show_default=True,
+              help="--target ort: time the result with and without the attention head-split "
+                   "fold on this machine's ONNX Runtime and keep the faster (it helps MobileViT "
+                   "and slows DeiT and Swin). --no-measure applies every rewrite that matches.")
 @_user_errors
-def optimize(model: str, output: str, target: str, tolerance: float) -> None:
+def optimize(model: str, output: str, target: str, tolerance: float, measure: bool) -> None:
     """Run onnxsim and the mvcompile passes on any ONNX MODEL; check numerics, write OUTPUT."""
     from mvcompile.optimize import optimize_file
 
-    report = optimize_file(model, output, target=target, tolerance=tolerance)
+    report = optimize_file(model, output, target=target, tolerance=tolerance,
+                           choose_by_latency=measure)
     nodes, transposes = report["nodes"], report["transposes"]
     rows: list[tuple[str, object]] = [
         ("nodes", f"{nodes['input']} -> onnxsim {nodes['onnxsim']} -> {nodes['optimized']}"),
         ("Transpose", f"{transposes['input']} -> {transposes['optimized']}"),
         ("max abs diff", f"{report['max_abs_diff']:.3g}"),
+        *((c["stage"], f"{'kept' if c['kept'] else 'dropped'}: ORT {c['median_ms_with']:.2f} ms "
+                       f"with, {c['median_ms_without']:.2f} ms without")
+          for c in report["measured_choices"]),
         ("written", output),
     ]
     click.echo(format_table(rows, header=(model, "")))

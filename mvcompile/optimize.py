@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from mvcompile import onnx_io
+from mvcompile import latency, onnx_io
 from mvcompile.backends._output import check_writable_dir
 from mvcompile.errors import UserError
 from mvcompile.pipeline import run_pipeline
@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 TARGET_PIPELINES = {"ort": "fp32-foreign", "mobile": "mobile-foreign"}
 DEFAULT_TOLERANCE = 1e-4
+# Stages whose ORT speed depends on the model: folding the attention head split makes
+# MobileViT faster and DeiT and Swin slower (README, foreign-graph table).
+MEASURED_STAGES = ("fold_head_split",)
+LATENCY_RUNS = 50
 
 
 def simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -82,15 +86,68 @@ def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
-                   tolerance: float = DEFAULT_TOLERANCE) -> tuple[onnx.ModelProto, dict]:
+                   tolerance: float = DEFAULT_TOLERANCE, choose_by_latency: bool = False
+                   ) -> tuple[onnx.ModelProto, dict]:
     """Simplify, run the pipeline for ``target`` and check numerics; raise UserError if the
-    result is invalid or differs from ``proto`` by more than ``tolerance``."""
+    result is invalid or differs from ``proto`` by more than ``tolerance``.
+
+    With ``choose_by_latency`` (target "ort"), the stages in :data:`MEASURED_STAGES` are kept
+    only where ONNX Runtime on this machine runs the result faster than without them.
+    """
     if target not in TARGET_PIPELINES:
         raise UserError(f"Unknown target {target!r}; choose one of {sorted(TARGET_PIPELINES)}.")
     simplified = simplify(proto)
-    model = ir.serde.deserialize_model(simplified)
-    model, pipeline_report = run_pipeline(model, TARGET_PIPELINES[target])
-    result = onnx_io.to_proto(model)
+    result, pipeline_report = _run(simplified, TARGET_PIPELINES[target])
+    choices = []
+    if choose_by_latency and target == "ort":
+        for stage in MEASURED_STAGES:
+            if _fired(pipeline_report, stage):
+                result, pipeline_report, choice = _keep_if_faster(
+                    simplified, result, pipeline_report, stage)
+                choices.append(choice)
+    diff = _check(proto, result, tolerance)
+    before, simple, after = op_counts(proto), op_counts(simplified), op_counts(result)
+    report = {
+        "target": target,
+        "nodes": {"input": sum(before.values()), "onnxsim": sum(simple.values()),
+                  "optimized": sum(after.values())},
+        "transposes": {"input": before.get("Transpose", 0), "onnxsim": simple.get("Transpose", 0),
+                       "optimized": after.get("Transpose", 0)},
+        "max_abs_diff": diff,
+        "measured_choices": choices,
+        "pipeline": pipeline_report,
+    }
+    return result, report
+
+
+def _run(simplified: onnx.ModelProto, pipeline: str, skip: frozenset[str] = frozenset()
+         ) -> tuple[onnx.ModelProto, dict]:
+    model, report = run_pipeline(ir.serde.deserialize_model(simplified), pipeline, skip)
+    return onnx_io.to_proto(model), report
+
+
+def _fired(pipeline_report: dict, stage: str) -> bool:
+    return any(sum(s.get("rules", {}).values()) for s in pipeline_report["stages"]
+               if s["name"] == stage)
+
+
+def _keep_if_faster(simplified: onnx.ModelProto, result: onnx.ModelProto, report: dict,
+                    stage: str) -> tuple[onnx.ModelProto, dict, dict]:
+    """``result`` if ORT runs it faster than the same pipeline without ``stage``, else that."""
+    without, without_report = _run(simplified, TARGET_PIPELINES["ort"], frozenset({stage}))
+    winner, medians = latency.fastest(
+        {"with": result.SerializeToString(), "without": without.SerializeToString()},
+        random_inputs(simplified), runs=LATENCY_RUNS)
+    choice = {"stage": stage, "kept": winner == "with", "median_ms_with": medians["with"],
+              "median_ms_without": medians["without"]}
+    log.info("%s: %.2f ms with, %.2f ms without; %s", stage, medians["with"],
+             medians["without"], "kept" if choice["kept"] else "dropped")
+    return (result, report, choice) if choice["kept"] else (without, without_report, choice)
+
+
+def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float) -> float:
+    """The max abs output difference of ``result`` from ``proto``; raise UserError unless
+    ``result`` is valid and within ``tolerance``."""
     try:
         onnx_io.validate(result)
     except Exception as err:
@@ -101,21 +158,11 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
         raise UserError(f"The optimised model differs from the input by {diff:.3g} (max abs) "
                         f"on random inputs, above the tolerance {tolerance:g}; nothing was "
                         "written. Please report this with the input model.")
-    before, simple, after = op_counts(proto), op_counts(simplified), op_counts(result)
-    report = {
-        "target": target,
-        "nodes": {"input": sum(before.values()), "onnxsim": sum(simple.values()),
-                  "optimized": sum(after.values())},
-        "transposes": {"input": before.get("Transpose", 0), "onnxsim": simple.get("Transpose", 0),
-                       "optimized": after.get("Transpose", 0)},
-        "max_abs_diff": diff,
-        "pipeline": pipeline_report,
-    }
-    return result, report
+    return diff
 
 
 def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
-                  tolerance: float = DEFAULT_TOLERANCE) -> dict:
+                  tolerance: float = DEFAULT_TOLERANCE, choose_by_latency: bool = False) -> dict:
     """:func:`optimize_proto` on a file, then an atomic, validated write to ``dst``."""
     dst = Path(dst)
     if dst.is_dir():
@@ -123,7 +170,7 @@ def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
     check_writable_dir(dst.parent, "optimised model")
     proto = onnx_io.load_model(src)
     _check_runs_in_ort(proto, src)
-    result, report = optimize_proto(proto, target, tolerance)
+    result, report = optimize_proto(proto, target, tolerance, choose_by_latency)
     onnx_io.save_model(result, dst)
     log.info("Wrote %s", dst)
     return report

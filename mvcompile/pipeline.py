@@ -156,17 +156,24 @@ PIPELINES: dict[str, list[Stage]] = {
 }
 
 
-def run_pipeline(model: ir.Model, name: str = "fp32") -> tuple[ir.Model, dict]:
-    """Run pipeline ``name`` on ``model`` in place; return it and a JSON-able report:
-    ``{"pipeline", "nodes_before", "nodes_after", "stages": [{"name", "rules", "refused"}]}``.
+def run_pipeline(model: ir.Model, name: str = "fp32", skip: frozenset[str] = frozenset()
+                 ) -> tuple[ir.Model, dict]:
+    """Run pipeline ``name``, less the stages named in ``skip``, on ``model`` in place; return
+    it and a JSON-able report: ``{"pipeline", "nodes_before", "nodes_after", "stages":
+    [{"name", "rules", "refused"} or {"name", "skipped": True}]}``.
     """
     if name not in PIPELINES:
         raise KeyError(f"unknown pipeline {name!r}; choose one of {sorted(PIPELINES)}")
+    unknown = skip - {stage.name for stage in PIPELINES[name]}
+    if unknown:
+        raise KeyError(f"pipeline {name!r} has no stage {sorted(unknown)}")
     before = _op_counts(model)
-    passes = [stage.make() for stage in PIPELINES[name]]
+    chosen = [stage for stage in PIPELINES[name] if stage.name not in skip]
+    passes = [stage.make() for stage in chosen]
     result = ir.passes.PassManager(passes, steps=1)(model)
-    stages = []
-    for stage, pass_ in zip(PIPELINES[name], passes, strict=True):
+    stages = [{"name": stage.name, "skipped": True} for stage in PIPELINES[name]
+              if stage.name in skip]
+    for stage, pass_ in zip(chosen, passes, strict=True):
         entry = {"name": stage.name}
         if isinstance(pass_, RuleSetPass):
             entry.update(pass_.report())

@@ -52,6 +52,27 @@ def test_unfold_fold_chains_of_a_transformers_export_are_rewritten(hf_export) ->
     onnx.checker.check_model(optimized, full_check=True)
 
 
+@pytest.mark.parametrize("winner, transposes", [("with", 6), ("without", 30)])
+def test_head_split_fold_is_kept_only_when_measured_faster(hf_export, monkeypatch,
+                                                          winner: str, transposes: int) -> None:
+    """The timing itself is replaced, so that the choice (not the machine) is tested: 6
+    Transposes stay with the fold (the 64² last block, see above), 30 without it."""
+    proto, _ = hf_export
+    timed = []
+
+    def fake_fastest(models, feed, runs):
+        timed.append(set(models))
+        return winner, {"with": 1.0, "without": 2.0}
+
+    monkeypatch.setattr("mvcompile.optimize.latency.fastest", fake_fastest)
+    optimized, report = optimize_proto(proto, "ort", choose_by_latency=True)
+    assert timed == [{"with", "without"}]
+    assert report["measured_choices"][0]["kept"] is (winner == "with")
+    assert report["transposes"]["optimized"] == transposes
+    assert max_abs_diff(proto, optimized) <= 1e-4
+    assert optimize_proto(proto, "mobile", choose_by_latency=True)[1]["measured_choices"] == []
+
+
 def test_cli_writes_a_checked_model_and_reports_rules(hf_export, tmp_path) -> None:
     _, path = hf_export
     out = tmp_path / "out.onnx"
@@ -59,6 +80,7 @@ def test_cli_writes_a_checked_model_and_reports_rules(hf_export, tmp_path) -> No
     assert result.exit_code == 0, result.output
     assert "unfold_after_conv1x1_ort" in result.output
     assert "max abs diff" in result.output
+    assert "fold_head_split" in result.output and " ms without" in result.output
     written = onnx.load(str(out))
     assert sum(n.op_type == "SpaceToDepth" for n in written.graph.node) == 3
 

@@ -49,6 +49,18 @@ def test_mobile_pipeline_uses_standard_onnx_only(xxs64) -> None:
     assert "Swish" in {node.op_type for node in compiled.graph}
 
 
+def test_skipped_stage_leaves_its_pattern_and_says_so(xxs64) -> None:
+    """Without fold_head_split, each attention keeps its head split/merge: 4 Transposes
+    (q, kᵀ, v, merge) per transformer layer."""
+    compiled, report = run_pipeline(build_random(xxs64)[0], "fp32", skip=frozenset(
+        {"fold_head_split"}))
+    op_types = [node.op_type for node in compiled.graph]
+    assert op_types.count("Transpose") == 4 * sum(xxs64.depths)
+    assert {"name": "fold_head_split", "skipped": True} in report["stages"]
+    with pytest.raises(KeyError, match="no stage"):
+        run_pipeline(build_random(xxs64)[0], "fp32", skip=frozenset({"nope"}))
+
+
 def test_unknown_pipeline_is_a_key_error(xxs64) -> None:
     with pytest.raises(KeyError, match="fp32"):
         run_pipeline(build_random(xxs64)[0], "nope")
