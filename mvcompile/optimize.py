@@ -29,6 +29,10 @@ DEFAULT_TOLERANCE = 1e-4
 # MobileViT faster and DeiT and Swin slower (README, foreign-graph table).
 MEASURED_STAGES = ("fold_head_split",)
 LATENCY_RUNS = 50
+# Drop a measured stage only if the model runs at least this much faster without it: smaller
+# differences are within this machine's noise at LATENCY_RUNS runs, and the transpose-free
+# form is the default. (Measured: DeiT-tiny and Swin-tiny run 5-7% faster without the fold.)
+DROP_MARGIN = 0.03
 
 
 def simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -133,16 +137,18 @@ def _fired(pipeline_report: dict, stage: str) -> bool:
 
 def _keep_if_faster(simplified: onnx.ModelProto, result: onnx.ModelProto, report: dict,
                     stage: str) -> tuple[onnx.ModelProto, dict, dict]:
-    """``result`` if ORT runs it faster than the same pipeline without ``stage``, else that."""
+    """``result``, unless ORT runs the same pipeline without ``stage`` at least
+    :data:`DROP_MARGIN` faster; then that one."""
     without, without_report = _run(simplified, TARGET_PIPELINES["ort"], frozenset({stage}))
-    winner, medians = latency.fastest(
+    medians = latency.interleaved_medians(
         {"with": result.SerializeToString(), "without": without.SerializeToString()},
         random_inputs(simplified), runs=LATENCY_RUNS)
-    choice = {"stage": stage, "kept": winner == "with", "median_ms_with": medians["with"],
+    kept = medians["without"] > (1.0 - DROP_MARGIN) * medians["with"]
+    choice = {"stage": stage, "kept": kept, "median_ms_with": medians["with"],
               "median_ms_without": medians["without"]}
     log.info("%s: %.2f ms with, %.2f ms without; %s", stage, medians["with"],
-             medians["without"], "kept" if choice["kept"] else "dropped")
-    return (result, report, choice) if choice["kept"] else (without, without_report, choice)
+             medians["without"], "kept" if kept else "dropped")
+    return (result, report, choice) if kept else (without, without_report, choice)
 
 
 def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float) -> float:

@@ -37,3 +37,9 @@ def test_interleaved_gives_each_session_its_own_feed() -> None:
     stats = latency.measure_interleaved(sessions, {"x": np.ones((4, 4), np.float32)},
                                         runs=6, warmup=1, feeds=feeds)
     assert stats["int8"].runs == stats["fp32"].runs == 6
+
+
+def test_interleaved_medians_of_serialized_models() -> None:
+    models = {"a": _relu(TensorProto.FLOAT), "b": _relu(TensorProto.FLOAT)}
+    medians = latency.interleaved_medians(models, {"x": np.ones((4, 4), np.float32)}, runs=5)
+    assert set(medians) == {"a", "b"} and all(m > 0 for m in medians.values())

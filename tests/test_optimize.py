@@ -52,22 +52,23 @@ def test_unfold_fold_chains_of_a_transformers_export_are_rewritten(hf_export) ->
     onnx.checker.check_model(optimized, full_check=True)
 
 
-@pytest.mark.parametrize("winner, transposes", [("with", 6), ("without", 30)])
-def test_head_split_fold_is_kept_only_when_measured_faster(hf_export, monkeypatch,
-                                                          winner: str, transposes: int) -> None:
-    """The timing itself is replaced, so that the choice (not the machine) is tested: 6
-    Transposes stay with the fold (the 64² last block, see above), 30 without it."""
+@pytest.mark.parametrize("without_ms, transposes", [(0.98, 6), (0.96, 30)])
+def test_head_split_fold_is_dropped_only_when_measured_clearly_slower(
+        hf_export, monkeypatch, without_ms: float, transposes: int) -> None:
+    """The timing itself is replaced, so that the choice (not the machine) is tested: the fold
+    stays unless the model is at least 3% faster without it. 6 Transposes stay with the fold
+    (the 64² last block, see above), 30 without it."""
     proto, _ = hf_export
     timed = []
 
-    def fake_fastest(models, feed, runs):
+    def fake_medians(models, feed, runs):
         timed.append(set(models))
-        return winner, {"with": 1.0, "without": 2.0}
+        return {"with": 1.0, "without": without_ms}
 
-    monkeypatch.setattr("mvcompile.optimize.latency.fastest", fake_fastest)
+    monkeypatch.setattr("mvcompile.optimize.latency.interleaved_medians", fake_medians)
     optimized, report = optimize_proto(proto, "ort", choose_by_latency=True)
     assert timed == [{"with", "without"}]
-    assert report["measured_choices"][0]["kept"] is (winner == "with")
+    assert report["measured_choices"][0]["kept"] is (transposes == 6)
     assert report["transposes"]["optimized"] == transposes
     assert max_abs_diff(proto, optimized) <= 1e-4
     assert optimize_proto(proto, "mobile", choose_by_latency=True)[1]["measured_choices"] == []
