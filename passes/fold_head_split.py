@@ -9,11 +9,17 @@ d_h = d/h) splits heads with Reshape + Transpose:
 The rewrite keeps every tensor in [G, h, N, ·] order by stacking per-head weights as batched
 MatMul constants, with the score scale s folded into the query weights:
 
-    [Q|K|V]_h = X[G,1,N,d_in] · A_h + c_h,  A_h = [s·W_q,h | W_k,h | W_v,h]ᵀ ∈ R^{h×d_in×3d_h}
-    S_h = Q_h·K_hᵀ   (one transposed MatMul: FusedMatMul transB for ORT, Einsum for mobile)
-    O   = Σ_h (softmax(S_h)·V_h) · W_o,hᵀ + b_o,        W_o,hᵀ ∈ R^{h×d_h×d_out}
+    [Q'|K'|V']_h = X[G,1,N,d_in] · A_h,   A_h = [s·W_q,h | W_k,h | W_v,h]ᵀ ∈ R^{h×d_in×3d_h}
+    S_h = (Q'_h + s·b_q,h)·K'_hᵀ   (one transposed MatMul: FusedMatMul transB for ORT, Einsum
+                                   for mobile)
+    O   = Σ_h (softmax(S_h)·V'_h) · W_o,hᵀ + b_o',   W_o,hᵀ ∈ R^{h×d_h×d_out}
+    b_o' = b_o + Σ_h b_v,h · W_o,hᵀ
 
-Σ_h is a ReduceSum over the head axis, so no Transpose remains and the rank stays 4.
+Σ_h is a ReduceSum over the head axis, so no Transpose remains and the rank stays 4. The key
+bias drops out exactly: it adds q_i·b_k to every score of query i, a constant along the
+softmax axis. The value bias passes through attention unchanged, since each probability row
+sums to one, and so joins the out bias (except after torch's NaN guard, which can zero a row;
+there it stays on V).
 
 The pattern is the attention's tail, ``Softmax [→ Where(IsNaN, 0)] → MatMul(·, V) → Transpose
 → Reshape → out projection``; the out projection is ``Gemm`` (rule ``fold_head_split_*``: ours,
@@ -430,14 +436,20 @@ class FoldHeadSplit(RewriteRuleClassBase):
         d_in, d_out = a.q.weight.shape[1], a.out.weight.shape[0]
         stacked = np.concatenate([_per_head(a.q.weight, h), _per_head(a.k.weight, h),
                                   _per_head(a.v.weight, h)], axis=2)  # [h, d_in, 3·d_h]
-        bias = np.concatenate([a.q.bias.reshape(h, 1, dh), a.k.bias.reshape(h, 1, dh),
-                               a.v.bias.reshape(h, 1, dh)], axis=2)  # [h, 1, 3·d_h]
         base = f"{values['probs'].name}__heads"
         xg = op.Reshape(a.x, int64_init(op, [-1, 1, n, d_in], f"{base}_shape"))  # [G,1,N,d_in]
-        qkv = op.Add(op.MatMul(xg, float_init(op, stacked, f"{base}_qkv_weight")),
-                     float_init(op, bias, f"{base}_qkv_bias"))  # [G, h, N, 3·d_h]
+        qkv = op.MatMul(xg, float_init(op, stacked, f"{base}_qkv_weight"))  # [G, h, N, 3·d_h]
         q, k, v = op.Split(qkv, int64_init(op, [dh, dh, dh], f"{base}_split"), axis=-1,
                            _outputs=3)
+        # b_k is dropped (softmax over keys ignores the per-query constant q·b_k); b_v moves
+        # into the out bias unless torch's NaN guard can zero a whole probability row.
+        q = _add_bias(op, q, a.q.bias.reshape(h, 1, dh), f"{base}_q_bias")
+        w_out = a.out.weight.T.reshape(h, dh, d_out)  # [h, d_h, d_out]
+        out_bias = a.out.bias
+        if values["nan_guard"]:
+            v = _add_bias(op, v, a.v.bias.reshape(h, 1, dh), f"{base}_v_bias")
+        else:
+            out_bias = out_bias + np.einsum("hk,hkd->d", a.v.bias.reshape(h, dh), w_out)
         scores = transposed_matmul(op, q, k, equation="ghnd,ghmd->ghnm", trans_b=True,
                                    target=self.target)  # [G, h, N, N]
         if a.score_bias is not None:
@@ -446,13 +458,15 @@ class FoldHeadSplit(RewriteRuleClassBase):
         if values["nan_guard"]:
             probs = op.Where(op.IsNaN(probs), op.Constant(value_float=0.0), probs)
         ctx = op.MatMul(probs, v)  # [G, h, N, d_h]
-        w_out = a.out.weight.T.reshape(h, dh, d_out)  # [h, d_h, d_out]
         out = op.MatMul(ctx, float_init(op, w_out, f"{base}_out_weight"))  # [G, h, N, d_out]
         out = op.ReduceSum(out, int64_init(op, [1], f"{base}_head_axis"), keepdims=0)
         out = op.Reshape(out, int64_init(op, a.out_shape, f"{base}_merge_shape"))
-        if not a.out.bias.any():
-            return out
-        return op.Add(out, float_init(op, a.out.bias, f"{base}_out_bias"))  # [..., d_out]
+        return _add_bias(op, out, out_bias.astype(np.float32), f"{base}_out_bias")
+
+
+def _add_bias(op, x: ir.Value, bias: np.ndarray, name: str) -> ir.Value:
+    """x + bias, or x itself when the bias is zero."""
+    return op.Add(x, float_init(op, bias, name)) if bias.any() else x
 
 
 class FoldHeadSplitMatMul(FoldHeadSplit):
