@@ -23,7 +23,6 @@ and the latency ceilings these rates put on MobileViT.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from profile_ops import profile
 
-from mvcompile import analysis, latency, onnx_io
+from mvcompile import analysis, latency, machine, onnx_io
 from mvcompile.builder import compile_graph
 from mvcompile.graphs.mobilevit import MobileViTConfig, build_graph
 from mvcompile.graphs.random_weights import RandomWeights
@@ -40,20 +39,6 @@ from mvcompile.graphs.random_weights import RandomWeights
 GEMM_SIZE = 512
 CONV = {"cin": 96, "cout": 48, "hw": 32, "k": 3}
 GEMM_OPS = {"Conv", "MatMul", "Gemm", "FusedMatMul"}
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_summary() -> tuple[str, dict[str, bool]]:
-    """The CPU's model name and which of ``ISA_FLAGS`` it reports."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return platform.processor() or "unknown", {}
-    text = cpuinfo.read_text()
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                 if line.startswith("model name")), "unknown")
-    flags_line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    flags = set(flags_line.split(":", 1)[-1].split())
-    return name, {flag: flag in flags for flag in ISA_FLAGS}
 
 
 def _model(nodes: list, inputs: list, inits: list, output_type: int,
@@ -185,8 +170,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20, help="10 × this many timed runs each")
     args = parser.parse_args()
-    name, flags = cpu_summary()
-    print(f"1. CPU: {name}; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items()))
+    cpu = machine.cpu_summary()
+    print(f"1. CPU: {cpu['name']}; "
+          + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu["isa"].items()))
     ratio, sgemm = rates_table(args.rounds)
     ceilings_table(ratio, sgemm, args.rounds)
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from mvcompile import analysis, latency, onnx_io
+from mvcompile import analysis, latency, machine, onnx_io
 from mvcompile.backends._output import check_writable_dir
 from mvcompile.calibration.observers import OBSERVERS
 from mvcompile.errors import UserError
@@ -204,7 +204,8 @@ def _measure(blobs: dict[str, bytes], options: BuildOptions, progress: Progress)
     progress.finish()
     result = {k: asdict(s) for k, s in stats.items()}
     result["conditions"] = {"threads": options.threads, "batch": 1,
-                            "runtime": "onnxruntime CPUExecutionProvider, ORT_ENABLE_ALL"}
+                            "runtime": "onnxruntime CPUExecutionProvider, ORT_ENABLE_ALL",
+                            "cpu": machine.cpu_summary()}
     return result
 
 

@@ -1,0 +1,57 @@
+"""CPU facts in build reports, and the build summary's note when INT8 is slower."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mvcompile import machine
+from mvcompile.summary import build_summary
+
+ZEN3_FLAGS = "fpu sse sse2 avx avx2 fma bmi2"
+SAPPHIRE_FLAGS = "fpu sse avx avx2 avx512f avx512_vnni amx_int8"
+
+
+def _cpuinfo(tmp_path: Path, flags: str) -> Path:
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: {flags}\n")
+    return path
+
+
+@pytest.mark.parametrize("flags, lacks", [(ZEN3_FLAGS, True), (SAPPHIRE_FLAGS, False)])
+def test_cpu_flags_decide_whether_int8_dot_product_is_missing(tmp_path, flags: str,
+                                                              lacks: bool) -> None:
+    cpu = machine.cpu_summary(_cpuinfo(tmp_path, flags))
+    assert cpu["name"] == "Test CPU 9000"
+    assert cpu["isa"]["avx2"] is True
+    assert cpu["isa"]["avx512_vnni"] is (not lacks)
+    assert machine.lacks_int8_dot_product(cpu) is lacks
+
+
+def test_unknown_cpu_is_not_said_to_lack_anything(tmp_path) -> None:
+    cpu = machine.cpu_summary(tmp_path / "absent")
+    assert cpu["isa"] == {}
+    assert machine.lacks_int8_dot_product(cpu) is False
+
+
+def _report(int8_ms: float, cpu: dict) -> dict:
+    stats = {"parameters": 1, "macs": 1, "node_count": 1, "file_bytes": 1}
+    return {
+        "model": {"size": "xxs", "resolution": 64, "patch_sizes": [2, 2, 2], "num_classes": 10},
+        "weights": {"description": "random"},
+        "models": {"onnx": {**stats, "op_histogram": {"Conv": 1}}, "int8": stats},
+        "latency": {"onnx": {"median_ms": 10.0, "p90_ms": 11.0},
+                    "int8": {"median_ms": int8_ms, "p90_ms": int8_ms},
+                    "conditions": {"threads": 2, "cpu": cpu}},
+    }
+
+
+@pytest.mark.parametrize("int8_ms, flags, noted", [
+    (12.0, ZEN3_FLAGS, True), (8.0, ZEN3_FLAGS, False), (12.0, SAPPHIRE_FLAGS, False)])
+def test_summary_explains_slow_int8_only_on_cpus_without_vnni(tmp_path, int8_ms: float,
+                                                             flags: str, noted: bool) -> None:
+    cpu = machine.cpu_summary(_cpuinfo(tmp_path, flags))
+    files = {"onnx": tmp_path / "model.onnx", "int8": tmp_path / "model_int8.onnx"}
+    text = build_summary(_report(int8_ms, cpu), files)
+    assert ("no VNNI int8 dot product" in text) is noted
