@@ -36,6 +36,7 @@ from mvcompile.passes import (
     fuse_gelu,
     fuse_layer_norm,
     fuse_swish,
+    im2col,
     unfold_fold,
 )
 
@@ -119,6 +120,7 @@ def _core(target: str, swish: bool = True, layout: str | None = None) -> list[St
         # interpolation path) moves across the conv so that unfold_fold can absorb it.
         _rules("commute_resize", commute_resize.rules),
         _rules("unfold_fold", lambda: unfold_fold.rules(layout)),
+        _rules("im2col", im2col.rules),
         _rules("fold_head_split", lambda: fold_head_split.rules(target)),
     ]
 

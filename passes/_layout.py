@@ -68,8 +68,15 @@ def apply_reshape(x: np.ndarray, shape: Sequence[int], allowzero: int = 0) -> np
 
 
 def run_chain(nodes: Sequence[ir.Node], x: np.ndarray) -> np.ndarray | None:
-    """Apply a chain of Reshape/Transpose nodes to ``x``; None if a shape is not constant."""
+    """Apply a chain of Reshape/Transpose/Gather nodes to ``x``; None if a shape or index is
+    not constant."""
     for node in nodes:
+        if node.op_type == "Gather":
+            indices = const_array(node.inputs[1])
+            if indices is None:
+                return None
+            x = np.take(x, indices, axis=int_attr(node, "axis", 0))
+            continue
         if node.op_type == "Reshape":
             shape = const_array(node.inputs[1])
             if shape is None:

@@ -57,6 +57,12 @@ def test_foreign_vit_graphs_optimize_with_unchanged_outputs(name: str) -> None:
     fired = {rule: n for stage in report["pipeline"]["stages"]
              for rule, n in stage.get("rules", {}).items() if n}
     ops = {n.op_type for n in optimized.graph.node}
+    if name == "mobilevitv2":  # im2col unfold (Gather, rank-6 Transpose) and Col2Im fold
+        assert fired["Im2ColUnfold"] == fired["Col2ImFold"] >= 1
+        assert report["transposes"]["optimized"] == 0
+        assert not {"Col2Im", "Gather"} & ops
+        inferred = onnx.shape_inference.infer_shapes(optimized)
+        assert max(len(v.type.tensor_type.shape.dim) for v in inferred.graph.value_info) <= 5
     if name in ("deit", "swin"):  # the TorchScript exporter writes GELU as Erf arithmetic
         assert "Gelu" in ops and "Erf" not in ops
         assert any("gelu" in rule.lower() for rule in fired), fired

@@ -1,0 +1,75 @@
+"""im2col: MobileViTV2's Gather/rank-6-Transpose unfold and Col2Im fold → SpaceToDepth and
+DepthToSpace per channel, rank 4."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from _passes_util import apply, assert_same_outputs, ops, parse
+
+from mvcompile.passes import im2col
+
+RNG = np.random.default_rng(0)
+B, C, H, W, P = 2, 3, 4, 6, 2
+
+
+def _unfold_model(perm: tuple[int, ...] = (0, 1, 2, 4, 3, 5)) -> onnx.ModelProto:
+    """torch's unfold as the dynamo exporter writes it: rows[ki, i] = i·p + ki."""
+    text = f"""
+    <ir_version: 10, opset_import: ["" : 18]>
+    g (float[{B},{C},{H},{W}] x) => (float[{B},{C},{P * P},{H * W // P // P}] y) {{
+      r = Gather<axis = 2>(x, rows)
+      rc = Gather<axis = 4>(r, cols)
+      t = Transpose<perm = [{", ".join(map(str, perm))}]>(rc)
+      y = Reshape(t, shape)
+    }}"""
+    return parse(text, {
+        "rows": np.arange(H).reshape(H // P, P).T.copy().astype(np.int64),
+        "cols": np.arange(W).reshape(W // P, P).T.copy().astype(np.int64),
+        "shape": np.array([B, C, P * P, H * W // P // P], np.int64)})
+
+
+def _fold_model(strides: int = P) -> onnx.ModelProto:
+    blocks = ((H - P) // strides + 1) * ((W - P) // strides + 1)
+    text = f"""
+    <ir_version: 10, opset_import: ["" : 18]>
+    g (float[{B},{C * P * P},{blocks}] x) => (float[{B},{C},{H},{W}] y) {{
+      y = Col2Im<strides = [{strides}, {strides}]>(x, size, block)
+    }}"""
+    return parse(text, {"size": np.array([H, W], np.int64), "block": np.array([P, P], np.int64)})
+
+
+def test_unfold_chain_becomes_space_to_depth_per_channel() -> None:
+    before = _unfold_model()
+    after, pass_ = apply(before, "im2col", im2col.rules())
+    assert ops(after) == ["Reshape", "SpaceToDepth", "Reshape"]
+    assert pass_.counts["Im2ColUnfold"] == 1
+    feed = {"x": RNG.normal(size=(B, C, H, W)).astype(np.float32)}
+    assert_same_outputs(before, after, feed, atol=0)
+    x = feed["x"]
+    np.testing.assert_array_equal(im2col.im2col_ref(x, P)[0, 1, 3, 2], x[0, 1, 1, 5])
+
+
+def test_a_chain_that_is_not_an_unfold_is_left_alone() -> None:
+    before = _unfold_model(perm=(0, 1, 4, 2, 3, 5))
+    after, pass_ = apply(before, "im2col", im2col.rules())
+    assert ops(after) == ops(before)
+    assert "does not compute an im2col unfold" in pass_.refusals["Im2ColUnfold"]
+
+
+def test_col2im_without_overlap_becomes_depth_to_space_per_channel() -> None:
+    before = _fold_model()
+    after, pass_ = apply(before, "im2col", im2col.rules())
+    assert ops(after) == ["Reshape", "DepthToSpace", "Reshape"]
+    assert pass_.counts["Col2ImFold"] == 1
+    feed = {"x": RNG.normal(size=(B, C * P * P, H * W // P // P)).astype(np.float32)}
+    assert_same_outputs(before, after, feed, atol=0)
+
+
+def test_overlapping_col2im_is_left_alone() -> None:
+    before = _fold_model(strides=1)
+    after, pass_ = apply(before, "im2col", im2col.rules())
+    assert ops(after) == ["Col2Im"]
+    assert "stride is not the block size" in pass_.refusals["Col2ImFold"]
+    feed = {"x": RNG.normal(size=(B, C * P * P, 15)).astype(np.float32)}
+    assert_same_outputs(before, after, feed, atol=0)  # the model is valid and runs
