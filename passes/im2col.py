@@ -15,7 +15,10 @@ on its own, as X viewed [B·C, 1, H, W], there is only c = 0, so
     X = Reshape(DepthToSpace_p(Reshape(T, [B·C, P, H/p, W/p])), [B, C, H, W])
 
 (DepthToSpace with one output channel is the same in DCR and CRD order.) Every tensor stays
-rank 4, and there is no Transpose. Unfold chains are matched by what they compute: the chain is
+rank 4, and there is no Transpose. Where p does not divide H or W, torch's unfold skips the
+last H mod p rows and W mod p columns and fold leaves them zero: the rewrite then slices the
+image to H' = p·⌊H/p⌋, W' = p·⌊W/p⌋ before SpaceToDepth and pads it back with zeros after
+DepthToSpace. Unfold chains are matched by what they compute: the chain is
 run on an index tensor and compared with the formula above.
 """
 
@@ -31,9 +34,11 @@ UNFOLD_CHAIN = 4  # Gather, Gather, Transpose, Reshape
 
 
 def im2col_ref(x: np.ndarray, p: int) -> np.ndarray:
-    """Reference unfold: [B,C,H,W] -> [B,C,P,N] as in the module docstring."""
+    """Reference unfold: [B,C,H,W] -> [B,C,P,N] as in the module docstring (rows and columns
+    beyond the last whole patch are skipped)."""
     b, c, h, w = x.shape
-    t = x.reshape(b, c, h // p, p, w // p, p).transpose(0, 1, 3, 5, 2, 4)
+    h, w = h - h % p, w - w % p
+    t = x[:, :, :h, :w].reshape(b, c, h // p, p, w // p, p).transpose(0, 1, 3, 5, 2, 4)
     return t.reshape(b, c, p * p, (h // p) * (w // p))
 
 
@@ -54,10 +59,9 @@ def find_im2col_patch(nodes: list[ir.Node], shape: tuple[int, ...]) -> int | Non
     if out is None or out.ndim != 4:
         return None
     for p in range(2, min(shape[2], shape[3]) + 1):
-        if shape[2] % p == 0 and shape[3] % p == 0:
-            ref = im2col_ref(index, p)
-            if out.shape == ref.shape and np.array_equal(out, ref):
-                return p
+        ref = im2col_ref(index, p)
+        if out.shape == ref.shape and np.array_equal(out, ref):
+            return p
     return None
 
 
@@ -83,6 +87,11 @@ class Im2ColUnfold(RewriteRuleClassBase):
         _, c, h, w = self.shape
         p = self.patch
         name = tokens.name
+        if h % p or w % p:  # torch's unfold skips the rows and columns past the last patch
+            h, w = h - h % p, w - w % p
+            x = op.Slice(x, int64_init(op, [0, 0], f"{name}_crop_starts"),
+                         int64_init(op, [h, w], f"{name}_crop_ends"),
+                         int64_init(op, [2, 3], f"{name}_crop_axes"))
         per_channel = op.Reshape(x, int64_init(op, [-1, 1, h, w], f"{name}_per_channel"))
         s2d = op.SpaceToDepth(per_channel, blocksize=p)  # [B·C, P, H/p, W/p]
         return op.Reshape(s2d, int64_init(op, [-1, c, p * p, (h // p) * (w // p)],
@@ -111,7 +120,7 @@ class Col2ImFold(RewriteRuleClassBase):
             return result.fail("Col2Im has pads or dilations.")
         h, w = int(size[0]), int(size[1])
         dims = cols.shape
-        if (h % p or w % p or dims is None or len(dims) != 3 or not isinstance(dims[1], int)
+        if (dims is None or len(dims) != 3 or not isinstance(dims[1], int)
                 or dims[1] % (p * p) or dims[2] != (h // p) * (w // p)):
             return result.fail("column shape is not [B, C·p², (H/p)(W/p)] with static C.")
         self.fold = (dims[1] // (p * p), h, w, p)
@@ -121,8 +130,14 @@ class Col2ImFold(RewriteRuleClassBase):
         c, h, w, p = self.fold
         name = image.name
         grid = op.Reshape(cols, int64_init(op, [-1, p * p, h // p, w // p], f"{name}_grid"))
-        d2s = op.DepthToSpace(grid, blocksize=p)  # [B·C, 1, H, W]
-        return op.Reshape(d2s, int64_init(op, [-1, c, h, w], f"{name}_image_shape"))
+        d2s = op.DepthToSpace(grid, blocksize=p)  # [B·C, 1, H', W']
+        covered = op.Reshape(d2s, int64_init(op, [-1, c, h - h % p, w - w % p],
+                                              f"{name}_image_shape"))
+        if not (h % p or w % p):
+            return covered
+        # rows and columns that no patch covers stay zero, as in Col2Im
+        return op.Pad(covered, int64_init(op, [0, 0, 0, 0, 0, 0, h % p, w % p],
+                                          f"{name}_uncovered"))
 
 
 def rules() -> RewriteRuleSet:

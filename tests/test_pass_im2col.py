@@ -13,30 +13,33 @@ RNG = np.random.default_rng(0)
 B, C, H, W, P = 2, 3, 4, 6, 2
 
 
-def _unfold_model(perm: tuple[int, ...] = (0, 1, 2, 4, 3, 5)) -> onnx.ModelProto:
-    """torch's unfold as the dynamo exporter writes it: rows[ki, i] = i·p + ki."""
+def _unfold_model(perm: tuple[int, ...] = (0, 1, 2, 4, 3, 5), h: int = H, w: int = W
+                  ) -> onnx.ModelProto:
+    """torch's unfold as the dynamo exporter writes it: rows[ki, i] = i·p + ki (rows and
+    columns past the last whole patch are not gathered)."""
+    n = (h // P) * (w // P)
     text = f"""
     <ir_version: 10, opset_import: ["" : 18]>
-    g (float[{B},{C},{H},{W}] x) => (float[{B},{C},{P * P},{H * W // P // P}] y) {{
+    g (float[{B},{C},{h},{w}] x) => (float[{B},{C},{P * P},{n}] y) {{
       r = Gather<axis = 2>(x, rows)
       rc = Gather<axis = 4>(r, cols)
       t = Transpose<perm = [{", ".join(map(str, perm))}]>(rc)
       y = Reshape(t, shape)
     }}"""
     return parse(text, {
-        "rows": np.arange(H).reshape(H // P, P).T.copy().astype(np.int64),
-        "cols": np.arange(W).reshape(W // P, P).T.copy().astype(np.int64),
-        "shape": np.array([B, C, P * P, H * W // P // P], np.int64)})
+        "rows": np.arange(h - h % P).reshape(h // P, P).T.copy().astype(np.int64),
+        "cols": np.arange(w - w % P).reshape(w // P, P).T.copy().astype(np.int64),
+        "shape": np.array([B, C, P * P, n], np.int64)})
 
 
-def _fold_model(strides: int = P) -> onnx.ModelProto:
-    blocks = ((H - P) // strides + 1) * ((W - P) // strides + 1)
+def _fold_model(strides: int = P, h: int = H, w: int = W) -> onnx.ModelProto:
+    blocks = ((h - P) // strides + 1) * ((w - P) // strides + 1)
     text = f"""
     <ir_version: 10, opset_import: ["" : 18]>
-    g (float[{B},{C * P * P},{blocks}] x) => (float[{B},{C},{H},{W}] y) {{
+    g (float[{B},{C * P * P},{blocks}] x) => (float[{B},{C},{h},{w}] y) {{
       y = Col2Im<strides = [{strides}, {strides}]>(x, size, block)
     }}"""
-    return parse(text, {"size": np.array([H, W], np.int64), "block": np.array([P, P], np.int64)})
+    return parse(text, {"size": np.array([h, w], np.int64), "block": np.array([P, P], np.int64)})
 
 
 def test_unfold_chain_becomes_space_to_depth_per_channel() -> None:
@@ -48,6 +51,19 @@ def test_unfold_chain_becomes_space_to_depth_per_channel() -> None:
     assert_same_outputs(before, after, feed, atol=0)
     x = feed["x"]
     np.testing.assert_array_equal(im2col.im2col_ref(x, P)[0, 1, 3, 2], x[0, 1, 1, 5])
+
+
+def test_rows_and_columns_past_the_last_patch_are_cropped_and_padded_back() -> None:
+    """A 5×7 map with p = 2: unfold skips row 4 and column 6, fold leaves them zero."""
+    unfold, fold = _unfold_model(h=5, w=7), _fold_model(h=5, w=7)
+    unfold_after, _ = apply(unfold, "im2col", im2col.rules())
+    fold_after, _ = apply(fold, "im2col", im2col.rules())
+    assert ops(unfold_after) == ["Slice", "Reshape", "SpaceToDepth", "Reshape"]
+    assert ops(fold_after) == ["Reshape", "DepthToSpace", "Reshape", "Pad"]
+    image = {"x": RNG.normal(size=(B, C, 5, 7)).astype(np.float32)}
+    assert_same_outputs(unfold, unfold_after, image, atol=0)
+    columns = {"x": RNG.normal(size=(B, C * P * P, 6)).astype(np.float32)}
+    assert_same_outputs(fold, fold_after, columns, atol=0)
 
 
 def test_a_chain_that_is_not_an_unfold_is_left_alone() -> None:
