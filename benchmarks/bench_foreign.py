@@ -76,8 +76,8 @@ def export(model: torch.nn.Module, resolution: int) -> onnx.ModelProto:
 def _head_fold(report: dict) -> str:
     """What `mvcompile optimize`'s own timing decided about folding the head split."""
     for choice in report["measured_choices"]:
-        return (f"{'kept' if choice['kept'] else 'dropped'} ({choice['median_ms_with']:.2f} vs "
-                f"{choice['median_ms_without']:.2f} ms)")
+        return (f"{'kept' if choice['kept'] else 'dropped'} ({choice['min_ms_with']:.2f} vs "
+                f"{choice['min_ms_without']:.2f} ms)")
     fired = any(sum(stage.get("rules", {}).values()) for stage in report["pipeline"]["stages"]
                 if stage["name"] == "fold_head_split")
     return "applied, not timed" if fired else "no match"

@@ -81,8 +81,7 @@ def latency_table(rounds: int, threads: int) -> None:
     peer = export_peer(cfg, source.tensors)
     peer_int8 = ort_quantize_static(peer, images, CalibrationMethod.MinMax)
     models = {"ours INT8": int8, "ours FP32": fp32, "peer FP32": peer, "peer INT8": peer_int8}
-    med = latency.interleaved_medians({k: m.SerializeToString() for k, m in models.items()},
-                                       {"pixel_values": images.pixels[:1]}, 10 * rounds, threads)
+    med = _medians(models, images, rounds, threads)
     print(f"\nLatency: XXS 256², batch 1, {threads} threads, ORT CPU; medians of {10 * rounds} "
           "runs, interleaved in blocks")
     print("| model | median ms | × ours FP32 | × peer INT8 | × peer FP32 |")
@@ -150,14 +149,20 @@ def variants_table(rounds: int, threads: int) -> None:
                        ("+ Softmax", DEFAULT_OP_TYPES | {"Softmax"})):
         int8, _ = quantize(source, images, QuantizeOptions(op_types=ops))
         models[label] = onnx_io.to_proto(int8)
-    med = latency.interleaved_medians({k: m.SerializeToString() for k, m in models.items()},
-                                       {"pixel_values": images.pixels[:1]}, 10 * rounds, threads)
+    med = _medians(models, images, rounds, threads)
     print(f"\nINT8 op sets: XXS 256², batch 1, {threads} threads; medians of {10 * rounds} "
           "runs, interleaved in blocks")
     print("| quantized ops | median ms | × FP32 |")
     print("|---|---|---|")
     for name, ms in med.items():
         print(f"| {name} | {ms:.2f} | {ms / med['FP32']:.2f} |")
+
+
+def _medians(models: dict[str, onnx.ModelProto], images: ImageSet, rounds: int,
+             threads: int) -> dict[str, float]:
+    stats = latency.time_models({k: m.SerializeToString() for k, m in models.items()},
+                                {"pixel_values": images.pixels[:1]}, 10 * rounds, threads)
+    return {k: s.median_ms for k, s in stats.items()}
 
 
 def main() -> None:

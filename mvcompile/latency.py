@@ -108,10 +108,9 @@ def measure_interleaved(sessions: dict[str, ort.InferenceSession], feed: dict[st
     return {name: LatencyStats.from_samples(s) for name, s in samples.items()}
 
 
-def interleaved_medians(models: dict[str, bytes], feed: dict[str, np.ndarray], runs: int = 30,
-                        threads: int = 2) -> dict[str, float]:
-    """Median latency in ms of each serialized model, timed with :func:`measure_interleaved`
-    so that all of them see the same machine load."""
+def time_models(models: dict[str, bytes], feed: dict[str, np.ndarray], runs: int = 30,
+                threads: int = 2) -> dict[str, LatencyStats]:
+    """Latency of each serialized model, timed with :func:`measure_interleaved` so that all
+    of them see the same machine load."""
     sessions = {name: make_session(blob, threads=threads) for name, blob in models.items()}
-    return {name: stats.median_ms for name, stats in
-            measure_interleaved(sessions, feed, runs=runs).items()}
+    return measure_interleaved(sessions, feed, runs=runs)
