@@ -7,6 +7,11 @@ ORT latency of the onnxsim'd export vs the optimised model, interleaved (batch 1
 medians; a separate measurement from the one that made the choice).
 
     python benchmarks/bench_foreign.py [--rounds 10] [--apply-all]
+    python benchmarks/bench_foreign.py --choice-stability 6
+
+``--choice-stability N`` instead repeats, N times, the comparison `mvcompile optimize` makes
+(the same pipeline with and without the head-split fold, 50 interleaved runs each) and prints
+the without/with ratio of medians and of fastest runs for each repetition.
 """
 
 from __future__ import annotations
@@ -73,6 +78,26 @@ def export(model: torch.nn.Module, resolution: int) -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
+def choice_stability(repeats: int, resolution: int) -> None:
+    from mvcompile.optimize import LATENCY_RUNS, TARGET_PIPELINES, run_pipeline_proto
+
+    print(f"{resolution}x{resolution}: without/with head-split fold, {LATENCY_RUNS} runs each, "
+          "interleaved; one row per repetition")
+    print("| model | repetition | ratio of medians | ratio of fastest runs |")
+    print("|---|---|---|---|")
+    for name in ("MobileViT-XXS", "DeiT-tiny"):
+        simplified = simplify(export(randomize(foreign_models(resolution)[name]), resolution))
+        variants = {k: run_pipeline_proto(simplified, TARGET_PIPELINES["ort"], skip)
+                    for k, skip in (("with", frozenset()),
+                                    ("without", frozenset({"fold_head_split"})))}
+        sessions = {k: latency.make_session(m.SerializeToString()) for k, m in variants.items()}
+        for i in range(repeats):
+            st = latency.measure_interleaved(sessions, random_inputs(simplified),
+                                             runs=LATENCY_RUNS)
+            print(f"| {name} | {i + 1} | {st['without'].median_ms / st['with'].median_ms:.3f} | "
+                  f"{st['without'].min_ms / st['with'].min_ms:.3f} |")
+
+
 def _head_fold(report: dict) -> str:
     """What `mvcompile optimize`'s own timing decided about folding the head split."""
     for choice in report["measured_choices"]:
@@ -90,8 +115,13 @@ def main() -> None:
     parser.add_argument("--apply-all", action="store_true",
                         help="apply every rewrite that matches, as `mvcompile optimize "
                              "--no-measure` does, instead of timing the head-split fold")
+    parser.add_argument("--choice-stability", type=int, default=0, metavar="N",
+                        help="repeat optimize's with/without-fold timing N times instead")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.choice_stability:
+        choice_stability(args.choice_stability, args.resolution)
+        return
     rows = []
     for name, model in foreign_models(args.resolution).items():
         exported = export(randomize(model), args.resolution)
