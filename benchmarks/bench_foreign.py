@@ -24,7 +24,15 @@ import onnx
 import torch
 
 from mvcompile import latency
-from mvcompile.optimize import optimize_proto, random_inputs, simplify
+from mvcompile.optimize import (
+    LATENCY_RUNS,
+    TARGET_PIPELINES,
+    optimize_proto,
+    random_inputs,
+    run_pipeline_proto,
+    simplify,
+    stage_fired,
+)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -79,15 +87,13 @@ def export(model: torch.nn.Module, resolution: int) -> onnx.ModelProto:
 
 
 def choice_stability(repeats: int, resolution: int) -> None:
-    from mvcompile.optimize import LATENCY_RUNS, TARGET_PIPELINES, run_pipeline_proto
-
     print(f"{resolution}x{resolution}: without/with head-split fold, {LATENCY_RUNS} runs each, "
           "interleaved; one row per repetition")
     print("| model | repetition | ratio of medians | ratio of fastest runs |")
     print("|---|---|---|---|")
     for name in ("MobileViT-XXS", "DeiT-tiny"):
         simplified = simplify(export(randomize(foreign_models(resolution)[name]), resolution))
-        variants = {k: run_pipeline_proto(simplified, TARGET_PIPELINES["ort"], skip)
+        variants = {k: run_pipeline_proto(simplified, TARGET_PIPELINES["ort"], skip)[0]
                     for k, skip in (("with", frozenset()),
                                     ("without", frozenset({"fold_head_split"})))}
         sessions = {k: latency.make_session(m.SerializeToString()) for k, m in variants.items()}
@@ -103,8 +109,7 @@ def _head_fold(report: dict) -> str:
     for choice in report["measured_choices"]:
         return (f"{'kept' if choice['kept'] else 'dropped'} ({choice['min_ms_with']:.2f} vs "
                 f"{choice['min_ms_without']:.2f} ms)")
-    fired = any(sum(stage.get("rules", {}).values()) for stage in report["pipeline"]["stages"]
-                if stage["name"] == "fold_head_split")
+    fired = stage_fired(report["pipeline"], "fold_head_split")
     return "applied, not timed" if fired else "no match"
 
 

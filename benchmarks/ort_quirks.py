@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
@@ -88,7 +87,7 @@ def saturation_table(weights: str) -> None:
     print("| weight bits | unfused (QDQ maths) dB | fused QLinearConv dB |")
     print("|---|---|---|")
     for qmax, bits in ((127, 8), (63, 7)):
-        model = ir.serde.deserialize_model(ir.serde.serialize_model(source))
+        model = source.clone()
         stem = next(n for n in model.graph if n.op_type == "Conv")
         plan = QuantPlan(frozenset({"Conv"}), weight_qmax=qmax,
                          keep_float={n.name for n in model.graph

@@ -19,13 +19,14 @@ import numpy as np
 import onnxruntime as ort
 
 
-def profile(path: str, runs: int, threads: int) -> collections.Counter:
+def profile(model: str | bytes, runs: int, threads: int) -> collections.Counter:
+    """Kernel ms per op type per inference of ``model`` (a path or serialized bytes)."""
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         inp = session.get_inputs()[0]
         shape = [d if isinstance(d, int) else 1 for d in inp.shape]
         feed = {inp.name: np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)}

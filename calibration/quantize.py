@@ -62,14 +62,10 @@ class QuantizeReport:
     budget_met: bool | None = None  # None when no --accuracy-budget was given
 
 
-def clone(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
-
-
 def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
              on_batch: Callable[[int], None] | None = None) -> tuple[ir.Model, QuantizeReport]:
     """Return an INT8 (QDQ) copy of ``model`` and a report; ``model`` is not modified."""
-    model = clone(model)
+    model = model.clone()
     NameFixPass()(model)  # keep-float decisions and reports refer to node names
     plan = QuantPlan(frozenset(options.op_types), set(options.keep_float),
                      options.activation_dtype, 2 ** (options.weight_bits - 1) - 1)
@@ -93,7 +89,7 @@ def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
 
 def _rewrite(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan
              ) -> tuple[ir.Model, dict[str, int]]:
-    quantized = clone(model)
+    quantized = model.clone()
     counts = insert_qdq(quantized, ranges, plan)
     RemoveUnusedNodesPass()(quantized)  # drops the float weights the DQs replaced
     return quantized, counts

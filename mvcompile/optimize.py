@@ -100,11 +100,11 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
     if target not in TARGET_PIPELINES:
         raise UserError(f"Unknown target {target!r}; choose one of {sorted(TARGET_PIPELINES)}.")
     simplified = simplify(proto)
-    result, pipeline_report = _run(simplified, TARGET_PIPELINES[target])
+    result, pipeline_report = run_pipeline_proto(simplified, TARGET_PIPELINES[target])
     choices = []
     if choose_by_latency and target == "ort":
         for stage in MEASURED_STAGES:
-            if _fired(pipeline_report, stage):
+            if stage_fired(pipeline_report, stage):
                 result, pipeline_report, choice = _keep_if_faster(
                     simplified, result, pipeline_report, stage)
                 choices.append(choice)
@@ -123,19 +123,16 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
     return result, report
 
 
-def run_pipeline_proto(simplified: onnx.ModelProto, pipeline: str,
-                       skip: frozenset[str] = frozenset()) -> onnx.ModelProto:
-    """:func:`run_pipeline` on a copy of an ONNX proto; the rewritten proto."""
-    return _run(simplified, pipeline, skip)[0]
-
-
-def _run(simplified: onnx.ModelProto, pipeline: str, skip: frozenset[str] = frozenset()
-         ) -> tuple[onnx.ModelProto, dict]:
-    model, report = run_pipeline(ir.serde.deserialize_model(simplified), pipeline, skip)
+def run_pipeline_proto(proto: onnx.ModelProto, pipeline: str,
+                       skip: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, dict]:
+    """:func:`run_pipeline` on an ONNX proto (which is not modified): the rewritten proto and
+    the pipeline report."""
+    model, report = run_pipeline(ir.serde.deserialize_model(proto), pipeline, skip)
     return onnx_io.to_proto(model), report
 
 
-def _fired(pipeline_report: dict, stage: str) -> bool:
+def stage_fired(pipeline_report: dict, stage: str) -> bool:
+    """Whether any rule of ``stage`` matched in a :func:`run_pipeline` report."""
     return any(sum(s.get("rules", {}).values()) for s in pipeline_report["stages"]
                if s["name"] == stage)
 
@@ -147,7 +144,8 @@ def _keep_if_faster(simplified: onnx.ModelProto, result: onnx.ModelProto, report
     processes on a shared machine can only slow down, never speed up (``python
     benchmarks/bench_foreign.py --choice-stability 6`` repeats the comparison and prints the
     ratios of fastest runs and of medians)."""
-    without, without_report = _run(simplified, TARGET_PIPELINES["ort"], frozenset({stage}))
+    without, without_report = run_pipeline_proto(simplified, TARGET_PIPELINES["ort"],
+                                                  frozenset({stage}))
     stats = latency.time_models(
         {"with": result.SerializeToString(), "without": without.SerializeToString()},
         random_inputs(simplified), runs=LATENCY_RUNS)

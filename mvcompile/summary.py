@@ -41,6 +41,7 @@ def _models_table(report: dict, files: dict[str, Path]) -> str:
          if k in latency else "not measured"),
     ):
         rows.append((label, *(get(report["models"][k], k) for k in keys)))
+    ratio = None
     if "int8" in latency and "onnx" in latency:
         ratio = latency["int8"]["median_ms"] / latency["onnx"]["median_ms"]
         rows.append(("INT8 / FP32 latency", "", f"{ratio:.2f}x"))
@@ -51,19 +52,12 @@ def _models_table(report: dict, files: dict[str, Path]) -> str:
     conditions = latency.get("conditions")
     note = (f"\n(latency: batch 1, {conditions['threads']} threads, runs interleaved)"
             if conditions else "")
-    if (conditions and ratio_above_one(latency)
-            and lacks_int8_dot_product(conditions.get("cpu", {}))):
+    if conditions and ratio and ratio > 1 and lacks_int8_dot_product(conditions.get("cpu", {})):
         note += ("\n(INT8 is slower here: this CPU has no VNNI int8 dot product, so ONNX "
                  "Runtime's integer kernels gain little over FP32; README, 'What this machine "
                  "can do')")
     return format_table(rows, header=("", *("FP32" if k == "onnx" else "INT8" for k in keys))
                         ) + note
-
-
-def ratio_above_one(latency: dict) -> bool:
-    """Whether the INT8 model was timed slower than the FP32 one."""
-    return ("int8" in latency and "onnx" in latency
-            and latency["int8"]["median_ms"] > latency["onnx"]["median_ms"])
 
 
 def _accuracy_table(int8: dict) -> str:

@@ -74,8 +74,15 @@ def _scales_or_sizes(resize: ir.Node) -> tuple[str, np.ndarray] | None:
     return None
 
 
-def _sole_consumer_ops(value: ir.Value) -> set[str]:
+def _consumer_ops(value: ir.Value) -> set[str]:
     return {use.node.op_type for use in value.uses()}
+
+
+def _check_swap(conv: ir.Value, resized: ir.Value) -> MatchResult:
+    """Fail unless the producers of ``conv`` and ``resized`` are a 1×1 conv and a spatial
+    Resize that commute."""
+    result = check_pointwise_conv(conv.producer(), MatchResult())
+    return check_spatial_resize(resized.producer(), result) if result else result
 
 
 def _resize_to(op, resize: ir.Node, x: ir.Value, channels: int, name: str) -> ir.Value:
@@ -102,10 +109,8 @@ class ResizeBeforeUnfold(RewriteRuleClassBase):
         return op.Resize(conv, _allow_other_inputs=True, _outputs=["resized"])
 
     def check(self, context, x, conv, resized) -> MatchResult:
-        result = check_pointwise_conv(conv.producer(), MatchResult())
-        if result:
-            result = check_spatial_resize(resized.producer(), result)
-        if result and not _sole_consumer_ops(resized) <= CHAIN_OPS:
+        result = _check_swap(conv, resized)
+        if result and not _consumer_ops(resized) <= CHAIN_OPS:
             result.fail("the Resize output does not feed an unfold chain.")
         if result and (x.shape is None or not isinstance(x.shape.dims[1], int)):
             result.fail("the Conv input's channel count is not static.")
@@ -124,9 +129,7 @@ class ResizeAfterFold(RewriteRuleClassBase):
         return op.Conv(resized, _allow_other_inputs=True, _outputs=["conv"])
 
     def check(self, context, t, resized, conv) -> MatchResult:
-        result = check_pointwise_conv(conv.producer(), MatchResult())
-        if result:
-            result = check_spatial_resize(resized.producer(), result)
+        result = _check_swap(conv, resized)
         if result and (t.producer() is None or t.producer().op_type not in CHAIN_OPS):
             result.fail("the Resize input does not come from a fold chain.")
         return result

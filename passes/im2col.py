@@ -28,7 +28,14 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from mvcompile.passes._layout import chain_nodes, const_array, int64_init, ints_attr, run_chain
+from mvcompile.passes._layout import (
+    chain_nodes,
+    const_array,
+    int64_init,
+    ints_attr,
+    run_chain,
+    sim_shape,
+)
 
 UNFOLD_CHAIN = 4  # Gather, Gather, Transpose, Reshape
 
@@ -40,16 +47,6 @@ def im2col_ref(x: np.ndarray, p: int) -> np.ndarray:
     h, w = h - h % p, w - w % p
     t = x[:, :, :h, :w].reshape(b, c, h // p, p, w // p, p).transpose(0, 1, 3, 5, 2, 4)
     return t.reshape(b, c, p * p, (h // p) * (w // p))
-
-
-def _image_shape(value: ir.Value) -> tuple[int, int, int, int] | None:
-    """[B, C, H, W] with static C, H, W (a symbolic batch is simulated as 1)."""
-    if value.shape is None or len(value.shape) != 4:
-        return None
-    dims = [d if isinstance(d, int) else None for d in value.shape]
-    if any(d is None for d in dims[1:]):
-        return None
-    return (dims[0] or 1, dims[1], dims[2], dims[3])
 
 
 def find_im2col_patch(nodes: list[ir.Node], shape: tuple[int, ...]) -> int | None:
@@ -74,8 +71,8 @@ class Im2ColUnfold(RewriteRuleClassBase):
 
     def check(self, context, x, tokens, **_) -> MatchResult:
         result = MatchResult()
-        self.shape = _image_shape(x)
-        if self.shape is None:
+        self.shape = sim_shape(x)
+        if self.shape is None or len(self.shape) != 4:
             return result.fail("input is not [B, C, H, W] with static C, H, W.")
         nodes = chain_nodes(tokens, UNFOLD_CHAIN)
         self.patch = find_im2col_patch(nodes, self.shape) if nodes else None

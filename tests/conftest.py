@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -18,6 +19,18 @@ def build_random(cfg: MobileViTConfig, seed: int = 0) -> tuple[ir.Model, dict[st
     """Our graph with seeded random weights, and those weights by name."""
     source = RandomWeights(seed)
     return build_graph(cfg, source), source.tensors
+
+
+def quantized_mobile(cfg: MobileViTConfig) -> onnx.ModelProto:
+    """INT8 QDQ of ``cfg``'s mobile-pipeline graph (random weights), calibrated on 8 of the
+    bundled photos: the model the backend tests lower."""
+    from mvcompile.calibration.data import bundled_photos
+    from mvcompile.calibration.quantize import QuantizeOptions, quantize
+    from mvcompile.pipeline import run_pipeline
+
+    model = run_pipeline(build_random(cfg)[0], "mobile")[0]
+    return onnx_io.to_proto(quantize(model, bundled_photos(cfg.resolution, 8),
+                                     QuantizeOptions())[0])
 
 
 def ort_run(model: ir.Model, pixels: np.ndarray) -> np.ndarray:

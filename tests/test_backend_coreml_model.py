@@ -13,12 +13,10 @@ import onnx.parser
 import onnxruntime as ort
 import pytest
 
-from conftest import build_random
+from conftest import build_random, quantized_mobile
 from mvcompile import onnx_io
 from mvcompile.backends import coreml, mil_lower
 from mvcompile.backends import ort as ort_backend
-from mvcompile.calibration.data import bundled_photos
-from mvcompile.calibration.quantize import QuantizeOptions, quantize
 from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import MobileViTConfig
 from mvcompile.pipeline import run_pipeline
@@ -40,10 +38,8 @@ def mobile() -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def int8() -> onnx.ModelProto:
-    """INT8 QDQ (Conv/MatMul/Gemm) of the mobile graph, calibrated on the bundled photos."""
-    model = run_pipeline(build_random(CFG)[0], "mobile")[0]
-    quantized, _ = quantize(model, bundled_photos(64, 8), QuantizeOptions())
-    return onnx_io.to_proto(quantized)
+    """INT8 QDQ of the mobile graph, calibrated on the bundled photos."""
+    return quantized_mobile(CFG)
 
 
 def ort_float_qdq(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:

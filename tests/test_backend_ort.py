@@ -7,11 +7,9 @@ import onnx
 import onnx.parser
 import pytest
 
-from conftest import build_random
+from conftest import build_random, quantized_mobile
 from mvcompile import latency, onnx_io
 from mvcompile.backends import ort as ort_backend
-from mvcompile.calibration.data import bundled_photos
-from mvcompile.calibration.quantize import QuantizeOptions, quantize
 from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import MobileViTConfig
 from mvcompile.pipeline import run_pipeline
@@ -26,8 +24,7 @@ def fp32() -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def int8() -> onnx.ModelProto:
-    model = run_pipeline(build_random(CFG)[0], "mobile")[0]
-    return onnx_io.to_proto(quantize(model, bundled_photos(64, 8), QuantizeOptions())[0])
+    return quantized_mobile(CFG)
 
 
 def outputs(model: bytes | str, feed: dict, level=None) -> np.ndarray:
