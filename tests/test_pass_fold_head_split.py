@@ -55,6 +55,21 @@ def test_attention_has_no_transpose(target: str, matmul: str) -> None:
     assert_same_outputs(before, after, FEED)
 
 
+@pytest.mark.parametrize("rows", [str(G * N), "rows"])
+def test_fused_target_emits_one_attention_node(rows: str) -> None:
+    """``ort-attention``: the core becomes com.microsoft.Attention (q bias in its bias, key bias
+    dropped, value bias in the out Gemm's bias); the 2-D merge keeps a Gemm out projection."""
+    before = _model(rows=rows)
+    after, pass_ = apply(before, "fold_head_split", fold_head_split.rules("ort-attention"))
+    assert ops(after) == ["Reshape", "Attention", "Reshape", "Gemm"]
+    attention = after.graph.node[1]
+    assert attention.domain == "com.microsoft"
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in attention.attribute} == {
+        "num_heads": H, "scale": 1.0}
+    assert pass_.counts["fold_head_split_ort-attention"] == 1
+    assert_same_outputs(before, after, FEED)
+
+
 def test_symbolic_token_rows_are_simulated_in_whole_groups() -> None:
     """x [G·N, d] with a symbolic row count (our graphs' batch): the head split is checked on
     whole [N, h, d_h] groups."""
@@ -195,6 +210,29 @@ def test_exported_attention_has_no_transpose(qkv, key, scale, out, rule, target)
     assert pass_.counts[f"{rule}_{target}"] == 1
     assert max(len(v.type.tensor_type.shape.dim) for v in
                onnx.shape_inference.infer_shapes(after).graph.value_info) <= 5
+    assert_same_outputs(before, after, FOREIGN_FEED, atol=1e-4)
+
+
+@pytest.mark.parametrize(("out", "tail"), [("matmul", ["MatMul", "Add"]),
+                                           ("gemm", ["Gemm", "Reshape"])])
+def test_fused_target_on_exported_attention(out: str, tail: list[str]) -> None:
+    """3-D tokens: Attention on [G, N, d]; the out projection follows the export's merge."""
+    before = _foreign_model("fused", "two", "mul_q", out)
+    after, _ = apply(before, "fold_head_split", fold_head_split.rules("ort-attention"))
+    assert ops(after) == ["Reshape", "Attention", "Reshape", *tail, "Add"]
+    assert_same_outputs(before, after, FOREIGN_FEED, atol=1e-4)
+
+
+@pytest.mark.parametrize(("case", "kwargs"), [("nan_guard", {"key": "sdpa", "nan_guard": True}),
+                                              ("score_bias", {"score_bias": True})])
+def test_fused_target_keeps_the_per_head_form_for_guards_and_biases(case, kwargs) -> None:
+    """com.microsoft.Attention has no NaN guard, and the score-bias case keeps its own scores:
+    both stay in the per-head MatMul form (still without Transposes)."""
+    before = _foreign_model(**kwargs)
+    after, pass_ = apply(before, "fold_head_split", fold_head_split.rules("ort-attention"))
+    assert "Attention" not in ops(after) and "Softmax" in ops(after)
+    assert _transposes(after) == 0
+    assert sum(pass_.counts.values()) == 1
     assert_same_outputs(before, after, FOREIGN_FEED, atol=1e-4)
 
 

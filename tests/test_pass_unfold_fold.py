@@ -47,12 +47,15 @@ def _model(before_unfold: str, after_fold: str, unfold_perm: str = "[0,3,2,1]", 
     return parse(text, {**weights, **_shapes(d)})
 
 
-@pytest.mark.parametrize(("target", "matmul"), [("mobile", "Einsum"), ("ort", "FusedMatMul")])
-def test_chains_next_to_1x1_convs_absorb_them(target: str, matmul: str) -> None:
+@pytest.mark.parametrize(("target", "matmul", "fold"), [
+    ("mobile", "Einsum", ["Reshape", "Einsum", "Add", "Reshape", "DepthToSpace"]),
+    # ORT: one row Gather to raster order, then the matmul writes the image (no DepthToSpace)
+    ("ort", "FusedMatMul", ["Reshape", "Gather", "FusedMatMul", "Add", "Reshape"]),
+])
+def test_chains_next_to_1x1_convs_absorb_them(target: str, matmul: str, fold: list[str]) -> None:
     before = _model("Conv (x, w1)", "Conv (img, w2, b2)")
     after, pass_ = apply(before, "unfold_fold", unfold_fold.rules(target))
-    assert ops(after) == ["SpaceToDepth", "Reshape", matmul, "Reshape", "Add",
-                          "Reshape", matmul, "Add", "Reshape", "DepthToSpace"]
+    assert ops(after) == ["SpaceToDepth", "Reshape", matmul, "Reshape", "Add", *fold]
     assert pass_.counts[f"unfold_after_conv1x1_{target}"] == 1
     assert pass_.counts[f"fold_before_conv1x1_{target}"] == 1
     assert_same_outputs(before, after, FEED)
@@ -90,3 +93,12 @@ def test_a_different_permutation_is_not_an_unfold() -> None:
     assert ops(after)[:6] == ["Relu", "Reshape", "Transpose", "Reshape", "Transpose", "Reshape"]
     assert "not a MobileViT unfold" in pass_.refusals["unfold_to_space_to_depth_mobile"]
     assert_same_outputs(before, after, FEED)
+
+
+def test_raster_rows_invert_the_unfold() -> None:
+    """Row r of the gathered tokens is image position r: unfold an index image with the
+    reference Reshape/Transpose chain, then gather its rows back into raster order."""
+    p, h, w = 2, 4, 6
+    image = np.arange(h * w).reshape(h // p, p, w // p, p)  # [i, i', j, j']
+    tokens = image.transpose(1, 3, 0, 2).reshape(p * p * (h // p) * (w // p))  # [(i',j'),(i,j)]
+    np.testing.assert_array_equal(tokens[unfold_fold.raster_rows(p, h, w)], np.arange(h * w))
