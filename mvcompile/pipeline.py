@@ -107,11 +107,13 @@ def _rules(name: str, factory: Callable[[], RewriteRuleSet]) -> Stage:
 
 
 def _core(target: str, swish: bool = True, layout: str | None = None,
-          attention: bool = False) -> list[Stage]:
+          ort_only: bool = False) -> list[Stage]:
     """The shared stages; ``layout`` overrides the target of the unfold/fold rewrite;
-    ``attention`` makes fold_head_split emit ORT's fused Attention op where it can."""
+    ``ort_only`` adds forms that only ONNX Runtime runs (our Core ML lowering does not take
+    them, so the INT8 graph, which also goes to Core ML, goes without): the fused Attention op
+    and the row-Gather fold."""
     layout = layout or target
-    heads = fold_head_split.FUSED_TARGET if attention else target
+    heads = fold_head_split.FUSED_TARGET if ort_only else target
     return [
         # Static shapes first: unfold_fold decides matches by simulating shapes.
         Stage("infer_shapes", common.ShapeInferencePass),
@@ -122,7 +124,7 @@ def _core(target: str, swish: bool = True, layout: str | None = None,
         # Before unfold_fold: a Resize between a 1x1 conv and its unfold/fold chain (transformers'
         # interpolation path) moves across the conv so that unfold_fold can absorb it.
         _rules("commute_resize", commute_resize.rules),
-        _rules("unfold_fold", lambda: unfold_fold.rules(layout)),
+        _rules("unfold_fold", lambda: unfold_fold.rules(layout, gather_fold=ort_only)),
         _rules("im2col", im2col.rules),
         _rules("fold_head_split", lambda: fold_head_split.rules(heads)),
     ]
@@ -142,12 +144,12 @@ def _foreign(target: str) -> list[Stage]:
         Stage("onnxscript_optimize", OnnxscriptOptimize),
         _rules("fuse_layer_norm", lambda: fuse_layer_norm.rules),
         _rules("fuse_gelu", lambda: fuse_gelu.rules),
-        *_core(target),
+        *_core(target, ort_only=target == "ort"),
     ]
 
 
 PIPELINES: dict[str, list[Stage]] = {
-    "fp32": [*_core("ort", attention=True), *_CLEANUP],
+    "fp32": [*_core("ort", ort_only=True), *_CLEANUP],
     "mobile": [*_core("mobile"), *_CLEANUP],
     # The graph that gets quantized for ONNX Runtime: Swish stays Sigmoid·Mul, which QDQ
     # turns into integer QLinearSigmoid + QLinearMul, so the conv stages stay integer
@@ -155,7 +157,7 @@ PIPELINES: dict[str, list[Stage]] = {
     "int8": [*_core("ort", swish=False), *_CLEANUP],
     # Measured alternative for ORT (benchmarks/bench_fp32.py): unfold/fold with one Transpose
     # per direction instead of FusedMatMul's transpose flags.
-    "fp32-transpose": [*_core("ort", layout="ort-transpose"), *_CLEANUP],
+    "fp32-transpose": [*_core("ort", layout="ort-transpose", ort_only=True), *_CLEANUP],
     "fp32-foreign": [*_foreign("ort"), *_CLEANUP],
     "mobile-foreign": [*_foreign("mobile"), *_CLEANUP],
 }

@@ -194,8 +194,9 @@ class FoldBeforeConv1x1(_ChainRule):
     """fold chain → Conv1x1  →  Reshape → transposed MatMul (+ bias) → Reshape → D2S
     (ORT: Reshape → Gather → transposed MatMul (+ bias) → Reshape)."""
 
-    def __init__(self, target: str = "mobile") -> None:
+    def __init__(self, target: str = "mobile", gather_fold: bool = False) -> None:
         super().__init__("fold_before_conv1x1", target)
+        self.gather_fold = gather_fold and target == "ort"
 
     def pattern(self, op, t, w, s1, s2, s3):
         f = op.Transpose(op.Reshape(t, s1))
@@ -214,7 +215,7 @@ class FoldBeforeConv1x1(_ChainRule):
         c_out, d = weight.shape
         p_area, n, nh, nw = self._geometry()
         base = f"{w.name}__fold"
-        if self.target == "ort":
+        if self.gather_fold:
             return self._rewrite_gather(op, t, weight, _conv_bias(conv_out.producer()), base)
         y = op.Reshape(t, int64_init(op, [-1, n, d], f"{base}_tokens_shape"))  # [B·P, N, d]
         y = transposed_matmul(op, float_init(op, weight, f"{base}_weight"), y,
@@ -299,13 +300,14 @@ def _check_fold(rule: _ChainRule, tokens: ir.Value, image: ir.Value,
     return result
 
 
-def rules(target: str = "mobile") -> RewriteRuleSet:
-    """Conv-absorbing rules first; the pipeline applies rules one at a time in this order."""
+def rules(target: str = "mobile", gather_fold: bool = False) -> RewriteRuleSet:
+    """Conv-absorbing rules first; the pipeline applies rules one at a time in this order.
+    ``gather_fold`` (ORT only) folds with a row Gather instead of DepthToSpace."""
     return RewriteRuleSet([
         # Conv1x1 -> unfold  ->  SpaceToDepth -> Reshape -> MatMulᵀ (+b) -> Reshape
         UnfoldAfterConv1x1.rule(target),
         # fold -> Conv1x1  ->  Reshape -> MatMulᵀ (+b) -> Reshape -> DepthToSpace
-        FoldBeforeConv1x1.rule(target),
+        FoldBeforeConv1x1.rule(target, gather_fold),
         # unfold  ->  SpaceToDepth -> Reshape -> SpaceToDepth | Transpose -> Reshape
         UnfoldToSpaceToDepth.rule(target),
         # fold  ->  Reshape -> DepthToSpace | Transpose -> Reshape -> DepthToSpace

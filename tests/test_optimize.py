@@ -46,7 +46,7 @@ def test_unfold_fold_chains_of_a_transformers_export_are_rewritten(hf_export) ->
     # 12 unfold/fold + 24 attention head split/merge. At 64² the last block has one token per
     # patch position, the exporter folds its Softmax to 1, and its 6 Transposes stay.
     assert report["transposes"]["onnxsim"] - report["transposes"]["optimized"] == 36
-    assert stages["fold_head_split"]["fold_head_split_ort"] == 6
+    assert stages["fold_head_split"]["fold_head_split_ort-attention"] == 6
     assert report["nodes"]["optimized"] < report["nodes"]["onnxsim"]
     assert report["max_abs_diff"] <= 1e-4
     assert max_abs_diff(proto, optimized) <= 1e-4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -131,7 +133,7 @@ def _foreign_model(qkv: str = "fused", key: str = "one", scale: str = "div", out
                    split: tuple[int, ...] = (G, N, -1, DH),
                    perms: tuple[str, str] = ("[0,2,1,3]", "[0,2,3,1]"),
                    score_bias: bool = False, weight_input: bool = False,
-                   extra_output: str = "", nan_guard: bool = False):
+                   extra_output: str = "", nan_guard: bool = False, bias_groups: int = 1):
     """The attention of transformers' MobileViT/ViT as exported, with residual y = x + attn."""
     head, key_perm = perms
     split_keys = f"kh = Transpose <perm={head}> (rk)\n        "
@@ -184,7 +186,7 @@ def _foreign_model(qkv: str = "fused", key: str = "one", scale: str = "div", out
               "tokens": np.array([G, N, D], np.int64), "merge": np.array([G, N, D], np.int64),
               "split": np.array(split, np.int64), "root": np.array(DH**0.5, np.float32),
               "scale": np.array(DH**-0.5, np.float32), "half": np.array(DH**-0.25, np.float32),
-              "bias": RNG.normal(0, 1, (1, H, N, N)).astype(np.float32),
+              "bias": RNG.normal(0, 1, (bias_groups, H, N, N)).astype(np.float32),
               "keys3": np.array([G * H, N, DH], np.int64),
               "keys4": np.array([G, H, DH, N], np.int64), "zero": np.array(0, np.float32)}
     return parse(text, inits)
@@ -223,17 +225,28 @@ def test_fused_target_on_exported_attention(out: str, tail: list[str]) -> None:
     assert_same_outputs(before, after, FOREIGN_FEED, atol=1e-4)
 
 
-@pytest.mark.parametrize(("case", "kwargs"), [("nan_guard", {"key": "sdpa", "nan_guard": True}),
-                                              ("score_bias", {"score_bias": True})])
-def test_fused_target_keeps_the_per_head_form_for_guards_and_biases(case, kwargs) -> None:
-    """com.microsoft.Attention has no NaN guard, and the score-bias case keeps its own scores:
-    both stay in the per-head MatMul form (still without Transposes)."""
+@pytest.mark.parametrize("kwargs", [
+    {"key": "sdpa", "nan_guard": True},  # dynamo ViT: torch's SDPA NaN guard
+    {"score_bias": True},  # Swin: relative position bias [1, h, N, N]
+    {"score_bias": True, "bias_groups": G},  # shifted windows: a bias per window [G, h, N, N]
+])
+def test_fused_target_takes_nan_guards_and_score_biases(kwargs) -> None:
+    """Without a mask the guard has no NaN to zero, so it goes (as in onnxscript's SDPA
+    fusion); a score bias becomes Attention's attention_bias input."""
     before = _foreign_model(**kwargs)
-    after, pass_ = apply(before, "fold_head_split", fold_head_split.rules("ort-attention"))
-    assert "Attention" not in ops(after) and "Softmax" in ops(after)
-    assert _transposes(after) == 0
-    assert sum(pass_.counts.values()) == 1
+    after, _ = apply(before, "fold_head_split", fold_head_split.rules("ort-attention"))
+    assert "Attention" in ops(after)
+    assert not {"Softmax", "IsNaN", "Transpose"} & set(ops(after))
     assert_same_outputs(before, after, FOREIGN_FEED, atol=1e-4)
+
+
+def test_fused_target_refuses_a_per_group_bias_when_groups_are_symbolic() -> None:
+    found = fold_head_split.Attention(
+        x=None, q=None, k=None, v=None, out=None, heads=H, tokens=N, head_dim=DH,
+        out_shape=[-1, D], score_bias=np.zeros((G, H, N, N), np.float32), groups=None)
+    assert fold_head_split.fused_score_bias(found) is None
+    shared = dataclasses.replace(found, score_bias=np.ones((H, N, N), np.float32))
+    assert fold_head_split.fused_score_bias(shared).shape == (1, H, N, N)
 
 
 def test_relative_position_bias_is_added_to_the_new_scores() -> None:
@@ -298,5 +311,7 @@ def test_transformers_mobilevit_dynamo_export_has_no_transpose_left() -> None:
     rules = {s["name"]: s["rules"] for s in report["pipeline"]["stages"] if "rules" in s}
     assert report["transposes"]["onnxsim"] == 48
     assert report["transposes"]["optimized"] == 0
-    assert rules["fold_head_split"] == {"fold_head_split_ort": 7, "fold_head_split_matmul_ort": 2}
+    assert rules["fold_head_split"] == {"fold_head_split_ort-attention": 7,
+                                        "fold_head_split_matmul_ort-attention": 2}
+    assert [node.op_type for node in optimized.graph.node].count("Attention") == 9
     onnx.checker.check_model(optimized, full_check=True)

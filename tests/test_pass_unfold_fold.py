@@ -47,14 +47,16 @@ def _model(before_unfold: str, after_fold: str, unfold_perm: str = "[0,3,2,1]", 
     return parse(text, {**weights, **_shapes(d)})
 
 
-@pytest.mark.parametrize(("target", "matmul", "fold"), [
-    ("mobile", "Einsum", ["Reshape", "Einsum", "Add", "Reshape", "DepthToSpace"]),
-    # ORT: one row Gather to raster order, then the matmul writes the image (no DepthToSpace)
-    ("ort", "FusedMatMul", ["Reshape", "Gather", "FusedMatMul", "Add", "Reshape"]),
+@pytest.mark.parametrize(("target", "gather", "matmul", "fold"), [
+    ("mobile", False, "Einsum", ["Reshape", "Einsum", "Add", "Reshape", "DepthToSpace"]),
+    ("ort", False, "FusedMatMul", ["Reshape", "FusedMatMul", "Add", "Reshape", "DepthToSpace"]),
+    # one row Gather to raster order, then the matmul writes the image (no DepthToSpace)
+    ("ort", True, "FusedMatMul", ["Reshape", "Gather", "FusedMatMul", "Add", "Reshape"]),
 ])
-def test_chains_next_to_1x1_convs_absorb_them(target: str, matmul: str, fold: list[str]) -> None:
+def test_chains_next_to_1x1_convs_absorb_them(target: str, gather: bool, matmul: str,
+                                              fold: list[str]) -> None:
     before = _model("Conv (x, w1)", "Conv (img, w2, b2)")
-    after, pass_ = apply(before, "unfold_fold", unfold_fold.rules(target))
+    after, pass_ = apply(before, "unfold_fold", unfold_fold.rules(target, gather_fold=gather))
     assert ops(after) == ["SpaceToDepth", "Reshape", matmul, "Reshape", "Add", *fold]
     assert pass_.counts[f"unfold_after_conv1x1_{target}"] == 1
     assert pass_.counts[f"fold_before_conv1x1_{target}"] == 1
