@@ -443,13 +443,14 @@ class FoldHeadSplit(RewriteRuleClassBase):
 
     def rewrite(self, op, **values):
         a = self.found
+        base = f"{values['probs'].name}__heads"
+        score_bias = fused_score_bias(a) if self.fuse else None
+        if score_bias is not None:
+            return fused_attention(op, a, score_bias, base)
         h, dh, n = a.heads, a.head_dim, a.tokens
         d_in, d_out = a.q.weight.shape[1], a.out.weight.shape[0]
         stacked = np.concatenate([_per_head(a.q.weight, h), _per_head(a.k.weight, h),
                                   _per_head(a.v.weight, h)], axis=2)  # [h, d_in, 3·d_h]
-        base = f"{values['probs'].name}__heads"
-        if self.fuse and fused_score_bias(a) is not None:
-            return fused_attention(op, a, base)
         xg = op.Reshape(a.x, int64_init(op, [-1, 1, n, d_in], f"{base}_shape"))  # [G,1,N,d_in]
         qkv = op.MatMul(xg, float_init(op, stacked, f"{base}_qkv_weight"))  # [G, h, N, 3·d_h]
         q, k, v = op.Split(qkv, int64_init(op, [dh, dh, dh], f"{base}_split"), axis=-1,
@@ -462,7 +463,7 @@ class FoldHeadSplit(RewriteRuleClassBase):
         if values["nan_guard"]:
             v = _add_bias(op, v, a.v.bias.reshape(h, 1, dh), f"{base}_v_bias")
         else:
-            out_bias = out_bias + np.einsum("hk,hkd->d", a.v.bias.reshape(h, dh), w_out)
+            out_bias = out_bias_with_value_bias(a)
         scores = transposed_matmul(op, q, k, equation="ghnd,ghmd->ghnm", trans_b=True,
                                    target=self.target)  # [G, h, N, N]
         if a.score_bias is not None:
@@ -477,7 +478,13 @@ class FoldHeadSplit(RewriteRuleClassBase):
         return _add_bias(op, out, out_bias.astype(np.float32), f"{base}_out_bias")
 
 
-def fused_attention(op, a: Attention, base: str) -> ir.Value:
+def out_bias_with_value_bias(a: Attention) -> np.ndarray:
+    """b_o' = b_o + W_o·b_v: the value bias passes through attention (probability rows sum to
+    one) and the out projection."""
+    return a.out.bias + a.out.weight @ a.v.bias
+
+
+def fused_attention(op, a: Attention, score_bias: np.ndarray, base: str) -> ir.Value:
     """ONNX Runtime's fused com.microsoft ``Attention`` on [G, N, d_in] tokens, then the out
     projection; no Transpose. Attention computes, per group g and head h (scale 1: s is
     already in W_q, b_q),
@@ -486,22 +493,21 @@ def fused_attention(op, a: Attention, base: str) -> ir.Value:
         O_g[:, h·d_h:(h+1)·d_h] = softmax(Q·Kᵀ)·V
 
     in one kernel that keeps each [N, N] score block in cache and writes the heads merged.
-    b_k is dropped and b_v joins the out bias, as in the per-head form.
+    b_k is dropped and b_v joins the out bias, as in the per-head form. ``score_bias`` is
+    :func:`fused_score_bias`'s ``attention_bias`` (empty: none).
     """
     d_in = a.q.weight.shape[1]
     weight = np.concatenate([a.q.weight, a.k.weight, a.v.weight]).T  # [d_in, 3·h·d_h]
     width = a.heads * a.head_dim
     bias = np.concatenate([a.q.bias, np.zeros(2 * width, np.float32)])
     tokens = op.Reshape(a.x, int64_init(op, [-1, a.tokens, d_in], f"{base}_tokens_shape"))
-    score_bias = fused_score_bias(a)
     extra = [] if not score_bias.size else [  # mask_index, past, attention_bias
         None, None, float_init(op, score_bias, f"{base}_score_bias")]
-    ctx = op.Attention(tokens, float_init(op, weight.astype(np.float32), f"{base}_qkv_weight"),
-                       float_init(op, bias.astype(np.float32), f"{base}_qkv_bias"), *extra,
+    ctx = op.Attention(tokens, float_init(op, weight, f"{base}_qkv_weight"),
+                       float_init(op, bias, f"{base}_qkv_bias"), *extra,
                        num_heads=a.heads, scale=1.0, _domain="com.microsoft")  # [G, N, h·d_h]
-    out_bias = (a.out.bias + a.out.weight @ a.v.bias).astype(np.float32)
-    w_out = float_init(op, np.ascontiguousarray(a.out.weight.T), f"{base}_out_weight")
-    bias_init = float_init(op, out_bias, f"{base}_out_bias")
+    w_out = float_init(op, a.out.weight.T, f"{base}_out_weight")
+    bias_init = float_init(op, out_bias_with_value_bias(a), f"{base}_out_bias")
     if len(a.out_shape) == 2:  # [G·N, d]: one Gemm with the bias
         merged = op.Reshape(ctx, int64_init(op, [-1, width], f"{base}_merge_shape"))
         return op.Gemm(merged, w_out, bias_init)

@@ -14,7 +14,7 @@ W ∈ R^{d×C}), computed as a matmul that contracts the right axes:
 
 DepthToSpace (DCR) is the inverse of SpaceToDepth. For ONNX Runtime, whose DepthToSpace is
 slow, the conv-absorbing fold gathers the token rows into raster order instead and lets the
-matmul write the image directly (:meth:`FoldBeforeConv1x1._rewrite_gather`). The transposed
+matmul write the image directly (:meth:`FoldBeforeConv1x1.rewrite`). The transposed
 matmul is one node: FusedMatMul(transA/transB) for ONNX Runtime, Einsum for mobile targets.
 Where no 1×1 conv is adjacent, the mobile form transposes with a second SpaceToDepth over the
 whole (square) patch grid, S2D_{H/p} on [B·P, C, H/p, W/p] = [B·P, N·C, 1, 1]; the ORT form
@@ -211,41 +211,32 @@ class FoldBeforeConv1x1(_ChainRule):
         return _check_fold(self, t, image, result)
 
     def rewrite(self, op, t, w, s1, s2, s3, image, conv_out):
-        weight = const_array(w)[:, :, 0, 0]  # [C_out, d]
-        c_out, d = weight.shape
-        p_area, n, nh, nw = self._geometry()
-        base = f"{w.name}__fold"
-        if self.gather_fold:
-            return self._rewrite_gather(op, t, weight, _conv_bias(conv_out.producer()), base)
-        y = op.Reshape(t, int64_init(op, [-1, n, d], f"{base}_tokens_shape"))  # [B·P, N, d]
-        y = transposed_matmul(op, float_init(op, weight, f"{base}_weight"), y,
-                              equation="cd,bnd->bcn", trans_b=True, target=self.target)
-        bias = _conv_bias(conv_out.producer())
-        if bias is not None:
-            y = op.Add(y, float_init(op, bias[:, None], f"{base}_bias"))  # [B·P, C_out, N]
-        y = op.Reshape(y, int64_init(op, [-1, p_area * c_out, nh, nw], f"{base}_shape"))
-        return op.DepthToSpace(y, blocksize=self.p, mode="DCR")  # [B, C_out, H, W]
-
-
-    def _rewrite_gather(self, op, t: ir.Value, weight: np.ndarray, bias: np.ndarray | None,
-                        base: str) -> ir.Value:
-        """ORT form: put the token rows in raster order with one row Gather, so that the
-        transposed MatMul writes the image directly (DepthToSpace is slow on ORT's CPU EP):
+        """With ``gather_fold`` (ORT, whose DepthToSpace is slow), one row Gather puts the
+        tokens in raster order first, so that the transposed MatMul writes the image directly:
 
             R[b, y·W + x] = T[b, (y mod p, x mod p), (y div p, x div p)]
             Y = W · R[b]ᵀ + b   as [B, C_out, H, W]
         """
+        weight = const_array(w)[:, :, 0, 0]  # [C_out, d]
         c_out, d = weight.shape
-        p_area, n, _, _ = self._geometry()
-        _, _, h, w = self.image
-        y = op.Reshape(t, int64_init(op, [-1, p_area * n, d], f"{base}_tokens_shape"))
-        y = op.Gather(y, int64_init(op, raster_rows(self.p, h, w), f"{base}_raster_rows"),
-                      axis=1)  # [B, H·W, d]
+        p_area, n, nh, nw = self._geometry()
+        _, _, h, w_image = self.image
+        base = f"{w.name}__fold"
+        if self.gather_fold:
+            y = op.Reshape(t, int64_init(op, [-1, p_area * n, d], f"{base}_tokens_shape"))
+            y = op.Gather(y, int64_init(op, raster_rows(self.p, h, w_image),
+                                        f"{base}_raster_rows"), axis=1)  # [B, H·W, d]
+        else:
+            y = op.Reshape(t, int64_init(op, [-1, n, d], f"{base}_tokens_shape"))  # [B·P, N, d]
         y = transposed_matmul(op, float_init(op, weight, f"{base}_weight"), y,
                               equation="cd,bnd->bcn", trans_b=True, target=self.target)
+        bias = _conv_bias(conv_out.producer())
         if bias is not None:
-            y = op.Add(y, float_init(op, bias[:, None], f"{base}_bias"))  # [B, C_out, H·W]
-        return op.Reshape(y, int64_init(op, [-1, c_out, h, w], f"{base}_shape"))
+            y = op.Add(y, float_init(op, bias[:, None], f"{base}_bias"))  # [B(·P), C_out, ·]
+        if self.gather_fold:
+            return op.Reshape(y, int64_init(op, [-1, c_out, h, w_image], f"{base}_shape"))
+        y = op.Reshape(y, int64_init(op, [-1, p_area * c_out, nh, nw], f"{base}_shape"))
+        return op.DepthToSpace(y, blocksize=self.p, mode="DCR")  # [B, C_out, H, W]
 
 
 def raster_rows(p: int, h: int, w: int) -> list[int]:
