@@ -44,7 +44,7 @@ Every intermediate between x and the out projection must feed only this attentio
 
 Target ``ort-attention`` (the ``fp32`` pipeline) emits the core as ONNX Runtime's fused
 com.microsoft ``Attention`` on [G, N, d_in] tokens instead (:func:`fused_attention`), then the
-out projection; it measured 3–5% faster on the whole XXS/S model than the per-head form. A
+out projection (faster on ORT than the per-head form: README, FP32 and foreign tables). A
 score bias becomes its ``attention_bias`` input where it is constant along G or G is static
 (otherwise the per-head form stays). The NaN guard is dropped there, as onnxscript's own
 SDPA fusion does: without a mask, softmax of finite scores has no NaN to zero.
