@@ -20,7 +20,8 @@ import onnxruntime as ort
 
 
 def profile(model: str | bytes, runs: int, threads: int) -> collections.Counter:
-    """Kernel ms per op type per inference of ``model`` (a path or serialized bytes)."""
+    """Kernel ms per op type per inference of ``model`` (a path or serialized bytes), averaged
+    over ``runs`` runs after one untimed warm-up run."""
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -30,12 +31,15 @@ def profile(model: str | bytes, runs: int, threads: int) -> collections.Counter:
         inp = session.get_inputs()[0]
         shape = [d if isinstance(d, int) else 1 for d in inp.shape]
         feed = {inp.name: np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)}
-        for _ in range(runs):
+        for _ in range(runs + 1):  # the first (cold) run is left out below
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
+    first = min((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    warm_from = first["ts"] + first["dur"]
     per_op: collections.Counter = collections.Counter()
     for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+        if (event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+                and event["ts"] >= warm_from):
             per_op[event["args"]["op_name"]] += event["dur"] / runs / 1000.0
     return per_op
 

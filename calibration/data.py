@@ -75,12 +75,14 @@ def load_folder(folder: Path, resolution: int, limit: int | None = None,
         raise UserError(f"Image folder not found: {folder}.")
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    skipped = [str(p.relative_to(folder)) for p in files if p not in set(images)]
+    skipped = [str(p.relative_to(folder)) for p in files
+               if p.suffix.lower() not in IMAGE_SUFFIXES]
     if not images:
         raise UserError(f"No images in {folder} (searched recursively for "
                         f"{', '.join(IMAGE_SUFFIXES)}).")
     class_names = _class_names(folder, images)  # from every image, before subsampling
     images = _subsample(images, limit)
+    _check_fits_in_memory(len(images), resolution, folder)
     arrays, broken = [], []
     for p in images:
         try:
@@ -96,9 +98,29 @@ def load_folder(folder: Path, resolution: int, limit: int | None = None,
                         "Remove or fix them and run again.")
     labels = None
     if class_names:
-        labels = np.array([class_names.index(p.relative_to(folder).parts[0]) for p in images])
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = np.array([index[p.relative_to(folder).parts[0]] for p in images])
     return ImageSet(np.stack(arrays), labels, class_names,
                     f"{len(arrays)} images from {folder}", skipped)
+
+
+def _check_fits_in_memory(count: int, resolution: int, folder: Path,
+                          meminfo: Path = Path("/proc/meminfo")) -> None:
+    """Refuse a folder whose preprocessed images (count · 3 · R² float32) would take more than
+    half the memory available now: they are held in memory together."""
+    needed = count * 3 * resolution * resolution * 4
+    try:
+        line = next(ln for ln in meminfo.read_text().splitlines()
+                    if ln.startswith("MemAvailable:"))
+        available = int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return  # not Linux, or no figure: nothing to check against
+    if needed > available // 2:
+        fits = max(1, available // 2 // (3 * resolution * resolution * 4))
+        raise UserError(
+            f"{count} images from {folder} at {resolution}² need {needed / 2**30:.1f} GiB in "
+            f"memory, more than half of the {available / 2**30:.1f} GiB available. Ask for an "
+            f"evenly spread subset of at most {fits} (eval --limit, build --calib-size).")
 
 
 def _class_names(folder: Path, images: list[Path]) -> list[str]:

@@ -60,6 +60,9 @@ class QuantizeReport:
     calibration_agreement: float | None = None
     calibration_sqnr_db: float | None = None
     budget_met: bool | None = None  # None when no --accuracy-budget was given
+    # Matrix ops left in float, by op type: contrib ops the QDQ rewrite does not handle (ORT has
+    # no integer kernel for FusedMatMul's transposed operands) and layers kept by the budget.
+    float_matrix_ops: dict[str, int] = field(default_factory=dict)
 
 
 def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
@@ -78,6 +81,7 @@ def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
     report.kept_float = [{"node": n, "reason": "requested"} for n in sorted(plan.keep_float)]
     if options.accuracy_budget is not None:
         quantized = _meet_budget(model, quantized, ranges, plan, images, options, report)
+    report.float_matrix_ops = float_matrix_ops(quantized)
     if not options.report_accuracy:
         return quantized, report
     fp32_logits = sensitivity.logits(model, images)
@@ -85,6 +89,22 @@ def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
     report.calibration_agreement = metrics.top1_agreement(fp32_logits, int8_logits)
     report.calibration_sqnr_db = metrics.sqnr_db(fp32_logits, int8_logits)
     return quantized, report
+
+
+MATRIX_OPS = frozenset({"Conv", "MatMul", "Gemm", "FusedMatMul", "Attention", "Einsum"})
+
+
+def float_matrix_ops(model: ir.Model) -> dict[str, int]:
+    """{op type: count} of matrix ops whose two operands are not both dequantized: ONNX
+    Runtime runs those in float (an integer kernel needs DQ on both)."""
+    counts: dict[str, int] = {}
+    for node in model.graph:
+        if node.op_type in MATRIX_OPS and not all(
+                value is not None and value.producer() is not None
+                and value.producer().op_type == "DequantizeLinear"
+                for value in node.inputs[:2]):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _rewrite(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan

@@ -4,7 +4,7 @@ Python API::
 
     from mvcompile import BuildOptions, build
     result = build(BuildOptions(size="xxs", resolution=256, out_dir="out/xxs"))
-    result.model_path, result.report["parameters"]
+    result.model_path, result.report["models"]["onnx"]["parameters"]
 """
 
 from mvcompile.builder import BuildOptions, BuildResult, build

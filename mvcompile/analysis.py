@@ -6,7 +6,9 @@ to 1 (batch 1):
 - Conv-like ops: MACs = |Y| · (C_in/groups) · k_h · k_w, i.e. output elements times the
   weight's elements per output channel;
 - MatMul-like ops: MACs = |Y| · K, K the contracted dimension;
-- Gemm: MACs = M · N · K.
+- Gemm: MACs = M · N · K;
+- com.microsoft.Attention: the Q/K/V projections plus Q·Kᵀ and P·V (see ``_attention_macs``);
+- Einsum: output elements times the sizes of the summed letters.
 
 Parameters are the elements of floating-point initializers of rank ≥ 1, plus the quantized
 (int8/int32) initializers that DequantizeLinear turns into weights, excluding BatchNorm running
@@ -17,8 +19,8 @@ scalar constants are not parameters.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 
@@ -114,18 +116,51 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None
         if out is None or weight is None:
             return None
         return int(np.prod(out)) * int(np.prod(weight[1:]))
-    if node.op_type in _MATMUL_INPUTS:
-        a = shapes.get(node.input[_MATMUL_INPUTS[node.op_type][0]])
+    if node.op_type in _MATMUL_INPUTS or node.op_type in ("Gemm", "FusedGemm"):
+        a = shapes.get(node.input[_MATMUL_INPUTS.get(node.op_type, (0, 1))[0]])
         if out is None or a is None:
             return None
-        return int(np.prod(out)) * a[-1]
-    if node.op_type in ("Gemm", "FusedGemm"):
-        a = shapes.get(node.input[0])
-        if out is None or a is None:
-            return None
-        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
-        return int(np.prod(out)) * (a[0] if trans_a else a[1])
+        return int(np.prod(out)) * (a[-2] if _attr(node, "transA", 0) else a[-1])
+    if node.op_type == "Attention" and node.domain == "com.microsoft":
+        return _attention_macs(node, shapes)
+    if node.op_type == "Einsum":
+        return _einsum_macs(node, shapes, out)
     return 0
+
+
+def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else onnx.helper.get_attribute_value(found)
+
+
+def _attention_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
+    """com.microsoft.Attention on x [B, S, D_in] with packed weights [D_in, D_q + D_k + D_v]:
+    B·S·D_in·(D_q + D_k + D_v) for the projections, B·S·S·D_q for Q·Kᵀ (summed over heads)
+    and B·S·S·D_v for P·V."""
+    x, weight = shapes.get(node.input[0]), shapes.get(node.input[1])
+    if x is None or weight is None or len(x) != 3:
+        return None
+    batch, seq, d_in = x
+    sizes = list(_attr(node, "qkv_hidden_sizes", []) or [weight[1] // 3] * 3)
+    return batch * seq * (d_in * weight[1] + seq * (sizes[0] + sizes[2]))
+
+
+def _einsum_macs(node: onnx.NodeProto, shapes: dict[str, list[int]],
+                 out: list[int] | None) -> int | None:
+    """Einsum: |Y| · Π (sizes of the letters summed over); 0 for single-operand einsums."""
+    operands = [shapes.get(name) for name in node.input]
+    if len(operands) < 2:
+        return 0
+    if out is None or any(shape is None for shape in operands):
+        return None
+    terms, _, result = str(_attr(node, "equation", "")).replace(" ", "").partition("->")
+    sizes: dict[str, int] = {}
+    for term, shape in zip(terms.split(","), operands, strict=True):
+        head, _, tail = term.partition("...")
+        sizes.update(zip(head, shape, strict=False))
+        sizes.update(zip(tail[::-1], shape[::-1], strict=False))
+    summed = set(sizes) - set(result)
+    return int(np.prod(out)) * int(np.prod([sizes[letter] for letter in summed]))
 
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -176,12 +211,16 @@ def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
 
     # It may save a temporary model (plus external data) into the current folder; keep that
     # out of the user's folder.
-    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+    with tempfile.TemporaryDirectory() as scratch:
+        previous = os.getcwd()
+        os.chdir(scratch)
         try:
             return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
         except Exception as err:  # best effort, as above
             log.info("Symbolic shape inference failed: %s", err)
             return None
+        finally:
+            os.chdir(previous)
 
 
 def _runtime_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -205,7 +244,7 @@ def _runtime_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     result = onnx.ModelProto()
     result.CopyFrom(model)
     for out, value in zip(session.get_outputs(), values, strict=True):
-        if out.name in names and hasattr(value, "shape"):
+        if hasattr(value, "shape"):
             result.graph.value_info.append(onnx.helper.make_tensor_value_info(
                 out.name, onnx.TensorProto.FLOAT, list(value.shape)))
     return result

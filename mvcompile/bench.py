@@ -87,6 +87,11 @@ def _bench_ort(path: Path, threads: int, runs: int, warmup: int,
         raise UserError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from err
     feed = latency.random_feed(session, batch=1)
     batch = next(iter(feed.values())).shape[0] if feed else 1
+    try:
+        session.run(None, feed)
+    except Exception as err:  # e.g. an input type or shape the random feed cannot satisfy
+        raise UserError(f"ONNX Runtime cannot run {path} on random inputs: "
+                        f"{str(err).splitlines()[0]}") from err
     stats = latency.measure(session, feed, runs=runs, warmup=warmup, on_run=on_run)
     return BenchResult(str(path), "ort", f"CPU, {threads} thread(s)", batch, stats)
 

@@ -2,8 +2,10 @@
 
 Steps: validate every input → author the graph → run the pass pipeline (checking numerics
 against the plain graph) → optionally calibrate and quantize → time with ONNX Runtime → write.
-Everything is computed and validated in memory first; files are written only at the end, each
-through a temporary file and a rename, so a failed build leaves nothing behind.
+Everything is computed and validated in memory first; the files are then written into a
+staging folder beside the output and moved into place one by one (each move is a rename), so a
+build that fails while computing or staging leaves nothing behind. The set as a whole is not
+swapped atomically: a crash between two renames can leave new and old files side by side.
 """
 
 from __future__ import annotations
@@ -217,7 +219,8 @@ def _write(out_dir: Path, blobs: dict[str, bytes], report: dict, options: BuildO
         staged = {key: stage / _ONNX_NAMES[key] for key in blobs}
         for key, blob in blobs.items():
             staged[key].write_bytes(blob)
-        staged.update(_write_targets(stage, blobs, report, options, coreml_sources, progress))
+        staged.update(_write_targets(stage, out_dir, blobs, report, options, coreml_sources,
+                                     progress))
         report["artifacts"] = {key: path.name for key, path in staged.items()}
         staged["report"] = stage / "report.json"
         staged["report"].write_text(json.dumps(report, indent=2) + "\n")
@@ -258,10 +261,11 @@ def _remove_stale(out_dir: Path, written: set[str]) -> None:
         log.info("Removed stale %s", path)
 
 
-def _write_targets(stage: Path, blobs: dict[str, bytes], report: dict, options: BuildOptions,
-                   coreml_sources: dict[str, onnx.ModelProto], progress: Progress
-                   ) -> dict[str, Path]:
-    """The .ort and .mlpackage artifacts (each verified against ONNX Runtime first)."""
+def _write_targets(stage: Path, out_dir: Path, blobs: dict[str, bytes], report: dict,
+                   options: BuildOptions, coreml_sources: dict[str, onnx.ModelProto],
+                   progress: Progress) -> dict[str, Path]:
+    """The .ort and .mlpackage artifacts in ``stage`` (each verified against ONNX Runtime
+    first); ``out_dir`` is where they will be published."""
     written: dict[str, Path] = {}
     if "ort" in options.targets:
         from mvcompile.backends.ort import write_ort
@@ -269,7 +273,7 @@ def _write_targets(stage: Path, blobs: dict[str, bytes], report: dict, options: 
         for key, blob in blobs.items():
             progress.start(f"Writing {_ONNX_NAMES[key].replace('.onnx', '.ort')}", 1)
             paths = write_ort(onnx.load_from_string(blob), stage, style=options.ort_style,
-                              name=_ONNX_NAMES[key].removesuffix(".onnx"))
+                              name=_ONNX_NAMES[key].removesuffix(".onnx"), final_dir=out_dir)
             progress.finish()
             for path in paths:
                 written[f"{key}_ort_{path.name}"] = path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -90,7 +91,7 @@ class _ProgressBars:
               help="How many calibration images to use.")
 @click.option("--calib-method", type=click.Choice(list(OBSERVER_NAMES)), default="percentile",
               show_default=True, help="How activation ranges are chosen from calibration data.")
-@click.option("--accuracy-budget", type=float, default=None,
+@click.option("--accuracy-budget", type=click.FloatRange(0, 100), default=None,
               help="Max top-1 disagreement with FP32 on the calibration images, in percent; "
                    "the most sensitive layers stay in float until it is met.")
 @click.option("--weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
@@ -150,11 +151,13 @@ def build(size: str, weights: str | None, resolution: int, patch_config: str, nu
         click.secho("Note: no --calib-data given; calibrating on the bundled scikit-image "
                     "sample photos.", fg="yellow", err=True)
     progress = _ProgressBars()
+    started = time.perf_counter()
     try:
         result = run_build(options, progress)
     finally:
         progress.finish()
     click.echo(build_summary(result.report, result.files))
+    click.echo(f"\nBuilt in {time.perf_counter() - started:.1f} s.")
 
 
 @main.command()

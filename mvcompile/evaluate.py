@@ -16,7 +16,11 @@ from mvcompile.errors import UserError
 def predict(model: bytes | str, images: ImageSet, threads: int = 2, batch_size: int = 16,
             on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """Logits of ``model`` (first output) for every image."""
-    session = latency.make_session(model, threads=threads)
+    try:
+        session = latency.make_session(model, threads=threads)
+    except Exception as err:  # onnxruntime raises several types for unreadable models
+        where = model if isinstance(model, str) else "the model"
+        raise UserError(f"ONNX Runtime cannot load {where}: {str(err).splitlines()[0]}") from err
     _check_input(session, images)
     name = session.get_inputs()[0].name
     outputs = []
@@ -28,7 +32,12 @@ def predict(model: bytes | str, images: ImageSet, threads: int = 2, batch_size: 
 
 
 def _check_input(session: ort.InferenceSession, images: ImageSet) -> None:
-    expected = session.get_inputs()[0].shape[1:]
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)":
+        found = ", ".join(f"{i.name}: {i.type}" for i in inputs)
+        raise UserError(f"Evaluation needs an image model with one float32 input [N, 3, R, R]; "
+                        f"this one takes {found}.")
+    expected = inputs[0].shape[1:]
     actual = list(images.pixels.shape[1:])
     if any(isinstance(e, int) and e != a for e, a in zip(expected, actual, strict=False)):
         raise UserError(f"The model expects inputs of shape [N, {', '.join(map(str, expected))}]"

@@ -52,14 +52,25 @@ def make_session(model: bytes | str, threads: int = 2,
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                "tensor(double)": np.float64, "tensor(int64)": np.int64,
+                "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+                "tensor(bool)": np.bool_}
+
+
 def random_feed(session: ort.InferenceSession, batch: int = 1, seed: int = 0
                 ) -> dict[str, np.ndarray]:
-    """Uniform [0,1) inputs for every float input; symbolic dims become ``batch``."""
+    """Uniform [0,1) for floating-point inputs, zeros for integer and boolean ones; symbolic
+    dims become ``batch``."""
     rng = np.random.default_rng(seed)
     feed = {}
     for inp in session.get_inputs():
         shape = [d if isinstance(d, int) else batch for d in inp.shape]
-        feed[inp.name] = rng.uniform(0.0, 1.0, shape).astype(np.float32)
+        dtype = _NUMPY_TYPES.get(inp.type, np.float32)
+        if np.issubdtype(dtype, np.floating):
+            feed[inp.name] = rng.uniform(0.0, 1.0, shape).astype(dtype)
+        else:
+            feed[inp.name] = np.zeros(shape, dtype)
     return feed
 
 

@@ -12,7 +12,8 @@ Pipelines:
   transposed matmuls, Attention for each attention core. No Transpose node in our MobileViT.
 - ``mobile``: standard ONNX opset 24 only, for Core ML / ORT-mobile targets: Swish,
   SpaceToDepth/DepthToSpace, Einsum; no Transpose, every tensor rank ≤ 5.
-- ``int8``: the ``fp32`` pipeline without the Swish fusion; what ``--int8`` quantizes.
+- ``int8``: what ``--int8`` quantizes: the ``fp32`` pipeline without the Swish fusion, the
+  fused Attention and the Gather fold (the INT8 graph must still lower to Core ML).
 - ``fp32-foreign`` / ``mobile-foreign``: the same plus fusions that exported graphs need
   (LayerNorm, GELU) and onnxscript's general clean-ups; used by ``mvcompile optimize``.
 """

@@ -66,6 +66,11 @@ def _accuracy_table(int8: dict) -> str:
             ("method", f"{q['method']}, {q['weight_bits']}-bit weights"),
             ("quantized ops", ", ".join(q["op_types"])),
             ("kept in float", ", ".join(k["node"] for k in q["kept_float"]) or "none")]
+    left_float = q.get("float_matrix_ops") or {}
+    if left_float:
+        rows.append(("matrix ops in float", ", ".join(f"{op} x{n}" for op, n in
+                                                      left_float.items())
+                     + " (no ORT integer kernel for a transposed operand)"))
     if q.get("budget_met") is not None:
         rows.append(("accuracy budget", "met" if q["budget_met"] else
                      "NOT met (see the log; more layers would have to stay in float)"))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from conftest import build_random
 from mvcompile import bench, onnx_io
@@ -52,6 +54,33 @@ def test_bench_bad_input_fails_cleanly(onnx_path: str, tmp_path) -> None:
         result = runner.invoke(main, args)
         assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
         assert phrase in result.output, result.output
+
+
+def _int64_input_model(path) -> str:
+    """y = 2·float(x) for an int64 image-shaped input [N, 3, 8, 8]."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT),
+         helper.make_node("Add", ["f", "f"], ["y"])], "ids",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_models_with_integer_inputs_bench_and_refuse_eval_cleanly(tmp_path) -> None:
+    path = _int64_input_model(tmp_path / "ids.onnx")
+    result = bench.bench(path, threads=1, runs=3, warmup=0)
+    assert result.stats.runs == 3 and result.batch == 1
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    out = CliRunner().invoke(main, ["eval", path, "--data", str(tmp_path / "imgs")])
+    assert out.exit_code != 0 and isinstance(out.exception, SystemExit)
+    assert "one float32 input" in out.output and "tensor(int64)" in out.output, out.output
 
 
 def test_bench_coreml(onnx_path: str, tmp_path) -> None:

@@ -39,6 +39,7 @@ def test_build_writes_model_and_report_and_prints_summary(tmp_path: Path) -> Non
     assert "BatchNormalization" not in stats["op_histogram"]
     assert report["passes"]["max_abs_diff"] <= 1e-4
     assert stats["file_bytes"] == (out / "model.onnx").stat().st_size
+    assert stats["macs"] == 21_179_136  # the plain graph's count: passes re-express, not remove
     for phrase in ("parameters", "MACs", "ORT median latency", "file size", "Conv", "passes"):
         assert phrase in output
     assert "random" in output

@@ -41,6 +41,9 @@ def test_int8_build_writes_a_qdq_model_that_ort_runs(tmp_path: Path) -> None:
     assert logits.shape == (2, 2)
     report = json.loads((out / "report.json").read_text())
     assert report["artifacts"] == {"onnx": "model.onnx", "int8": "model_int8.onnx"}
+    # Left in float and reported: the 3 unfold + 3 fold FusedMatMuls (transposed operands)
+    # and the 9 Q·Kᵀ FusedMatMuls; every Conv, Gemm and plain MatMul is dequantized on both.
+    assert report["int8"]["quantization"]["float_matrix_ops"] == {"FusedMatMul": 15}
     accuracy = report["int8"]["accuracy"]
     assert accuracy["calibration"]["images"] == 6
     # Random weights at 64x64 make near-tied logits, so agreement is not a stable measure
@@ -49,6 +52,8 @@ def test_int8_build_writes_a_qdq_model_that_ort_runs(tmp_path: Path) -> None:
     assert accuracy["eval"]["images"] == 6 and "top1_int8" in accuracy["eval"]
     assert "latency" in report and report["latency"]["int8"]["median_ms"] > 0
     assert "bundled" in output and "top-1 agreement" in output and "INT8" in output
+    assert "matrix ops in float" in output and "FusedMatMul x15" in output
+    assert "Built in" in output
 
 
 def test_missing_calibration_folder(tmp_path: Path) -> None:
@@ -84,6 +89,24 @@ def test_undecodable_image(tmp_path: Path) -> None:
     code, output = run("build", *FAST, "--calib-size", "7", "--int8", "--calib-data", str(folder),
                        "-o", str(tmp_path / "o"))
     assert_clean_failure(code, output, "cannot be decoded", "broken.jpg")
+    assert not (tmp_path / "o").exists()
+
+
+def test_folder_too_large_for_memory_is_refused_before_decoding(tmp_path: Path) -> None:
+    from mvcompile.calibration.data import _check_fits_in_memory
+    from mvcompile.errors import UserError
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 25165824 kB\nMemAvailable: 1048576 kB\n")  # 1 GiB free
+    _check_fits_in_memory(600, 256, tmp_path, meminfo)  # 0.44 GiB: fits in half
+    with pytest.raises(UserError, match=r"2000 images .* need 1\.5 GiB .* at most 682"):
+        _check_fits_in_memory(2000, 256, tmp_path, meminfo)
+
+
+def test_negative_accuracy_budget_is_a_usage_error(tmp_path: Path) -> None:
+    code, output = run("build", *FAST, "--int8", "--accuracy-budget", "-1",
+                       "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "--accuracy-budget", "0<=x<=100")
     assert not (tmp_path / "o").exists()
 
 
@@ -142,6 +165,9 @@ def test_targets_write_ort_and_coreml_for_fp32_and_int8(tmp_path: Path) -> None:
             "model.required_operators.config", "model.mlpackage",
             "model_int8.mlpackage", "report.json"} <= names
     assert not [n for n in names if n.startswith(".")]  # no staging leftovers
+    header = (out / "model_int8.required_operators.config").read_text()
+    assert str((out / "model_int8.ort").resolve()) in header  # names the published model
+    assert ".mvcompile-stage" not in header
     report = json.loads((out / "report.json").read_text())
     assert set(report["artifacts"].values()) <= names
     io = {row["name"]: row for row in report["coreml"]["model.mlpackage"]}

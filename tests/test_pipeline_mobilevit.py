@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from conftest import build_random, ort_run, random_pixels
-from mvcompile import onnx_io
+from mvcompile import analysis, onnx_io
 from mvcompile.pipeline import PIPELINES, run_pipeline
 
 
@@ -86,3 +86,18 @@ def test_int8_and_one_transpose_pipelines(xxs64, name: str, transposes: int,
     assert "BatchNormalization" not in op_types
     np.testing.assert_allclose(ort_run(compiled, pixels), ort_run(plain, pixels), rtol=0,
                                atol=1e-4)
+
+
+def test_compiled_graphs_count_the_same_macs_as_the_plain_one(xxs64) -> None:
+    """The ORT pipelines only re-express the same products (fused attention, absorbed 1x1
+    convs, transposed matmuls), so the MAC count must not move; the mobile form folds each
+    head's out projection into its values, which costs P·V' with d columns instead of d/h."""
+    plain, _ = build_random(xxs64)
+    plain_macs, unknown = analysis.count_macs(onnx_io.to_proto(plain))
+    assert unknown == [] and plain_macs > 0
+    for name in ("fp32", "fp32-transpose", "int8"):
+        compiled, _ = run_pipeline(build_random(xxs64)[0], name)
+        assert analysis.count_macs(onnx_io.to_proto(compiled)) == (plain_macs, [])
+    mobile, _ = run_pipeline(build_random(xxs64)[0], "mobile")
+    mobile_macs, unknown = analysis.count_macs(onnx_io.to_proto(mobile))
+    assert unknown == [] and mobile_macs > plain_macs

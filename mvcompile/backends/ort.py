@@ -56,12 +56,15 @@ class OrtCheck:
 
 
 def write_ort(onnx_proto: onnx.ModelProto, out_dir: str | Path, style: str = "fixed",
-              name: str = "model", target_platform: str = "arm") -> list[Path]:
+              name: str = "model", target_platform: str = "arm",
+              final_dir: str | Path | None = None) -> list[Path]:
     """Convert ``onnx_proto`` to ``OUT_DIR/NAME[.with_runtime_opt].ort`` plus its two operator
     configs, verify the ``.ort``, then write. Returns the written paths, ``.ort`` first.
 
     ``target_platform`` "arm" lets the optimizer keep int8 QDQ forms that ARM kernels prefer
-    (phones); "amd64" targets x86. Raises :class:`UserError` for an unknown style, a model
+    (phones); "amd64" targets x86. ``final_dir`` is the folder the configs' headers name as
+    the model's home, for a caller that stages ``out_dir`` and moves the files on (default
+    ``out_dir``). Raises :class:`UserError` for an unknown style, a model
     onnxruntime cannot convert, an output that does not match, or an unwritable ``out_dir``.
     """
     if style not in STYLES:
@@ -75,7 +78,7 @@ def write_ort(onnx_proto: onnx.ModelProto, out_dir: str | Path, style: str = "fi
         staged = _convert(source, stage / "out", style, target_platform)
         for config in staged[1:]:  # the header names the converted model: use its final path
             config.write_text(config.read_text().replace(
-                str((stage / "out").resolve()), str(out_dir.resolve())))
+                str((stage / "out").resolve()), str(Path(final_dir or out_dir).resolve())))
         check = verify_ort(onnx_proto, staged[0], style)
         log.info("%s matches the ONNX model: max abs diff %.3g (tolerance %.3g)",
                  staged[0].name, check.max_abs_diff, check.tolerance)
