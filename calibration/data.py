@@ -10,14 +10,18 @@ A folder is searched recursively for image files. When its images sit in per-cla
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mvcompile.errors import UserError
 from mvcompile.train.data import IMAGE_SUFFIXES  # one list for training and calibration
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +41,12 @@ class ImageSet:
     description: str = ""
     skipped: list[str] = field(default_factory=list)  # non-image files that were ignored
 
-    def batches(self, batch_size: int = 8):
+    def batches(self, batch_size: int = 8) -> Iterator[np.ndarray]:
         for start in range(0, len(self.pixels), batch_size):
             yield self.pixels[start:start + batch_size]
 
 
-def preprocess(image, resolution: int) -> np.ndarray:
+def preprocess(image: Image.Image, resolution: int) -> np.ndarray:
     """PIL image → [3, R, R] float32: RGB, shorter side to R·288/256, centre crop, /255.
 
     The same functions ``mvcompile train`` evaluates with, so a trained model sees identical

@@ -240,7 +240,8 @@ def self_attention(b: _Builder, x: ir.Value, d: int, heads: int, tokens: int) ->
     return b.op.Reshape(context, [-1, d])  # [B·P·N, d]
 
 
-def transformer_layer(b: _Builder, x: ir.Value, d: int, cfg: MobileViTConfig, tokens: int):
+def transformer_layer(b: _Builder, x: ir.Value, d: int, cfg: MobileViTConfig, tokens: int
+                      ) -> ir.Value:
     """Pre-norm transformer layer: x += MHA(LN(x)); x += W₂·swish(W₁·LN(x)). [T,d] -> [T,d]."""
     with b.scope("layernorm_before"):
         h = layer_norm(b, x, d, cfg.ln_eps)

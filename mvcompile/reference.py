@@ -5,11 +5,15 @@ Needs the ``[test]`` extra (torch + transformers); nothing in the compiler impor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mvcompile.graphs.mobilevit import MobileViTConfig
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
 
 # Our sizes as transformers.MobileViTConfig arguments (as in Apple's published HF checkpoints).
 HF_SIZE_ARGS: dict[str, dict[str, Any]] = {
@@ -20,7 +24,8 @@ HF_SIZE_ARGS: dict[str, dict[str, Any]] = {
 }
 
 
-def hf_model(cfg: MobileViTConfig, weights: dict[str, np.ndarray] | None = None):
+def hf_model(cfg: MobileViTConfig, weights: dict[str, np.ndarray] | None = None
+             ) -> torch.nn.Module:
     """transformers.MobileViTForImageClassification for ``cfg`` in eval mode.
 
     With ``weights`` (our initializer names = HF state-dict names) they are loaded strictly.
@@ -53,7 +58,8 @@ def hf_logits(model, pixels: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(pixels)).logits.numpy()
 
 
-def export_peer(cfg: MobileViTConfig, weights: dict[str, np.ndarray] | None = None):
+def export_peer(cfg: MobileViTConfig, weights: dict[str, np.ndarray] | None = None
+                ) -> onnx.ModelProto:
     """What a user gets without us: HF MobileViT → torch.onnx.export (dynamo) → onnxsim.
 
     Returns an ``onnx.ModelProto`` with input ``pixel_values`` [1,3,R,R] and output ``logits``.

@@ -66,6 +66,12 @@ def test_foreign_vit_graphs_optimize_with_unchanged_outputs(name: str) -> None:
     if name in ("deit", "swin"):  # the TorchScript exporter writes GELU as Erf arithmetic
         assert "Gelu" in ops and "Erf" not in ops
         assert any("gelu" in rule.lower() for rule in fired), fired
+        # Each layer's attention head split/merge becomes one fused Attention node, which
+        # removes the head-split Transposes (Swin keeps its window-partition ones).
+        layers = 2  # both small configs have two transformer layers
+        assert fired["fold_head_split_ort-attention"] == layers, fired
+        assert sum(n.op_type == "Attention" for n in optimized.graph.node) == layers
+        assert report["transposes"]["optimized"] < report["transposes"]["onnxsim"]
     refused = {rule: why for stage in report["pipeline"]["stages"]
                for rule, why in stage.get("refused", {}).items()}
     assert all(isinstance(why, str) and why for why in refused.values())
