@@ -156,8 +156,22 @@ def _load_npy(path: Path, resolution: int, limit: int | None) -> ImageSet:
                         f"{resolution}] preprocessed inputs (RGB, [0, 1]).")
     if len(array) == 0:
         raise UserError(f"{path} holds no samples.")
+    _check_preprocessed(array, path)
     array = np.asarray(_subsample(list(array), limit), dtype=np.float32)
     return ImageSet(array, description=f"{len(array)} arrays from {path}")
+
+
+def _check_preprocessed(array: np.ndarray, path: Path) -> None:
+    """Refuse arrays that are not preprocessed pixels: floats, finite, within [0, 1]."""
+    if not np.issubdtype(array.dtype, np.floating):
+        raise UserError(f"{path} holds {array.dtype} values; expected float32 pixels scaled to "
+                        "[0, 1] (divide 8-bit images by 255).")
+    if not np.isfinite(array).all():
+        raise UserError(f"{path} holds NaN or infinite values.")
+    low, high = float(array.min()), float(array.max())
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise UserError(f"{path} holds values in [{low:.3g}, {high:.3g}]; the models take RGB "
+                        "pixels scaled to [0, 1] with no mean/std normalization.")
 
 
 def bundled_photos(resolution: int, count: int = 32) -> ImageSet:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mvcompile.errors import UserError
+from mvcompile.errors import UserError, first_line
 from mvcompile.graphs.cvnets_names import cvnets_key, looks_like_cvnets
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,11 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
                         f"{', '.join(_PICKLE_SUFFIXES)} file or a Hugging Face model folder.")
     if not state:
         raise UserError(f"{path} holds no tensors; it is not a MobileViT checkpoint.")
+    broken = [name for name, array in state.items() if not np.isfinite(array).all()]
+    if broken:
+        raise UserError(f"{path} holds NaN or infinite values in {len(broken)} tensor(s): "
+                        f"{', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}. The "
+                        "training run that wrote it probably diverged.")
     return state
 
 
@@ -82,7 +87,7 @@ def _read_pickle(path: Path) -> dict[str, np.ndarray]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or unsafe pickles
         raise UserError(f"Cannot read {path} with torch.load(weights_only=True): "
-                        f"{str(err).splitlines()[0]}. The file may be corrupt, or hold "
+                        f"{first_line(err)}. The file may be corrupt, or hold "
                         "objects other than tensors, which we refuse to unpickle.") from err
     for wrapper in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mvcompile import latency
-from mvcompile.errors import UserError
+from mvcompile.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,14 @@ def _bench_ort(path: Path, threads: int, runs: int, warmup: int,
     try:
         session = latency.make_session(str(path), threads=threads, spinning=True)  # alone
     except Exception as err:  # onnxruntime raises several types for unreadable models
-        raise UserError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from err
+        raise UserError(f"ONNX Runtime cannot load {path}: {first_line(err)}") from err
     feed = latency.random_feed(session, batch=1)
     batch = next(iter(feed.values())).shape[0] if feed else 1
     try:
         session.run(None, feed)
     except Exception as err:  # e.g. an input type or shape the random feed cannot satisfy
         raise UserError(f"ONNX Runtime cannot run {path} on random inputs: "
-                        f"{str(err).splitlines()[0]}") from err
+                        f"{first_line(err)}") from err
     stats = latency.measure(session, feed, runs=runs, warmup=warmup, on_run=on_run)
     return BenchResult(str(path), "ort", f"CPU, {threads} thread(s)", batch, stats)
 

@@ -258,7 +258,8 @@ def _remove_stale(out_dir: Path, written: set[str]) -> None:
             path.unlink()
         else:
             continue
-        log.info("Removed stale %s", path)
+        log.warning("Removed %s, left by an earlier build into this folder that this build "
+                    "did not rewrite", path)
 
 
 def _write_targets(stage: Path, out_dir: Path, blobs: dict[str, bytes], report: dict,

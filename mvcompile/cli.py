@@ -19,6 +19,28 @@ from mvcompile.summary import build_summary
 from mvcompile.table import format_table, human_count
 from mvcompile.train.cli import train as train_command  # imports torch only when it runs
 
+INT8_ONLY_OPTIONS = ("calib_data", "calib_size", "calib_method", "accuracy_budget",
+                     "weight_bits", "eval_data", "coreml_int8")
+
+
+def _warn_int8_options_without_int8(int8: bool) -> None:
+    """An INT8 option given without --int8 is ignored: say so rather than stay silent."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in INT8_ONLY_OPTIONS
+             if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if given and not int8:
+        click.secho(f"Note: {', '.join(given)} only apply to the INT8 model and are ignored "
+                    "without --int8.", fg="yellow", err=True)
+
+
+def _finite(param: click.Parameter, value: float | None) -> float | None:
+    """click's FloatRange lets NaN through (every comparison with NaN is false)."""
+    if value is not None and value != value:
+        raise click.BadParameter("must be a number, not NaN.", param=param)
+    return value
+
 
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn UserError into 'Error: ...' on stderr and exit status 1, without a traceback."""
@@ -92,6 +114,7 @@ class _ProgressBars:
 @click.option("--calib-method", type=click.Choice(list(OBSERVER_NAMES)), default="percentile",
               show_default=True, help="How activation ranges are chosen from calibration data.")
 @click.option("--accuracy-budget", type=click.FloatRange(0, 100), default=None,
+              callback=lambda ctx, param, value: _finite(param, value),
               help="Max top-1 disagreement with FP32 on the calibration images, in percent; "
                    "the most sensitive layers stay in float until it is met.")
 @click.option("--weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
@@ -115,7 +138,7 @@ class _ProgressBars:
                                       "a float32 [B,3,H,W] tensor in [0,1].")
 @click.option("--coreml-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Fixed batch size of the Core ML model (Core ML needs static shapes).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed for the random weights used without --weights.")
 @click.option("--latency-runs", type=click.IntRange(min=0), default=20, show_default=True,
               help="Timed ONNX Runtime runs for the latency in the summary (0 skips timing).")
@@ -133,6 +156,7 @@ def build(size: str, weights: str | None, resolution: int, patch_config: str, nu
     from mvcompile.builder import BuildOptions
     from mvcompile.builder import build as run_build
 
+    _warn_int8_options_without_int8(int8)
     options = BuildOptions(size=size, weights=weights, resolution=resolution,
                            patch_config=patch_config, num_classes=num_classes,
                            out_dir=out_dir or f"out/mobilevit_{size}", seed=seed,
@@ -230,12 +254,13 @@ main.add_command(train_command, name="train")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the result.")
 @click.option("--target", type=click.Choice(["ort", "mobile"]), default="ort", show_default=True,
               help="ort: ONNX Runtime contrib ops where faster; mobile: standard ONNX only.")
-@click.option("--tolerance", type=float, default=1e-4, show_default=True,
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              callback=lambda ctx, param, value: _finite(param, value),
               help="Largest max-abs output difference to the input model on random inputs.")
 @click.option("--measure/--no-measure", default=True, show_default=True,
               help="--target ort: time the result with and without the attention head-split "
-                   "fold on this machine's ONNX Runtime and keep the faster (it helps MobileViT "
-                   "and slows DeiT and Swin). --no-measure applies every rewrite that matches.")
+                   "fold on this machine's ONNX Runtime and keep it unless it is slower. "
+                   "--no-measure applies every rewrite that matches.")
 @_user_errors
 def optimize(model: str, output: str, target: str, tolerance: float, measure: bool) -> None:
     """Run onnxsim and the mvcompile passes on any ONNX MODEL; check numerics, write OUTPUT."""

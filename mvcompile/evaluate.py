@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from mvcompile import latency, metrics
 from mvcompile.calibration.data import ImageSet
-from mvcompile.errors import UserError
+from mvcompile.errors import UserError, first_line
 
 
 def predict(model: bytes | str, images: ImageSet, threads: int = 2, batch_size: int = 16,
@@ -20,9 +20,12 @@ def predict(model: bytes | str, images: ImageSet, threads: int = 2, batch_size: 
         session = latency.make_session(model, threads=threads)
     except Exception as err:  # onnxruntime raises several types for unreadable models
         where = model if isinstance(model, str) else "the model"
-        raise UserError(f"ONNX Runtime cannot load {where}: {str(err).splitlines()[0]}") from err
+        raise UserError(f"ONNX Runtime cannot load {where}: {first_line(err)}") from err
     _check_input(session, images)
     name = session.get_inputs()[0].name
+    static_batch = session.get_inputs()[0].shape[0]
+    if isinstance(static_batch, int):  # a model exported for a fixed batch (often 1)
+        batch_size = static_batch
     outputs = []
     for batch in images.batches(batch_size):
         outputs.append(session.run(None, {name: batch})[0])
@@ -94,8 +97,17 @@ def evaluate_file(model_path: str, data: str, reference: str | None = None,
     logits = predict(model.SerializeToString(), images, on_batch=on_batch)
     if reference is None:
         return accuracy_report(images, logits)
-    ref_logits = predict(onnx_io.load_model(reference).SerializeToString(), images,
-                         on_batch=on_batch)
+    reference_model = onnx_io.load_model(reference)
+    if model_resolution(reference_model, reference) != model_resolution(model, model_path):
+        raise UserError(f"The reference {reference} takes "
+                        f"{model_resolution(reference_model, reference)}² inputs and "
+                        f"{model_path} {model_resolution(model, model_path)}²; compare models "
+                        "built at the same resolution.")
+    ref_logits = predict(reference_model.SerializeToString(), images, on_batch=on_batch)
+    if ref_logits.shape != logits.shape:
+        raise UserError(f"The reference {reference} gives {ref_logits.shape[-1]} outputs per "
+                        f"image and {model_path} {logits.shape[-1]}; compare models with the "
+                        "same classes (an FP32 model and its INT8 build).")
     report = accuracy_report(images, ref_logits, logits)
     report["reference"] = reference
     return report

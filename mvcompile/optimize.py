@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from mvcompile import latency, onnx_io
 from mvcompile.backends._output import check_writable_dir
-from mvcompile.errors import UserError
+from mvcompile.errors import UserError, first_line
 from mvcompile.pipeline import run_pipeline
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
                 result, pipeline_report, choice = _keep_if_faster(
                     simplified, result, pipeline_report, stage)
                 choices.append(choice)
+    if target == "mobile":
+        _check_standard_only(result)
     diff = _check(proto, result, tolerance)
     before, simple, after = op_counts(proto), op_counts(simplified), op_counts(result)
     report = {
@@ -158,6 +160,18 @@ def _keep_if_faster(simplified: onnx.ModelProto, result: onnx.ModelProto, report
     return (result, report, choice) if kept else (without, without_report, choice)
 
 
+def _check_standard_only(result: onnx.ModelProto) -> None:
+    """``--target mobile`` promises standard ONNX; refuse a result that is not."""
+    contrib = collections.Counter(f"{n.domain}.{n.op_type}" for n in result.graph.node
+                                  if n.domain not in ("", "ai.onnx"))
+    if contrib:
+        found = ", ".join(f"{op} x{count}" for op, count in sorted(contrib.items()))
+        raise UserError(f"--target mobile writes standard ONNX only, but the result still has "
+                        f"{found}, which the input already used and mvcompile cannot turn back "
+                        "into standard ops (a model optimized for --target ort?). Optimize the "
+                        "original export instead. Nothing was written.")
+
+
 def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float) -> float:
     """The max abs output difference of ``result`` from ``proto``; raise UserError unless
     ``result`` is valid and within ``tolerance``."""
@@ -190,11 +204,13 @@ def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
 
 
 def _check_runs_in_ort(proto: onnx.ModelProto, src: str | Path) -> None:
-    """The input must load in ONNX Runtime: numerics are checked against it."""
+    """The input must load and run in ONNX Runtime on random inputs: numerics are checked
+    against it."""
     try:
-        ort.InferenceSession(onnx_io.to_proto(proto).SerializeToString(),
-                             providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(onnx_io.to_proto(proto).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        session.run(None, random_inputs(proto))
     except Exception as err:  # ORT raises several exception types for unloadable models
-        raise UserError(f"ONNX Runtime cannot load the input {src} ({str(err).splitlines()[0]})"
+        raise UserError(f"ONNX Runtime cannot run the input {src} ({first_line(err)})"
                         "; mvcompile optimize checks its result against the input, so the "
                         "input must run. Nothing was written.") from err

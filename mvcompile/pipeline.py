@@ -144,7 +144,7 @@ def _foreign(target: str) -> list[Stage]:
         # Constant-fold and canonicalise exported graphs before matching our patterns.
         Stage("onnxscript_optimize", OnnxscriptOptimize),
         _rules("fuse_layer_norm", lambda: fuse_layer_norm.rules),
-        _rules("fuse_gelu", lambda: fuse_gelu.rules),
+        _rules("fuse_gelu", lambda: fuse_gelu.rules(standard_only=target == "mobile")),
         *_core(target, ort_only=target == "ort"),
     ]
 

@@ -4,7 +4,8 @@
 
 onnxscript's erf-GELU patterns (both association orders) matched, rewritten to the standard
 ONNX Gelu (opset ≥ 20) when the model imports it, else to com.microsoft.Gelu, which ONNX
-Runtime runs at any opset.
+Runtime runs at any opset. ``rules(standard_only=True)`` (the mobile target) leaves the erf form
+alone below opset 20 instead.
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ GELU_OPSET = 20
 
 
 class _ErfGelu(RewriteRuleClassBase):
+    def __init__(self, standard_only: bool = False) -> None:
+        super().__init__()
+        self.standard_only = standard_only
+
     def check(self, context, x) -> MatchResult:
         self.standard = context.model.opset_imports.get("", 0) >= GELU_OPSET
+        if self.standard_only and not self.standard:
+            return MatchResult().fail(f"standard Gelu needs opset {GELU_OPSET} (the model "
+                                      "imports an older one) and this target allows no "
+                                      "com.microsoft ops")
         return MatchResult()
 
     def rewrite(self, op, x):
@@ -37,9 +46,10 @@ class ErfGeluInnerHalf(_ErfGelu):
         return x * (0.5 * (op.Erf(x / math.sqrt(2)) + 1.0))
 
 
-rules = RewriteRuleSet([
-    # 0.5·(x·(erf(x/√2)+1)) -> Gelu(x)
-    ErfGeluOuterHalf.rule(),
-    # x·(0.5·(erf(x/√2)+1)) -> Gelu(x)
-    ErfGeluInnerHalf.rule(),
-], commute=True)
+def rules(standard_only: bool = False) -> RewriteRuleSet:
+    return RewriteRuleSet([
+        # 0.5·(x·(erf(x/√2)+1)) -> Gelu(x)
+        ErfGeluOuterHalf.rule(standard_only=standard_only),
+        # x·(0.5·(erf(x/√2)+1)) -> Gelu(x)
+        ErfGeluInnerHalf.rule(standard_only=standard_only),
+    ], commute=True)

@@ -142,6 +142,21 @@ def test_corrupt_or_missing_files(tmp_path: Path, name: str) -> None:
         create_mobilevit(CFG, tmp_path / name)
 
 
+def test_empty_pickle_is_a_clean_error(tmp_path: Path) -> None:
+    (tmp_path / "empty.pt").write_bytes(b"")  # torch.load raises with an empty message
+    with pytest.raises(UserError, match="Cannot read .*empty.pt"):
+        create_mobilevit(CFG, tmp_path / "empty.pt")
+
+
+def test_non_finite_weights_are_refused_before_building(tmp_path: Path) -> None:
+    _, weights = build_random(CFG, seed=1)
+    name = next(iter(weights))
+    weights[name] = np.full_like(weights[name], np.nan)
+    save_file(weights, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(UserError, match=f"NaN or infinite values in 1 tensor.*{name}"):
+        create_mobilevit(CFG, tmp_path / "nan.safetensors")
+
+
 def test_pickles_with_arbitrary_objects_are_refused(tmp_path: Path) -> None:
     torch.save({"model": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(UserError, match="weights_only"):

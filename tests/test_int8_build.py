@@ -103,11 +103,21 @@ def test_folder_too_large_for_memory_is_refused_before_decoding(tmp_path: Path) 
         _check_fits_in_memory(2000, 256, tmp_path, meminfo)
 
 
-def test_negative_accuracy_budget_is_a_usage_error(tmp_path: Path) -> None:
-    code, output = run("build", *FAST, "--int8", "--accuracy-budget", "-1",
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_accuracy_budget_outside_0_100_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    code, output = run("build", *FAST, "--int8", "--accuracy-budget", value,
                        "-o", str(tmp_path / "o"))
-    assert_clean_failure(code, output, "--accuracy-budget", "0<=x<=100")
+    assert_clean_failure(code, output, "--accuracy-budget")
     assert not (tmp_path / "o").exists()
+
+
+def test_int8_options_without_int8_are_named_as_ignored(tmp_path: Path) -> None:
+    code, output = run("build", *FAST, "--calib-data", "digits", "--accuracy-budget", "1",
+                       "-o", str(tmp_path / "o"))  # FAST's --calib-size counts too
+    assert code == 0, output
+    assert ("--calib-data, --calib-size, --accuracy-budget only apply to the INT8 model and "
+            "are ignored without --int8") in output
+    assert not (tmp_path / "o" / "model_int8.onnx").exists()
 
 
 def test_unknown_calibration_method(tmp_path: Path) -> None:
@@ -122,6 +132,20 @@ def test_npy_calibration_array_with_wrong_shape(tmp_path: Path) -> None:
     code, output = run("build", *FAST, "--int8", "--calib-data", str(tmp_path / "calib.npy"),
                        "-o", str(tmp_path / "o"))
     assert_clean_failure(code, output, "expected [N, 3, 64, 64]")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("array, phrase", [
+    (np.full((2, 3, 64, 64), 200, np.uint8), "uint8 values"),
+    (np.full((2, 3, 64, 64), np.nan, np.float32), "NaN or infinite"),
+    (np.full((2, 3, 64, 64), 2.5, np.float32), "values in [2.5, 2.5]"),
+])
+def test_npy_calibration_array_that_is_not_preprocessed(tmp_path: Path, array: np.ndarray,
+                                                        phrase: str) -> None:
+    np.save(tmp_path / "calib.npy", array)
+    code, output = run("build", *FAST, "--int8", "--calib-data", str(tmp_path / "calib.npy"),
+                       "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, phrase)
     assert not (tmp_path / "o").exists()
 
 
@@ -154,6 +178,22 @@ def test_eval_command_on_a_labelled_folder(tmp_path: Path) -> None:
     code, output = run("eval", str(tmp_path / "o" / "model.onnx"), "--data",
                        str(tmp_path / "missing"))
     assert_clean_failure(code, output, "not found")
+
+
+def test_eval_fixed_batch_model_and_mismatched_reference(tmp_path: Path) -> None:
+    assert run("build", *FAST, "-o", str(tmp_path / "a"))[0] == 0
+    assert run("build", *FAST, "--num-classes", "2", "-o", str(tmp_path / "b"))[0] == 0
+    folder = _photo_folder(tmp_path / "eval")
+    fixed = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    for value in (fixed.graph.input[0], fixed.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 1  # exported for batch 1 only
+    onnx.save(fixed, str(tmp_path / "fixed.onnx"))
+    code, output = run("eval", str(tmp_path / "fixed.onnx"), "--data", str(folder))
+    assert code == 0, output
+    assert "top-1" in output  # 2 classes, 2 class folders: scored, one image per run
+    code, output = run("eval", str(tmp_path / "b" / "model.onnx"), "--data", str(folder),
+                       "--reference", str(tmp_path / "a" / "model.onnx"))
+    assert_clean_failure(code, output, "gives 1000 outputs per image", "same classes")
 
 
 def test_targets_write_ort_and_coreml_for_fp32_and_int8(tmp_path: Path) -> None:

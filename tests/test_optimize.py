@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -96,10 +97,13 @@ def test_cli_rejects_a_missing_file_without_writing(tmp_path) -> None:
     assert not out.exists()
 
 
-def test_numerics_mismatch_writes_nothing(hf_export, tmp_path) -> None:
+def test_numerics_mismatch_writes_nothing(hf_export, tmp_path, monkeypatch) -> None:
+    """A result that differs from its input (simulated: the comparison reports 1.0) is not
+    written."""
     _, path = hf_export
     out = tmp_path / "out.onnx"
-    result = CliRunner().invoke(main, ["optimize", path, "-o", str(out), "--tolerance", "-1"])
+    monkeypatch.setattr("mvcompile.optimize.max_abs_diff", lambda reference, candidate: 1.0)
+    result = CliRunner().invoke(main, ["optimize", path, "-o", str(out)])
     assert result.exit_code == 1
     assert "nothing was" in result.output
     assert not out.exists()
@@ -120,5 +124,43 @@ def test_input_that_onnx_runtime_cannot_load_is_named(tmp_path) -> None:
         onnx.helper.make_opsetid("", 24), onnx.helper.make_opsetid("custom", 1)])
     onnx.save(model, str(tmp_path / "custom.onnx"))
     code, output = run("optimize", str(tmp_path / "custom.onnx"), "-o", str(tmp_path / "o.onnx"))
-    assert_clean_failure(code, output, "ONNX Runtime cannot load the input")
+    assert_clean_failure(code, output, "ONNX Runtime cannot run the input")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_input_that_fails_at_run_time_is_named(tmp_path) -> None:
+    """Loads in ONNX Runtime but fails when run: 5 weight channels against 3 input ones."""
+    weight = onnx.numpy_helper.from_array(np.ones((2, 5, 1, 1), np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [weight])
+    model = onnx.helper.make_model(graph, ir_version=10,
+                                   opset_imports=[onnx.helper.make_opsetid("", 24)])
+    onnx.save(model, str(tmp_path / "badconv.onnx"))
+    code, output = run("optimize", str(tmp_path / "badconv.onnx"), "-o", str(tmp_path / "o.onnx"))
+    assert_clean_failure(code, output, "ONNX Runtime cannot run the input", "channels")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_mobile_target_refuses_inputs_with_contrib_ops(tmp_path) -> None:
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("QuickGelu", ["x"], ["y"], domain="com.microsoft", alpha=1.0)],
+        "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+    model = onnx.helper.make_model(graph, ir_version=10, opset_imports=[
+        onnx.helper.make_opsetid("", 24), onnx.helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, str(tmp_path / "ort.onnx"))
+    code, output = run("optimize", str(tmp_path / "ort.onnx"), "-o", str(tmp_path / "o.onnx"),
+                       "--target", "mobile")
+    assert_clean_failure(code, output, "standard ONNX only", "com.microsoft.QuickGelu x1")
+    assert not (tmp_path / "o.onnx").exists()
+    assert run("optimize", str(tmp_path / "ort.onnx"), "-o", str(tmp_path / "o.onnx"))[0] == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_tolerance_must_be_a_non_negative_number(hf_export, tmp_path, value: str) -> None:
+    _, src = hf_export
+    code, output = run("optimize", src, "-o", str(tmp_path / "o.onnx"), "--tolerance", value)
+    assert_clean_failure(code, output, "--tolerance")
     assert not (tmp_path / "o.onnx").exists()
