@@ -75,6 +75,9 @@ def load_folder(folder: Path, resolution: int, limit: int | None = None,
                 on_image: Callable[[], None] | None = None) -> ImageSet:
     from PIL import Image, UnidentifiedImageError
 
+    if folder.is_file():
+        raise UserError(f"{folder} is a file; pass a folder of images (searched recursively), "
+                        "a preprocessed .npy array, or digits.")
     if not folder.is_dir():
         raise UserError(f"Image folder not found: {folder}.")
     files = sorted(p for p in folder.rglob("*") if p.is_file())

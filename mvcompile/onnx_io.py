@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from mvcompile.errors import UserError
+from mvcompile.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,18 @@ def save_model(model: ir.Model | onnx.ModelProto, path: str | Path) -> onnx.Mode
 def load_model(path: str | Path) -> onnx.ModelProto:
     """Read an ONNX file, raising :class:`UserError` for a missing or unreadable file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; pass the path of an .onnx file.")
     if not path.is_file():
         raise UserError(f"ONNX model not found: {path}.")
+    if path.suffix == ".ort":
+        raise UserError(f"{path} is an ONNX Runtime (.ort) model; this command reads .onnx "
+                        "files (`mvcompile bench` times .ort files).")
     try:
         proto = onnx.load(str(path))
     except Exception as err:  # protobuf raises DecodeError, onnx raises several others
         raise UserError(f"{path} is not a readable ONNX model ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else 'parse failed'}). "
-                        "The file may be corrupt or truncated.") from err
+                        f"{first_line(err)}). The file may be corrupt or truncated.") from err
     if not proto.graph.node and not proto.graph.output:
         raise UserError(f"{path} parsed as an empty ONNX model: it is corrupt or not ONNX.")
     return proto

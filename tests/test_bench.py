@@ -50,7 +50,8 @@ def test_bench_bad_input_fails_cleanly(onnx_path: str, tmp_path) -> None:
     runner = CliRunner()
     for args, phrase in [(["bench", str(tmp_path / "none.onnx")], "not found"),
                          (["bench", onnx_path, "--backend", "coreml"], "--backend ort"),
-                         (["bench", onnx_path, "--runs", "0"], "--runs")]:
+                         (["bench", onnx_path, "--runs", "0"], "--runs"),
+                         (["bench", str(tmp_path)], "is a folder")]:
         result = runner.invoke(main, args)
         assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
         assert phrase in result.output, result.output

@@ -125,6 +125,14 @@ def test_info_on_missing_file(tmp_path: Path) -> None:
     assert_clean_failure(code, output, "not found")
 
 
+def test_info_on_a_folder_or_an_ort_file(tmp_path: Path) -> None:
+    code, output = run("info", str(tmp_path))
+    assert_clean_failure(code, output, "is a folder")
+    (tmp_path / "m.ort").write_bytes(b"ORTM")
+    code, output = run("info", str(tmp_path / "m.ort"))
+    assert_clean_failure(code, output, "ONNX Runtime (.ort) model", "mvcompile bench")
+
+
 def test_info_reports_our_model(tmp_path: Path) -> None:
     code, _ = run("build", "--resolution", "64", "-o", str(tmp_path), "--latency-runs", "0",
                   "--no-passes")

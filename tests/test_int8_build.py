@@ -63,6 +63,15 @@ def test_missing_calibration_folder(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_calibration_data_that_is_an_image_file(tmp_path: Path) -> None:
+    folder = _photo_folder(tmp_path / "calib")
+    image = next((folder / "class_0").iterdir())
+    code, output = run("build", *FAST, "--int8", "--calib-data", str(image),
+                       "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "is a file; pass a folder of images")
+    assert not (tmp_path / "o").exists()
+
+
 def test_empty_calibration_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     code, output = run("build", *FAST, "--int8", "--calib-data", str(tmp_path / "empty"),
