@@ -191,6 +191,7 @@ def test_ctrl_c_leaves_the_last_complete_checkpoint_intact(tmp_path: Path) -> No
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "Interrupted" in err and "Traceback" not in err
+    assert f"--resume {tmp_path / 'run'}" in err and "NAME" not in err
     state = torch.load(last, weights_only=True)
     assert 1 <= state["epoch"] < 100
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))

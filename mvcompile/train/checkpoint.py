@@ -45,6 +45,18 @@ def resolve(path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, model_config: dict, device: torch.device) -> dict:
     """Read ``last.pt`` and check that it was trained with the same model shape."""
+    state = read_checkpoint(path, device)
+    check_same_model(state["model_config"], model_config, resolve(path))
+    return state
+
+
+def saved_options(path: str | Path) -> dict:
+    """The options a run was trained with, as stored in its ``last.pt``."""
+    return dict(read_checkpoint(path, torch.device("cpu")).get("options") or {})
+
+
+def read_checkpoint(path: str | Path, device: torch.device) -> dict:
+    """Read ``last.pt`` (a run folder or the file); UserError if missing or not ours."""
     path = resolve(path)
     if not path.is_file():
         raise UserError(f"--resume {path}: no such checkpoint. Pass a run folder "
@@ -57,7 +69,6 @@ def load_checkpoint(path: str | Path, model_config: dict, device: torch.device) 
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a training checkpoint written by mvcompile train "
                         f"(format {FORMAT}); to start from weights only, begin a new run.")
-    check_same_model(state["model_config"], model_config, path)
     return state
 
 

@@ -6,11 +6,18 @@ Registered lazily by :mod:`mvcompile.cli`, so that ``mvcompile --help`` works wi
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+from click.core import ParameterSource
 
 from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import SIZES
+
+if TYPE_CHECKING:
+    from mvcompile.train.loop import TrainResult
+    from mvcompile.train.options import TrainOptions
 
 EXAMPLES = """
 \b
@@ -23,7 +30,12 @@ On 8 GPUs (ImageNet, the paper's recipe: 128 images per GPU at 256, 300 epochs):
   torchrun --standalone --nproc_per_node 8 -m mvcompile.train --data /data/imagenet \\
       --size s --resolution 256 --batch-size 128 --epochs 300 --ema-decay 0.9995 \\
       --workers 8 --amp --name imagenet_s
+\b
+--resume reuses the options saved with the run; options given on its command line override
+them (e.g. --epochs 400 to train longer).
 """
+PROBABILITY = click.FloatRange(0.0, 1.0, max_open=True)
+NON_NEGATIVE = click.FloatRange(min=0.0)
 
 
 class ProgressReporter:
@@ -69,38 +81,39 @@ class ProgressReporter:
                    "(multiple of 64).")
 @click.option("--multiscale/--no-multiscale", default=True, show_default=True,
               help="Multi-scale sampler: {160..320}·R/256 snapped to multiples of 64.")
-@click.option("--epochs", type=int, default=300, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=300, show_default=True,
               help="Passes over the training set (the paper: 300 on ImageNet).")
-@click.option("--batch-size", type=int, default=128, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Images per process at the base resolution; the multi-scale sampler scales "
                    "it by (R/r)² at resolution r.")
-@click.option("--lr", type=float, default=0.002, show_default=True, help="Peak learning rate.")
-@click.option("--lr-init", type=float, default=0.0002, show_default=True,
+@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=0.002,
+              show_default=True, help="Peak learning rate.")
+@click.option("--lr-init", type=NON_NEGATIVE, default=0.0002, show_default=True,
               help="Learning rate at the start of the warm-up.")
-@click.option("--lr-min", type=float, default=0.0002, show_default=True,
+@click.option("--lr-min", type=NON_NEGATIVE, default=0.0002, show_default=True,
               help="Learning rate at the end of the cosine decay.")
-@click.option("--warmup-steps", type=int, default=None,
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
               help="Warm-up steps [default: min(3000, 5% of all steps)].")
-@click.option("--weight-decay", type=float, default=0.01, show_default=True,
+@click.option("--weight-decay", type=NON_NEGATIVE, default=0.01, show_default=True,
               help="AdamW weight decay.")
-@click.option("--label-smoothing", type=float, default=0.1, show_default=True,
+@click.option("--label-smoothing", type=PROBABILITY, default=0.1, show_default=True,
               help="Label smoothing of the cross-entropy loss.")
 @click.option("--ema-decay", type=float, default=None,
               help="Keep an EMA of the weights with this decay (e.g. 0.9995) and export it.")
-@click.option("--dropout", type=float, default=0.0, show_default=True,
+@click.option("--dropout", type=PROBABILITY, default=0.0, show_default=True,
               help="Dropout after attention and FFN.")
-@click.option("--classifier-dropout", type=float, default=0.1, show_default=True,
+@click.option("--classifier-dropout", type=PROBABILITY, default=0.1, show_default=True,
               help="Dropout before the classifier.")
 @click.option("--crop-scale", type=float, default=None,
               help="Smallest area fraction of the random resized crop [default: 0.08; "
                    "digits 0.6].")
 @click.option("--flip/--no-flip", default=None,
               help="Random horizontal flip [default: on; digits off].")
-@click.option("--subset", type=int, default=None,
+@click.option("--subset", type=click.IntRange(min=1), default=None,
               help="Train on a random subset of this many images (quick experiments).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed for initialisation, sampling and augmentation.")
-@click.option("--workers", type=int, default=0, show_default=True,
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Data loader worker processes per training process.")
 @click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA.")
 @click.option("--name", default=None,
@@ -108,27 +121,56 @@ class ProgressReporter:
 @click.option("--runs-dir", default="runs", show_default=True,
               help="Folder that holds the run folders.")
 @click.option("--resume", default=None,
-              help="Continue a run exactly where it stopped: a run folder or its last.pt.")
+              help="Continue a run where it stopped: a run folder or its last.pt. Its saved "
+                   "options apply unless given again here.")
 @click.option("--overwrite", is_flag=True, help="Start over in an existing run folder.")
 def train(**kwargs: object) -> None:
     """Train MobileViT with the paper's recipe; writes runs/NAME/best.safetensors."""
     try:
-        from mvcompile.train.loop import train as run_training
-        from mvcompile.train.options import TrainOptions
+        import mvcompile.train.loop  # noqa: F401  (imports torch and safetensors)
     except ImportError as err:
         _fail(f"mvcompile train needs PyTorch ({err}). Install the [train] extra: "
               "pip install 'mvcompile[train]'.")
     try:
-        result = run_training(TrainOptions(**kwargs), ProgressReporter())
+        result = _run(_options(kwargs))
     except UserError as err:
         _fail(str(err))
-    except KeyboardInterrupt:
-        click.secho("\nInterrupted. The last complete epoch is saved; continue with "
-                    "--resume runs/NAME.", fg="yellow", err=True)
-        sys.exit(130)
     best = result.best
     click.echo(f"best val accuracy {best['val_acc']:.2%} at epoch {best['epoch']}: "
                f"{result.run_dir / 'best.safetensors'}")
+
+
+def _options(kwargs: dict) -> TrainOptions:
+    """The options of this run; with --resume, the saved ones overridden by explicit ones."""
+    from mvcompile.train.checkpoint import saved_options
+    from mvcompile.train.options import TrainOptions, resumed_options
+
+    if not kwargs["resume"]:
+        return TrainOptions(**kwargs)
+    ctx = click.get_current_context()
+    explicit = {name for name in kwargs
+                if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
+    return resumed_options(saved_options(kwargs["resume"]), kwargs, explicit)
+
+
+def _run(options: TrainOptions) -> TrainResult:
+    """Train; on Ctrl-C, say how to continue and exit with status 130."""
+    from mvcompile.train.loop import train as run_training
+
+    try:
+        return run_training(options, ProgressReporter())
+    except KeyboardInterrupt:
+        click.secho(f"\n{_interrupted_message(options.run_dir())}", fg="yellow", err=True)
+        sys.exit(130)
+
+
+def _interrupted_message(run_dir: Path) -> str:
+    from mvcompile.train.checkpoint import LAST
+
+    if (run_dir / LAST).is_file():
+        return ("Interrupted. The last complete epoch is saved; continue with "
+                f"--resume {run_dir}")
+    return f"Interrupted before the first epoch ended; nothing to resume in {run_dir}."
 
 
 def _fail(message: str) -> None:

@@ -127,7 +127,7 @@ def prepare(options: TrainOptions, d: Dist) -> Run:
     """Data, model, optimizer, schedule, sampler, loaders; then the resumed state, if any."""
     _check_options(options)
     data = load_data(options.data, options.val_split)
-    if options.subset:
+    if options.subset is not None:
         data.train = _subset(data.train, options.subset, options.seed)
     cfg = MobileViTConfig.for_size(options.size, resolution=options.resolution,
                                    patch_config=options.patch_config,
@@ -155,6 +155,10 @@ def prepare(options: TrainOptions, d: Dist) -> Run:
 def _check_options(o: TrainOptions) -> None:
     if o.epochs < 1 or o.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1.")
+    if o.subset is not None and o.subset < 1:
+        raise UserError(f"--subset must be at least 1, got {o.subset}.")
+    if not o.lr > 0.0:
+        raise UserError(f"--lr must be positive, got {o.lr}.")
     if o.crop_scale is not None and not 0.0 < o.crop_scale <= 1.0:
         raise UserError(f"--crop-scale must be in (0, 1], got {o.crop_scale}.")
     if o.ema_decay is not None and not 0.0 < o.ema_decay < 1.0:
@@ -168,9 +172,7 @@ def _subset(source: ImageSource, n: int, seed: int) -> ImageSource:
 
 
 def _run_dir(o: TrainOptions, d: Dist) -> Path:
-    if o.resume and o.name is None:
-        return checkpoint.resolve(o.resume).parent
-    run_dir = Path(o.runs_dir) / o.run_name()
+    run_dir = o.run_dir()
     if not o.resume and not o.overwrite and (run_dir / checkpoint.LAST).exists():
         raise UserError(f"{run_dir} already holds a run. Continue it with --resume {run_dir}, "
                         "start over with --overwrite, or choose another --name.")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # Options that change the optimisation trajectory: a resumed run that changes any of them
 # still runs, but does not reproduce the uninterrupted run.
 RECIPE_KEYS = ("resolution", "epochs", "batch_size", "lr", "lr_init", "lr_min", "warmup_steps",
                "weight_decay", "label_smoothing", "ema_decay", "dropout", "classifier_dropout",
                "multiscale", "crop_scale", "flip", "val_split", "subset", "seed")
+# Options that locate a run rather than configure it: never taken from a resumed checkpoint.
+LOCATION_KEYS = ("name", "runs_dir", "resume", "overwrite")
 
 
 @dataclass(frozen=True)
@@ -47,3 +53,31 @@ class TrainOptions:
     def run_name(self) -> str:
         data = "digits" if self.data == "digits" else Path(self.data).resolve().name
         return self.name or f"{data}_{self.size}"
+
+    def run_dir(self) -> Path:
+        """The run folder: the resumed one (unless ``--name`` is given), else runs_dir/NAME."""
+        if self.resume and self.name is None:
+            resume = Path(self.resume)
+            return resume if resume.is_dir() else resume.parent
+        return Path(self.runs_dir) / self.run_name()
+
+
+def resumed_options(saved: Mapping[str, object], given: Mapping[str, object],
+                    explicit: Collection[str]) -> TrainOptions:
+    """The options of a resumed run: those saved with it, overridden by the ``explicit`` ones.
+
+    ``saved`` are the options stored in the checkpoint, ``given`` all options of this
+    invocation (defaults included) and ``explicit`` the names the user actually set. Options
+    the checkpoint lacks (an older format) and :data:`LOCATION_KEYS` come from ``given``.
+    """
+    names = [f.name for f in fields(TrainOptions)]
+    reused = {k: saved[k] for k in names
+              if k in saved and k in given and k not in explicit and k not in LOCATION_KEYS}
+    overridden = [k for k in names if k in explicit and k in saved and k not in LOCATION_KEYS
+                  and saved[k] != given[k]]
+    if overridden:
+        log.warning("Resuming with the run's saved options, except %s (set on the command "
+                    "line).", ", ".join(f"{k} {saved[k]!r} -> {given[k]!r}" for k in overridden))
+    else:
+        log.info("Resuming with the run's saved options.")
+    return TrainOptions(**{**given, **reused})
