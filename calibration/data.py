@@ -81,9 +81,12 @@ def load_folder(folder: Path, resolution: int, limit: int | None = None,
     if not folder.is_dir():
         raise UserError(f"Image folder not found: {folder}.")
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    skipped = [str(p.relative_to(folder)) for p in files
-               if p.suffix.lower() not in IMAGE_SUFFIXES]
+    images, skipped = [], []
+    for p in files:
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(p)
+        else:
+            skipped.append(str(p.relative_to(folder)))
     if not images:
         raise UserError(f"No images in {folder} (searched recursively for "
                         f"{', '.join(IMAGE_SUFFIXES)}).")
@@ -115,7 +118,8 @@ def _check_fits_in_memory(count: int, resolution: int, folder: Path,
                           meminfo: Path = Path("/proc/meminfo")) -> None:
     """Refuse a folder whose preprocessed images (count · 3 · R² float32) would take more than
     half the memory available now: they are held in memory together."""
-    needed = count * 3 * resolution * resolution * 4
+    per_image = 3 * resolution * resolution * np.dtype(np.float32).itemsize
+    needed = count * per_image
     try:
         line = next(ln for ln in meminfo.read_text().splitlines()
                     if ln.startswith("MemAvailable:"))
@@ -123,7 +127,7 @@ def _check_fits_in_memory(count: int, resolution: int, folder: Path,
     except (OSError, StopIteration, ValueError, IndexError):
         return  # not Linux, or no figure: nothing to check against
     if needed > available // 2:
-        fits = max(1, available // 2 // (3 * resolution * resolution * 4))
+        fits = max(1, available // 2 // per_image)
         raise UserError(
             f"{count} images from {folder} at {resolution}² need {needed / 2**30:.1f} GiB in "
             f"memory, more than half of the {available / 2**30:.1f} GiB available. Ask for an "

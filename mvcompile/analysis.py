@@ -251,9 +251,10 @@ def _runtime_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
 
 
 def _zeros_for(arg: object) -> np.ndarray:
-    dtype = {"tensor(float)": np.float32, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32, "tensor(float16)": np.float16}.get(arg.type, np.float32)
-    return np.zeros([d if isinstance(d, int) else 1 for d in arg.shape], dtype=dtype)
+    from mvcompile.latency import numpy_dtype
+
+    return np.zeros([d if isinstance(d, int) else 1 for d in arg.shape],
+                    dtype=numpy_dtype(arg.type))
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

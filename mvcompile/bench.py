@@ -90,11 +90,10 @@ def _bench_ort(path: Path, threads: int, runs: int, warmup: int,
     feed = latency.random_feed(session, batch=1)
     batch = next(iter(feed.values())).shape[0] if feed else 1
     try:
-        session.run(None, feed)
+        stats = latency.measure(session, feed, runs=runs, warmup=warmup, on_run=on_run)
     except Exception as err:  # e.g. an input type or shape the random feed cannot satisfy
         raise UserError(f"ONNX Runtime cannot run {path} on random inputs: "
                         f"{first_line(err)}") from err
-    stats = latency.measure(session, feed, runs=runs, warmup=warmup, on_run=on_run)
     return BenchResult(str(path), "ort", f"CPU, {threads} thread(s)", batch, stats)
 
 

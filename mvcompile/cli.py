@@ -35,7 +35,8 @@ def _warn_int8_options_without_int8(int8: bool) -> None:
                     "without --int8.", fg="yellow", err=True)
 
 
-def _finite(param: click.Parameter, value: float | None) -> float | None:
+def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None
+             ) -> float | None:
     """click's FloatRange lets NaN through (every comparison with NaN is false)."""
     if value is not None and value != value:
         raise click.BadParameter("must be a number, not NaN.", param=param)
@@ -114,7 +115,7 @@ class _ProgressBars:
 @click.option("--calib-method", type=click.Choice(list(OBSERVER_NAMES)), default="percentile",
               show_default=True, help="How activation ranges are chosen from calibration data.")
 @click.option("--accuracy-budget", type=click.FloatRange(0, 100), default=None,
-              callback=lambda ctx, param, value: _finite(param, value),
+              callback=_not_nan,
               help="Max top-1 disagreement with FP32 on the calibration images, in percent; "
                    "the most sensitive layers stay in float until it is met.")
 @click.option("--weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
@@ -255,7 +256,7 @@ main.add_command(train_command, name="train")
 @click.option("--target", type=click.Choice(["ort", "mobile"]), default="ort", show_default=True,
               help="ort: ONNX Runtime contrib ops where faster; mobile: standard ONNX only.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
-              callback=lambda ctx, param, value: _finite(param, value),
+              callback=_not_nan,
               help="Largest max-abs output difference to the input model on random inputs.")
 @click.option("--measure/--no-measure", default=True, show_default=True,
               help="--target ort: time the result with and without the attention head-split "

@@ -93,16 +93,17 @@ def evaluate_file(model_path: str, data: str, reference: str | None = None,
     from mvcompile.calibration.data import load_images
 
     model = onnx_io.load_model(model_path)  # clean errors for a missing or corrupt file
-    images = load_images(data, model_resolution(model, model_path), limit, split="val")
+    resolution = model_resolution(model, model_path)
+    images = load_images(data, resolution, limit, split="val")
     logits = predict(model.SerializeToString(), images, on_batch=on_batch)
     if reference is None:
         return accuracy_report(images, logits)
     reference_model = onnx_io.load_model(reference)
-    if model_resolution(reference_model, reference) != model_resolution(model, model_path):
-        raise UserError(f"The reference {reference} takes "
-                        f"{model_resolution(reference_model, reference)}² inputs and "
-                        f"{model_path} {model_resolution(model, model_path)}²; compare models "
-                        "built at the same resolution.")
+    reference_resolution = model_resolution(reference_model, reference)
+    if reference_resolution != resolution:
+        raise UserError(f"The reference {reference} takes {reference_resolution}² inputs and "
+                        f"{model_path} {resolution}²; compare models built at the same "
+                        "resolution.")
     ref_logits = predict(reference_model.SerializeToString(), images, on_batch=on_batch)
     if ref_logits.shape != logits.shape:
         raise UserError(f"The reference {reference} gives {ref_logits.shape[-1]} outputs per "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,20 +58,31 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                 "tensor(bool)": np.bool_}
 
 
-def random_feed(session: ort.InferenceSession, batch: int = 1, seed: int = 0
-                ) -> dict[str, np.ndarray]:
-    """Uniform [0,1) for floating-point inputs, zeros for integer and boolean ones; symbolic
-    dims become ``batch``."""
+def numpy_dtype(ort_type: str) -> type:
+    """The numpy type of an ONNX Runtime input type string such as "tensor(int64)"."""
+    return _NUMPY_TYPES.get(ort_type, np.float32)
+
+
+def seeded_inputs(specs: Iterable[tuple[str, type, Sequence[int | str | None]]], seed: int = 0,
+                  batch: int = 1) -> dict[str, np.ndarray]:
+    """{name: array} for (name, dtype, dims) specs: U[0,1) for floating-point inputs, zeros
+    for integer and boolean ones; dims that are not integers become ``batch``."""
     rng = np.random.default_rng(seed)
     feed = {}
-    for inp in session.get_inputs():
-        shape = [d if isinstance(d, int) else batch for d in inp.shape]
-        dtype = _NUMPY_TYPES.get(inp.type, np.float32)
+    for name, dtype, dims in specs:
+        shape = [d if isinstance(d, int) else batch for d in dims]
         if np.issubdtype(dtype, np.floating):
-            feed[inp.name] = rng.uniform(0.0, 1.0, shape).astype(dtype)
+            feed[name] = rng.uniform(0.0, 1.0, shape).astype(dtype)
         else:
-            feed[inp.name] = np.zeros(shape, dtype)
+            feed[name] = np.zeros(shape, dtype)
     return feed
+
+
+def random_feed(session: ort.InferenceSession, batch: int = 1, seed: int = 0
+                ) -> dict[str, np.ndarray]:
+    """:func:`seeded_inputs` for every input of ``session``."""
+    return seeded_inputs(((i.name, numpy_dtype(i.type), i.shape) for i in session.get_inputs()),
+                         seed, batch)
 
 
 def measure(session: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int = 30,

@@ -51,22 +51,13 @@ def simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def random_inputs(proto: onnx.ModelProto, seed: int = 0, batch: int = 1
                   ) -> dict[str, np.ndarray]:
-    """Seeded inputs for every graph input: floats U[0,1), integers zero; symbolic dims =
-    ``batch``."""
-    rng = np.random.default_rng(seed)
+    """:func:`latency.seeded_inputs` for every graph input of ``proto`` (initializers aside)."""
     initializers = {init.name for init in proto.graph.initializer}
-    feed = {}
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
-        tensor_type = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else batch for d in tensor_type.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            feed[value.name] = rng.uniform(0.0, 1.0, dims).astype(dtype)
-        else:
-            feed[value.name] = np.zeros(dims, dtype=dtype)
-    return feed
+    return latency.seeded_inputs(
+        ((value.name, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type),
+          [d.dim_value if d.HasField("dim_value") else None
+           for d in value.type.tensor_type.shape.dim])
+         for value in proto.graph.input if value.name not in initializers), seed, batch)
 
 
 def max_abs_diff(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 0) -> float:

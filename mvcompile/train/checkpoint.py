@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_save
 
-from mvcompile.errors import UserError
+from mvcompile.errors import UserError, first_line
 from mvcompile.onnx_io import atomic_write_bytes
+from mvcompile.train.options import LAST, resolve  # torch-free, so options can use them too
 
 log = logging.getLogger(__name__)
 
 FORMAT = "mvcompile-train-1"
-LAST = "last.pt"
 MODEL_KEYS = ("size", "patch_config", "num_classes")
 
 
@@ -35,12 +35,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write weights as safetensors atomically; ``mvcompile build --weights`` reads them."""
     atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
-
-
-def resolve(path: str | Path) -> Path:
-    """A run folder means its ``last.pt``."""
-    path = Path(path)
-    return path / LAST if path.is_dir() else path
 
 
 def load_checkpoint(path: str | Path, model_config: dict, device: torch.device) -> dict:
@@ -64,7 +58,7 @@ def read_checkpoint(path: str | Path, device: torch.device) -> dict:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many types for corrupt pickles
-        raise UserError(f"Cannot read the checkpoint {path}: {str(err).splitlines()[0]}. "
+        raise UserError(f"Cannot read the checkpoint {path}: {first_line(err)}. "
                         "It may be truncated or not written by mvcompile train.") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a training checkpoint written by mvcompile train "

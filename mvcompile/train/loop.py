@@ -304,10 +304,12 @@ def _state(run: Run, epoch: int, rng: list[dict]) -> dict:
 
 def _restore(run: Run, state: dict) -> None:
     """Continue exactly where the checkpoint stopped; warn if the recipe changed."""
-    changed = [k for k in RECIPE_KEYS if state["options"].get(k) != getattr(run.options, k)]
+    saved = state["options"]
+    changed = [k for k in RECIPE_KEYS if saved.get(k) != getattr(run.options, k)]
     if changed:
         log.warning("Resuming with changed options (%s): the run will not reproduce an "
-                    "uninterrupted one.", ", ".join(changed))
+                    "uninterrupted one.", ", ".join(
+                        f"{k} {saved.get(k)!r} -> {getattr(run.options, k)!r}" for k in changed))
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])

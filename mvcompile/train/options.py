@@ -16,6 +16,13 @@ RECIPE_KEYS = ("resolution", "epochs", "batch_size", "lr", "lr_init", "lr_min", 
                "multiscale", "crop_scale", "flip", "val_split", "subset", "seed")
 # Options that locate a run rather than configure it: never taken from a resumed checkpoint.
 LOCATION_KEYS = ("name", "runs_dir", "resume", "overwrite")
+LAST = "last.pt"  # the resumable checkpoint in a run folder
+
+
+def resolve(path: str | Path) -> Path:
+    """A run folder means its ``last.pt``."""
+    path = Path(path)
+    return path / LAST if path.is_dir() else path
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,7 @@ class TrainOptions:
     def run_dir(self) -> Path:
         """The run folder: the resumed one (unless ``--name`` is given), else runs_dir/NAME."""
         if self.resume and self.name is None:
-            resume = Path(self.resume)
-            return resume if resume.is_dir() else resume.parent
+            return resolve(self.resume).parent
         return Path(self.runs_dir) / self.run_name()
 
 
@@ -75,9 +81,8 @@ def resumed_options(saved: Mapping[str, object], given: Mapping[str, object],
               if k in saved and k in given and k not in explicit and k not in LOCATION_KEYS}
     overridden = [k for k in names if k in explicit and k in saved and k not in LOCATION_KEYS
                   and saved[k] != given[k]]
-    if overridden:
-        log.warning("Resuming with the run's saved options, except %s (set on the command "
-                    "line).", ", ".join(f"{k} {saved[k]!r} -> {given[k]!r}" for k in overridden))
-    else:
-        log.info("Resuming with the run's saved options.")
+    # Changes to the recipe are warned about once, where the checkpoint is restored
+    # (loop._restore); here only what came from where.
+    log.info("Resuming with the run's saved options%s.", "".join(
+        f", except {k} {saved[k]!r} -> {given[k]!r}" for k in overridden))
     return TrainOptions(**{**given, **reused})
