@@ -64,6 +64,10 @@ def main(verbose: int) -> None:
     """mvcompile: compile and quantize MobileViT for ONNX Runtime and Core ML."""
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # coremltools warns on import about versions it has not tested and, off macOS, about
+        # its runtime library it cannot load (we verify without it); shown with -v.
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
 
 
 class _ProgressBars:
@@ -250,6 +254,9 @@ def evaluate(model: str, data: str, reference: str | None, limit: int | None) ->
 main.add_command(train_command, name="train")
 
 
+_WHY_WIDTH = 90  # characters of a refusal reason in optimize's table
+
+
 @main.command()
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the result.")
@@ -280,13 +287,18 @@ def optimize(model: str, output: str, target: str, tolerance: float, measure: bo
         ("written", output),
     ]
     click.echo(format_table(rows, header=(model, "")))
-    passes = []
+    passes, shortened = [], False
     for stage in report["pipeline"]["stages"]:
         for rule, count in stage.get("rules", {}).items():
             why = stage["refused"].get(rule, "") if count == 0 else ""
-            passes.append((rule, count, why[:90]))
+            shortened |= len(why) > _WHY_WIDTH
+            passes.append((rule, count, why if len(why) <= _WHY_WIDTH
+                           else why[:_WHY_WIDTH - 1] + "…"))
     click.echo()
     click.echo(format_table(passes, header=("rule", "matches", "why not")))
+    if shortened:
+        click.echo("(reasons cut at the table's width; `mvcompile -v optimize ...` logs them "
+                   "in full)")
 
 
 @main.command()

@@ -185,6 +185,9 @@ def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
     dst = Path(dst)
     if dst.is_dir():
         raise UserError(f"-o {dst} is a folder; pass the path of the .onnx file to write.")
+    if dst.suffix.lower() != ".onnx":
+        raise UserError(f"-o {dst} does not end in .onnx; optimize writes an ONNX model, so "
+                        "name it model.onnx or similar. Nothing was written.")
     check_writable_dir(dst.parent, "optimised model")
     proto = onnx_io.load_model(src)
     _check_runs_in_ort(proto, src)

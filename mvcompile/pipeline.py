@@ -63,6 +63,8 @@ class RuleSetPass(ir.passes.InPlacePass):
             total += count
             if count == 0 and rule.name not in self.refusals:  # before later rules rewrite
                 self.refusals[rule.name] = _why_not(single, model)
+                log.info("%s: %s did not apply: %s", self.name, rule.name,
+                         self.refusals[rule.name])
             log.info("%s: %s matched %d time(s)", self.name, rule.name, count)
         for name, count in self.counts.items():  # commuted variants share a name
             if count:

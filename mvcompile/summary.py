@@ -46,9 +46,7 @@ def _models_table(report: dict, files: dict[str, Path]) -> str:
         ratio = latency["int8"]["median_ms"] / latency["onnx"]["median_ms"]
         rows.append(("INT8 / FP32 latency", "", f"{ratio:.2f}x"))
     rows.append(("file", *(str(files[k]) for k in keys)))
-    others = sorted(p.name for k, p in files.items() if k not in keys and k != "report")
-    if others:
-        rows.append(("other artifacts", ", ".join(others)))
+    rows += _artifact_rows(files, keys)
     conditions = latency.get("conditions")
     note = (f"\n(latency: batch 1, {conditions['threads']} threads, runs interleaved)"
             if conditions else "")
@@ -58,6 +56,23 @@ def _models_table(report: dict, files: dict[str, Path]) -> str:
                  "can do')")
     return format_table(rows, header=("", *("FP32" if k == "onnx" else "INT8" for k in keys))
                         ) + note
+
+
+_ARTIFACT_KINDS = ((".ort", "ORT mobile"), (".config", "ORT operator configs"),
+                   (".mlpackage", "Core ML"))
+
+
+def _artifact_rows(files: dict[str, Path], keys: list[str]) -> list[tuple[str, ...]]:
+    """One row per extra artifact kind, each model's files in its own column. The extra
+    artifacts' keys start with their model's key (``onnx_coreml``, ``int8_ort_...``)."""
+    rows = []
+    for suffix, label in _ARTIFACT_KINDS:
+        cells = [sorted(p.name for k, p in files.items()
+                        if k.startswith(f"{key}_") and p.name.endswith(suffix)) for key in keys]
+        if any(cells):
+            rows.append((label, *(", ".join(c) if len(c) < 2 else f"{len(c)} {suffix} files"
+                                  for c in cells)))
+    return rows
 
 
 def _accuracy_table(int8: dict) -> str:

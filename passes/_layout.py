@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import RewriterContext
 
 SIM_BATCH = 2  # a symbolic batch dimension is simulated with this size
 
@@ -146,8 +147,9 @@ def chain_nodes(last: ir.Value, length: int) -> list[ir.Node] | None:
     return nodes[::-1]
 
 
-def transposed_matmul(op, a: ir.Value, b: ir.Value, *, equation: str, trans_a: bool = False,
-                      trans_b: bool = False, target: str = "mobile") -> ir.Value:
+def transposed_matmul(op: RewriterContext, a: ir.Value, b: ir.Value, *, equation: str,
+                      trans_a: bool = False, trans_b: bool = False, target: str = "mobile"
+                      ) -> ir.Value:
     """op(A)·op(B) with op = transpose of the last two axes where asked, as one node.
 
     ``target="ort"``: com.microsoft FusedMatMul(transA, transB), which ONNX Runtime runs as one
@@ -172,12 +174,12 @@ def _swap_last_two(rank: int) -> list[int]:
     return [*range(rank - 2), rank - 1, rank - 2]
 
 
-def int64_init(op, values: Sequence[int], name: str) -> ir.Value:
+def int64_init(op: RewriterContext, values: Sequence[int], name: str) -> ir.Value:
     """A new int64 initializer (shapes, axes) named ``name``."""
     return op.initializer(ir.tensor(np.asarray(values, dtype=np.int64), name=name), name=name)
 
 
-def float_init(op, array: np.ndarray, name: str) -> ir.Value:
+def float_init(op: RewriterContext, array: np.ndarray, name: str) -> ir.Value:
     """A new float32 initializer named ``name``."""
     array = np.ascontiguousarray(array, dtype=np.float32)
     return op.initializer(ir.tensor(array, name=name), name=name)

@@ -25,7 +25,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter import (
+    MatchResult,
+    RewriterContext,
+    RewriteRuleClassBase,
+    RewriteRuleSet,
+)
 
 from mvcompile.passes._layout import const_array, int64_init
 from mvcompile.passes.unfold_fold import check_pointwise_conv
@@ -85,7 +90,8 @@ def _check_swap(conv: ir.Value, resized: ir.Value) -> MatchResult:
     return check_spatial_resize(resized.producer(), result) if result else result
 
 
-def _resize_to(op, resize: ir.Node, x: ir.Value, channels: int, name: str) -> ir.Value:
+def _resize_to(op: RewriterContext, resize: ir.Node, x: ir.Value, channels: int,
+               name: str) -> ir.Value:
     """A copy of ``resize`` applied to ``x``, with its sizes (if any) set to ``channels``."""
     kind, values = _scales_or_sizes(resize)
     attrs = {k: a.value for k, a in resize.attributes.items()}
@@ -96,7 +102,7 @@ def _resize_to(op, resize: ir.Node, x: ir.Value, channels: int, name: str) -> ir
                      int64_init(op, sizes, name), **attrs)
 
 
-def _conv(op, conv: ir.Node, x: ir.Value) -> ir.Value:
+def _conv(op: RewriterContext, conv: ir.Node, x: ir.Value) -> ir.Value:
     attrs = {k: a.value for k, a in conv.attributes.items()}
     return op.Conv(x, *conv.inputs[1:], **attrs)
 

@@ -56,7 +56,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter import (
+    MatchResult,
+    RewriterContext,
+    RewriteRuleClassBase,
+    RewriteRuleSet,
+)
 from onnxscript.rewriter.pattern import OrValue
 
 from mvcompile.passes._attention_trace import (
@@ -237,7 +242,8 @@ def out_bias_with_value_bias(a: Attention) -> np.ndarray:
     return a.out.bias + a.out.weight @ a.v.bias
 
 
-def fused_attention(op, a: Attention, score_bias: np.ndarray, base: str) -> ir.Value:
+def fused_attention(op: RewriterContext, a: Attention, score_bias: np.ndarray, base: str
+                    ) -> ir.Value:
     """ONNX Runtime's fused com.microsoft ``Attention`` on [G, N, d_in] tokens, then the out
     projection; no Transpose. Attention computes, per group g and head h (scale 1: s is
     already in W_q, b_q),
@@ -279,7 +285,7 @@ def fused_score_bias(a: Attention) -> np.ndarray | None:
     return np.broadcast_to(bias, (bias.shape[0], a.heads, a.tokens, a.tokens))
 
 
-def _add_bias(op, x: ir.Value, bias: np.ndarray, name: str) -> ir.Value:
+def _add_bias(op: RewriterContext, x: ir.Value, bias: np.ndarray, name: str) -> ir.Value:
     """x + bias, or x itself when the bias is zero."""
     return op.Add(x, float_init(op, bias, name)) if bias.any() else x
 

@@ -214,6 +214,8 @@ def test_targets_write_ort_and_coreml_for_fp32_and_int8(tmp_path: Path) -> None:
             "model.required_operators.config", "model.mlpackage",
             "model_int8.mlpackage", "report.json"} <= names
     assert not [n for n in names if n.startswith(".")]  # no staging leftovers
+    assert "Running MIL" not in output  # coremltools' own pass bars stay hidden
+    assert "model.mlpackage" in next(ln for ln in output.splitlines() if ln.startswith("Core ML"))
     header = (out / "model_int8.required_operators.config").read_text()
     assert str((out / "model_int8.ort").resolve()) in header  # names the published model
     assert ".mvcompile-stage" not in header

@@ -55,3 +55,22 @@ def test_summary_explains_slow_int8_only_on_cpus_without_vnni(tmp_path, int8_ms:
     files = {"onnx": tmp_path / "model.onnx", "int8": tmp_path / "model_int8.onnx"}
     text = build_summary(_report(int8_ms, cpu), files)
     assert ("no VNNI int8 dot product" in text) is noted
+
+
+def test_summary_lists_extra_artifacts_per_model_in_its_column(tmp_path) -> None:
+    names = {"onnx": "model.onnx", "int8": "model_int8.onnx",
+             "onnx_ort_model.ort": "model.ort", "int8_ort_model_int8.ort": "model_int8.ort",
+             "onnx_ort_a.config": "model.required_operators.config",
+             "onnx_ort_b.config": "model.required_operators_and_types.config",
+             "int8_coreml": "model_int8.mlpackage", "report": "report.json"}
+    files = {key: tmp_path / name for key, name in names.items()}
+    lines = build_summary(_report(8.0, {}), files).splitlines()
+    ort_row = next(line for line in lines if line.startswith("ORT mobile"))
+    assert ort_row.split()[2:] == ["model.ort", "model_int8.ort"]
+    configs = next(line for line in lines if line.startswith("ORT operator configs"))
+    assert configs.split()[3:6] == ["2", ".config", "files"]
+    coreml = next(line for line in lines if line.startswith("Core ML"))
+    assert coreml.split()[2:] == ["model_int8.mlpackage"]  # the FP32 cell is empty
+    assert not any("report.json" in line for line in lines)
+    file_row = next(line for line in lines if line.split()[:2] == ["file", str(files["onnx"])])
+    assert max(len(line) for line in lines) == len(file_row)  # the paths set the width

@@ -164,3 +164,27 @@ def test_tolerance_must_be_a_non_negative_number(hf_export, tmp_path, value: str
     code, output = run("optimize", src, "-o", str(tmp_path / "o.onnx"), "--tolerance", value)
     assert_clean_failure(code, output, "--tolerance")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_output_path_without_onnx_suffix_is_refused(hf_export, tmp_path) -> None:
+    _, src = hf_export
+    code, output = run("optimize", src, "-o", str(tmp_path / "model.txt"))
+    assert_clean_failure(code, output, "does not end in .onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_long_refusal_reasons_are_cut_with_a_mark_and_a_note(tmp_path, monkeypatch) -> None:
+    """The table shows each reason up to its width and says where the full text is."""
+    reason = "no_match: " + "x" * 200
+    fake = {"nodes": {"input": 3, "onnxsim": 3, "optimized": 3},
+            "transposes": {"input": 0, "optimized": 0}, "max_abs_diff": 0.0,
+            "measured_choices": [],
+            "pipeline": {"stages": [{"rules": {"short": 0, "long": 0, "fired": 2},
+                                     "refused": {"short": "no candidate", "long": reason}}]}}
+    monkeypatch.setattr("mvcompile.optimize.optimize_file", lambda *a, **k: fake)
+    code, output = run("optimize", "in.onnx", "-o", str(tmp_path / "o.onnx"))
+    assert code == 0, output
+    rows = {line.split()[0]: line for line in output.splitlines() if line}
+    assert rows["long"].endswith("x…") and len(rows["long"].split(None, 2)[2]) == 90
+    assert rows["short"].endswith("no candidate")
+    assert "logs them in full" in output

@@ -23,8 +23,11 @@ compared with the graph without activation Q/DQ at the float tolerances.
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from coremltools.converters.mil.mil import Program
+from coremltools.converters.mil.mil.passes import pass_pipeline
 
 from mvcompile.backends import _output, mil_eval, mil_lower
 from mvcompile.backends.qdq_reference import reference_model
@@ -88,15 +92,31 @@ def convert(onnx_proto: onnx.ModelProto, options: CoreMLOptions) -> ct.models.ML
     program = mil_lower.lower(onnx_proto, options.batch, options.int8_mode)
     inputs = _input_types(onnx_proto, program, options)
     try:
-        mlmodel = ct.convert(program, convert_to="mlprogram", inputs=inputs,
-                             minimum_deployment_target=mil_lower.deployment_target(
-                                 onnx_proto.graph, options.int8_mode),
-                             compute_precision=PRECISIONS[options.precision],
-                             skip_model_load=not ON_MAC)
+        with _quiet_pass_bars():
+            mlmodel = ct.convert(program, convert_to="mlprogram", inputs=inputs,
+                                 minimum_deployment_target=mil_lower.deployment_target(
+                                     onnx_proto.graph, options.int8_mode),
+                                 compute_precision=PRECISIONS[options.precision],
+                                 skip_model_load=not ON_MAC)
     except (ValueError, TypeError, NotImplementedError) as err:
         raise UserError(f"coremltools could not convert the lowered program: {err}") from err
     _describe(mlmodel, onnx_proto, options)
     return mlmodel
+
+
+@contextlib.contextmanager
+def _quiet_pass_bars() -> Iterator[None]:
+    """Hide the tqdm bar that coremltools draws for each of its MIL pass pipelines (three per
+    model) unless this module logs at INFO: the CLI already shows a bar for the lowering."""
+    if log.isEnabledFor(logging.INFO):
+        yield
+        return
+    bar = pass_pipeline.tqdm
+    pass_pipeline.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        pass_pipeline.tqdm = bar
 
 
 def _input_types(proto: onnx.ModelProto, program: Program, options: CoreMLOptions
