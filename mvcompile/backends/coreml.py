@@ -108,10 +108,10 @@ def convert(onnx_proto: onnx.ModelProto, options: CoreMLOptions) -> ct.models.ML
 def _quiet_pass_bars() -> Iterator[None]:
     """Hide the tqdm bar that coremltools draws for each of its MIL pass pipelines (three per
     model) unless this module logs at INFO: the CLI already shows a bar for the lowering."""
-    if log.isEnabledFor(logging.INFO):
+    bar = getattr(pass_pipeline, "tqdm", None)  # coremltools 9 imports it here
+    if bar is None or log.isEnabledFor(logging.INFO):
         yield
         return
-    bar = pass_pipeline.tqdm
     pass_pipeline.tqdm = functools.partial(bar, disable=True)
     try:
         yield
