@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mvcompile.errors import UserError
-from mvcompile.train.data import IMAGE_SUFFIXES  # one list for training and calibration
+from mvcompile.images import IMAGE_SUFFIXES, find_files, to_rgb
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -47,14 +47,15 @@ class ImageSet:
 
 
 def preprocess(image: Image.Image, resolution: int) -> np.ndarray:
-    """PIL image → [3, R, R] float32: RGB, shorter side to R·288/256, centre crop, /255.
+    """PIL image → [3, R, R] float32: upright 8-bit RGB (:func:`mvcompile.images.to_rgb`),
+    shorter side to R·288/256, centre crop, /255.
 
     The same functions ``mvcompile train`` evaluates with, so a trained model sees identical
     inputs at calibration time.
     """
     from mvcompile.train.data import center_crop, to_array
 
-    return to_array(center_crop(image.convert("RGB"), resolution, RESIZE_RATIO))
+    return to_array(center_crop(to_rgb(image), resolution, RESIZE_RATIO))
 
 
 def load_images(source: str | None, resolution: int, limit: int | None = None,
@@ -80,13 +81,8 @@ def load_folder(folder: Path, resolution: int, limit: int | None = None,
                         "a preprocessed .npy array, or digits.")
     if not folder.is_dir():
         raise UserError(f"Image folder not found: {folder}.")
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    images, skipped = [], []
-    for p in files:
-        if p.suffix.lower() in IMAGE_SUFFIXES:
-            images.append(p)
-        else:
-            skipped.append(str(p.relative_to(folder)))
+    images, others = find_files(folder)
+    skipped = [str(p.relative_to(folder)) for p in others]
     if not images:
         raise UserError(f"No images in {folder} (searched recursively for "
                         f"{', '.join(IMAGE_SUFFIXES)}).")
@@ -152,10 +148,14 @@ def _subsample(items: list, limit: int | None) -> list:
 
 def _load_npy(path: Path, resolution: int, limit: int | None) -> ImageSet:
     if not path.is_file():
-        raise UserError(f"Calibration array not found: {path}.")
+        raise UserError(f"Image array not found: {path}.")
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
+    except ValueError as err:  # numpy's text advises allow_pickle: not repeated here
+        raise UserError(f"Cannot read {path} as a .npy array: it is not a plain numeric NumPy "
+                        "file (mvcompile does not load pickled objects). Save preprocessed "
+                        "inputs with numpy.save(path, float32_array).") from err
+    except OSError as err:
         raise UserError(f"Cannot read {path} as a .npy array ({err}).") from err
     expected = (3, resolution, resolution)
     if array.ndim != 4 or tuple(array.shape[1:]) != expected:

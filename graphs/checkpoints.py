@@ -86,9 +86,13 @@ def _read_pickle(path: Path) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or unsafe pickles
-        raise UserError(f"Cannot read {path} with torch.load(weights_only=True): "
-                        f"{first_line(err)}. The file may be corrupt, or hold "
-                        "objects other than tensors, which we refuse to unpickle.") from err
+        # torch's own text for unsafe pickles advises weights_only=False: not repeated here.
+        detail = ("it holds Python objects other than tensors" if "weights only" in
+                  str(err).lower() else f"{type(err).__name__}: {first_line(err)}")
+        raise UserError(f"Cannot read {path} as a PyTorch checkpoint ({detail}). mvcompile "
+                        "loads .pt/.bin files with torch.load(weights_only=True) and does not "
+                        "unpickle other objects; the file may also be corrupt or not a "
+                        "checkpoint.") from err
     for wrapper in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

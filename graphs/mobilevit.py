@@ -108,8 +108,8 @@ def check_resolution(resolution: int, patch_sizes: tuple[int, ...]) -> None:
     raise UserError(
         f"Resolution {resolution} does not work with patch sizes {patch_sizes}: the network "
         f"has stride {NETWORK_STRIDE} and each MobileViT block must split its feature map into "
-        f"whole patches, so the size must be a multiple of {valid[0]}. Nearest valid sizes: "
-        f"{nearest} (also {', '.join(map(str, valid[:6]))}, ...)."
+        f"whole patches, so the size must be a positive multiple of {valid[0]} "
+        f"({', '.join(map(str, valid[:4]))}, ...). Nearest: {nearest}."
     )
 
 

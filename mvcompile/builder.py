@@ -215,6 +215,7 @@ def _write(out_dir: Path, blobs: dict[str, bytes], report: dict, options: BuildO
     """Write every artifact into a staging folder, then move them all into ``out_dir``."""
     from mvcompile.backends._output import publish, staging_dir
 
+    earlier = _earlier_artifacts(out_dir)
     with staging_dir(out_dir / "model.onnx", "build outputs") as stage:
         staged = {key: stage / _ONNX_NAMES[key] for key in blobs}
         for key, blob in blobs.items():
@@ -226,7 +227,7 @@ def _write(out_dir: Path, blobs: dict[str, bytes], report: dict, options: BuildO
         staged["report"].write_text(json.dumps(report, indent=2) + "\n")
         files = {key: publish(path, out_dir / path.name, "build output")
                  for key, path in staged.items()}
-    _remove_stale(out_dir, {p.name for p in files.values()})
+    _remove_stale(out_dir, earlier - {p.name for p in files.values()})
     log.info("Wrote %s", ", ".join(str(p) for p in files.values()))
     return BuildResult(out_dir, files, report)
 
@@ -245,12 +246,23 @@ def _artifact_names() -> set[str]:
     return names
 
 
-def _remove_stale(out_dir: Path, written: set[str]) -> None:
+def _earlier_artifacts(out_dir: Path) -> set[str]:
+    """What an earlier build wrote into ``out_dir``, as its report.json lists it; nothing when
+    there is no such report (the files there are then the user's, not ours)."""
+    try:
+        report = json.loads((out_dir / "report.json").read_text())
+        listed = set(report["artifacts"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {name for name in listed if isinstance(name, str)} & _artifact_names()
+
+
+def _remove_stale(out_dir: Path, stale: set[str]) -> None:
     """Delete artifacts of an earlier build that this one did not rewrite (an old
     model_int8.onnx would otherwise sit beside a new model.onnx)."""
     import shutil
 
-    for name in sorted(_artifact_names() - written):
+    for name in sorted(stale):
         path = out_dir / name
         if path.is_dir():
             shutil.rmtree(path)

@@ -31,8 +31,10 @@ def _warn_int8_options_without_int8(int8: bool) -> None:
     given = [f"--{name.replace('_', '-')}" for name in INT8_ONLY_OPTIONS
              if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
     if given and not int8:
-        click.secho(f"Note: {', '.join(given)} only apply to the INT8 model and are ignored "
-                    "without --int8.", fg="yellow", err=True)
+        verb = "applies" if len(given) == 1 else "apply"
+        click.secho(f"Note: {', '.join(given)} only {verb} to the INT8 model and "
+                    f"{'is' if len(given) == 1 else 'are'} ignored without --int8.",
+                    fg="yellow", err=True)
 
 
 def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None
@@ -43,8 +45,24 @@ def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None
     return value
 
 
+class _NonEmptyPath(click.Path):
+    """click.Path that refuses an empty string, which would otherwise mean the current folder
+    (a quoting slip such as --data "$UNSET" then searches all of it)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        if value == "":
+            self.fail("is empty; give a file or folder path.", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+PATH = _NonEmptyPath()
+
+
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn UserError into 'Error: ...' on stderr and exit status 1, without a traceback."""
+    """Turn UserError into 'Error: ...' on stderr and exit status 1, without a traceback; and
+    Ctrl-C into a one-line note and the shell's status for SIGINT, 130. Outputs are staged and
+    moved into place only when complete, so an interrupted command has written nothing."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -53,6 +71,9 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as err:
             click.secho(f"Error: {err}", fg="red", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.secho("\nInterrupted; no output was written.", fg="yellow", err=True)
+            sys.exit(130)
 
     return wrapper
 
@@ -94,7 +115,7 @@ class _ProgressBars:
 @main.command()
 @click.option("--size", type=click.Choice(SIZES), default="xxs", show_default=True,
               help="MobileViT variant: xxs (1.3 M params), xs (2.3 M) or s (5.6 M).")
-@click.option("--weights", type=click.Path(), default=None,
+@click.option("--weights", type=PATH, default=None,
               help="Checkpoint to load: Hugging Face folder, .safetensors, .bin, or an ml-cvnets "
                    ".pt. Without it the weights are seeded random (not trained).")
 @click.option("--resolution", type=int, default=256, show_default=True,
@@ -104,14 +125,14 @@ class _ProgressBars:
                    "faster and slightly less accurate.")
 @click.option("--num-classes", type=int, default=1000, show_default=True,
               help="Classifier outputs; must match the checkpoint when --weights is given.")
-@click.option("-o", "--out-dir", type=click.Path(), default=None,
+@click.option("-o", "--out-dir", type=PATH, default=None,
               help="Output folder for model.onnx, model_int8.onnx and report.json "
                    "[default: out/mobilevit_SIZE].")
 @click.option("--no-passes", is_flag=True,
               help="Skip the graph passes and write the plain authored graph (for comparison).")
 @click.option("--int8", is_flag=True,
               help="Also calibrate and write an INT8 (QDQ) model, model_int8.onnx.")
-@click.option("--calib-data", type=click.Path(), default=None,
+@click.option("--calib-data", type=PATH, default=None,
               help="Calibration images: a folder (searched recursively) or a preprocessed .npy "
                    "[N,3,R,R] array. Default: bundled scikit-image photos.")
 @click.option("--calib-size", type=click.IntRange(min=1), default=32, show_default=True,
@@ -125,8 +146,9 @@ class _ProgressBars:
 @click.option("--weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
               help="INT8 weight range: 7 bits avoids the int16 saturation of x86 u8*s8 kernels "
                    "(measured accuracy loss without it); 8 uses the full range (ARM phones).")
-@click.option("--eval-data", type=click.Path(), default=None,
-              help="Image folder (one subfolder per class) to report FP32 and INT8 accuracy on.")
+@click.option("--eval-data", type=PATH, default=None,
+              help="With --int8: image folder (one subfolder per class) to report FP32 and "
+                   "INT8 accuracy on.")
 @click.option("--targets", default="onnx", show_default=True,
               help="Comma-separated artifacts to write: onnx (always), ort (ONNX Runtime mobile "
                    ".ort + operator configs), coreml (.mlpackage ML Program).")
@@ -190,7 +212,7 @@ def build(size: str, weights: str | None, resolution: int, patch_config: str, nu
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@click.argument("model", type=PATH)
 @_user_errors
 def info(model: str) -> None:
     """Print parameters, MACs, op histogram, I/O shapes and opset of any ONNX MODEL."""
@@ -213,11 +235,11 @@ def info(model: str) -> None:
 
 
 @main.command(name="eval")
-@click.argument("model", type=click.Path())
-@click.option("--data", required=True,
+@click.argument("model", type=PATH)
+@click.option("--data", required=True, type=PATH,
               help="Image folder (one subfolder per class gives labels), a preprocessed .npy "
                    "array, or `digits` (its validation split).")
-@click.option("--reference", type=click.Path(), default=None,
+@click.option("--reference", type=PATH, default=None,
               help="FP32 model to compare with (top-1 agreement, SQNR). Default: model.onnx "
                    "beside a model_int8.onnx written by `mvcompile build`.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
@@ -258,8 +280,8 @@ _WHY_WIDTH = 90  # characters of a refusal reason in optimize's table
 
 
 @main.command()
-@click.argument("model", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the result.")
+@click.argument("model", type=PATH)
+@click.option("-o", "--output", required=True, type=PATH, help="Where to write the result.")
 @click.option("--target", type=click.Choice(["ort", "mobile"]), default="ort", show_default=True,
               help="ort: ONNX Runtime contrib ops where faster; mobile: standard ONNX only.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
@@ -302,7 +324,7 @@ def optimize(model: str, output: str, target: str, tolerance: float, measure: bo
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@click.argument("model", type=PATH)
 @click.option("--backend", type=click.Choice(["ort", "coreml"]), default=None,
               help="ort: ONNX Runtime CPU (.onnx, .ort); coreml: MLModel.predict (.mlpackage, "
                    "macOS only) [default: from the file suffix].")

@@ -31,6 +31,10 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
     if calibration.skipped:
         log.warning("Skipped %d non-image files in %s", len(calibration.skipped),
                     options.calib_data)
+    if len(calibration.pixels) < options.calib_size:
+        log.warning("--calib-size %d asks for more images than %s has; calibrating on all %d",
+                    options.calib_size, options.calib_data or "the bundled photos",
+                    len(calibration.pixels))
     progress.start("Calibrating", len(calibration.pixels))
     quantize_options = QuantizeOptions(method=options.calib_method,
                                        accuracy_budget=options.accuracy_budget,

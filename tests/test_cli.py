@@ -174,3 +174,40 @@ def test_build_and_info_leave_the_working_folder_untouched(tmp_path: Path, monke
     code, output = run("info", str(tmp_path / "o" / "model.onnx"))
     assert code == 0, output
     assert list(cwd.iterdir()) == []  # shape inference scratch files stay out of it
+
+
+def test_rebuild_removes_only_what_the_earlier_build_wrote(tmp_path: Path) -> None:
+    """An earlier build's model.ort (listed in its report.json) goes when a rebuild does not
+    rewrite it; the user's own files with build-like names, in a folder no build wrote, stay."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    fast = ("--resolution", "64", "--latency-runs", "0")
+    assert run("build", *fast, "--targets", "onnx,ort", "-o", str(ours))[0] == 0
+    assert (ours / "model.ort").exists()
+    code, output = run("build", *fast, "-o", str(ours))
+    assert code == 0, output
+    assert not (ours / "model.ort").exists() and (ours / "model.onnx").exists()
+    (theirs / "model.mlpackage").mkdir(parents=True)
+    (theirs / "model.ort").write_text("mine")
+    code, output = run("build", *fast, "-o", str(theirs))
+    assert code == 0, output
+    assert (theirs / "model.ort").read_text() == "mine" and (theirs / "model.mlpackage").is_dir()
+
+
+def test_ctrl_c_gives_a_note_and_status_130(tmp_path: Path, monkeypatch) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mvcompile.optimize.optimize_file", interrupted)
+    code, output = run("optimize", "in.onnx", "-o", str(tmp_path / "o.onnx"))
+    assert code == 130
+    assert "Interrupted; no output was written." in output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [("eval", "model.onnx", "--data", ""),
+                                  ("build", "--int8", "--calib-data", ""),
+                                  ("optimize", "", "-o", "o.onnx")])
+def test_an_empty_path_is_refused_rather_than_read_as_the_current_folder(args) -> None:
+    code, output = run(*args)
+    assert code == 2  # click's usage-error status
+    assert_clean_failure(code, output, "is empty; give a file or folder path.")

@@ -136,6 +136,14 @@ def test_unknown_calibration_method(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_npy_that_is_not_a_numeric_array_gets_no_unpickling_advice(tmp_path: Path) -> None:
+    (tmp_path / "calib.npy").write_text("not an array")
+    code, output = run("build", *FAST, "--int8", "--calib-data", str(tmp_path / "calib.npy"),
+                       "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "not a plain numeric NumPy file")
+    assert "allow_pickle" not in output and not (tmp_path / "o").exists()
+
+
 def test_npy_calibration_array_with_wrong_shape(tmp_path: Path) -> None:
     np.save(tmp_path / "calib.npy", np.zeros((4, 3, 32, 32), np.float32))
     code, output = run("build", *FAST, "--int8", "--calib-data", str(tmp_path / "calib.npy"),

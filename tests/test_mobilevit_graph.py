@@ -61,8 +61,10 @@ def test_resolution_that_does_not_divide_names_valid_sizes(resolution: int) -> N
         MobileViTConfig.for_size("xxs", resolution=resolution)
     message = str(err.value)
     assert f"Resolution {resolution}" in message
-    assert "multiple of 64" in message
-    assert "256" in message or "192" in message or "128" in message
+    assert "positive multiple of 64 (64, 128, 192, 256, ...)" in message
+    nearest = message.split("Nearest: ")[1]
+    assert nearest == {100: "64 or 128.", 96: "64 or 128.", 224: "192 or 256.", 0: "64."}[
+        resolution]
 
 
 def test_valid_resolutions_are_multiples_of_the_patch_grid() -> None:

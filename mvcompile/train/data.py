@@ -22,10 +22,10 @@ import numpy as np
 from PIL import Image
 
 from mvcompile.errors import UserError
+from mvcompile.images import IMAGE_SUFFIXES, find_files, to_rgb
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 VAL_FOLDERS = ("val", "validation")
 SPLIT_SEED = 0  # the validation split is fixed, whatever the training seed
 DIGITS = "digits"
@@ -58,7 +58,7 @@ class ImageSource:
         path = self.items[i]
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
+                return to_rgb(img)
         except (OSError, ValueError) as err:
             raise UserError(f"Cannot read image {path} ({err}). Remove or replace it.") from err
 
@@ -124,8 +124,7 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> ImageSource:
     classes = classes or found
     items, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*")
-                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = find_files(root / name)[0]
         items += files
         labels += [label] * len(files)
     _check_classes(root, found, classes, labels)

@@ -1,0 +1,64 @@
+"""Image files as every command reads them: found the same way, decoded to 8-bit RGB.
+
+Finding: a folder is searched at any depth, following symlinked folders (each real folder
+once, so a link loop ends), in sorted order. Hidden files and folders (names starting with
+".", such as macOS's ``._photo.jpg`` AppleDouble files) are not images.
+
+Decoding: the EXIF orientation is applied first (phone photos are stored sideways with an
+Orientation tag), then the pixels become 8-bit RGB. Pillow's own ``convert("RGB")`` clips
+16-bit greyscale (modes ``I;16*`` and ``I``) at 255, which would turn almost every pixel white,
+so those are scaled by 255/65535 first. Floating-point images (mode ``F``) have no standard
+range and are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from mvcompile.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def find_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under ``root``, each list sorted.
+
+    "Other" holds non-image suffixes, hidden files, files inside hidden folders and broken
+    links, so that callers can say what they skipped.
+    """
+    images, others, seen = [], [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        hidden_folder = any(part.startswith(".") for part in Path(folder).relative_to(root).parts)
+        for name in names:
+            path = Path(folder, name)
+            is_image = (path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+                        and not name.startswith(".") and not hidden_folder)
+            (images if is_image else others).append(path)
+    return sorted(images), sorted(others)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An opened image, upright and as 8-bit RGB (see the module docstring)."""
+    if image.mode == "F":
+        raise UserError(f"{_name(image)} holds floating-point pixels, which have no standard "
+                        "range; save it as an 8- or 16-bit image.")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.round(np.clip(wide, 0, 65535) * (255 / 65535))
+                                .astype(np.uint8))
+    return image.convert("RGB")
+
+
+def _name(image: Image.Image) -> str:
+    return str(getattr(image, "filename", "") or "an image")
