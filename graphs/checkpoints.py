@@ -57,6 +57,27 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     return state
 
 
+def training_metadata(path: str | Path) -> dict[str, str]:
+    """The ``mvcompile.*`` header entries that ``mvcompile train`` writes into its .safetensors
+    checkpoints (size, patch_config, num_classes, resolution, classes), without the prefix.
+    Empty for other files, and for headers that cannot be read (:func:`load_state_dict`
+    reports those)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = next((path / n for n in _HF_FILES if (path / n).is_file()), path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            header = handle.metadata() or {}
+    except Exception:  # noqa: BLE001 - any unreadable header: load_state_dict says why
+        return {}
+    return {k.removeprefix("mvcompile."): v for k, v in header.items()
+            if k.startswith("mvcompile.")}
+
+
 def _file_in_hf_folder(folder: Path) -> Path:
     for name in _HF_FILES:
         if (folder / name).is_file():

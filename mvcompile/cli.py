@@ -37,6 +37,46 @@ def _warn_int8_options_without_int8(int8: bool) -> None:
                     fg="yellow", err=True)
 
 
+def _option(ctx: click.Context, name: str) -> click.Parameter:
+    return next(p for p in ctx.command.params if p.name == name)
+
+
+_TRAINED_SETTINGS = {"size": str, "patch_config": str, "num_classes": int, "resolution": int}
+
+
+def _settings_from_checkpoint(weights: str, **given: Any) -> tuple[Any, ...]:
+    """size, patch_config, num_classes, resolution for a build from ``weights``: the values
+    recorded by ``mvcompile train`` in the checkpoint where the command line left an option at
+    its default (said in a note), the command line's where it set one (a note if they differ)."""
+    from click.core import ParameterSource
+
+    from mvcompile.graphs.checkpoints import training_metadata
+
+    trained = training_metadata(weights)
+    ctx = click.get_current_context()
+    adopted, overridden = [], []
+    for name, kind in _TRAINED_SETTINGS.items():
+        if name not in trained:
+            continue
+        try:  # the build command's own option type checks the recorded value
+            value = _option(ctx, name).type.convert(kind(trained[name]), None, ctx)
+        except (ValueError, click.BadParameter):
+            continue
+        flag = f"--{name.replace('_', '-')} {value}"
+        if ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+            adopted.append(flag)
+            given[name] = value
+        elif given[name] != value:
+            overridden.append(f"{flag} (building {given[name]} as asked)")
+    if adopted:
+        click.secho(f"Note: from the checkpoint's training settings: {', '.join(adopted)}.",
+                    fg="yellow", err=True)
+    if overridden:
+        click.secho(f"Note: the checkpoint was trained with {'; '.join(overridden)}.",
+                    fg="yellow", err=True)
+    return tuple(given[name] for name in _TRAINED_SETTINGS)
+
+
 def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None
              ) -> float | None:
     """click's FloatRange lets NaN through (every comparison with NaN is false)."""
@@ -184,6 +224,10 @@ def build(size: str, weights: str | None, resolution: int, patch_config: str, nu
     from mvcompile.builder import build as run_build
 
     _warn_int8_options_without_int8(int8)
+    if weights:
+        size, patch_config, num_classes, resolution = _settings_from_checkpoint(
+            weights, size=size, patch_config=patch_config, num_classes=num_classes,
+            resolution=resolution)
     options = BuildOptions(size=size, weights=weights, resolution=resolution,
                            patch_config=patch_config, num_classes=num_classes,
                            out_dir=out_dir or f"out/mobilevit_{size}", seed=seed,

@@ -211,3 +211,28 @@ def test_an_empty_path_is_refused_rather_than_read_as_the_current_folder(args) -
     code, output = run(*args)
     assert code == 2  # click's usage-error status
     assert_clean_failure(code, output, "is empty; give a file or folder path.")
+
+
+def test_build_takes_unset_settings_from_the_checkpoints_training_metadata(tmp_path) -> None:
+    """`mvcompile train` records size, patch config, classes and resolution in the
+    .safetensors header: a build that does not set them uses them; one that does is told."""
+    cfg = MobileViTConfig.for_size("xxs", resolution=64, patch_config="B", num_classes=10)
+    _, weights = build_random(cfg, seed=3)
+    path = tmp_path / "best.safetensors"
+    save_file(weights, str(path), metadata={
+        "mvcompile.size": "xxs", "mvcompile.patch_config": "B", "mvcompile.num_classes": "10",
+        "mvcompile.resolution": "64", "mvcompile.classes": ",".join(map(str, range(10)))})
+    code, output = run("build", "--weights", str(path), "-o", str(tmp_path / "o"),
+                       "--latency-runs", "0")
+    assert code == 0, output
+    assert ("from the checkpoint's training settings: --size xxs, --patch-config B, "
+            "--num-classes 10, --resolution 64") in output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["model"] == {"size": "xxs", "resolution": 64, "patch_sizes": [8, 4, 2],
+                               "num_classes": 10}
+    code, output = run("build", "--weights", str(path), "--patch-config", "A",
+                       "-o", str(tmp_path / "a"), "--latency-runs", "0")
+    assert code == 0, output
+    assert "trained with --patch-config B (building A as asked)" in output
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["model"]["patch_sizes"] == [2, 2, 2]
