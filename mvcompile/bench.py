@@ -2,11 +2,15 @@
 
 Latency is the wall time of single predictions at the model's batch (a symbolic batch is 1),
 after ``warmup`` untimed runs: median, p90 and min over ``runs``, and throughput
-= batch · 1000 / median_ms inferences per second. The paper reports the average of 100
+= batch · 1000 / median_ms inferences per second. Symbolic H and W of an [N, C, H, W] input
+take ``resolution``; without it such a model is refused rather than timed at 1×1. The table
+shows the input shapes actually timed. The paper reports the average of 100
 iterations on an iPhone 12; on this machine medians vary ±30% between runs (DESIGN.md).
 
 - ``ort``: ``.onnx`` or ``.ort`` files on the CPU execution provider, ``threads`` intra-op
-  threads.
+  threads, thread spinning on (ORT's default, right for one session timed alone). ``mvcompile
+  build`` instead times its models interleaved with spinning off (latency.make_session), so
+  the two commands' numbers differ and the table says which setting was used.
 - ``coreml``: ``.mlpackage``/``.mlmodel`` with ``MLModel.predict``, which exists only on macOS.
 """
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from mvcompile import latency
 from mvcompile.errors import UserError, first_line
@@ -30,6 +35,8 @@ BACKENDS = ("ort", "coreml")
 COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_only": "CPU_ONLY",
                  "cpu_and_gpu": "CPU_AND_GPU"}
 SUFFIXES = {".onnx": "ort", ".ort": "ort", ".mlpackage": "coreml", ".mlmodel": "coreml"}
+SPINNING_NOTE = {True: "on (ORT default; `mvcompile build` times with it off, interleaved)",
+                 False: "off"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class BenchResult:
     device: str  # "CPU, 2 threads" or the Core ML compute units
     batch: int
     stats: latency.LatencyStats
+    inputs: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (name, shape) as timed
+    spinning: bool | None = None  # ORT intra-op thread spinning; None for Core ML
 
     @property
     def throughput(self) -> float:
@@ -65,9 +74,11 @@ def detect_backend(path: Path, backend: str | None) -> str:
 
 def bench(model: str | Path, backend: str | None = None, threads: int = 2, runs: int = 100,
           warmup: int = 10, compute_units: str = "all",
-          on_run: Callable[[], None] | None = None) -> BenchResult:
-    """Time ``model``; raise :class:`UserError` for a missing file, a wrong backend, or
-    Core ML off macOS."""
+          on_run: Callable[[], None] | None = None, resolution: int | None = None
+          ) -> BenchResult:
+    """Time ``model``; raise :class:`UserError` for a missing file, a wrong backend, inputs
+    whose shape cannot be filled in, or Core ML off macOS. ``resolution`` fills symbolic H
+    and W of [N, C, H, W] ONNX Runtime inputs."""
     path = Path(model)
     if not path.exists():
         raise UserError(f"Model not found: {path}.")
@@ -75,26 +86,87 @@ def bench(model: str | Path, backend: str | None = None, threads: int = 2, runs:
         raise UserError(f"{path} is a folder; pass an .onnx, .ort or .mlpackage model.")
     if runs < 1 or warmup < 0 or threads < 1:
         raise UserError("--runs and --threads must be at least 1 and --warmup at least 0.")
+    if resolution is not None and resolution < 1:
+        raise UserError("--resolution must be at least 1.")
     chosen = detect_backend(path, backend)
     if chosen == "ort":
-        return _bench_ort(path, threads, runs, warmup, on_run)
+        return _bench_ort(path, threads, runs, warmup, on_run, resolution)
     return _bench_coreml(path, compute_units, runs, warmup, on_run)
 
 
 def _bench_ort(path: Path, threads: int, runs: int, warmup: int,
-               on_run: Callable[[], None] | None) -> BenchResult:
-    try:
-        session = latency.make_session(str(path), threads=threads, spinning=True)  # alone
+               on_run: Callable[[], None] | None, resolution: int | None) -> BenchResult:
+    try:  # spinning: ORT's default, right for one session timed alone (see the module doc)
+        session = latency.make_session(str(path), threads=threads, spinning=True)
     except Exception as err:  # onnxruntime raises several types for unreadable models
         raise UserError(f"ONNX Runtime cannot load {path}: {first_line(err)}") from err
-    feed = latency.random_feed(session, batch=1)
-    batch = next(iter(feed.values())).shape[0] if feed else 1
+    if not session.get_outputs():
+        raise UserError(f"{path} has no outputs, so there is nothing to time.")
+    shapes = _ort_input_shapes(session, path, resolution)
+    feed = latency.seeded_inputs((i.name, latency.numpy_dtype(i.type), shapes[i.name])
+                                 for i in session.get_inputs())
+    batch = next(iter(shapes.values()))[0] if shapes else 1
     try:
         stats = latency.measure(session, feed, runs=runs, warmup=warmup, on_run=on_run)
     except Exception as err:  # e.g. an input type or shape the random feed cannot satisfy
-        raise UserError(f"ONNX Runtime cannot run {path} on random inputs: "
-                        f"{first_line(err)}") from err
-    return BenchResult(str(path), "ort", f"CPU, {threads} thread(s)", batch, stats)
+        raise UserError(f"ONNX Runtime cannot run {path} on random inputs of shape "
+                        f"{_describe(shapes)}: {first_line(err)}") from err
+    return BenchResult(str(path), "ort", f"CPU, {threads} thread(s)", batch, stats,
+                       tuple(shapes.items()), spinning=True)
+
+
+def _ort_input_shapes(session: ort.InferenceSession, path: Path, resolution: int | None
+                      ) -> dict[str, tuple[int, ...]]:
+    """{input: concrete shape}: a symbolic batch (first dim) is 1, symbolic H and W of an
+    [N, C, H, W] input are ``resolution``; any other unknown dimension is refused, because
+    guessing it (the feed would make it 1) times a different, often tiny, problem."""
+    shapes = {i.name: _concrete_shape(i.name, list(i.shape), path, resolution)
+              for i in session.get_inputs()}
+    spatial = any(len(i.shape) == 4 and not all(_known(d) for d in i.shape[2:])
+                  for i in session.get_inputs())
+    if resolution is not None and not spatial:
+        log.warning("--resolution %d ignored: the inputs of %s have fixed sizes %s.",
+                    resolution, path.name, _describe(shapes))
+    return shapes
+
+
+def _concrete_shape(name: str, dims: list[int | str | None], path: Path,
+                    resolution: int | None) -> tuple[int, ...]:
+    """``dims`` of input ``name`` with the batch and, given ``resolution``, H and W filled."""
+    if not dims:
+        raise UserError(f"Input '{name}' of {path.name} declares no shape (or is a scalar), "
+                        "so bench cannot make a random input for it. Export the model with "
+                        "shaped inputs, e.g. [N, 3, 224, 224].")
+    shape = [dims[0] if _known(dims[0]) else 1]
+    for axis, dim in enumerate(dims[1:], start=1):
+        if _known(dim):
+            shape.append(dim)
+        elif len(dims) == 4 and axis >= 2 and resolution is not None:
+            shape.append(resolution)
+        else:
+            raise UserError(_unknown_dim_message(name, dims, axis, path))
+    return tuple(shape)
+
+
+def _known(dim: int | str | None) -> bool:
+    return isinstance(dim, int) and dim > 0
+
+
+def _unknown_dim_message(name: str, dims: list[int | str | None], axis: int,
+                         path: Path) -> str:
+    """Why a symbolic dimension stops bench, and (for H and W) the option that fills it."""
+    shown = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+    if len(dims) == 4 and axis >= 2:
+        return (f"Input '{name}' of {path.name} has symbolic height and width {shown}; pass "
+                f"--resolution R to time it at [1, {dims[1]}, R, R] (e.g. --resolution 224).")
+    return (f"Input '{name}' of {path.name} has shape {shown} with an unknown dimension at "
+            f"axis {axis}; bench fills only the batch (1) and, with --resolution, the H and W "
+            "of an [N, C, H, W] input. Export the model with that dimension fixed.")
+
+
+def _describe(shapes: dict[str, tuple[int, ...]]) -> str:
+    """{"x": (1, 3, 8, 8)} as "x [1, 3, 8, 8]"."""
+    return ", ".join(f"{name} [{', '.join(map(str, dims))}]" for name, dims in shapes.items())
 
 
 def _bench_coreml(path: Path, compute_units: str, runs: int, warmup: int,
@@ -110,7 +182,7 @@ def _bench_coreml(path: Path, compute_units: str, runs: int, warmup: int,
 
     units = getattr(ct.ComputeUnit, COMPUTE_UNITS[compute_units])
     mlmodel = ct.models.MLModel(str(path), compute_units=units)
-    feed, batch = _coreml_feed(mlmodel)
+    feed, batch, shapes = _coreml_feed(mlmodel)
     for _ in range(warmup):
         mlmodel.predict(feed)
     samples = []
@@ -121,31 +193,40 @@ def _bench_coreml(path: Path, compute_units: str, runs: int, warmup: int,
         if on_run is not None:
             on_run()
     return BenchResult(str(path), "coreml", f"Core ML, compute units {compute_units}", batch,
-                       latency.LatencyStats.from_samples(samples))
+                       latency.LatencyStats.from_samples(samples), shapes)
 
 
-def _coreml_feed(mlmodel: object) -> tuple[dict, int]:
-    """Random inputs from the model description: PIL images or float32 arrays."""
+def _coreml_feed(mlmodel: object) -> tuple[dict, int, tuple[tuple[str, tuple[int, ...]], ...]]:
+    """Random inputs from the model description (PIL images or float32 arrays), the batch,
+    and each input's shape (an image is one [1, 3, H, W] picture)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    feed, batch = {}, 1
+    feed, batch, shapes = {}, 1, []
     for feature in mlmodel.get_spec().description.input:
         if feature.type.WhichOneof("Type") == "imageType":
             image = feature.type.imageType
             pixels = rng.integers(0, 256, (image.height, image.width, 3), dtype=np.uint8)
             feed[feature.name] = Image.fromarray(pixels)
+            shapes.append((feature.name, (1, 3, image.height, image.width)))
         else:
             shape = list(feature.type.multiArrayType.shape)
             feed[feature.name] = rng.uniform(0, 1, shape).astype(np.float32)
             batch = shape[0] if shape else 1
-    return feed, batch
+            shapes.append((feature.name, tuple(shape)))
+    return feed, batch, tuple(shapes)
 
 
 def format_rows(result: BenchResult) -> list[tuple[str, object]]:
+    """The table ``mvcompile bench`` prints: the conditions (backend, thread spinning, input
+    shapes timed), then the latency statistics."""
     s = result.stats
-    return [
-        ("backend", f"{result.backend} ({result.device})"),
+    rows: list[tuple[str, object]] = [("backend", f"{result.backend} ({result.device})")]
+    if result.spinning is not None:
+        rows.append(("thread spinning", SPINNING_NOTE[result.spinning]))
+    rows += [(f"input {name}", "[" + ", ".join(map(str, dims)) + "]")
+             for name, dims in result.inputs]
+    return rows + [
         ("batch", result.batch),
         ("runs", s.runs),
         ("median", f"{s.median_ms:.3f} ms"),

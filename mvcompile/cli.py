@@ -381,15 +381,23 @@ def optimize(model: str, output: str, target: str, tolerance: float, measure: bo
 @click.option("--compute-units", type=click.Choice(["all", "cpu_and_ne", "cpu_only",
                                                     "cpu_and_gpu"]),
               default="all", show_default=True, help="Core ML compute units.")
+@click.option("--resolution", type=click.IntRange(min=1), default=None,
+              help="Size for symbolic H and W of [N, C, H, W] inputs (required when they are "
+                   "symbolic; a symbolic batch is timed as 1).")
 @_user_errors
 def bench(model: str, backend: str | None, threads: int, runs: int, warmup: int,
-          compute_units: str) -> None:
-    """Time MODEL: median, p90 and min latency and throughput at batch 1."""
+          compute_units: str, resolution: int | None) -> None:
+    """Time MODEL: median, p90 and min latency and throughput at the model's batch (1 when
+    the batch is symbolic); the table lists the input shapes timed. ONNX Runtime runs this one
+    session alone with thread spinning on (its default), whereas `mvcompile build` times its
+    models interleaved with spinning off, so the two commands' latencies differ and should
+    not be compared with each other."""
     from mvcompile import bench as bench_module
 
     with click.progressbar(length=runs, label="Timing", file=sys.stderr) as bar:
         result = bench_module.bench(model, backend, threads=threads, runs=runs, warmup=warmup,
-                                    compute_units=compute_units, on_run=lambda: bar.update(1))
+                                    compute_units=compute_units, on_run=lambda: bar.update(1),
+                                    resolution=resolution)
     click.echo(format_table(bench_module.format_rows(result), header=(model, "")))
 
 

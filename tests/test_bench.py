@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import build_random
+from conftest import assert_clean_failure, build_random, run
 from mvcompile import bench, onnx_io
 from mvcompile.backends import coreml
 from mvcompile.backends import ort as ort_backend
@@ -94,3 +94,66 @@ def test_bench_coreml(onnx_path: str, tmp_path) -> None:
     else:
         with pytest.raises(UserError, match="need macOS.*Xcode"):
             bench.bench(package, runs=3)
+
+
+def _pool_model(path, input_shape: list | None, output_shape: list | None = None) -> str:
+    """y = GlobalAveragePool(x) flattened, x declared with ``input_shape`` (None: no shape);
+    ir_version 10, opset 24."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+         helper.make_node("Flatten", ["p"], ["y"])], "pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_table_states_the_shapes_timed_the_batch_and_thread_spinning(tmp_path) -> None:
+    path = _pool_model(tmp_path / "fixed4.onnx", [4, 3, 16, 16], [4, 3])
+    code, output = run("bench", path, "--runs", "2", "--warmup", "0", "--threads", "1")
+    assert code == 0, output
+    rows = {line.split("  ")[0]: line for line in output.splitlines()}
+    assert "[4, 3, 16, 16]" in rows["input x"] and rows["batch"].split()[-1] == "4", output
+    assert "on (ORT default" in rows["thread spinning"] and "build" in output, output
+
+
+def test_symbolic_height_and_width_need_a_resolution(tmp_path) -> None:
+    path = _pool_model(tmp_path / "dyn.onnx", ["N", 3, "H", "W"], ["N", 3])
+    code, output = run("bench", path, "--runs", "2")
+    assert_clean_failure(code, output, "'x'", "[N, 3, H, W]", "--resolution")
+    result = bench.bench(path, threads=1, runs=2, warmup=0, resolution=16)
+    assert result.inputs == (("x", (1, 3, 16, 16)),) and result.batch == 1
+    assert ("input x", "[1, 3, 16, 16]") in bench.format_rows(result)
+    code, output = run("bench", path, "--runs", "2", "--warmup", "0", "--resolution", "16")
+    assert code == 0, output
+    assert "[1, 3, 16, 16]" in output
+
+
+def test_resolution_on_a_fixed_size_model_is_ignored_with_a_warning(tmp_path, caplog) -> None:
+    path = _pool_model(tmp_path / "fixed.onnx", [1, 3, 16, 16], [1, 3])
+    result = bench.bench(path, threads=1, runs=2, warmup=0, resolution=32)
+    assert result.inputs == (("x", (1, 3, 16, 16)),)
+    assert "--resolution 32 ignored" in caplog.text
+    with pytest.raises(UserError, match="--resolution must be at least 1"):
+        bench.bench(path, runs=2, resolution=0)
+
+
+def test_inputs_bench_cannot_fill_fail_cleanly(tmp_path) -> None:
+    shapeless = _pool_model(tmp_path / "noshape.onnx", None)
+    code, output = run("bench", shapeless, "--runs", "2")
+    assert_clean_failure(code, output, "Input 'x' of noshape.onnx declares no shape")
+    channels = _pool_model(tmp_path / "channels.onnx", ["N", "C", 16, 16])
+    code, output = run("bench", channels, "--runs", "2")
+    assert_clean_failure(code, output, "[N, C, 16, 16]", "axis 1")
+
+
+def test_model_without_outputs_fails_cleanly(tmp_path) -> None:
+    path = _pool_model(tmp_path / "nooutputs.onnx", [1, 3, 16, 16], [1, 3])
+    proto = onnx.load(path)
+    del proto.graph.output[:]
+    onnx.save(proto, path)
+    assert_clean_failure(*run("bench", path, "--runs", "2"), "has no outputs")
