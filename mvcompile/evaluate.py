@@ -100,7 +100,7 @@ def model_resolution(proto: onnx.ModelProto, name: str) -> int:
     return sizes[0]
 
 
-def _source_noun(data: str) -> str:
+def source_noun(data: str) -> str:
     """How messages name ``--data``: "digits", "the array" (.npy) or "the folder"."""
     if data == "digits":
         return "digits"
@@ -137,7 +137,7 @@ def evaluate_file(model_path: str, data: str, reference: str | None = None,
     images = load_images(data, resolution, limit, split="val")
     logits = predict(model.SerializeToString(), images, on_batch=on_batch, name=model_path)
     if reference is None:
-        return _with_label_note(accuracy_report(images, logits, source=_source_noun(data)),
+        return _with_label_note(accuracy_report(images, logits, source=source_noun(data)),
                                 images, data)
     reference_model = onnx_io.load_model(reference)
     reference_resolution = model_resolution(reference_model, reference)
@@ -151,7 +151,7 @@ def evaluate_file(model_path: str, data: str, reference: str | None = None,
         raise UserError(f"The reference {reference} gives {ref_logits.shape[-1]} outputs per "
                         f"image and {model_path} {logits.shape[-1]}; compare models with the "
                         "same classes (an FP32 model and its INT8 build).")
-    report = accuracy_report(images, ref_logits, logits, source=_source_noun(data))
+    report = accuracy_report(images, ref_logits, logits, source=source_noun(data))
     report["reference"] = reference
     return _with_label_note(report, images, data)
 

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from mvcompile import onnx_io
 from mvcompile.calibration.data import ImageSet, load_images
 from mvcompile.calibration.quantize import QuantizeOptions, quantize
-from mvcompile.evaluate import accuracy_report, predict
+from mvcompile.evaluate import accuracy_report, predict, source_noun
 
 if TYPE_CHECKING:
     from mvcompile.builder import BuildOptions, Progress
@@ -43,14 +43,16 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
     int8, qreport = quantize(source, calibration, quantize_options, progress.advance)
     progress.finish()
     int8_proto = onnx_io.to_proto(int8)
-    on_calibration = _compare(fp32, int8_proto, calibration, progress)
+    on_calibration = _compare(fp32, int8_proto, calibration, progress,
+                              options.calib_data)
     qreport.calibration_agreement = on_calibration["top1_agreement"]
     qreport.calibration_sqnr_db = on_calibration["sqnr_db"]
     report = {"quantization": asdict(qreport), "calibration_skipped": calibration.skipped,
               "accuracy": {"calibration": on_calibration}}
     if options.eval_data is not None:
         images = _images(options.eval_data, options, progress, None, "val")
-        report["accuracy"]["eval"] = _compare(fp32, int8_proto, images, progress)
+        report["accuracy"]["eval"] = _compare(fp32, int8_proto, images, progress,
+                                              options.eval_data)
     return int8_proto, report
 
 
@@ -72,9 +74,10 @@ def _images(source: str | None, options: BuildOptions, progress: Progress,
 
 
 def _compare(fp32: onnx.ModelProto, int8: onnx.ModelProto, images: ImageSet,
-             progress: Progress) -> dict:
+             progress: Progress, data: str | None) -> dict:
     progress.start(f"Evaluating on {images.description}", 2 * len(images.pixels))
     fp32_logits = predict(fp32.SerializeToString(), images, on_batch=progress.advance)
     int8_logits = predict(int8.SerializeToString(), images, on_batch=progress.advance)
     progress.finish()
-    return accuracy_report(images, fp32_logits, int8_logits)
+    source = source_noun(data) if data else "the photos"
+    return accuracy_report(images, fp32_logits, int8_logits, source=source)

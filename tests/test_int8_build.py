@@ -262,3 +262,11 @@ def test_rebuilding_without_int8_removes_the_old_int8_model(tmp_path: Path) -> N
     (out / "notes.txt").write_text("mine")
     assert run("build", *FAST, "-o", str(out))[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "notes.txt", "report.json"]
+
+
+def test_build_names_digits_as_the_label_source_of_an_unscored_eval(tmp_path: Path) -> None:
+    code, output = run("build", *FAST, "--int8", "--calib-data", "digits", "--eval-data",
+                       "digits", "-o", str(tmp_path / "o"))
+    assert code == 0, output
+    accuracy = json.loads((tmp_path / "o" / "report.json").read_text())["int8"]["accuracy"]
+    assert accuracy["eval"]["labels"] == "not scored: digits has 10 classes, the model 1000 outputs"
