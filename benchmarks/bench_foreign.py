@@ -97,9 +97,9 @@ def choice_stability(repeats: int, resolution: int) -> None:
                     for k, skip in (("with", frozenset()),
                                     ("without", frozenset({"fold_head_split"})))}
         sessions = {k: latency.make_session(m.SerializeToString()) for k, m in variants.items()}
+        feed = random_inputs(simplified)
         for i in range(repeats):
-            st = latency.measure_interleaved(sessions, random_inputs(simplified),
-                                             runs=LATENCY_RUNS)
+            st = latency.measure_interleaved(sessions, feed, runs=LATENCY_RUNS)
             print(f"| {name} | {i + 1} | {st['without'].median_ms / st['with'].median_ms:.3f} | "
                   f"{st['without'].min_ms / st['with'].min_ms:.3f} |")
 

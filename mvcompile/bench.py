@@ -35,8 +35,7 @@ BACKENDS = ("ort", "coreml")
 COMPUTE_UNITS = {"all": "ALL", "cpu_and_ne": "CPU_AND_NE", "cpu_only": "CPU_ONLY",
                  "cpu_and_gpu": "CPU_AND_GPU"}
 SUFFIXES = {".onnx": "ort", ".ort": "ort", ".mlpackage": "coreml", ".mlmodel": "coreml"}
-SPINNING_NOTE = {True: "on (ORT default; `mvcompile build` times with it off, interleaved)",
-                 False: "off"}
+SPINNING_NOTE = "on (ORT default; `mvcompile build` times with it off, interleaved)"
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,6 @@ class BenchResult:
     batch: int
     stats: latency.LatencyStats
     inputs: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (name, shape) as timed
-    spinning: bool | None = None  # ORT intra-op thread spinning; None for Core ML
 
     @property
     def throughput(self) -> float:
@@ -112,7 +110,7 @@ def _bench_ort(path: Path, threads: int, runs: int, warmup: int,
         raise UserError(f"ONNX Runtime cannot run {path} on random inputs of shape "
                         f"{_describe(shapes)}: {first_line(err)}") from err
     return BenchResult(str(path), "ort", f"CPU, {threads} thread(s)", batch, stats,
-                       tuple(shapes.items()), spinning=True)
+                       tuple(shapes.items()))
 
 
 def _ort_input_shapes(session: ort.InferenceSession, path: Path, resolution: int | None
@@ -166,7 +164,11 @@ def _unknown_dim_message(name: str, dims: list[int | str | None], axis: int,
 
 def _describe(shapes: dict[str, tuple[int, ...]]) -> str:
     """{"x": (1, 3, 8, 8)} as "x [1, 3, 8, 8]"."""
-    return ", ".join(f"{name} [{', '.join(map(str, dims))}]" for name, dims in shapes.items())
+    return ", ".join(f"{name} {_dims(dims)}" for name, dims in shapes.items())
+
+
+def _dims(dims: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, dims)) + "]"
 
 
 def _bench_coreml(path: Path, compute_units: str, runs: int, warmup: int,
@@ -222,10 +224,9 @@ def format_rows(result: BenchResult) -> list[tuple[str, object]]:
     shapes timed), then the latency statistics."""
     s = result.stats
     rows: list[tuple[str, object]] = [("backend", f"{result.backend} ({result.device})")]
-    if result.spinning is not None:
-        rows.append(("thread spinning", SPINNING_NOTE[result.spinning]))
-    rows += [(f"input {name}", "[" + ", ".join(map(str, dims)) + "]")
-             for name, dims in result.inputs]
+    if result.backend == "ort":  # always timed with spinning on (_bench_ort)
+        rows.append(("thread spinning", SPINNING_NOTE))
+    rows += [(f"input {name}", _dims(dims)) for name, dims in result.inputs]
     return rows + [
         ("batch", result.batch),
         ("runs", s.runs),

@@ -52,12 +52,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "F":
         raise UserError(f"{_name(image)} holds floating-point pixels, which have no standard "
                         "range; save it as an 8- or 16-bit image.")
-    image = ImageOps.exif_transpose(image)
+    image = ImageOps.exif_transpose(image)  # always a new image (a copy when already upright)
     if image.mode in _SIXTEEN_BIT_MODES:
         wide = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.round(np.clip(wide, 0, 65535) * (255 / 65535))
                                 .astype(np.uint8))
-    return image.convert("RGB")
+    # convert("RGB") of an RGB image is one more full copy: skipped, this runs per image
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _name(image: Image.Image) -> str:

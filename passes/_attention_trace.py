@@ -26,13 +26,8 @@ from mvcompile.passes._layout import (
 )
 
 HEAD_PERM = [0, 2, 1, 3]  # [G, N, h, d_h] <-> [G, h, N, d_h]
-
-
 KEY_PERM = [0, 2, 3, 1]  # [G, N, h, d_h] -> [G, h, d_h, N]
-
-
 LAYOUT_OPS = ("Reshape", "Transpose")
-
 
 
 @dataclass(frozen=True)
@@ -42,7 +37,6 @@ class Linear:
     x: ir.Value
     weight: np.ndarray
     bias: np.ndarray
-
 
 
 @dataclass
@@ -56,7 +50,6 @@ class Branch:
     values: list[ir.Value] = field(default_factory=list)  # intermediates it consumes alone
 
 
-
 def _row(bias: np.ndarray | None, width: int) -> np.ndarray | None:
     """A bias that broadcasts along the last axis only, as [width]; None otherwise."""
     if bias is None:
@@ -66,7 +59,6 @@ def _row(bias: np.ndarray | None, width: int) -> np.ndarray | None:
     if bias.size == width and bias.shape[-1] == width:
         return bias.reshape(width)
     return None
-
 
 
 def _gemm_linear(gemm: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
@@ -87,7 +79,6 @@ def _gemm_linear(gemm: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
     return (float_attr(gemm, "alpha", 1.0) * weight, float_attr(gemm, "beta", 1.0) * bias)
 
 
-
 def projection(node: ir.Node | None) -> tuple[np.ndarray, np.ndarray] | None:
     """(W [d_out, d_in], b) of a ``Gemm`` or ``MatMul(x, W)`` with constant 2-D weights."""
     if node is None or node.domain != "":
@@ -99,7 +90,6 @@ def projection(node: ir.Node | None) -> tuple[np.ndarray, np.ndarray] | None:
         if weight is not None and weight.ndim == 2:
             return weight.T, np.zeros(weight.shape[1], np.float32)
     return None
-
 
 
 def _split_rows(node: ir.Node, index: int, width: int) -> slice | None:
@@ -118,7 +108,6 @@ def _split_rows(node: ir.Node, index: int, width: int) -> slice | None:
         return None
     start = int(sizes[:index].sum())
     return slice(start, start + int(sizes[index]))
-
 
 
 def trace_linear(value: ir.Value, used: list[ir.Value]) -> Linear | None:
@@ -146,7 +135,6 @@ def trace_linear(value: ir.Value, used: list[ir.Value]) -> Linear | None:
     return None if weights is None else Linear(node.inputs[0], *weights)
 
 
-
 def _scalar_factor(node: ir.Node) -> tuple[ir.Value, float] | None:
     """(y, c) for ``Mul(y, c)``, ``Mul(c, y)`` or ``Div(y, 1/c)`` with a constant scalar c."""
     if node.domain != "" or node.op_type not in ("Mul", "Div"):
@@ -159,7 +147,6 @@ def _scalar_factor(node: ir.Node) -> tuple[ir.Value, float] | None:
                 return (node.inputs[0], 1.0 / c) if c else None
             return node.inputs[i], c
     return None
-
 
 
 def trace_branch(value: ir.Value) -> Branch | None:
@@ -186,7 +173,6 @@ def trace_branch(value: ir.Value) -> Branch | None:
     return Branch(linear, value, layout[::-1], scale, used)
 
 
-
 def split_dims(branch: Branch, perm: Sequence[int]) -> tuple[int, int, int] | None:
     """(h, N, d_h) if the branch's layout chain is ``Reshape([G, N, h, d_h]) → Transpose(perm)``
     as a permutation of its source's elements, else None."""
@@ -207,7 +193,6 @@ def split_dims(branch: Branch, perm: Sequence[int]) -> tuple[int, int, int] | No
     return h, n, dh
 
 
-
 def merge_dims(ctx: ir.Value, nodes: list[ir.Node], width: int) -> list[int] | None:
     """The merge Reshape's shape with its last entry ``width`` if ``nodes`` (Transpose,
     Reshape) turn ctx [G, h, N, d_h] into [..., N, h·d_h] rows, else None."""
@@ -224,7 +209,6 @@ def merge_dims(ctx: ir.Value, nodes: list[ir.Node], width: int) -> list[int] | N
     return [*merge.tolist()[:-1], width]
 
 
-
 def broadcasts_to(array: np.ndarray, shape: tuple[int, ...] | None) -> bool:
     """Whether ``array`` broadcasts to ``shape`` (rank 4) without enlarging it."""
     if shape is None or len(shape) != 4 or array.ndim > 4:
@@ -235,14 +219,12 @@ def broadcasts_to(array: np.ndarray, shape: tuple[int, ...] | None) -> bool:
         return False
 
 
-
 def only_here(values: Sequence[ir.Value]) -> ir.Value | None:
     """The first value with a consumer outside the attention (or a graph output), if any."""
     for value in values:
         if len(value.uses()) != 1 or value.is_graph_output():
             return value
     return None
-
 
 
 def rows_of(x: ir.Value) -> ir.Value:
@@ -256,7 +238,6 @@ def rows_of(x: ir.Value) -> ir.Value:
     return x
 
 
-
 @dataclass
 class Scores:
     """scores = scale · MatMul(q, kt) + bias, with constant scale and bias (bias None if 0)."""
@@ -268,7 +249,6 @@ class Scores:
     values: list[ir.Value]  # intermediates from MatMul(q, kt) to scores
 
 
-
 def _const_addend(node: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
     """(y, B) for ``Add(y, B)`` or ``Add(B, y)`` with a constant B."""
     if node.domain != "" or node.op_type != "Add":
@@ -278,7 +258,6 @@ def _const_addend(node: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
         if addend is not None and node.inputs[i].const_value is None:
             return node.inputs[i], addend
     return None
-
 
 
 def trace_scores(scores: ir.Value) -> Scores | None:
@@ -300,4 +279,3 @@ def trace_scores(scores: ir.Value) -> Scores | None:
     if node is None or node.op_type != "MatMul" or node.domain != "":
         return None
     return Scores(node.inputs[0], node.inputs[1], scale, bias, used)
-

@@ -35,6 +35,7 @@ from mvcompile.passes._layout import (
     ints_attr,
     run_chain,
     sim_shape,
+    unfold_ref,
 )
 
 UNFOLD_CHAIN = 4  # Gather, Gather, Transpose, Reshape
@@ -43,10 +44,8 @@ UNFOLD_CHAIN = 4  # Gather, Gather, Transpose, Reshape
 def im2col_ref(x: np.ndarray, p: int) -> np.ndarray:
     """Reference unfold: [B,C,H,W] -> [B,C,P,N] as in the module docstring (rows and columns
     beyond the last whole patch are skipped)."""
-    b, c, h, w = x.shape
-    h, w = h - h % p, w - w % p
-    t = x[:, :, :h, :w].reshape(b, c, h // p, p, w // p, p).transpose(0, 1, 3, 5, 2, 4)
-    return t.reshape(b, c, p * p, (h // p) * (w // p))
+    h, w = x.shape[2] - x.shape[2] % p, x.shape[3] - x.shape[3] % p
+    return unfold_ref(x[:, :, :h, :w], p).transpose(0, 3, 1, 2)  # [B,P,N,C] -> [B,C,P,N]
 
 
 def find_im2col_patch(nodes: list[ir.Node], shape: tuple[int, ...]) -> int | None:
