@@ -63,9 +63,9 @@ def load_images(source: str | None, resolution: int, limit: int | None = None,
     """A folder, a .npy file, ``digits`` (its ``split``: train or val, as ``mvcompile train``
     splits it), or (``None``) the bundled scikit-image photos."""
     if source is None:
-        return bundled_photos(resolution, limit or 32)
+        return bundled_photos(resolution, limit or 32, on_image)
     if source == "digits":
-        return digits(resolution, split, limit)
+        return digits(resolution, split, limit, on_image)
     path = Path(source)
     if path.suffix == ".npy":
         return _load_npy(path, resolution, limit)
@@ -181,7 +181,8 @@ def _check_preprocessed(array: np.ndarray, path: Path) -> None:
                         "pixels scaled to [0, 1] with no mean/std normalization.")
 
 
-def bundled_photos(resolution: int, count: int = 32) -> ImageSet:
+def bundled_photos(resolution: int, count: int = 32,
+                   on_image: Callable[[], None] | None = None) -> ImageSet:
     """Real photos shipped with scikit-image, with deterministic crops to reach ``count``."""
     import skimage.data
     from PIL import Image
@@ -197,20 +198,28 @@ def bundled_photos(resolution: int, count: int = 32) -> ImageSet:
         w, h = photo.size
         cw, ch = int(w * zoom), int(h * zoom)
         crop = photo.crop(((w - cw) // 2, (h - ch) // 2, (w + cw) // 2, (h + ch) // 2))
-        samples.append(preprocess(crop, resolution))
+        samples.append(_counted(preprocess(crop, resolution), on_image))
     return ImageSet(np.stack(samples),
                     description=f"{count} crops of {len(photos)} scikit-image sample photos "
                                 "(bundled default; pass --calib-data for your own images)")
 
 
-def digits(resolution: int, split: str = "val", limit: int | None = None) -> ImageSet:
+def _counted(item: np.ndarray, on_image: Callable[[], None] | None) -> np.ndarray:
+    """``item``, after telling ``on_image`` (a progress bar) that one more image is ready."""
+    if on_image is not None:
+        on_image()
+    return item
+
+
+def digits(resolution: int, split: str = "val", limit: int | None = None,
+           on_image: Callable[[], None] | None = None) -> ImageSet:
     """scikit-learn's digits with the split and preprocessing of ``mvcompile train``."""
     from mvcompile.train.data import eval_item, load_data
 
     data = load_data("digits")
     source = data.val if split == "val" else data.train
     indices = _subsample(list(range(len(source))), limit)
-    pixels = np.stack([eval_item(source, i, resolution) for i in indices])
+    pixels = np.stack([_counted(eval_item(source, i, resolution), on_image) for i in indices])
     labels = np.array([source.labels[i] for i in indices])
     return ImageSet(pixels, labels, source.classes,
                     f"{len(indices)} {split} images of scikit-learn digits")

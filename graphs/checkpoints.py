@@ -14,7 +14,10 @@ unexpected keys and shape mismatches.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,11 @@ _IGNORED_SUFFIXES = ("num_batches_tracked",)
 _LAST_CONV = "mobilevit.conv_1x1_exp.convolution.weight"
 _SIZE_BY_LAST_CHANNELS = {320: "xxs", 384: "xs", 640: "s"}
 _SHOW = 8  # keys listed per category in an error message
+# The class names, as a JSON list of strings, in the .safetensors header that `mvcompile train`
+# writes and in the metadata_props of the models `mvcompile build` writes from it.
+CLASS_NAMES_KEY = "mvcompile.class_names"
+_OLD_CLASSES_KEY = "mvcompile.classes"  # comma-joined, by mvcompile train before class_names
+_HF_PLACEHOLDER = re.compile(r"LABEL_\d+")  # transformers' default id2label entries
 
 
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
@@ -59,9 +67,15 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 def training_metadata(path: str | Path) -> dict[str, str]:
     """The ``mvcompile.*`` header entries that ``mvcompile train`` writes into its .safetensors
-    checkpoints (size, patch_config, num_classes, resolution, classes), without the prefix.
+    checkpoints (size, patch_config, num_classes, resolution, class_names; older runs wrote
+    classes), without the prefix.
     Empty for other files, and for headers that cannot be read (:func:`load_state_dict`
     reports those)."""
+    return {k.removeprefix("mvcompile."): v for k, v in _mvcompile_header(path).items()}
+
+
+def _mvcompile_header(path: str | Path) -> dict[str, str]:
+    """The ``mvcompile.*`` entries of a .safetensors header (or of the one in an HF folder)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -74,8 +88,63 @@ def training_metadata(path: str | Path) -> dict[str, str]:
             header = handle.metadata() or {}
     except Exception:  # noqa: BLE001 - any unreadable header: load_state_dict says why
         return {}
-    return {k.removeprefix("mvcompile."): v for k, v in header.items()
-            if k.startswith("mvcompile.")}
+    return {k: v for k, v in header.items() if k.startswith("mvcompile.")}
+
+
+def checkpoint_class_names(path: str | Path) -> list[str] | None:
+    """The class names of a checkpoint, in class-index order, or None when it names none.
+
+    From the header of a ``mvcompile train`` .safetensors (``mvcompile.class_names``, or the
+    comma-joined ``mvcompile.classes`` of older runs), or from ``id2label`` in the config.json
+    of a Hugging Face folder (also for the weights file inside one). transformers' placeholder
+    labels (``LABEL_0``, ``LABEL_1``, ...) name nothing and give None.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent if path.name in _HF_FILES else None
+    if folder is not None and (folder / "config.json").is_file():
+        names = _hf_class_names(folder / "config.json")
+        if names is not None:
+            return names
+    return class_names_from_metadata(_mvcompile_header(path))
+
+
+def class_names_from_metadata(metadata: Mapping[str, str]) -> list[str] | None:
+    """Class names from ``mvcompile.*`` key/value metadata (a .safetensors header, an ONNX
+    model's metadata_props, an ORT session's custom metadata), or None."""
+    if CLASS_NAMES_KEY in metadata:
+        return parse_class_names(metadata[CLASS_NAMES_KEY])
+    old = metadata.get(_OLD_CLASSES_KEY)
+    return old.split(",") if old else None
+
+
+def parse_class_names(text: str) -> list[str] | None:
+    """The class names in ``text``, a JSON list of strings; None (logged) for anything else."""
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        log.warning("Ignoring %s: not a JSON list of class names (%.60s)", CLASS_NAMES_KEY, text)
+        return None
+    return names
+
+
+def _hf_class_names(config: Path) -> list[str] | None:
+    """``id2label`` of a Hugging Face config.json as a list ordered by id; None when it is
+    absent, unreadable, not ids 0..N-1, or only transformers' placeholders."""
+    try:
+        id2label = json.loads(config.read_text()).get("id2label")
+        labels = {int(k): str(v) for k, v in id2label.items()}
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        log.debug("No class names from %s: %s", config, err)
+        return None
+    if sorted(labels) != list(range(len(labels))) or not labels:
+        log.debug("No class names from %s: id2label ids are not 0..N-1", config)
+        return None
+    names = [labels[i] for i in range(len(labels))]
+    if all(_HF_PLACEHOLDER.fullmatch(n) for n in names):
+        return None
+    return names
 
 
 def _file_in_hf_folder(folder: Path) -> Path:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
 
-from mvcompile.graphs.checkpoints import CheckpointWeights, load_state_dict, to_hf_names
+from mvcompile.graphs.checkpoints import (
+    CLASS_NAMES_KEY,
+    CheckpointWeights,
+    checkpoint_class_names,
+    load_state_dict,
+    to_hf_names,
+)
 from mvcompile.graphs.mobilevit import MobileViTConfig, build_graph
 from mvcompile.graphs.random_weights import DEFAULT_SEED, RandomWeights
 
@@ -48,4 +55,17 @@ def create_mobilevit(
     model = build_graph(cfg, source)
     source.raise_if_mismatched(describe(cfg))
     log.info("Loaded %d tensors from %s", len(source.requested), weights)
+    record_class_names(model, checkpoint_class_names(weights), cfg.num_classes)
     return model, WeightsInfo("checkpoint", str(weights))
+
+
+def record_class_names(model: ir.Model, names: list[str] | None, num_classes: int) -> None:
+    """Write ``names`` into the model's metadata (``mvcompile.class_names``, a JSON list) when
+    there is one per output; ``mvcompile eval`` matches labelled folders against it."""
+    if names is None:
+        return
+    if len(names) != num_classes:
+        log.warning("Not recording the checkpoint's %d class names in a model with %d classes",
+                    len(names), num_classes)
+        return
+    model.metadata_props[CLASS_NAMES_KEY] = json.dumps(names, ensure_ascii=False)

@@ -97,7 +97,10 @@ def _bench_ort(path: Path, threads: int, runs: int, warmup: int,
     try:  # spinning: ORT's default, right for one session timed alone (see the module doc)
         session = latency.make_session(str(path), threads=threads, spinning=True)
     except Exception as err:  # onnxruntime raises several types for unreadable models
-        raise UserError(f"ONNX Runtime cannot load {path}: {first_line(err)}") from err
+        hint = (" `mvcompile optimize` rewrites it with an IR version that ONNX Runtime "
+                 "takes." if "Unsupported model IR version" in str(err) else "")
+        reason = first_line(err).rstrip(".")
+        raise UserError(f"ONNX Runtime cannot load {path}: {reason}.{hint}") from err
     if not session.get_outputs():
         raise UserError(f"{path} has no outputs, so there is nothing to time.")
     shapes = _ort_input_shapes(session, path, resolution)

@@ -289,7 +289,7 @@ def _write_targets(stage: Path, out_dir: Path, blobs: dict[str, bytes], report: 
                               name=_ONNX_NAMES[key].removesuffix(".onnx"), final_dir=out_dir)
             progress.finish()
             for path in paths:
-                written[f"{key}_ort_{path.name}"] = path
+                written[f"{key}_{_ort_artifact_kind(path.name)}"] = path
     if "coreml" in options.targets:
         from mvcompile.backends.coreml import write_coreml
 
@@ -304,6 +304,15 @@ def _write_targets(stage: Path, out_dir: Path, blobs: dict[str, bytes], report: 
             progress.finish()
             report["coreml"][name] = _coreml_io(written[f"{key}_coreml"])
     return written
+
+
+def _ort_artifact_kind(name: str) -> str:
+    """report.json's key for a file ``write_ort`` wrote, without its model's prefix: ``ort``
+    (model.ort), ``ort_operators_config`` or ``ort_operators_and_types_config``."""
+    if name.endswith(".ort"):
+        return "ort"
+    kind = "operators_and_types" if ".required_operators_and_types." in name else "operators"
+    return f"ort_{kind}_config"
 
 
 def _coreml_io(path: Path) -> list[dict]:

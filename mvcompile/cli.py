@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+import onnxruntime as ort
 
 from mvcompile import analysis, onnx_io
 from mvcompile.calibration.observers import OBSERVERS as OBSERVER_NAMES
@@ -125,6 +126,8 @@ def main(verbose: int) -> None:
     """mvcompile: compile and quantize MobileViT for ONNX Runtime and Core ML."""
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # ONNX Runtime prints its own coloured copy of each error before ours; shown with -v.
+    ort.set_default_logger_severity({0: 4, 1: 3}.get(verbose, 2))
     if not verbose:
         # coremltools warns on import about versions it has not tested and, off macOS, about
         # its runtime library it cannot load (we verify without it); shown with -v.
@@ -284,14 +287,17 @@ def info(model: str) -> None:
               help="Image folder (one subfolder per class gives labels), a preprocessed .npy "
                    "array, or `digits` (its validation split).")
 @click.option("--reference", type=PATH, default=None,
-              help="FP32 model to compare with (top-1 agreement, SQNR). Default: model.onnx "
-                   "beside a model_int8.onnx written by `mvcompile build`.")
+              help="FP32 model (.onnx or .ort) to compare with (top-1 agreement, SQNR). "
+                   "Default: model.onnx (model.ort) beside a model_int8.onnx (model_int8.ort) "
+                   "written by `mvcompile build`.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Use at most this many images.")
 @_user_errors
 def evaluate(model: str, data: str, reference: str | None, limit: int | None) -> None:
-    """Report top-1 accuracy of MODEL on --data and, against an FP32 reference, top-1
-    agreement and output SQNR."""
+    """Report top-1 accuracy of MODEL (an .onnx or ONNX Runtime .ort file) on --data and,
+    against an FP32 reference, top-1 agreement and output SQNR. A model built from a checkpoint
+    that names its classes has their names recorded: a labelled folder is matched to them by
+    name, and one with classes the model lacks is not scored."""
     from mvcompile.evaluate import evaluate_file, find_reference
 
     reference = reference or find_reference(model)
@@ -314,6 +320,7 @@ def evaluate(model: str, data: str, reference: str | None, limit: int | None) ->
         rows.append(("top-1", f"{100 * report['top1_fp32']:.2f}%"))
     else:
         rows.append(("top-1", report.get("labels", "no labels (use one subfolder per class)")))
+    rows += [("note", note) for note in report.get("notes", [])]
     click.echo(format_table(rows, header=(model, "")))
 
 

@@ -1,5 +1,12 @@
 """The one exception type the CLI turns into a clean message and a non-zero exit."""
 
+import re
+
+# ONNX Runtime's "[ONNXRuntimeError] : 1 : FAIL : " status prefix, and the C++ source location
+# and function signature it puts before an assertion ("/onnxruntime_src/x.h:91 ns::F(args) ").
+_ORT_STATUS = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ [^()]*\([^()]*\)\s*")
+
 
 class UserError(Exception):
     """Bad input from the user: a wrong path, a mismatched checkpoint, an invalid size.
@@ -11,6 +18,9 @@ class UserError(Exception):
 
 def first_line(err: BaseException) -> str:
     """The first line of ``err``'s message, or its type name when the message is empty (as
-    for torch.load on an empty file)."""
+    for torch.load on an empty file). ONNX Runtime's status prefix and C++ source locations
+    are dropped: they say nothing to the user."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    if not text:
+        return type(err).__name__
+    return _ORT_SOURCE.sub("", _ORT_STATUS.sub("", text.splitlines()[0]))

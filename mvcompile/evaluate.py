@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,22 +13,23 @@ import onnxruntime as ort
 from mvcompile import latency, metrics
 from mvcompile.calibration.data import ImageSet
 from mvcompile.errors import UserError, first_line
+from mvcompile.graphs.checkpoints import class_names_from_metadata
+from mvcompile.labels import few_names, match_labels
 
 
-def predict(model: bytes | str, images: ImageSet, threads: int = 2, batch_size: int = 16,
-            on_batch: Callable[[int], None] | None = None, name: str | None = None
-            ) -> np.ndarray:
-    """Logits of ``model`` (first output) for every image.
+def predict(model: bytes | str | ort.InferenceSession, images: ImageSet, threads: int = 2,
+            batch_size: int = 16, on_batch: Callable[[int], None] | None = None,
+            name: str | None = None) -> np.ndarray:
+    """Logits of ``model`` (serialized ONNX, a file path or an open session; first output) for
+    every image.
 
     A model exported for a fixed batch runs at that batch: a short last batch is padded by
     repeating its last image and the padded rows are dropped, since ONNX Runtime refuses any
     other batch. ``name`` (the file) is what error messages call the model.
     """
     where = name or (model if isinstance(model, str) else "the model")
-    try:
-        session = latency.make_session(model, threads=threads)
-    except Exception as err:  # onnxruntime raises several types for unreadable models
-        raise UserError(f"ONNX Runtime cannot load {where}: {first_line(err)}") from err
+    session = (model if isinstance(model, ort.InferenceSession)
+               else open_session(model, where, threads))
     _check_input(session, images, where)
     input_name = session.get_inputs()[0].name
     static_batch = session.get_inputs()[0].shape[0]
@@ -40,6 +43,54 @@ def predict(model: bytes | str, images: ImageSet, threads: int = 2, batch_size: 
         if on_batch is not None:
             on_batch(len(batch))
     return np.concatenate(outputs)
+
+
+def open_session(model: bytes | str, where: str, threads: int = 2) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for ``model``; :class:`UserError` naming ``where`` if ONNX
+    Runtime cannot load it."""
+    try:
+        return latency.make_session(model, threads=threads)
+    except Exception as err:  # onnxruntime raises several types for unreadable models
+        hint = (" The file may be corrupt, truncated or not an .ort model."
+                if where.endswith(".ort") else "")
+        raise UserError(f"ONNX Runtime cannot load {where}: {first_line(err)}{hint}") from err
+
+
+@dataclass(frozen=True)
+class OpenedModel:
+    """A model file opened for evaluation."""
+
+    path: str
+    session: ort.InferenceSession
+    resolution: int  # of its square image input
+    class_names: list[str] | None  # from its mvcompile.class_names metadata
+
+
+def open_model(path: str, threads: int = 2) -> OpenedModel:
+    """Open an .onnx or .ort (ONNX Runtime format) file for :func:`predict`, with a clean
+    :class:`UserError` for a missing, corrupt or non-image model."""
+    from mvcompile import onnx_io
+
+    if Path(path).suffix == ".ort":
+        session = _open_ort_file(path, threads)
+        inputs = session.get_inputs()  # an .ort file has no ONNX proto to read the shape from
+        resolution = _square_resolution(inputs[0].shape if inputs else None, path)
+    else:
+        proto = onnx_io.load_model(path)  # clean errors for a missing or corrupt file
+        resolution = model_resolution(proto, path)
+        session = open_session(proto.SerializeToString(), path, threads)
+    metadata = session.get_modelmeta().custom_metadata_map
+    return OpenedModel(path, session, resolution, class_names_from_metadata(metadata))
+
+
+def _open_ort_file(path: str, threads: int) -> ort.InferenceSession:
+    """A session for an .ort file (ONNX Runtime reads it directly; onnx cannot)."""
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"{path} is a folder; pass the path of an .onnx or .ort model.")
+    if not file.is_file():
+        raise UserError(f"ONNX Runtime model not found: {path}.")
+    return open_session(path, path, threads)
 
 
 def _pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
@@ -71,31 +122,49 @@ def _check_input(session: ort.InferenceSession, images: ImageSet, where: str) ->
 
 
 def accuracy_report(images: ImageSet, fp32_logits: np.ndarray,
-                    int8_logits: np.ndarray | None = None, source: str = "the folder") -> dict:
-    """{images, top1_agreement, sqnr_db, top1_fp32, top1_int8} as applicable. ``source`` names
-    where the labels came from in the "not scored" note ("the folder", "digits")."""
+                    int8_logits: np.ndarray | None = None, source: str = "the folder",
+                    model_classes: list[str] | None = None) -> dict:
+    """{images, top1_agreement, sqnr_db, top1_fp32, top1_int8} as applicable, plus "labels"
+    (why labelled data is not scored) and "notes". ``source`` names where the labels came from
+    in those ("the folder", "digits"); ``model_classes`` are the models' class names, by which
+    folder classes are matched (:func:`match_labels`)."""
     report: dict = {"images": len(images.pixels), "source": images.description}
-    labelled = images.labels is not None and fp32_logits.shape[-1] == len(images.class_names)
-    if images.labels is not None and not labelled:
-        report["labels"] = (f"not scored: {source} has {len(images.class_names)} classes, "
-                            f"the model {fp32_logits.shape[-1]} outputs")
-    if labelled:
-        report["top1_fp32"] = metrics.top1_accuracy(fp32_logits, images.labels)
+    match = match_labels(images, fp32_logits.shape[-1], model_classes, source)
+    if match.not_scored:
+        report["labels"] = match.not_scored
+    if match.note:
+        report["notes"] = [match.note]
+    if match.labels is not None:
+        report["top1_fp32"] = metrics.top1_accuracy(fp32_logits, match.labels)
     if int8_logits is not None:
         report["top1_agreement"] = metrics.top1_agreement(fp32_logits, int8_logits)
         report["sqnr_db"] = metrics.sqnr_db(fp32_logits, int8_logits)
-        if labelled:
-            report["top1_int8"] = metrics.top1_accuracy(int8_logits, images.labels)
+        if match.labels is not None:
+            report["top1_int8"] = metrics.top1_accuracy(int8_logits, match.labels)
     return report
+
+
+def model_class_names(proto: onnx.ModelProto) -> list[str] | None:
+    """The class names an ONNX model records (``mvcompile.class_names``), or None."""
+    return class_names_from_metadata({p.key: p.value for p in proto.metadata_props})
 
 
 def model_resolution(proto: onnx.ModelProto, name: str) -> int:
     """The static square resolution of a model's image input."""
     if not proto.graph.input:
-        raise UserError(f"{name} has no inputs; eval needs one image input [N, 3, H, W].")
+        return _square_resolution(None, name)
     dims = proto.graph.input[0].type.tensor_type.shape.dim
-    sizes = [d.dim_value for d in dims[2:4] if d.HasField("dim_value")]
-    if len(dims) != 4 or len(sizes) != 2 or sizes[0] != sizes[1]:
+    return _square_resolution([d.dim_value if d.HasField("dim_value") else None for d in dims],
+                              name)
+
+
+def _square_resolution(shape: list | None, name: str) -> int:
+    """R of an input ``shape`` [N, 3, R, R] (None: the model has no input); entries that are
+    not ints are symbolic."""
+    if shape is None:
+        raise UserError(f"{name} has no inputs; eval needs one image input [N, 3, H, W].")
+    sizes = [d for d in shape[2:4] if isinstance(d, int) and d > 0]
+    if len(shape) != 4 or len(sizes) != 2 or sizes[0] != sizes[1]:
         raise UserError(f"{name} does not take a square [N, 3, R, R] image input.")
     return sizes[0]
 
@@ -116,44 +185,54 @@ def _label_note(data: str) -> str:
 
 
 def find_reference(model_path: str) -> str | None:
-    """For model_int8.onnx written by ``mvcompile build``, the FP32 model.onnx beside it."""
-    from pathlib import Path
-
-    candidate = Path(model_path).with_name("model.onnx")
-    if Path(model_path).name == "model_int8.onnx" and candidate.is_file():
-        return str(candidate)
-    return None
+    """For model_int8.onnx (or model_int8[.with_runtime_opt].ort) written by ``mvcompile
+    build``, the FP32 model.onnx (model[.with_runtime_opt].ort) beside it."""
+    path = Path(model_path)
+    if not path.name.startswith("model_int8."):
+        return None
+    candidate = path.with_name("model" + path.name.removeprefix("model_int8"))
+    return str(candidate) if candidate.is_file() else None
 
 
 def evaluate_file(model_path: str, data: str, reference: str | None = None,
                   limit: int | None = None,
                   on_batch: Callable[[int], None] | None = None) -> dict:
-    """Top-1 of ``model_path`` on ``data``; with a reference FP32 model, agreement and SQNR."""
-    from mvcompile import onnx_io
+    """Top-1 of ``model_path`` (.onnx or .ort) on ``data``; with a reference FP32 model,
+    agreement and SQNR."""
     from mvcompile.calibration.data import load_images
 
-    model = onnx_io.load_model(model_path)  # clean errors for a missing or corrupt file
-    resolution = model_resolution(model, model_path)
-    images = load_images(data, resolution, limit, split="val")
-    logits = predict(model.SerializeToString(), images, on_batch=on_batch, name=model_path)
-    if reference is None:
-        return _with_label_note(accuracy_report(images, logits, source=source_noun(data)),
-                                images, data)
-    reference_model = onnx_io.load_model(reference)
-    reference_resolution = model_resolution(reference_model, reference)
-    if reference_resolution != resolution:
-        raise UserError(f"The reference {reference} takes {reference_resolution}² inputs and "
-                        f"{model_path} {resolution}²; compare models built at the same "
+    model = open_model(model_path)
+    ref = open_model(reference) if reference is not None else None
+    if ref is not None and ref.resolution != model.resolution:
+        raise UserError(f"The reference {reference} takes {ref.resolution}² inputs and "
+                        f"{model_path} {model.resolution}²; compare models built at the same "
                         "resolution.")
-    ref_logits = predict(reference_model.SerializeToString(), images, on_batch=on_batch,
-                         name=reference)
+    images = load_images(data, model.resolution, limit, split="val")
+    logits = predict(model.session, images, on_batch=on_batch, name=model_path)
+    source = source_noun(data)
+    if ref is None:
+        report = accuracy_report(images, logits, source=source, model_classes=model.class_names)
+        return _with_label_note(report, images, data)
+    ref_logits = predict(ref.session, images, on_batch=on_batch, name=reference)
     if ref_logits.shape != logits.shape:
         raise UserError(f"The reference {reference} gives {ref_logits.shape[-1]} outputs per "
                         f"image and {model_path} {logits.shape[-1]}; compare models with the "
                         "same classes (an FP32 model and its INT8 build).")
-    report = accuracy_report(images, ref_logits, logits, source=source_noun(data))
+    report = accuracy_report(images, ref_logits, logits, source=source,
+                             model_classes=_shared_classes(model, ref))
     report["reference"] = reference
     return _with_label_note(report, images, data)
+
+
+def _shared_classes(model: OpenedModel, reference: OpenedModel) -> list[str] | None:
+    """The class names of a model and its reference (either may lack them); refuse two
+    different lists."""
+    if model.class_names and reference.class_names and model.class_names != reference.class_names:
+        raise UserError(f"The reference {reference.path} and {model.path} name different "
+                        f"classes ({few_names(reference.class_names)} vs "
+                        f"{few_names(model.class_names)}); compare models with the same "
+                        "classes (an FP32 model and its INT8 build).")
+    return model.class_names or reference.class_names
 
 
 def _with_label_note(report: dict, images: ImageSet, data: str) -> dict:

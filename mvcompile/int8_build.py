@@ -26,7 +26,9 @@ INT8_PIPELINE = "int8"
 def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
                progress: Progress) -> tuple[onnx.ModelProto, dict]:
     """Quantize the compiled graph; report calibration and (optional) eval accuracy."""
-    source = int8_source(plain, options.passes)
+    from mvcompile.builder import compile_graph
+
+    source, pass_report = compile_graph(plain, INT8_PIPELINE, options.passes)
     calibration = _images(options.calib_data, options, progress, options.calib_size, "train")
     if calibration.skipped:
         log.warning("Skipped %d non-image files in %s", len(calibration.skipped),
@@ -47,7 +49,8 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
                               options.calib_data)
     qreport.calibration_agreement = on_calibration["top1_agreement"]
     qreport.calibration_sqnr_db = on_calibration["sqnr_db"]
-    report = {"quantization": asdict(qreport), "calibration_skipped": calibration.skipped,
+    report = {"passes": pass_report, "quantization": asdict(qreport),
+              "calibration_skipped": calibration.skipped,
               "accuracy": {"calibration": on_calibration}}
     if options.eval_data is not None:
         images = _images(options.eval_data, options, progress, None, "val")
@@ -80,4 +83,7 @@ def _compare(fp32: onnx.ModelProto, int8: onnx.ModelProto, images: ImageSet,
     int8_logits = predict(int8.SerializeToString(), images, on_batch=progress.advance)
     progress.finish()
     source = source_noun(data) if data else "the photos"
-    return accuracy_report(images, fp32_logits, int8_logits, source=source)
+    from mvcompile.evaluate import model_class_names
+
+    return accuracy_report(images, fp32_logits, int8_logits, source=source,
+                           model_classes=model_class_names(fp32))

@@ -52,11 +52,32 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path))
     except Exception as err:  # protobuf raises DecodeError, onnx raises several others
+        missing = _missing_external_data(path)
+        if missing:
+            shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise UserError(f"{path} keeps its weights in external data files that are "
+                            f"missing: {shown}. Keep them beside the model under the names it "
+                            "records (as `onnx.save(..., save_as_external_data=True)` wrote "
+                            "them).") from err
         raise UserError(f"{path} is not a readable ONNX model ({type(err).__name__}: "
                         f"{first_line(err)}). The file may be corrupt or truncated.") from err
     if not proto.graph.node and not proto.graph.output:
         raise UserError(f"{path} parsed as an empty ONNX model: it is corrupt or not ONNX.")
     return proto
+
+
+def _missing_external_data(path: Path) -> list[str]:
+    """The external data files (relative to the model's folder) that ``path``'s initializers
+    name but that do not exist; empty when the graph itself cannot be read."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - unreadable: the caller reports it as corrupt
+        return []
+    locations = {ExternalDataInfo(t).location for t in proto.graph.initializer
+                 if uses_external_data(t)}
+    return sorted(loc for loc in locations if not (path.parent / loc).is_file())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

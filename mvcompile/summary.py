@@ -48,8 +48,9 @@ def _models_table(report: dict, files: dict[str, Path]) -> str:
     rows.append(("file", *(str(files[k]) for k in keys)))
     rows += _artifact_rows(files, keys)
     conditions = latency.get("conditions")
-    note = (f"\n(latency: batch 1, {conditions['threads']} threads, runs interleaved)"
-            if conditions else "")
+    note = _parameters_note(report)
+    if conditions:
+        note += f"\n(latency: batch 1, {conditions['threads']} threads, runs interleaved)"
     if conditions and ratio and ratio > 1 and lacks_int8_dot_product(conditions.get("cpu", {})):
         note += ("\n(INT8 is slower here: this CPU has no VNNI int8 dot product, so ONNX "
                  "Runtime's integer kernels gain little over FP32; README, 'What this machine "
@@ -58,13 +59,31 @@ def _models_table(report: dict, files: dict[str, Path]) -> str:
                         ) + note
 
 
+def _parameters_note(report: dict) -> str:
+    """Why INT8 counts fewer parameters than FP32, when its pass pipeline split the attention
+    heads: that form drops the key bias (it adds q·b_k to all of a query's scores, which softmax
+    ignores) and folds the value bias into the output bias (each probability row sums to 1)."""
+    models = report["models"]
+    if "int8" not in models:
+        return ""
+    fewer = models["onnx"]["parameters"] - models["int8"]["parameters"]
+    stages = (report.get("int8", {}).get("passes") or {}).get("stages", [])
+    split = sum(sum(s.get("rules", {}).values()) for s in stages
+                if s["name"] == "fold_head_split")
+    if fewer <= 0 or not split:
+        return ""
+    return (f"\n(INT8 has {fewer:,} fewer parameters for the same function: its attention "
+            "drops the key bias, which softmax ignores, and folds the value bias into the "
+            "output bias)")
+
+
 _ARTIFACT_KINDS = ((".ort", "ORT mobile"), (".config", "ORT operator configs"),
                    (".mlpackage", "Core ML"))
 
 
 def _artifact_rows(files: dict[str, Path], keys: list[str]) -> list[tuple[str, ...]]:
     """One row per extra artifact kind, each model's files in its own column. The extra
-    artifacts' keys start with their model's key (``onnx_coreml``, ``int8_ort_...``)."""
+    artifacts' keys start with their model's key (``onnx_coreml``, ``int8_ort``)."""
     rows = []
     for suffix, label in _ARTIFACT_KINDS:
         cells = [sorted(p.name for k, p in files.items()
@@ -100,4 +119,6 @@ def _accuracy_table(int8: dict) -> str:
             line += (f", top-1 FP32 {100 * acc['top1_fp32']:.2f}% / "
                      f"INT8 {100 * acc['top1_int8']:.2f}%")
         rows.append((f"{name} ({acc['images']} images)", line))
+        rows += [(f"{name} labels", text) for text in [acc.get("labels"), *acc.get("notes", [])]
+                 if text]
     return format_table(rows, header=("INT8", ""))

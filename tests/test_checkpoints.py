@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import build_random, ort_run, random_pixels
 from mvcompile.errors import UserError
+from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY, checkpoint_class_names
 from mvcompile.graphs.cvnets_names import cvnets_key
 from mvcompile.graphs.factory import create_mobilevit, parameter_shapes
 from mvcompile.graphs.mobilevit import MobileViTConfig
@@ -162,3 +165,29 @@ def test_pickles_with_arbitrary_objects_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="holds Python objects other than tensors") as err:
         create_mobilevit(CFG, tmp_path / "evil.pt")
     assert "weights_only=False" not in str(err.value)  # torch's unsafe advice is not passed on
+
+
+def test_hf_labels_reach_the_models_metadata_and_placeholders_do_not(tmp_path: Path) -> None:
+    _, weights = build_random(CFG, seed=23)
+    reference = hf_model(CFG, weights)
+    reference.save_pretrained(tmp_path / "default")  # id2label LABEL_0 ... LABEL_999
+    reference.config.id2label = {i: f"class {i}, kind {i % 7}" for i in range(1000)}
+    reference.config.label2id = {v: k for k, v in reference.config.id2label.items()}
+    reference.save_pretrained(tmp_path / "named")
+    model, _ = create_mobilevit(CFG, tmp_path / "named")
+    assert json.loads(model.metadata_props[CLASS_NAMES_KEY])[:2] == ["class 0, kind 0",
+                                                                    "class 1, kind 1"]
+    model, _ = create_mobilevit(CFG, tmp_path / "default")
+    assert CLASS_NAMES_KEY not in model.metadata_props
+
+
+def test_train_writes_class_names_that_build_reads_back(tmp_path: Path) -> None:
+    from mvcompile.train.loop import _metadata
+
+    classes = ["cat, domestic", "dog", "émeu"]
+    run = SimpleNamespace(cfg=MobileViTConfig.for_size("xxs", num_classes=3),
+                          options=SimpleNamespace(patch_config="A"),
+                          data=SimpleNamespace(train=SimpleNamespace(classes=classes)))
+    save_file({"w": np.zeros(1, np.float32)}, str(tmp_path / "best.safetensors"),
+              metadata=_metadata(run))
+    assert checkpoint_class_names(tmp_path / "best.safetensors") == classes

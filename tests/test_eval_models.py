@@ -1,18 +1,21 @@
 """``mvcompile eval`` on unusual models: fixed batches, no inputs or outputs, broken graphs,
-and the wording of its notes for each kind of --data."""
+.ort files, the wording of its notes for each kind of --data, and class names."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
 from conftest import assert_clean_failure, run
 from mvcompile.calibration.data import ImageSet
 from mvcompile.evaluate import predict
+from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY
 
 COLOURS = {"0red": (255, 0, 0), "1green": (0, 255, 0), "2blue": (0, 0, 255)}
 
@@ -104,3 +107,153 @@ def test_missing_npy_data_fails_cleanly(tmp_path: Path) -> None:
     model = _channel_means(tmp_path / "m.onnx", ["N", 3, 8, 8], ["N", 3])
     code, output = run("eval", model, "--data", str(tmp_path / "missing.npy"))
     assert_clean_failure(code, output, "not found", "missing.npy")
+
+
+def _value(output: str, label: str) -> str:
+    """The value in the eval table's row ``label``."""
+    row = next(ln for ln in output.splitlines() if ln.startswith(f"{label}  "))
+    return row.removeprefix(label).strip()
+
+
+def _colour_model(path: Path, order: tuple[int, ...] = (0, 1, 2),
+                  names: list[str] | None = None) -> str:
+    """Channel means with the outputs in ``order`` (output i = channel order[i]), recording
+    ``names`` as the model's class names."""
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gather", ["f", "order"], ["y"], axis=1)]
+    return _save_image_model(path, nodes, 3, helper.make_tensor("order", TensorProto.INT64,
+                                                              [3], list(order)), names)
+
+
+def _save_image_model(path: Path, nodes: list[onnx.NodeProto], outputs: int,
+                      initializer: onnx.TensorProto, names: list[str] | None) -> str:
+    """Save ``nodes`` as a model from x [N, 3, 8, 8] to y [N, ``outputs``] at ``path``,
+    recording ``names`` as its class names."""
+    graph = helper.make_graph(
+        nodes, path.stem, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", outputs])], [initializer])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)])
+    model.ir_version = 10
+    if names is not None:
+        helper.set_model_props(model, {CLASS_NAMES_KEY: json.dumps(names)})
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_classes_in_another_order_are_matched_by_name(tmp_path: Path) -> None:
+    folder = str(_colour_folder(tmp_path / "imgs"))
+    swapped = (2, 0, 1)  # outputs: blue, red, green
+    unnamed = _colour_model(tmp_path / "unnamed.onnx", swapped)
+    code, output = run("eval", unnamed, "--data", folder)
+    assert code == 0 and _value(output, "top-1") == "0.00%", output  # folder order as model's
+    named = _colour_model(tmp_path / "named.onnx", swapped, [list(COLOURS)[i] for i in swapped])
+    code, output = run("eval", named, "--data", folder)
+    assert code == 0, output
+    assert _value(output, "top-1") == "100.00%", output  # as the model in folder order scores
+    assert "matched to the model's classes by name" in output, output
+    code, output = run("eval", _colour_model(tmp_path / "m.onnx", names=list(COLOURS)),
+                       "--data", folder)
+    assert code == 0 and "100.00%" in output and "note" not in output, output
+
+
+def test_folder_classes_the_model_lacks_are_not_scored(tmp_path: Path) -> None:
+    model = _colour_model(tmp_path / "m.onnx", names=["0red", "1green", "3yellow"])
+    code, output = run("eval", model, "--data", str(_colour_folder(tmp_path / "imgs")))
+    assert code == 0, output
+    assert ("not scored: 1 of the 3 classes of the folder is not among the model's 3 classes: "
+            "2blue") in output, output
+    assert "%" not in output
+
+
+def _digits_model(path: Path, names: list[str] | None, always: int) -> str:
+    """A 10-output model for digits whose output ``always`` wins for every image."""
+    weights = np.zeros((3, 10), np.float32)
+    weights[:, always] = 1.0
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["y"])]
+    return _save_image_model(path, nodes, 10, onnx.numpy_helper.from_array(weights, "w"), names)
+
+
+def test_digits_are_matched_by_name_too(tmp_path: Path) -> None:
+    """Models that always answer "3" score the share of 3s (37 of 359) however they order
+    their outputs, when they name them; the validation split has 35 2s."""
+    digits = [str(i) for i in range(10)]
+    swapped = [*digits[:2], "3", "2", *digits[4:]]
+    models = {"plain": _digits_model(tmp_path / "plain.onnx", digits, always=3),
+              "swapped": _digits_model(tmp_path / "swapped.onnx", swapped, always=2),
+              "unnamed": _digits_model(tmp_path / "unnamed.onnx", None, always=2)}
+    scores = {}
+    for name, model in models.items():
+        code, output = run("eval", model, "--data", "digits")
+        assert code == 0, output
+        scores[name] = _value(output, "top-1")
+    assert scores == {"plain": "10.31%", "swapped": "10.31%", "unnamed": "9.75%"}
+
+
+@pytest.fixture(scope="module")
+def ort_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """.ort files written by the project's own writer: FP32-like and "INT8" colour models with
+    swapped, named classes (as `mvcompile build --targets ort` names them)."""
+    from mvcompile.backends.ort import write_ort
+
+    root = tmp_path_factory.mktemp("ort")
+    swapped = (2, 0, 1)
+    source = onnx.load(_colour_model(root / "src.onnx", swapped,
+                                     [list(COLOURS)[i] for i in swapped]))
+    return {name: write_ort(source, root, name=name)[0] for name in ("model", "model_int8")}
+
+
+def test_eval_reads_ort_files_and_their_class_names(ort_models: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    folder = str(_colour_folder(tmp_path / "imgs"))
+    code, output = run("eval", str(ort_models["model"]), "--data", folder)
+    assert code == 0, output
+    assert "100.00%" in output and "matched to the model's classes by name" in output, output
+    code, output = run("eval", str(ort_models["model_int8"]), "--data", folder)  # finds model.ort
+    assert code == 0, output
+    assert _value(output, "reference") == str(ort_models["model"]), output
+    assert _value(output, "top-1 agreement") == "100.00%", output
+
+
+def test_ort_session_keeps_the_metadata(ort_models: dict[str, Path]) -> None:
+    from mvcompile.evaluate import open_model
+
+    opened = open_model(str(ort_models["model"]))
+    assert opened.resolution == 8 and opened.class_names == ["2blue", "0red", "1green"]
+
+
+def test_onnx_model_with_an_ort_reference(ort_models: dict[str, Path], tmp_path: Path) -> None:
+    model = _colour_model(tmp_path / "m.onnx", (2, 0, 1), ["2blue", "0red", "1green"])
+    code, output = run("eval", model, "--data", str(_colour_folder(tmp_path / "imgs")),
+                       "--reference", str(ort_models["model"]))
+    assert code == 0, output
+    assert _value(output, "top-1 (model)") == "100.00%", output
+    other = _colour_model(tmp_path / "other.onnx", names=list(COLOURS))
+    code, output = run("eval", other, "--data", "digits", "--reference", str(ort_models["model"]))
+    assert_clean_failure(code, output, "name different classes")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 8, None])
+def test_missing_or_corrupt_ort_files_fail_cleanly(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "model.ort"
+    if content is not None:
+        path.write_bytes(content)
+    code, output = run("eval", str(path), "--data", "digits")
+    assert_clean_failure(code, output, str(path),
+                         "not found" if content is None else "may be corrupt")
+    good = _colour_model(tmp_path / "good.onnx")
+    code, output = run("eval", good, "--data", "digits", "--reference", str(path))
+    assert_clean_failure(code, output, str(path))
+
+
+def test_an_onnx_file_named_ort_fails_cleanly(tmp_path: Path) -> None:
+    path = _colour_model(tmp_path / "model.ort")
+    code, output = run("eval", path, "--data", "digits")
+    assert_clean_failure(code, output, f"cannot load {path}")
+
+
+def test_other_commands_still_refuse_ort(ort_models: dict[str, Path]) -> None:
+    code, output = run("info", str(ort_models["model"]))
+    assert_clean_failure(code, output, "ONNX Runtime (.ort) model")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,15 @@ def test_int8_build_writes_a_qdq_model_that_ort_runs(tmp_path: Path) -> None:
     assert "bundled" in output and "top-1 agreement" in output and "INT8" in output
     assert "matrix ops in float" in output and "FusedMatMul x15" in output
     assert "Built in" in output
+    # The INT8 graph's head-split attention drops each layer's key bias and folds its value
+    # bias into the output bias: 2·d parameters fewer per transformer layer.
+    from mvcompile.graphs.mobilevit import MobileViTConfig
+
+    cfg = MobileViTConfig.for_size("xxs")
+    fewer = 2 * sum(d * depth for d, depth in zip(cfg.dims, cfg.depths, strict=True))
+    models = report["models"]
+    assert models["onnx"]["parameters"] - models["int8"]["parameters"] == fewer == 1472
+    assert f"INT8 has {fewer:,} fewer parameters for the same function" in output
 
 
 def test_missing_calibration_folder(tmp_path: Path) -> None:
@@ -229,6 +239,14 @@ def test_targets_write_ort_and_coreml_for_fp32_and_int8(tmp_path: Path) -> None:
     assert ".mvcompile-stage" not in header
     report = json.loads((out / "report.json").read_text())
     assert set(report["artifacts"].values()) <= names
+    assert report["artifacts"] == {
+        "onnx": "model.onnx", "int8": "model_int8.onnx",
+        "onnx_ort": "model.ort", "int8_ort": "model_int8.ort",
+        "onnx_ort_operators_config": "model.required_operators.config",
+        "int8_ort_operators_config": "model_int8.required_operators.config",
+        "onnx_ort_operators_and_types_config": "model.required_operators_and_types.config",
+        "int8_ort_operators_and_types_config": "model_int8.required_operators_and_types.config",
+        "onnx_coreml": "model.mlpackage", "int8_coreml": "model_int8.mlpackage"}
     io = {row["name"]: row for row in report["coreml"]["model.mlpackage"]}
     assert io["pixel_values"]["kind"] == "image" and io["pixel_values"]["shape"] == [1, 3, 64, 64]
     assert io["logits"]["role"] == "output"
@@ -270,3 +288,14 @@ def test_build_names_digits_as_the_label_source_of_an_unscored_eval(tmp_path: Pa
     assert code == 0, output
     accuracy = json.loads((tmp_path / "o" / "report.json").read_text())["int8"]["accuracy"]
     assert accuracy["eval"]["labels"] == "not scored: digits has 10 classes, the model 1000 outputs"
+    assert re.search(r"eval labels +not scored: digits has 10 classes", output)  # summary
+
+
+@pytest.mark.parametrize("source", [None, "digits"])
+def test_bundled_and_digits_loading_advance_the_progress_bar(source: str | None) -> None:
+    from mvcompile.calibration.data import load_images
+
+    ticks = []
+    images = load_images(source, 64, limit=5, on_image=lambda: ticks.append(1))
+    assert len(images.pixels) == 5
+    assert len(ticks) == 5

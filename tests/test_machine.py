@@ -59,9 +59,10 @@ def test_summary_explains_slow_int8_only_on_cpus_without_vnni(tmp_path, int8_ms:
 
 def test_summary_lists_extra_artifacts_per_model_in_its_column(tmp_path) -> None:
     names = {"onnx": "model.onnx", "int8": "model_int8.onnx",
-             "onnx_ort_model.ort": "model.ort", "int8_ort_model_int8.ort": "model_int8.ort",
-             "onnx_ort_a.config": "model.required_operators.config",
-             "onnx_ort_b.config": "model.required_operators_and_types.config",
+             "onnx_ort": "model.ort", "int8_ort": "model_int8.ort",
+             "onnx_ort_operators_config": "model.required_operators.config",
+             "onnx_ort_operators_and_types_config":
+                 "model.required_operators_and_types.config",
              "int8_coreml": "model_int8.mlpackage", "report": "report.json"}
     files = {key: tmp_path / name for key, name in names.items()}
     lines = build_summary(_report(8.0, {}), files).splitlines()

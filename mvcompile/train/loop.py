@@ -10,6 +10,7 @@ goes to a :class:`Reporter` supplied by the CLI.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from mvcompile.errors import UserError
+from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY
 from mvcompile.graphs.mobilevit import MobileViTConfig
 from mvcompile.train import checkpoint, outputs
 from mvcompile.train.data import DataSplit, ImageSource, eval_item, load_data, train_item
@@ -281,10 +283,12 @@ def end_epoch(run: Run, epoch: int, train_loss: float, seconds: float,
 
 
 def _metadata(run: Run) -> dict[str, str]:
+    """The .safetensors header entries that ``mvcompile build --weights`` reads back; the class
+    names as a JSON list, since folder names may contain commas."""
     return {"mvcompile.size": run.cfg.size, "mvcompile.patch_config": run.options.patch_config,
             "mvcompile.num_classes": str(run.cfg.num_classes),
             "mvcompile.resolution": str(run.cfg.resolution),
-            "mvcompile.classes": ",".join(run.data.train.classes)}
+            CLASS_NAMES_KEY: json.dumps(run.data.train.classes, ensure_ascii=False)}
 
 
 def _rng_state() -> dict:

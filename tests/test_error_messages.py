@@ -1,0 +1,92 @@
+"""Error messages for models ONNX Runtime or onnx cannot use: short, one copy, no C++ noise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import assert_clean_failure, run
+from mvcompile.errors import first_line
+
+
+def _reshape_to_5x7(path: Path) -> Path:
+    """Loads in ONNX Runtime, fails when run: [1, 64] cannot be reshaped to [5, 7]."""
+    shape = numpy_helper.from_array(np.array([5, 7], np.int64), "s")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [shape])
+    onnx.save(helper.make_model(graph, ir_version=10,
+                                opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _matmul(ir_version: int) -> onnx.ModelProto:
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])], [weight])
+    return helper.make_model(graph, ir_version=ir_version,
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_first_line_drops_onnx_runtime_status_and_source_locations(tmp_path: Path) -> None:
+    session = ort.InferenceSession(str(_reshape_to_5x7(tmp_path / "bad.onnx")),
+                                   providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception) as caught:
+        session.run(None, {"x": np.zeros((1, 64), np.float32)})
+    raw, line = str(caught.value), first_line(caught.value)
+    assert "[ONNXRuntimeError]" in raw and "/onnxruntime_src/" in raw  # what ORT says
+    assert "[ONNXRuntimeError]" not in line and "onnxruntime_src" not in line
+    assert "ReshapeHelper" not in line  # the C++ signature went with its location
+    assert "requested shape:{5,7}" in line  # the part that explains the failure stays
+
+
+def test_first_line_leaves_other_messages_alone() -> None:
+    assert first_line(ValueError("bad value\nmore")) == "bad value"
+    assert first_line(ValueError("")) == "ValueError"
+
+
+def test_the_cli_prints_one_copy_of_an_onnx_runtime_error(tmp_path: Path) -> None:
+    """ORT logs a coloured copy of every run error to stderr itself; only ours shows, and
+    ORT's own comes back with -v. Run as a process: ORT writes to file descriptor 2."""
+    model = str(_reshape_to_5x7(tmp_path / "bad.onnx"))
+
+    def bench(*flags: str) -> subprocess.CompletedProcess:
+        code = "from mvcompile.cli import main; main()"
+        return subprocess.run([sys.executable, "-c", code, *flags, "bench", model, "--runs", "1"],
+                              capture_output=True, text=True, timeout=120)
+
+    quiet, verbose = bench(), bench("-v")
+    assert quiet.returncode == 1 and verbose.returncode == 1
+    assert "Error: ONNX Runtime cannot run" in quiet.stderr
+    assert "[E:onnxruntime" not in quiet.stderr and "Traceback" not in quiet.stderr
+    assert "[E:onnxruntime" in verbose.stderr
+
+
+def test_missing_external_data_is_named_not_called_corrupt(tmp_path: Path) -> None:
+    onnx.save(_matmul(10), str(tmp_path / "m.onnx"), save_as_external_data=True,
+              location="m.weights", size_threshold=0)
+    code, output = run("eval", str(tmp_path / "m.onnx"), "--data", "digits")
+    assert_clean_failure(code, output, "square [N, 3, R, R] image input")  # read; no image model
+    (tmp_path / "m.weights").unlink()
+    for command in (("eval", str(tmp_path / "m.onnx"), "--data", "digits"),
+                    ("optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"))):
+        code, output = run(*command)
+        assert_clean_failure(code, output, "external data files that are missing: m.weights")
+        assert "corrupt" not in output
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_bench_says_how_to_run_a_model_with_a_too_new_ir_version(tmp_path: Path) -> None:
+    onnx.save(_matmul(99), str(tmp_path / "n.onnx"))
+    code, output = run("bench", str(tmp_path / "n.onnx"), "--runs", "1")
+    assert_clean_failure(code, output, "Unsupported model IR version: 99", "mvcompile optimize")
