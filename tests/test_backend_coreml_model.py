@@ -7,6 +7,8 @@ the same ONNX graph.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnx.parser
@@ -141,13 +143,19 @@ def test_int8_weight_only_fp16(int8: onnx.ModelProto) -> None:
 
 
 def test_write_coreml_writes_a_verified_package(mobile: onnx.ModelProto, tmp_path) -> None:
-    out = coreml.write_coreml(mobile, tmp_path / "m" / "model.mlpackage", precision="fp32")
+    named = onnx.ModelProto()
+    named.CopyFrom(mobile)
+    names = json.dumps([f"class {i}" for i in range(CFG.num_classes)])
+    onnx.helper.set_model_props(named, {"mvcompile.class_names": names})
+    out = coreml.write_coreml(named, tmp_path / "m" / "model.mlpackage", precision="fp32")
     assert out.is_dir() and (out / "Manifest.json").is_file()
     spec = coreml.ct.utils.load_spec(str(out))
     assert [i.name for i in spec.description.input] == ["pixel_values"]
     assert [o.name for o in spec.description.output] == ["logits"]
     assert "RGB image" in spec.description.input[0].shortDescription
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.mlpackage"]
+    metadata = spec.description.metadata.userDefined
+    assert metadata["mvcompile.class_names"] == names  # kept for apps that show the classes
 
 
 # -- bad input: each fails clearly and writes nothing --------------------------------------------
