@@ -183,7 +183,10 @@ def _bench_coreml(path: Path, compute_units: str, runs: int, warmup: int,
                         f"{sys.platform}. Run `mvcompile bench {path.name}` on a Mac, or open "
                         "the .mlpackage in Xcode and use its Performance report on an iPhone "
                         "(see the README).")
-    import coremltools as ct
+    from mvcompile.interrupts import deferred_interrupt
+
+    with deferred_interrupt():  # a Ctrl-C during coremltools' import would be lost
+        import coremltools as ct
 
     units = getattr(ct.ComputeUnit, COMPUTE_UNITS[compute_units])
     mlmodel = ct.models.MLModel(str(path), compute_units=units)

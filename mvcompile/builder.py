@@ -291,7 +291,10 @@ def _write_targets(stage: Path, out_dir: Path, blobs: dict[str, bytes], report: 
             for path in paths:
                 written[f"{key}_{_ort_artifact_kind(path.name)}"] = path
     if "coreml" in options.targets:
-        from mvcompile.backends.coreml import write_coreml
+        from mvcompile.interrupts import deferred_interrupt
+
+        with deferred_interrupt():  # a Ctrl-C during coremltools' import would be lost
+            from mvcompile.backends.coreml import write_coreml
 
         report["coreml"] = {}
         for key, proto in coreml_sources.items():
