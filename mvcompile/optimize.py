@@ -60,10 +60,12 @@ def random_inputs(proto: onnx.ModelProto, seed: int = 0, batch: int = 1
          for value in proto.graph.input if value.name not in initializers), seed, batch)
 
 
-def max_abs_diff(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 0) -> float:
-    """max |Δ| over all outputs of the two models on the same random inputs (ORT, no graph
-    optimisations, so the comparison is of the graphs themselves)."""
-    feed = random_inputs(reference, seed)
+def max_abs_diff(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 0,
+                 batch: int = 1) -> float:
+    """max |Δ| over all outputs of the two models on the same random inputs, symbolic dims
+    set to ``batch`` (ORT, no graph optimisations, so the comparison is of the graphs
+    themselves)."""
+    feed = random_inputs(reference, seed, batch)
     outputs = []
     for proto in (reference, candidate):
         options = ort.SessionOptions()
@@ -80,17 +82,20 @@ def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
-                   tolerance: float = DEFAULT_TOLERANCE, choose_by_latency: bool = False
-                   ) -> tuple[onnx.ModelProto, dict]:
+                   tolerance: float = DEFAULT_TOLERANCE, choose_by_latency: bool = False,
+                   batch: int | None = None) -> tuple[onnx.ModelProto, dict]:
     """Simplify, run the pipeline for ``target`` and check numerics; raise UserError if the
     result is invalid or differs from ``proto`` by more than ``tolerance``.
 
     With ``choose_by_latency`` (target "ort"), the stages in :data:`MEASURED_STAGES` are kept
-    only where ONNX Runtime on this machine runs the result faster than without them.
+    only where ONNX Runtime on this machine runs the result faster than without them. A
+    ``batch`` fixes the symbolic batch dimension of the inputs (:func:`fix_batch`), so that
+    onnxsim folds the shape arithmetic of dynamic-batch exports and the layout rewrites,
+    which need static shapes, can match; the result then takes that batch only.
     """
     if target not in TARGET_PIPELINES:
         raise UserError(f"Unknown target {target!r}; choose one of {sorted(TARGET_PIPELINES)}.")
-    simplified = simplify(proto)
+    simplified = simplify(fix_batch(proto, batch) if batch else proto)
     result, pipeline_report = run_pipeline_proto(simplified, TARGET_PIPELINES[target])
     choices = []
     if choose_by_latency and target == "ort":
@@ -101,7 +106,7 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
                 choices.append(choice)
     if target == "mobile":
         _check_standard_only(result)
-    diff = _check(proto, result, tolerance)
+    diff = _check(proto, result, tolerance, batch or 1)
     before, simple, after = op_counts(proto), op_counts(simplified), op_counts(result)
     report = {
         "target": target,
@@ -112,8 +117,43 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
         "max_abs_diff": diff,
         "measured_choices": choices,
         "pipeline": pipeline_report,
+        "batch": batch,
+        "symbolic_batch_blocked": batch is None and _symbolic_batch_blocked(
+            proto, result, pipeline_report),
     }
     return result, report
+
+
+def symbolic_batch_inputs(proto: onnx.ModelProto) -> list[str]:
+    """Graph inputs (initializers aside) whose first dimension is not a fixed number."""
+    initializers = {init.name for init in proto.graph.initializer}
+    return [value.name for value in proto.graph.input if value.name not in initializers
+            and value.type.tensor_type.shape.dim
+            and not value.type.tensor_type.shape.dim[0].HasField("dim_value")]
+
+
+def fix_batch(proto: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """A copy of ``proto`` whose inputs with a symbolic first dimension take ``batch``."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    names = set(symbolic_batch_inputs(fixed))
+    for value in fixed.graph.input:
+        if value.name in names:
+            value.type.tensor_type.shape.dim[0].dim_value = batch  # clears its dim_param
+    return fixed
+
+
+def _symbolic_batch_blocked(proto: onnx.ModelProto, result: onnx.ModelProto,
+                            pipeline_report: dict) -> bool:
+    """Whether the symbolic batch of ``proto`` likely kept rewrites from matching (``--batch``
+    would let them): ``result`` still computes shapes at run time (Shape ops), or a rule
+    refused for want of a static shape."""
+    if not symbolic_batch_inputs(proto):
+        return False
+    refusals = [why for stage in pipeline_report["stages"]
+                for why in stage.get("refused", {}).values()]
+    return (any(node.op_type == "Shape" for node in result.graph.node)
+            or any("not a static" in why for why in refusals))
 
 
 def run_pipeline_proto(proto: onnx.ModelProto, pipeline: str,
@@ -163,7 +203,8 @@ def _check_standard_only(result: onnx.ModelProto) -> None:
                         "original export instead. Nothing was written.")
 
 
-def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float) -> float:
+def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float,
+           batch: int = 1) -> float:
     """The max abs output difference of ``result`` from ``proto``; raise UserError unless
     ``result`` is valid and within ``tolerance``."""
     try:
@@ -171,7 +212,7 @@ def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float) ->
     except Exception as err:
         raise UserError(f"The optimised model failed validation ({type(err).__name__}: {err}); "
                         "nothing was written. Please report this with the input model.") from err
-    diff = max_abs_diff(proto, result)
+    diff = max_abs_diff(proto, result, batch=batch)
     if not diff <= tolerance:
         raise UserError(f"The optimised model differs from the input by {diff:.3g} (max abs) "
                         f"on random inputs, above the tolerance {tolerance:g}; nothing was "
@@ -180,7 +221,8 @@ def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float) ->
 
 
 def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
-                  tolerance: float = DEFAULT_TOLERANCE, choose_by_latency: bool = False) -> dict:
+                  tolerance: float = DEFAULT_TOLERANCE, choose_by_latency: bool = False,
+                  batch: int | None = None) -> dict:
     """:func:`optimize_proto` on a file, then an atomic, validated write to ``dst``."""
     dst = Path(dst)
     if dst.is_dir():
@@ -191,7 +233,10 @@ def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
     check_writable_dir(dst.parent, "optimised model")
     proto = onnx_io.load_model(src)
     _check_runs_in_ort(proto, src)
-    result, report = optimize_proto(proto, target, tolerance, choose_by_latency)
+    if batch and not symbolic_batch_inputs(proto):
+        log.warning("--batch %d is ignored: the inputs of %s have no symbolic batch", batch, src)
+        batch = None
+    result, report = optimize_proto(proto, target, tolerance, choose_by_latency, batch)
     onnx_io.save_model(result, dst)
     log.info("Wrote %s", dst)
     return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import onnx
@@ -35,6 +36,47 @@ def hf_export(tmp_path_factory) -> tuple[onnx.ModelProto, str]:
     path = tmp_path_factory.mktemp("hf") / "mobilevit.onnx"
     onnx.save(proto, str(path))
     return proto, str(path)
+
+
+@pytest.fixture(scope="module")
+def dynamic_batch_export(tmp_path_factory) -> str:
+    """The usual export: the batch dimension symbolic, so TorchScript computes each reshape's
+    target from Shape(x) at run time."""
+    from mvcompile.graphs.mobilevit import MobileViTConfig
+
+    cfg = MobileViTConfig.for_size("xxs", resolution=64)
+    path = tmp_path_factory.mktemp("dyn") / "mobilevit_dynamic.onnx"
+    torch.onnx.export(hf_model(cfg, build_random(cfg, seed=2)[1]), (torch.rand(1, 3, 64, 64),),
+                      str(path), dynamo=False, opset_version=18, input_names=["pixel_values"],
+                      output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"},
+                                                             "logits": {0: "batch"}})
+    return str(path)
+
+
+def test_a_symbolic_batch_is_named_as_the_blocker_and_batch_fixes_it(
+        dynamic_batch_export, tmp_path) -> None:
+    out = tmp_path / "o.onnx"
+    code, output = run("optimize", dynamic_batch_export, "-o", str(out), "--no-measure")
+    assert code == 0, output
+    assert re.search(r"Transpose +48 -> 48", output)  # nothing matched
+    assert "`--batch 1` fixes the batch" in output
+    code, output = run("optimize", dynamic_batch_export, "-o", str(out), "--no-measure",
+                       "--batch", "2")
+    assert code == 0, output
+    # as for a fixed-batch export (the test below): the last block's 6 Transposes stay at 64²
+    assert re.search(r"Transpose +48 -> 6", output), output
+    assert "fixed to 2" in output and "--batch 1` fixes" not in output
+    written = onnx.load(str(out))
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    assert max_abs_diff(onnx.load(dynamic_batch_export), written, batch=2) <= 1e-4
+
+
+def test_batch_on_a_model_without_a_symbolic_batch_is_ignored(hf_export, tmp_path,
+                                                               caplog) -> None:
+    code, output = run("optimize", hf_export[1], "-o", str(tmp_path / "o.onnx"), "--no-measure",
+                       "--batch", "4")
+    assert code == 0, output
+    assert "--batch 4 is ignored" in caplog.text and "fixed to" not in output
 
 
 def test_unfold_fold_chains_of_a_transformers_export_are_rewritten(hf_export) -> None:
@@ -102,7 +144,7 @@ def test_numerics_mismatch_writes_nothing(hf_export, tmp_path, monkeypatch) -> N
     written."""
     _, path = hf_export
     out = tmp_path / "out.onnx"
-    monkeypatch.setattr("mvcompile.optimize.max_abs_diff", lambda reference, candidate: 1.0)
+    monkeypatch.setattr("mvcompile.optimize.max_abs_diff", lambda *args, **kw: 1.0)
     result = CliRunner().invoke(main, ["optimize", path, "-o", str(out)])
     assert result.exit_code == 1
     assert "nothing was" in result.output
@@ -178,7 +220,7 @@ def test_long_refusal_reasons_are_cut_with_a_mark_and_a_note(tmp_path, monkeypat
     reason = "no_match: " + "x" * 200
     fake = {"nodes": {"input": 3, "onnxsim": 3, "optimized": 3},
             "transposes": {"input": 0, "optimized": 0}, "max_abs_diff": 0.0,
-            "measured_choices": [],
+            "measured_choices": [], "batch": None, "symbolic_batch_blocked": False,
             "pipeline": {"stages": [{"rules": {"short": 0, "long": 0, "fired": 2},
                                      "refused": {"short": "no candidate", "long": reason}}]}}
     monkeypatch.setattr("mvcompile.optimize.optimize_file", lambda *a, **k: fake)
