@@ -20,22 +20,34 @@ from mvcompile.summary import build_summary
 from mvcompile.table import format_table, human_count
 from mvcompile.train.cli import train as train_command  # imports torch only when it runs
 
-INT8_ONLY_OPTIONS = ("calib_data", "calib_size", "calib_method", "accuracy_budget",
-                     "weight_bits", "eval_data", "coreml_int8")
+# Options that only act under a condition: {condition: (options, what they act on, when they
+# are ignored)}; build passes whether each condition holds.
+_CONDITIONAL_OPTIONS = {
+    "int8": (("calib_data", "calib_size", "calib_method", "accuracy_budget", "weight_bits",
+              "eval_data", "coreml_int8"), "the INT8 model", "without --int8"),
+    "ort": (("ort_style",), "the .ort files", "without ort in --targets"),
+    "coreml": (("coreml_precision", "coreml_int8", "coreml_input", "coreml_batch"),
+               "the Core ML packages", "without coreml in --targets"),
+    "random_weights": (("seed",), "the random weights", "with --weights"),
+    "timing": (("threads",), "the latency measurement", "with --latency-runs 0"),
+}
 
 
-def _warn_int8_options_without_int8(int8: bool) -> None:
-    """An INT8 option given without --int8 is ignored: say so rather than stay silent."""
+def _warn_ignored_options(**holds: bool) -> None:
+    """An option given where it has no effect (an INT8 option without --int8, a Core ML one
+    without the coreml target) is ignored: say so rather than stay silent. ``holds`` says for
+    each condition of :data:`_CONDITIONAL_OPTIONS` whether it holds."""
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
-    given = [f"--{name.replace('_', '-')}" for name in INT8_ONLY_OPTIONS
-             if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
-    if given and not int8:
-        verb = "applies" if len(given) == 1 else "apply"
-        click.secho(f"Note: {', '.join(given)} only {verb} to the INT8 model and "
-                    f"{'is' if len(given) == 1 else 'are'} ignored without --int8.",
-                    fg="yellow", err=True)
+    for condition, (names, target, ignored) in _CONDITIONAL_OPTIONS.items():
+        given = [f"--{name.replace('_', '-')}" for name in names
+                 if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+        if given and not holds[condition]:
+            one = len(given) == 1
+            click.secho(f"Note: {', '.join(given)} only {'applies' if one else 'apply'} to "
+                        f"{target} and {'is' if one else 'are'} ignored {ignored}.",
+                        fg="yellow", err=True)
 
 
 def _option(ctx: click.Context, name: str) -> click.Parameter:
@@ -157,7 +169,9 @@ class _ProgressBars:
 
 @main.command()
 @click.option("--size", type=click.Choice(SIZES), default="xxs", show_default=True,
-              help="MobileViT variant: xxs (1.3 M params), xs (2.3 M) or s (5.6 M).")
+              help="MobileViT variant: xxs (1.3 M params), xs (2.3 M) or s (5.6 M). With "
+                   "--weights from `mvcompile train`, this and --resolution, --patch-config and "
+                   "--num-classes default to the values it was trained with.")
 @click.option("--weights", type=PATH, default=None,
               help="Checkpoint to load: Hugging Face folder, .safetensors, .bin, or an ml-cvnets "
                    ".pt. Without it the weights are seeded random (not trained).")
@@ -169,15 +183,16 @@ class _ProgressBars:
 @click.option("--num-classes", type=int, default=1000, show_default=True,
               help="Classifier outputs; must match the checkpoint when --weights is given.")
 @click.option("-o", "--out-dir", type=PATH, default=None,
-              help="Output folder for model.onnx, model_int8.onnx and report.json "
-                   "[default: out/mobilevit_SIZE].")
+              help="Output folder for model.onnx, model_int8.onnx, report.json and the "
+                   "--targets artifacts (.ort, .mlpackage) [default: out/mobilevit_SIZE].")
 @click.option("--no-passes", is_flag=True,
               help="Skip the graph passes and write the plain authored graph (for comparison).")
 @click.option("--int8", is_flag=True,
               help="Also calibrate and write an INT8 (QDQ) model, model_int8.onnx.")
 @click.option("--calib-data", type=PATH, default=None,
-              help="Calibration images: a folder (searched recursively) or a preprocessed .npy "
-                   "[N,3,R,R] array. Default: bundled scikit-image photos.")
+              help="Calibration images: a folder (searched recursively), a preprocessed .npy "
+                   "[N,3,R,R] array, or `digits` (scikit-learn's, its training split). "
+                   "Default: bundled scikit-image photos.")
 @click.option("--calib-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="How many calibration images to use.")
 @click.option("--calib-method", type=click.Choice(list(OBSERVER_NAMES)), default="percentile",
@@ -190,8 +205,9 @@ class _ProgressBars:
               help="INT8 weight range: 7 bits avoids the int16 saturation of x86 u8*s8 kernels "
                    "(measured accuracy loss without it); 8 uses the full range (ARM phones).")
 @click.option("--eval-data", type=PATH, default=None,
-              help="With --int8: image folder (one subfolder per class) to report FP32 and "
-                   "INT8 accuracy on.")
+              help="With --int8: images to report FP32 and INT8 accuracy on: a folder (one "
+                   "subfolder per class gives labels), a preprocessed .npy array, or `digits` "
+                   "(its validation split).")
 @click.option("--targets", default="onnx", show_default=True,
               help="Comma-separated artifacts to write: onnx (always), ort (ONNX Runtime mobile "
                    ".ort + operator configs), coreml (.mlpackage ML Program).")
@@ -226,7 +242,10 @@ def build(size: str, weights: str | None, resolution: int, patch_config: str, nu
     from mvcompile.builder import BuildOptions
     from mvcompile.builder import build as run_build
 
-    _warn_int8_options_without_int8(int8)
+    target_names = {t.strip() for t in targets.split(",")}
+    _warn_ignored_options(int8=int8, ort="ort" in target_names,
+                          coreml="coreml" in target_names, random_weights=not weights,
+                          timing=latency_runs > 0)
     if weights:
         size, patch_config, num_classes, resolution = _settings_from_checkpoint(
             weights, size=size, patch_config=patch_config, num_classes=num_classes,
@@ -341,8 +360,9 @@ _WHY_WIDTH = 90  # characters of a refusal reason in optimize's table
 @click.option("--measure/--no-measure", default=True, show_default=True,
               help="--target ort: time the result with and without the attention head-split "
                    "fold on this machine's ONNX Runtime and keep it unless the model runs "
-                   "at least 3% faster without it. "
-                   "--no-measure applies every rewrite that matches.")
+                   "at least 3% faster without it (timings: when the two are close, "
+                   "runs can choose differently). --no-measure applies every rewrite that "
+                   "matches, the same each run.")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Fix a symbolic batch dimension of the inputs to this size (the result then "
                    "takes only it). Dynamic-batch torch exports compute their reshapes from "

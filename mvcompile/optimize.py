@@ -210,11 +210,11 @@ def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float,
     try:
         onnx_io.validate(result)
     except Exception as err:
-        raise UserError(f"The optimised model failed validation ({type(err).__name__}: {err}); "
+        raise UserError(f"The optimized model failed validation ({type(err).__name__}: {err}); "
                         "nothing was written. Please report this with the input model.") from err
     diff = max_abs_diff(proto, result, batch=batch)
     if not diff <= tolerance:
-        raise UserError(f"The optimised model differs from the input by {diff:.3g} (max abs) "
+        raise UserError(f"The optimized model differs from the input by {diff:.3g} (max abs) "
                         f"on random inputs, above the tolerance {tolerance:g}; nothing was "
                         "written. Please report this with the input model.")
     return diff
@@ -230,7 +230,7 @@ def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
     if dst.suffix.lower() != ".onnx":
         raise UserError(f"-o {dst} does not end in .onnx; optimize writes an ONNX model, so "
                         "name it model.onnx or similar. Nothing was written.")
-    check_writable_dir(dst.parent, "optimised model")
+    check_writable_dir(dst.parent, "optimized model")
     proto = onnx_io.load_model(src)
     _check_runs_in_ort(proto, src)
     if batch and not symbolic_batch_inputs(proto):

@@ -90,3 +90,12 @@ def test_bench_says_how_to_run_a_model_with_a_too_new_ir_version(tmp_path: Path)
     onnx.save(_matmul(99), str(tmp_path / "n.onnx"))
     code, output = run("bench", str(tmp_path / "n.onnx"), "--runs", "1")
     assert_clean_failure(code, output, "Unsupported model IR version: 99", "mvcompile optimize")
+
+
+def test_a_core_ml_package_is_named_as_one(tmp_path: Path) -> None:
+    package = tmp_path / "model.mlpackage"
+    package.mkdir()
+    for command in (("eval", str(package), "--data", "digits"), ("info", str(package)),
+                    ("optimize", str(package), "-o", str(tmp_path / "o.onnx"))):
+        code, output = run(*command)
+        assert_clean_failure(code, output, "is a Core ML package", "mvcompile bench")

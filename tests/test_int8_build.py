@@ -139,6 +139,22 @@ def test_int8_options_without_int8_are_named_as_ignored(tmp_path: Path) -> None:
     assert not (tmp_path / "o" / "model_int8.onnx").exists()
 
 
+def test_target_and_timing_options_that_do_not_apply_are_named_as_ignored(tmp_path: Path
+                                                                          ) -> None:
+    code, output = run("build", "--resolution", "64", "--latency-runs", "0", "--threads", "4",
+                       "--ort-style", "runtime", "--coreml-batch", "2", "-o", str(tmp_path / "o"))
+    assert code == 0, output
+    assert ("--ort-style only applies to the .ort files and is ignored without ort in "
+            "--targets") in output
+    assert ("--coreml-batch only applies to the Core ML packages and is ignored without "
+            "coreml in --targets") in output
+    assert ("--threads only applies to the latency measurement and is ignored with "
+            "--latency-runs 0") in output
+    code, output = run("build", "--resolution", "64", "--latency-runs", "0", "--targets",
+                       "onnx,ort", "--ort-style", "runtime", "-o", str(tmp_path / "o"))
+    assert code == 0 and "Note: --ort-style" not in output, output
+
+
 def test_unknown_calibration_method(tmp_path: Path) -> None:
     code, output = run("build", *FAST, "--int8", "--calib-method", "magic",
                        "-o", str(tmp_path / "o"))
