@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,14 +57,31 @@ def read_checkpoint(path: str | Path, device: torch.device) -> dict:
         raise UserError(f"--resume {path}: no such checkpoint. Pass a run folder "
                         f"(runs/NAME) or its {LAST}.")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise here
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many types for corrupt pickles
-        raise UserError(f"Cannot read the checkpoint {path}: {first_line(err)}. "
-                        "It may be truncated or not written by mvcompile train.") from err
+        log.debug("torch.load(%s) failed: %s", path, err)
+        raise UserError(f"{path} is not a readable checkpoint ({_load_failure(err)}). Resume "
+                        "from the last.pt of a run written by mvcompile train, or start a new "
+                        "run.") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a training checkpoint written by mvcompile train "
                         f"(format {FORMAT}); to start from weights only, begin a new run.")
     return state
+
+
+def _load_failure(err: Exception) -> str:
+    """Why torch.load failed, in a few words. Its text for pickles that hold more than tensors
+    advises weights_only=False, i.e. running arbitrary code: not passed on (as in
+    mvcompile.graphs.checkpoints); its other texts ("pop from empty list", miniz's paragraph)
+    say nothing more than that the file is damaged."""
+    if isinstance(err, PermissionError):  # that, not "corrupt"
+        return f"cannot open it: {err.strerror or first_line(err)}"
+    if "weights only" in str(err).lower():
+        return ("it may be truncated or corrupt, or hold Python objects other than tensors, "
+                "which mvcompile never unpickles")
+    return "it may be truncated or corrupt"
 
 
 def check_same_model(saved: dict, wanted: dict, path: Path) -> None:

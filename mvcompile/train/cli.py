@@ -57,12 +57,18 @@ class ProgressReporter:
         self.bar.update(1)
 
     def epoch_end(self, row: dict) -> None:
-        self.bar.__exit__(None, None, None)
+        self.close()
         ema = (f"  EMA val acc {row['ema_val_acc']:.2%}"
                if row.get("ema_val_acc") is not None else "")
         click.echo(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}  val loss "
                    f"{row['val_loss']:.4f}  val acc {row['val_acc']:.2%}{ema}  "
                    f"({row['seconds']:.0f} s)", err=True)
+
+    def close(self) -> None:
+        """End the epoch's bar, if one is showing (also when an epoch stops half-way)."""
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 @click.command(epilog=EXAMPLES)
@@ -132,9 +138,15 @@ def train(**kwargs: object) -> None:
         _fail(f"mvcompile train needs PyTorch ({err}). Install the [train] extra: "
               "pip install 'mvcompile[train]'.")
     try:
-        result = _run(_options(kwargs))
+        options = _options(kwargs)
+        result = _run(options)
     except UserError as err:
         _fail(str(err))
+    if result.start_epoch >= options.epochs:
+        done = result.start_epoch
+        click.secho(f"Note: {result.run_dir} already finished its {done} "
+                    f"epoch{'s' if done != 1 else ''}; pass --epochs M (> {done}) to train "
+                    "longer.", fg="yellow", err=True)
     best = result.best
     click.echo(f"best val accuracy {best['val_acc']:.2%} at epoch {best['epoch']}: "
                f"{result.run_dir / 'best.safetensors'}")
@@ -157,20 +169,41 @@ def _run(options: TrainOptions) -> TrainResult:
     """Train; on Ctrl-C, say how to continue and exit with status 130."""
     from mvcompile.train.loop import train as run_training
 
+    before = _checkpoint_stamp(options.run_dir())
+    reporter = ProgressReporter()
     try:
-        return run_training(options, ProgressReporter())
+        return run_training(options, reporter)
     except KeyboardInterrupt:
-        click.secho(f"\n{_interrupted_message(options.run_dir())}", fg="yellow", err=True)
+        reporter.close()
+        click.secho(f"\n{_interrupted_message(options, before)}", fg="yellow", err=True)
         sys.exit(130)
+    finally:
+        reporter.close()  # an error half-way through an epoch: its message on a line of its own
 
 
-def _interrupted_message(run_dir: Path) -> str:
+def _checkpoint_stamp(run_dir: Path) -> tuple[int, int] | None:
+    """Identifies the run folder's last.pt (each save replaces the file): None if absent."""
     from mvcompile.train.checkpoint import LAST
 
-    if (run_dir / LAST).is_file():
-        return ("Interrupted. The last complete epoch is saved; continue with "
-                f"--resume {run_dir}")
-    return f"Interrupted before the first epoch ended; nothing to resume in {run_dir}."
+    try:
+        stat = (run_dir / LAST).stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _interrupted_message(options: TrainOptions, before: tuple[int, int] | None) -> str:
+    """What an interrupt left: a resumable epoch, nothing, or (--overwrite interrupted before
+    it deleted anything) the earlier run untouched."""
+    run_dir = options.run_dir()
+    now = _checkpoint_stamp(run_dir)
+    if now is None:
+        return (f"Interrupted before the first epoch ended; nothing was saved, so there is "
+                f"nothing to resume in {run_dir}.")
+    if options.overwrite and now == before:
+        return (f"Interrupted before the new run started; {run_dir} still holds the earlier "
+                f"run, unchanged (continue it with --resume {run_dir}).")
+    return f"Interrupted. The last complete epoch is saved; continue with --resume {run_dir}"
 
 
 def _fail(message: str) -> None:

@@ -65,9 +65,21 @@ class ImageSource:
 
 @dataclass
 class DataSplit:
+    """The training and validation images, and where they came from."""
+
     train: ImageSource
     val: ImageSource
-    description: str
+    source: str  # e.g. "scikit-learn digits (8x8 upsampled)" or "photos: 5 classes"
+    split: str  # how val was separated from train, e.g. "--val-split 0.2" or "val/ folder"
+    subset_of: int | None = None  # the training images before --subset picked some
+
+    @property
+    def description(self) -> str:
+        """One line with the image counts actually used, e.g. for run.json and the log."""
+        train = f"{len(self.train)} train"
+        if self.subset_of is not None:
+            train += f" (--subset of {self.subset_of})"
+        return f"{self.source}, {train} / {len(self.val)} val ({self.split})"
 
 
 def load_data(spec: str, val_split: float | None = None) -> DataSplit:
@@ -94,7 +106,7 @@ def _digits(val_split: float) -> DataSplit:
                          eval_resize=1.0, arrays=arrays)
     train, val = stratified_split(source.labels, val_split)
     return DataSplit(source.subset(train), source.subset(val),
-                     f"scikit-learn digits (8x8 upsampled), {len(train)} train / {len(val)} val")
+                     "scikit-learn digits (8x8 upsampled)", f"--val-split {val_split}")
 
 
 def _folder(root: Path, val_split: float) -> DataSplit:
@@ -105,14 +117,13 @@ def _folder(root: Path, val_split: float) -> DataSplit:
     val_root = next((train_root.parent / v for v in VAL_FOLDERS
                      if train_root != root and (train_root.parent / v).is_dir()), None)
     train = scan_folder(train_root)
+    source = f"{root}: {len(train.classes)} classes"
     if val_root is None:
         keep, held = stratified_split(train.labels, val_split)
-        return DataSplit(train.subset(keep), train.subset(held),
-                         f"{root}: {len(train.classes)} classes, {len(keep)} train / "
-                         f"{len(held)} val (--val-split {val_split})")
+        return DataSplit(train.subset(keep), train.subset(held), source,
+                         f"--val-split {val_split}")
     val = scan_folder(val_root, classes=train.classes)
-    return DataSplit(train, val, f"{root}: {len(train.classes)} classes, {len(train)} train "
-                                 f"({train_root.name}/) / {len(val)} val ({val_root.name}/)")
+    return DataSplit(train, val, source, f"{train_root.name}/ and {val_root.name}/ folders")
 
 
 def scan_folder(root: Path, classes: list[str] | None = None) -> ImageSource:

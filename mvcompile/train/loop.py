@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -38,7 +38,7 @@ from mvcompile.train.distributed import (
 )
 from mvcompile.train.distributed import shutdown as shutdown_distributed
 from mvcompile.train.model import MobileViT
-from mvcompile.train.options import RECIPE_KEYS, TrainOptions
+from mvcompile.train.options import LOCATION_KEYS, RECIPE_KEYS, TrainOptions, resolve
 from mvcompile.train.recipe import EMA, Schedule, default_warmup, make_optimizer, make_scheduler
 from mvcompile.train.sampler import Item, MultiScaleBatchSampler, eval_batches, scaled_resolutions
 
@@ -108,6 +108,7 @@ class TrainResult:
     history: list[dict]
     best: dict
     model: nn.Module  # the exported (EMA or plain) model at the end, in eval mode
+    start_epoch: int = 0  # epochs a resumed run had done before; no training if >= epochs
 
 
 def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResult:
@@ -116,25 +117,33 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
     reporter = reporter if reporter is not None and d.is_main else SilentReporter()
     try:
         run = prepare(options, d)
+        if run.start_epoch >= options.epochs:
+            log.info("%s already finished its %d epochs; nothing to train.", run.run_dir,
+                     run.start_epoch)
         for epoch in range(run.start_epoch, options.epochs):
             train_loss, seconds = train_epoch(run, epoch, reporter)
             end_epoch(run, epoch, train_loss, seconds, reporter)
         run.export_model.eval()
-        return TrainResult(run.run_dir, run.history, run.best, run.export_model)
+        return TrainResult(run.run_dir, run.history, run.best, run.export_model,
+                           run.start_epoch)
     finally:
         shutdown_distributed(d)
 
 
 def prepare(options: TrainOptions, d: Dist) -> Run:
-    """Data, model, optimizer, schedule, sampler, loaders; then the resumed state, if any."""
+    """Check the run folder; data, model, optimizer, schedule, sampler, loaders; the resumed
+    state, if any; then start the run folder's files (run.json) when there is work to do."""
     _check_options(options)
+    run_dir = _run_dir(options)
+    if d.is_main:
+        outputs.check_writable(run_dir)  # before hours of data loading and training
     data = load_data(options.data, options.val_split)
-    if options.subset is not None:
-        data.train = _subset(data.train, options.subset, options.seed)
+    if options.subset is not None and options.subset < len(data.train):
+        data = replace(data, train=_subset(data.train, options.subset, options.seed),
+                       subset_of=len(data.train))
     cfg = MobileViTConfig.for_size(options.size, resolution=options.resolution,
                                    patch_config=options.patch_config,
                                    num_classes=len(data.train.classes))
-    run_dir = _run_dir(options, d)
     torch.manual_seed(options.seed + d.rank)
     model = MobileViT(cfg, options.dropout, options.classifier_dropout).to(d.device)
     ids = [d.device.index] if d.device.type == "cuda" else None
@@ -147,10 +156,13 @@ def prepare(options: TrainOptions, d: Dist) -> Run:
               *_loaders(options, cfg, data, sampler, d), run_dir)
     log.info("%s; %d steps, warm-up %d; resolutions %s", data.description,
              schedule.total_steps, schedule.warmup_steps, sampler.resolutions)
+    resumed = None
     if options.resume:
-        _restore(run, checkpoint.load_checkpoint(options.resume, _model_config(run), d.device))
-    elif d.is_main:
-        outputs.write_run_info(run_dir, options, cfg, data)
+        state = checkpoint.load_checkpoint(options.resume, _model_config(run), d.device)
+        _restore(run, state)
+        resumed = _resume_record(state, options)
+    if d.is_main and run.start_epoch < options.epochs:
+        _start_run_folder(run, resumed)
     return run
 
 
@@ -165,6 +177,9 @@ def _check_options(o: TrainOptions) -> None:
         raise UserError(f"--crop-scale must be in (0, 1], got {o.crop_scale}.")
     if o.ema_decay is not None and not 0.0 < o.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in (0, 1), got {o.ema_decay}.")
+    if o.resume and o.overwrite:
+        raise UserError(f"--resume and --overwrite contradict each other: --resume continues "
+                        f"the run in {o.run_dir()}, --overwrite starts it over. Drop one.")
 
 
 def _subset(source: ImageSource, n: int, seed: int) -> ImageSource:
@@ -173,12 +188,41 @@ def _subset(source: ImageSource, n: int, seed: int) -> ImageSource:
     return source.subset(keep)
 
 
-def _run_dir(o: TrainOptions, d: Dist) -> Path:
+def _run_dir(o: TrainOptions) -> Path:
+    """The run folder; UserError if a fresh run would mix its files with an earlier run's."""
     run_dir = o.run_dir()
-    if not o.resume and not o.overwrite and (run_dir / checkpoint.LAST).exists():
+    if o.resume or o.overwrite:
+        return run_dir
+    if (run_dir / checkpoint.LAST).exists():
         raise UserError(f"{run_dir} already holds a run. Continue it with --resume {run_dir}, "
                         "start over with --overwrite, or choose another --name.")
+    earlier = outputs.earlier_outputs(run_dir)
+    if earlier:
+        raise UserError(f"{run_dir} holds files of an earlier run ({', '.join(earlier)}). "
+                        "Start over with --overwrite (which deletes them), or choose another "
+                        "--name.")
     return run_dir
+
+
+def _start_run_folder(run: Run, resumed: dict | None) -> None:
+    """Write run.json for the options in force: a fresh run (with --overwrite, after deleting
+    the earlier run's files) records none, a resumed one adds itself to the earlier resumes."""
+    if resumed is None:
+        if run.options.overwrite:
+            outputs.clear_run_files(run.run_dir)
+        resumes = []
+    else:
+        resumes = [*outputs.read_resumes(resolve(run.options.resume).parent), resumed]
+    outputs.write_run_info(run.run_dir, run.options, run.cfg, run.data, resumes)
+
+
+def _resume_record(state: dict, options: TrainOptions) -> dict:
+    """For run.json: where the run was resumed from, after which epoch, what changed."""
+    saved = state["options"]
+    changed = {f.name: [saved.get(f.name), getattr(options, f.name)] for f in fields(options)
+               if f.name not in LOCATION_KEYS and saved.get(f.name) != getattr(options, f.name)}
+    return {"from": str(resolve(options.resume)), "after_epoch": state["epoch"],
+            "changed": changed}
 
 
 def _train_sampler(o: TrainOptions, cfg: MobileViTConfig, n: int, d: Dist
@@ -275,9 +319,10 @@ def end_epoch(run: Run, epoch: int, train_loss: float, seconds: float,
         run.best = {"epoch": epoch + 1, "val_acc": score}
     rng = gather_objects(run.dist, _rng_state())
     if run.dist.is_main:
-        outputs.write_epoch(run.run_dir, run.export_model, _metadata(run), improved,
-                            run.history)
-        checkpoint.save_checkpoint(run.run_dir / checkpoint.LAST, _state(run, epoch, rng))
+        with outputs.writing(run.run_dir):  # e.g. a full disk: a clean error, not a traceback
+            outputs.write_epoch(run.run_dir, run.export_model, _metadata(run), improved,
+                                run.history)
+            checkpoint.save_checkpoint(run.run_dir / checkpoint.LAST, _state(run, epoch, rng))
     barrier(run.dist)
     reporter.epoch_end(row)
 

@@ -7,44 +7,136 @@
   loadable by ``mvcompile build --weights``;
 - ``metrics.csv``: one row per epoch (train loss, val loss, val accuracy, lr, seconds);
 - ``curves.png``: loss and accuracy curves.
+
+Only the files named in :data:`RUN_FILES` belong to ``mvcompile train``; ``--overwrite``
+deletes those and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 from torch import nn
 
+from mvcompile.errors import UserError, first_line
 from mvcompile.graphs.mobilevit import MobileViTConfig
 from mvcompile.onnx_io import atomic_write_text
 from mvcompile.train.checkpoint import save_weights
 from mvcompile.train.data import DataSplit
 from mvcompile.train.model import export_state_dict
-from mvcompile.train.options import TrainOptions
+from mvcompile.train.options import LAST, TrainOptions
 from mvcompile.train.plot import write_curves
+
+log = logging.getLogger(__name__)
 
 BEST, LAST_WEIGHTS = "best.safetensors", "last.safetensors"
 METRICS, CURVES, RUN_INFO = "metrics.csv", "curves.png", "run.json"
+# Everything train writes in a run folder; last.pt first, so that a run folder being cleared
+# stops being resumable before anything else goes.
+RUN_FILES = (LAST, BEST, LAST_WEIGHTS, METRICS, CURVES, RUN_INFO)
 COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "ema_val_acc", "lr", "seconds")
 
 
+@contextlib.contextmanager
+def writing(run_dir: Path) -> Iterator[None]:
+    """Turn an OSError raised while writing into ``run_dir`` into a UserError paragraph."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"Cannot write the run folder {run_dir}: {_reason(err, run_dir)}. "
+                        "Fix its path or permissions, or choose another folder with "
+                        "--runs-dir or --name.") from err
+
+
+def _reason(err: OSError, run_dir: Path) -> str:
+    """What went wrong, in words: "Permission denied", "runs is a file, not a folder"..."""
+    if isinstance(err, (NotADirectoryError, FileExistsError)):
+        blocking = next((p for p in reversed([run_dir, *run_dir.parents])
+                         if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            return f"{blocking} is a file, not a folder"
+    reason = err.strerror or first_line(err)
+    failed = Path(err.filename) if isinstance(err.filename, str) else None
+    return f"{reason} ({failed})" if failed in run_dir.parents else reason
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` and write and delete a probe file in it, so that a run folder that
+    cannot be written fails at once (UserError) rather than after an epoch of training.
+
+    Folders created here are removed again: until the run writes its files, a failed start
+    (bad data, say) leaves no trace.
+    """
+    created = [p for p in [run_dir, *run_dir.parents] if not p.exists()]  # deepest first
+    try:
+        with writing(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write-test.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+    finally:
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def earlier_outputs(run_dir: Path) -> list[str]:
+    """The files of an earlier run's epochs in ``run_dir`` (run.json alone is not one)."""
+    return [name for name in RUN_FILES if name != RUN_INFO and (run_dir / name).exists()]
+
+
+def clear_run_files(run_dir: Path) -> None:
+    """Delete what an earlier run wrote in ``run_dir`` (and its leftover temporary files);
+    other files, the user's own, stay."""
+    removed = []
+    with writing(run_dir):
+        for name in RUN_FILES:
+            for path in [run_dir / name, *run_dir.glob(f".{name}.*.tmp")]:
+                if path.is_file():
+                    path.unlink()
+                    removed.append(path.name)
+    if removed:
+        log.info("--overwrite: deleted the earlier run's %s from %s.", ", ".join(removed),
+                 run_dir)
+
+
+def read_resumes(run_dir: Path) -> list[dict]:
+    """The resumes an earlier run.json in ``run_dir`` records; [] if there is none."""
+    try:
+        resumes = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8")).get("resumes")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return resumes if isinstance(resumes, list) else []
+
+
 def write_run_info(run_dir: Path, options: TrainOptions, cfg: MobileViTConfig,
-                   data: DataSplit) -> None:
+                   data: DataSplit, resumes: list[dict] | None = None) -> None:
+    """run.json: the options in force and the data actually used (after --subset), and for a
+    resumed run one entry per resume (after which epoch, which options changed)."""
     info = {
         "options": asdict(options),
         "model": {"size": cfg.size, "patch_sizes": list(cfg.patch_sizes),
                   "num_classes": cfg.num_classes, "resolution": cfg.resolution},
         "data": data.description,
+        "train_images": len(data.train),
+        "val_images": len(data.val),
         "classes": data.train.classes,
         "preprocessing": "RGB, x/255 in [0,1], no mean/std; eval: shorter side to "
                          f"{data.val.eval_resize}·R, centre crop R",
+        "resumes": resumes or [],
         "val_items": [str(item) for item in data.val.items],
     }
-    atomic_write_text(run_dir / RUN_INFO, json.dumps(info, indent=1) + "\n")
+    with writing(run_dir):
+        atomic_write_text(run_dir / RUN_INFO, json.dumps(info, indent=1) + "\n")
 
 
 def write_epoch(run_dir: Path, model: nn.Module, metadata: dict[str, str], improved: bool,
