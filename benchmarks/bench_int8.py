@@ -68,7 +68,7 @@ def ours(cfg: MobileViTConfig, weights: str | None, images: ImageSet) -> tuple[
         onnx.ModelProto, onnx.ModelProto]:
     plain, _ = create_mobilevit(cfg, weights)
     fp32, _ = compile_graph(plain)
-    int8, _ = quantize(int8_source(plain, True), images, QuantizeOptions())
+    int8, _ = quantize(int8_source(plain, True)[0], images, QuantizeOptions())
     return onnx_io.to_proto(fp32), onnx_io.to_proto(int8)
 
 
@@ -119,7 +119,7 @@ def methods_table(weights: str, calib_size: int) -> None:
     """Every --calib-method (7-bit weights), and the default with full 8-bit weights."""
     cfg = MobileViTConfig.for_size("xxs", resolution=64, num_classes=10)
     plain, _ = create_mobilevit(cfg, weights)
-    source = int8_source(plain, True)
+    source = int8_source(plain, True)[0]
     calib, val = digits(64, "train", calib_size), digits(64, "val")
     ref = predict(onnx_io.to_proto(source).SerializeToString(), val)
     print(f"\nCalibration methods: XXS 64², digits val ({len(val.pixels)} images), "
@@ -140,7 +140,7 @@ def variants_table(rounds: int, threads: int) -> None:
     cfg = MobileViTConfig.for_size("xxs", resolution=256)
     images = bundled_photos(256, 16)
     plain, _ = create_mobilevit(cfg)
-    source = int8_source(plain, True)
+    source = int8_source(plain, True)[0]
     models = {"FP32": onnx_io.to_proto(compile_graph(plain)[0])}
     conv_matmul = frozenset({"Conv", "MatMul", "Gemm"})
     for label, ops in (("Conv/MatMul/Gemm", conv_matmul),

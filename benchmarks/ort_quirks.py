@@ -79,7 +79,7 @@ def _conv_act_model(activation: str, rng: np.random.Generator) -> onnx.ModelProt
 
 def saturation_table(weights: str) -> None:
     cfg = MobileViTConfig.for_size("xxs", resolution=64, num_classes=10)
-    source = int8_source(create_mobilevit(cfg, weights)[0], True)
+    source = int8_source(create_mobilevit(cfg, weights)[0], True)[0]
     calib, val = digits(64, "train", 64), digits(64, "val")
     reference = _logits(onnx_io.to_proto(source), val, FUSED)
     print(f"\n2. Only the stem conv quantized; output SQNR vs FP32 on {len(val.pixels)} digits "

@@ -13,15 +13,12 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from mvcompile.errors import UserError
 from mvcompile.images import IMAGE_SUFFIXES, find_files, to_rgb
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +71,6 @@ def load_images(source: str | None, resolution: int, limit: int | None = None,
 
 def load_folder(folder: Path, resolution: int, limit: int | None = None,
                 on_image: Callable[[], None] | None = None) -> ImageSet:
-    from PIL import Image, UnidentifiedImageError
 
     if folder.is_file():
         raise UserError(f"{folder} is a file; pass a folder of images (searched recursively), "
@@ -185,7 +181,6 @@ def bundled_photos(resolution: int, count: int = 32,
                    on_image: Callable[[], None] | None = None) -> ImageSet:
     """Real photos shipped with scikit-image, with deterministic crops to reach ``count``."""
     import skimage.data
-    from PIL import Image
 
     photos = []
     for name in _BUNDLED_PHOTOS:

@@ -80,7 +80,7 @@ def _mvcompile_header(path: str | Path) -> dict[str, str]:
 
     path = Path(path)
     if path.is_dir():
-        path = next((path / n for n in _HF_FILES if (path / n).is_file()), path)
+        path = _weights_in_hf_folder(path) or path
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
     try:
@@ -117,6 +117,12 @@ def class_names_from_metadata(metadata: Mapping[str, str]) -> list[str] | None:
     return old.split(",") if old else None
 
 
+def format_class_names(names: list[str]) -> str:
+    """``names`` as stored under :data:`CLASS_NAMES_KEY`: a JSON list (names may hold commas);
+    :func:`parse_class_names` reads it back."""
+    return json.dumps(names, ensure_ascii=False)
+
+
 def parse_class_names(text: str) -> list[str] | None:
     """The class names in ``text``, a JSON list of strings; None (logged) for anything else."""
     try:
@@ -147,10 +153,15 @@ def _hf_class_names(config: Path) -> list[str] | None:
     return names
 
 
+def _weights_in_hf_folder(folder: Path) -> Path | None:
+    """The weights file of a Hugging Face model folder, or None."""
+    return next((folder / n for n in _HF_FILES if (folder / n).is_file()), None)
+
+
 def _file_in_hf_folder(folder: Path) -> Path:
-    for name in _HF_FILES:
-        if (folder / name).is_file():
-            return folder / name
+    found = _weights_in_hf_folder(folder)
+    if found is not None:
+        return found
     raise UserError(f"{folder} is a folder without {' or '.join(_HF_FILES)}; "
                     "pass a Hugging Face model folder or a checkpoint file.")
 
@@ -166,6 +177,30 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
                         "truncated or not a safetensors file.") from err
 
 
+def torch_load(path: str | Path, map_location: object) -> object:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary
+    pickled objects; torch's pickle-protocol warnings are noise here and hidden."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def torch_load_failure(err: Exception) -> str | None:
+    """Why :func:`torch_load` failed, in words for the user, where torch's own text would
+    mislead: its refusal of a pickle (also a damaged one) advises weights_only=False, i.e.
+    running arbitrary code, which is not passed on. None for other failures."""
+    if isinstance(err, PermissionError):  # that, not "corrupt"
+        return f"cannot open it: {err.strerror or first_line(err)}"
+    if "weights only" in str(err).lower():
+        return ("it may be truncated or corrupt, or it holds Python objects other than "
+                "tensors, which mvcompile never unpickles")
+    return None
+
+
 def _read_pickle(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch
@@ -174,15 +209,12 @@ def _read_pickle(path: Path) -> dict[str, np.ndarray]:
                         "`pip install torch==2.13.0` (or the [train] extra), or convert the "
                         "checkpoint to .safetensors.") from err
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load(path, "cpu")
     except Exception as err:  # torch raises many types for corrupt or unsafe pickles
-        # torch's own text for unsafe pickles advises weights_only=False: not repeated here.
-        detail = ("it holds Python objects other than tensors" if "weights only" in
-                  str(err).lower() else f"{type(err).__name__}: {first_line(err)}")
+        detail = torch_load_failure(err) or f"{type(err).__name__}: {first_line(err)}"
         raise UserError(f"Cannot read {path} as a PyTorch checkpoint ({detail}). mvcompile "
-                        "loads .pt/.bin files with torch.load(weights_only=True) and does not "
-                        "unpickle other objects; the file may also be corrupt or not a "
-                        "checkpoint.") from err
+                        "loads .pt/.bin files with torch.load(weights_only=True); the file may "
+                        "also be corrupt or not a checkpoint.") from err
     for wrapper in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from mvcompile.graphs.checkpoints import (
     CLASS_NAMES_KEY,
     CheckpointWeights,
     checkpoint_class_names,
+    format_class_names,
     load_state_dict,
     to_hf_names,
 )
@@ -68,4 +68,4 @@ def record_class_names(model: ir.Model, names: list[str] | None, num_classes: in
         log.warning("Not recording the checkpoint's %d class names in a model with %d classes",
                     len(names), num_classes)
         return
-    model.metadata_props[CLASS_NAMES_KEY] = json.dumps(names, ensure_ascii=False)
+    model.metadata_props[CLASS_NAMES_KEY] = format_class_names(names)

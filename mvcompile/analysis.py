@@ -228,6 +228,8 @@ def _runtime_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     record the real shapes (exact for batch 1; costs one inference)."""
     import onnxruntime as ort
 
+    from mvcompile.latency import random_feed
+
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
@@ -236,8 +238,7 @@ def _runtime_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     try:
         session = ort.InferenceSession(probe.SerializeToString(),
                                        providers=["CPUExecutionProvider"])
-        feed = {i.name: _zeros_for(i) for i in session.get_inputs()}
-        values = session.run(None, feed)
+        values = session.run(None, random_feed(session))
     except Exception as err:  # best effort, as above
         log.info("Runtime shape probe failed: %s", err)
         return None
@@ -248,13 +249,6 @@ def _runtime_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
             result.graph.value_info.append(onnx.helper.make_tensor_value_info(
                 out.name, onnx.TensorProto.FLOAT, list(value.shape)))
     return result
-
-
-def _zeros_for(arg: object) -> np.ndarray:
-    from mvcompile.latency import numpy_dtype
-
-    return np.zeros([d if isinstance(d, int) else 1 for d in arg.shape],
-                    dtype=numpy_dtype(arg.type))
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

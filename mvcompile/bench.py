@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mvcompile import latency
+from mvcompile.analysis import format_shape
 from mvcompile.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def _known(dim: int | str | None) -> bool:
 def _unknown_dim_message(name: str, dims: list[int | str | None], axis: int,
                          path: Path) -> str:
     """Why a symbolic dimension stops bench, and (for H and W) the option that fills it."""
-    shown = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+    shown = format_shape(["?" if d is None else d for d in dims])
     if len(dims) == 4 and axis >= 2:
         return (f"Input '{name}' of {path.name} has symbolic height and width {shown}; pass "
                 f"--resolution R to time it at [1, {dims[1]}, R, R] (e.g. --resolution 224).")
@@ -167,11 +168,7 @@ def _unknown_dim_message(name: str, dims: list[int | str | None], axis: int,
 
 def _describe(shapes: dict[str, tuple[int, ...]]) -> str:
     """{"x": (1, 3, 8, 8)} as "x [1, 3, 8, 8]"."""
-    return ", ".join(f"{name} {_dims(dims)}" for name, dims in shapes.items())
-
-
-def _dims(dims: tuple[int, ...]) -> str:
-    return "[" + ", ".join(map(str, dims)) + "]"
+    return ", ".join(f"{name} {format_shape(list(dims))}" for name, dims in shapes.items())
 
 
 def _bench_coreml(path: Path, compute_units: str, runs: int, warmup: int,
@@ -232,7 +229,7 @@ def format_rows(result: BenchResult) -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = [("backend", f"{result.backend} ({result.device})")]
     if result.backend == "ort":  # always timed with spinning on (_bench_ort)
         rows.append(("thread spinning", SPINNING_NOTE))
-    rows += [(f"input {name}", _dims(dims)) for name, dims in result.inputs]
+    rows += [(f"input {name}", format_shape(list(dims))) for name, dims in result.inputs]
     return rows + [
         ("batch", result.batch),
         ("runs", s.runs),

@@ -242,7 +242,7 @@ def build(size: str, weights: str | None, resolution: int, patch_config: str, nu
     from mvcompile.builder import BuildOptions
     from mvcompile.builder import build as run_build
 
-    target_names = {t.strip() for t in targets.split(",")}
+    target_names = tuple(t.strip() for t in targets.split(",") if t.strip())
     _warn_ignored_options(int8=int8, ort="ort" in target_names,
                           coreml="coreml" in target_names, random_weights=not weights,
                           timing=latency_runs > 0)
@@ -257,7 +257,7 @@ def build(size: str, weights: str | None, resolution: int, patch_config: str, nu
                            int8=int8, calib_data=calib_data, calib_size=calib_size,
                            calib_method=calib_method, accuracy_budget=accuracy_budget,
                            weight_bits=int(weight_bits), eval_data=eval_data,
-                           targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                           targets=target_names,
                            ort_style=ort_style, coreml_precision=coreml_precision,
                            coreml_int8=coreml_int8, coreml_input=coreml_input,
                            coreml_batch=coreml_batch)
@@ -338,7 +338,7 @@ def evaluate(model: str, data: str, reference: str | None, limit: int | None) ->
     elif "top1_fp32" in report:
         rows.append(("top-1", f"{100 * report['top1_fp32']:.2f}%"))
     else:
-        rows.append(("top-1", report.get("labels", "no labels (use one subfolder per class)")))
+        rows.append(("top-1", report["labels"]))
     rows += [("note", note) for note in report.get("notes", [])]
     click.echo(format_table(rows, header=(model, "")))
 

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 
 from mvcompile import onnx_io
 from mvcompile.calibration.data import ImageSet, load_images
 from mvcompile.calibration.quantize import QuantizeOptions, quantize
-from mvcompile.evaluate import accuracy_report, predict, source_noun
+from mvcompile.evaluate import (
+    accuracy_report,
+    model_class_names,
+    open_session,
+    predict,
+    source_noun,
+)
 
 if TYPE_CHECKING:
     from mvcompile.builder import BuildOptions, Progress
@@ -26,9 +33,7 @@ INT8_PIPELINE = "int8"
 def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
                progress: Progress) -> tuple[onnx.ModelProto, dict]:
     """Quantize the compiled graph; report calibration and (optional) eval accuracy."""
-    from mvcompile.builder import compile_graph
-
-    source, pass_report = compile_graph(plain, INT8_PIPELINE, options.passes)
+    source, pass_report = int8_source(plain, options.passes)
     calibration = _images(options.calib_data, options, progress, options.calib_size, "train")
     if calibration.skipped:
         log.warning("Skipped %d non-image files in %s", len(calibration.skipped),
@@ -45,8 +50,10 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
     int8, qreport = quantize(source, calibration, quantize_options, progress.advance)
     progress.finish()
     int8_proto = onnx_io.to_proto(int8)
-    on_calibration = _compare(fp32, int8_proto, calibration, progress,
-                              options.calib_data)
+    pair = _Pair(open_session(fp32.SerializeToString(), "the FP32 model"),
+                 open_session(int8_proto.SerializeToString(), "the INT8 model"),
+                 model_class_names(fp32))
+    on_calibration = _compare(pair, calibration, progress, options.calib_data)
     qreport.calibration_agreement = on_calibration["top1_agreement"]
     qreport.calibration_sqnr_db = on_calibration["sqnr_db"]
     report = {"passes": pass_report, "quantization": asdict(qreport),
@@ -54,16 +61,16 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
               "accuracy": {"calibration": on_calibration}}
     if options.eval_data is not None:
         images = _images(options.eval_data, options, progress, None, "val")
-        report["accuracy"]["eval"] = _compare(fp32, int8_proto, images, progress,
-                                              options.eval_data)
+        report["accuracy"]["eval"] = _compare(pair, images, progress, options.eval_data)
     return int8_proto, report
 
 
-def int8_source(plain: ir.Model, passes: bool) -> ir.Model:
-    """The graph that gets quantized: the plain graph through :data:`INT8_PIPELINE`."""
+def int8_source(plain: ir.Model, passes: bool) -> tuple[ir.Model, dict | None]:
+    """The graph that gets quantized, the plain graph through :data:`INT8_PIPELINE`, and the
+    pipeline's report."""
     from mvcompile.builder import compile_graph
 
-    return compile_graph(plain, INT8_PIPELINE, passes)[0]
+    return compile_graph(plain, INT8_PIPELINE, passes)
 
 
 def _images(source: str | None, options: BuildOptions, progress: Progress,
@@ -76,14 +83,20 @@ def _images(source: str | None, options: BuildOptions, progress: Progress,
     return images
 
 
-def _compare(fp32: onnx.ModelProto, int8: onnx.ModelProto, images: ImageSet,
-             progress: Progress, data: str | None) -> dict:
+@dataclass(frozen=True)
+class _Pair:
+    """The FP32 and INT8 models, each opened once for every accuracy comparison."""
+
+    fp32: ort.InferenceSession
+    int8: ort.InferenceSession
+    class_names: list[str] | None  # the FP32 model's (the INT8 model has the same)
+
+
+def _compare(pair: _Pair, images: ImageSet, progress: Progress, data: str | None) -> dict:
     progress.start(f"Evaluating on {images.description}", 2 * len(images.pixels))
-    fp32_logits = predict(fp32.SerializeToString(), images, on_batch=progress.advance)
-    int8_logits = predict(int8.SerializeToString(), images, on_batch=progress.advance)
+    fp32_logits = predict(pair.fp32, images, on_batch=progress.advance)
+    int8_logits = predict(pair.int8, images, on_batch=progress.advance)
     progress.finish()
     source = source_noun(data) if data else "the photos"
-    from mvcompile.evaluate import model_class_names
-
     return accuracy_report(images, fp32_logits, int8_logits, source=source,
-                           model_classes=model_class_names(fp32))
+                           model_classes=pair.class_names)

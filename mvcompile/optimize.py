@@ -19,6 +19,7 @@ import onnxruntime as ort
 from mvcompile import latency, onnx_io
 from mvcompile.backends._output import check_writable_dir
 from mvcompile.errors import UserError, first_line
+from mvcompile.passes.unfold_fold import NOT_STATIC
 from mvcompile.pipeline import run_pipeline
 
 log = logging.getLogger(__name__)
@@ -61,20 +62,24 @@ def random_inputs(proto: onnx.ModelProto, seed: int = 0, batch: int = 1
 
 
 def max_abs_diff(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 0,
-                 batch: int = 1) -> float:
+                 batch: int = 1, reference_outputs: list[np.ndarray] | None = None) -> float:
     """max |Δ| over all outputs of the two models on the same random inputs, symbolic dims
     set to ``batch`` (ORT, no graph optimisations, so the comparison is of the graphs
-    themselves)."""
+    themselves). ``reference_outputs``: the reference's, already run on those inputs."""
     feed = random_inputs(reference, seed, batch)
-    outputs = []
-    for proto in (reference, candidate):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(onnx_io.to_proto(proto).SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
-        outputs.append(session.run(None, feed))
+    if reference_outputs is None:
+        reference_outputs = run_unoptimized(reference, feed)
     return max(float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
-               for a, b in zip(*outputs, strict=True))
+               for a, b in zip(reference_outputs, run_unoptimized(candidate, feed), strict=True))
+
+
+def run_unoptimized(proto: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """All outputs of ``proto`` on ``feed`` in ONNX Runtime with graph optimisations off."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(onnx_io.to_proto(proto).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
 
 
 def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
@@ -83,9 +88,11 @@ def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
 
 def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
                    tolerance: float = DEFAULT_TOLERANCE, choose_by_latency: bool = False,
-                   batch: int | None = None) -> tuple[onnx.ModelProto, dict]:
-    """Simplify, run the pipeline for ``target`` and check numerics; raise UserError if the
-    result is invalid or differs from ``proto`` by more than ``tolerance``.
+                   batch: int | None = None, name: str = "model"
+                   ) -> tuple[onnx.ModelProto, dict]:
+    """Run ``proto`` (``name`` in messages) on random inputs, simplify it, run the pipeline
+    for ``target`` and check numerics; raise UserError if the input cannot run, or the result
+    is invalid or differs from ``proto`` by more than ``tolerance``.
 
     With ``choose_by_latency`` (target "ort"), the stages in :data:`MEASURED_STAGES` are kept
     only where ONNX Runtime on this machine runs the result faster than without them. A
@@ -95,7 +102,12 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
     """
     if target not in TARGET_PIPELINES:
         raise UserError(f"Unknown target {target!r}; choose one of {sorted(TARGET_PIPELINES)}.")
-    simplified = simplify(fix_batch(proto, batch) if batch else proto)
+    symbolic = symbolic_batch_inputs(proto)
+    if batch and not symbolic:
+        log.warning("--batch %d is ignored: the inputs of %s have no symbolic batch", batch, name)
+        batch = None
+    expected = _run_input(proto, batch or 1, name)
+    simplified = simplify(fix_batch(proto, symbolic, batch) if batch else proto)
     result, pipeline_report = run_pipeline_proto(simplified, TARGET_PIPELINES[target])
     choices = []
     if choose_by_latency and target == "ort":
@@ -106,7 +118,7 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
                 choices.append(choice)
     if target == "mobile":
         _check_standard_only(result)
-    diff = _check(proto, result, tolerance, batch or 1)
+    diff = _check(proto, result, tolerance, batch or 1, expected)
     before, simple, after = op_counts(proto), op_counts(simplified), op_counts(result)
     report = {
         "target": target,
@@ -118,8 +130,8 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
         "measured_choices": choices,
         "pipeline": pipeline_report,
         "batch": batch,
-        "symbolic_batch_blocked": batch is None and _symbolic_batch_blocked(
-            proto, result, pipeline_report),
+        "symbolic_batch_blocked": bool(symbolic) and batch is None
+                                  and _symbolic_batch_blocked(result, pipeline_report),
     }
     return result, report
 
@@ -132,28 +144,25 @@ def symbolic_batch_inputs(proto: onnx.ModelProto) -> list[str]:
             and not value.type.tensor_type.shape.dim[0].HasField("dim_value")]
 
 
-def fix_batch(proto: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """A copy of ``proto`` whose inputs with a symbolic first dimension take ``batch``."""
+def fix_batch(proto: onnx.ModelProto, names: list[str], batch: int) -> onnx.ModelProto:
+    """A copy of ``proto`` whose inputs ``names`` (:func:`symbolic_batch_inputs`) take
+    ``batch`` as their first dimension."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(proto)
-    names = set(symbolic_batch_inputs(fixed))
     for value in fixed.graph.input:
         if value.name in names:
             value.type.tensor_type.shape.dim[0].dim_value = batch  # clears its dim_param
     return fixed
 
 
-def _symbolic_batch_blocked(proto: onnx.ModelProto, result: onnx.ModelProto,
-                            pipeline_report: dict) -> bool:
-    """Whether the symbolic batch of ``proto`` likely kept rewrites from matching (``--batch``
-    would let them): ``result`` still computes shapes at run time (Shape ops), or a rule
-    refused for want of a static shape."""
-    if not symbolic_batch_inputs(proto):
-        return False
+def _symbolic_batch_blocked(result: onnx.ModelProto, pipeline_report: dict) -> bool:
+    """For a model with a symbolic batch: whether it likely kept rewrites from matching
+    (``--batch`` would let them): ``result`` still computes shapes at run time (Shape ops), or
+    a rule refused for want of a static shape."""
     refusals = [why for stage in pipeline_report["stages"]
                 for why in stage.get("refused", {}).values()]
     return (any(node.op_type == "Shape" for node in result.graph.node)
-            or any("not a static" in why for why in refusals))
+            or any(NOT_STATIC in why for why in refusals))
 
 
 def run_pipeline_proto(proto: onnx.ModelProto, pipeline: str,
@@ -203,16 +212,17 @@ def _check_standard_only(result: onnx.ModelProto) -> None:
                         "original export instead. Nothing was written.")
 
 
-def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float,
-           batch: int = 1) -> float:
-    """The max abs output difference of ``result`` from ``proto``; raise UserError unless
-    ``result`` is valid and within ``tolerance``."""
+def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float, batch: int,
+           expected: list[np.ndarray]) -> float:
+    """The max abs output difference of ``result`` from ``proto`` (whose outputs on the seeded
+    inputs are ``expected``); raise UserError unless ``result`` passes check_model, runs and
+    is within ``tolerance``."""
     try:
-        onnx_io.validate(result)
+        onnx.checker.check_model(result, full_check=True)
+        diff = max_abs_diff(proto, result, batch=batch, reference_outputs=expected)
     except Exception as err:
         raise UserError(f"The optimized model failed validation ({type(err).__name__}: {err}); "
                         "nothing was written. Please report this with the input model.") from err
-    diff = max_abs_diff(proto, result, batch=batch)
     if not diff <= tolerance:
         raise UserError(f"The optimized model differs from the input by {diff:.3g} (max abs) "
                         f"on random inputs, above the tolerance {tolerance:g}; nothing was "
@@ -232,24 +242,20 @@ def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
                         "name it model.onnx or similar. Nothing was written.")
     check_writable_dir(dst.parent, "optimized model")
     proto = onnx_io.load_model(src)
-    _check_runs_in_ort(proto, src)
-    if batch and not symbolic_batch_inputs(proto):
-        log.warning("--batch %d is ignored: the inputs of %s have no symbolic batch", batch, src)
-        batch = None
-    result, report = optimize_proto(proto, target, tolerance, choose_by_latency, batch)
-    onnx_io.save_model(result, dst)
+    result, report = optimize_proto(proto, target, tolerance, choose_by_latency, batch,
+                                    name=str(src))
+    # optimize_proto has run check_model and ONNX Runtime on ``result``: write it as it is.
+    onnx_io.atomic_write_bytes(dst, onnx_io.to_proto(result).SerializeToString())
     log.info("Wrote %s", dst)
     return report
 
 
-def _check_runs_in_ort(proto: onnx.ModelProto, src: str | Path) -> None:
-    """The input must load and run in ONNX Runtime on random inputs: numerics are checked
-    against it."""
+def _run_input(proto: onnx.ModelProto, batch: int, name: str) -> list[np.ndarray]:
+    """The outputs of the input on the seeded random inputs that the result is compared on;
+    UserError if ONNX Runtime cannot run it (nothing to check the result against)."""
     try:
-        session = ort.InferenceSession(onnx_io.to_proto(proto).SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
-        session.run(None, random_inputs(proto))
+        return run_unoptimized(proto, random_inputs(proto, batch=batch))
     except Exception as err:  # ORT raises several exception types for unloadable models
-        raise UserError(f"ONNX Runtime cannot run the input {src} ({first_line(err)})"
+        raise UserError(f"ONNX Runtime cannot run the input {name} ({first_line(err)})"
                         "; mvcompile optimize checks its result against the input, so the "
                         "input must run. Nothing was written.") from err

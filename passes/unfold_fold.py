@@ -45,6 +45,9 @@ from mvcompile.passes._layout import (
 )
 
 CHAIN_LENGTH = 5  # Reshape, Transpose, Reshape, Transpose, Reshape
+# How the unfold/fold rules refuse an image whose shape is not static; `mvcompile optimize`
+# looks for it to suggest --batch.
+NOT_STATIC = "is not a static 4-D [B,C,H,W]"
 
 
 def check_pointwise_conv(conv: ir.Node, result: MatchResult) -> MatchResult:
@@ -182,7 +185,7 @@ def _check_unfold(rule: _ChainRule, image: ir.Value, tokens: ir.Value,
                   result: MatchResult) -> MatchResult:
     shape = sim_shape(image)
     if shape is None or len(shape) != 4:
-        return result.fail(f"shape of '{image.name}' is not a static 4-D [B,C,H,W].")
+        return result.fail(f"shape of '{image.name}' {NOT_STATIC}.")
     p = find_unfold_patch(chain_nodes(tokens, CHAIN_LENGTH), shape)
     if p is None:
         return result.fail("Reshape/Transpose chain is not a MobileViT unfold.")
@@ -280,7 +283,7 @@ def _check_fold(rule: _ChainRule, tokens: ir.Value, image: ir.Value,
                 result: MatchResult) -> MatchResult:
     out_shape = sim_shape(image)
     if out_shape is None or len(out_shape) != 4:
-        return result.fail(f"shape of '{image.name}' is not a static 4-D [B,C,H,W].")
+        return result.fail(f"shape of '{image.name}' {NOT_STATIC}.")
     in_shape = _fold_in_shape(tokens, out_shape)
     if in_shape is None:
         return result.fail(f"shape of '{tokens.name}' is not static.")

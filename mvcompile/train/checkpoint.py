@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import io
 import logging
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import save as safetensors_save
 
-from mvcompile.errors import UserError, first_line
+from mvcompile.errors import UserError
+from mvcompile.graphs.checkpoints import torch_load, torch_load_failure
 from mvcompile.onnx_io import atomic_write_bytes
 from mvcompile.train.options import LAST, resolve  # torch-free, so options can use them too
 
@@ -57,31 +57,17 @@ def read_checkpoint(path: str | Path, device: torch.device) -> dict:
         raise UserError(f"--resume {path}: no such checkpoint. Pass a run folder "
                         f"(runs/NAME) or its {LAST}.")
     try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise here
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=device, weights_only=True)
+        state = torch_load(path, device)
     except Exception as err:  # torch raises many types for corrupt pickles
         log.debug("torch.load(%s) failed: %s", path, err)
-        raise UserError(f"{path} is not a readable checkpoint ({_load_failure(err)}). Resume "
+        reason = torch_load_failure(err) or "it may be truncated or corrupt"
+        raise UserError(f"{path} is not a readable checkpoint ({reason}). Resume "
                         "from the last.pt of a run written by mvcompile train, or start a new "
                         "run.") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a training checkpoint written by mvcompile train "
                         f"(format {FORMAT}); to start from weights only, begin a new run.")
     return state
-
-
-def _load_failure(err: Exception) -> str:
-    """Why torch.load failed, in a few words. Its text for pickles that hold more than tensors
-    advises weights_only=False, i.e. running arbitrary code: not passed on (as in
-    mvcompile.graphs.checkpoints); its other texts ("pop from empty list", miniz's paragraph)
-    say nothing more than that the file is damaged."""
-    if isinstance(err, PermissionError):  # that, not "corrupt"
-        return f"cannot open it: {err.strerror or first_line(err)}"
-    if "weights only" in str(err).lower():
-        return ("it may be truncated or corrupt, or hold Python objects other than tensors, "
-                "which mvcompile never unpickles")
-    return "it may be truncated or corrupt"
 
 
 def check_same_model(saved: dict, wanted: dict, path: Path) -> None:

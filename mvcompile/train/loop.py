@@ -10,10 +10,9 @@ goes to a :class:`Reporter` supplied by the CLI.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -24,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from mvcompile.errors import UserError
-from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY
+from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY, format_class_names
 from mvcompile.graphs.mobilevit import MobileViTConfig
 from mvcompile.train import checkpoint, outputs
 from mvcompile.train.data import DataSplit, ImageSource, eval_item, load_data, train_item
@@ -38,7 +37,7 @@ from mvcompile.train.distributed import (
 )
 from mvcompile.train.distributed import shutdown as shutdown_distributed
 from mvcompile.train.model import MobileViT
-from mvcompile.train.options import LOCATION_KEYS, RECIPE_KEYS, TrainOptions, resolve
+from mvcompile.train.options import RECIPE_KEYS, TrainOptions, changed_options, resolve
 from mvcompile.train.recipe import EMA, Schedule, default_warmup, make_optimizer, make_scheduler
 from mvcompile.train.sampler import Item, MultiScaleBatchSampler, eval_batches, scaled_resolutions
 
@@ -193,10 +192,10 @@ def _run_dir(o: TrainOptions) -> Path:
     run_dir = o.run_dir()
     if o.resume or o.overwrite:
         return run_dir
-    if (run_dir / checkpoint.LAST).exists():
+    earlier = outputs.earlier_outputs(run_dir)
+    if checkpoint.LAST in earlier:
         raise UserError(f"{run_dir} already holds a run. Continue it with --resume {run_dir}, "
                         "start over with --overwrite, or choose another --name.")
-    earlier = outputs.earlier_outputs(run_dir)
     if earlier:
         raise UserError(f"{run_dir} holds files of an earlier run ({', '.join(earlier)}). "
                         "Start over with --overwrite (which deletes them), or choose another "
@@ -218,11 +217,8 @@ def _start_run_folder(run: Run, resumed: dict | None) -> None:
 
 def _resume_record(state: dict, options: TrainOptions) -> dict:
     """For run.json: where the run was resumed from, after which epoch, what changed."""
-    saved = state["options"]
-    changed = {f.name: [saved.get(f.name), getattr(options, f.name)] for f in fields(options)
-               if f.name not in LOCATION_KEYS and saved.get(f.name) != getattr(options, f.name)}
     return {"from": str(resolve(options.resume)), "after_epoch": state["epoch"],
-            "changed": changed}
+            "changed": changed_options(state["options"], options)}
 
 
 def _train_sampler(o: TrainOptions, cfg: MobileViTConfig, n: int, d: Dist
@@ -333,7 +329,7 @@ def _metadata(run: Run) -> dict[str, str]:
     return {"mvcompile.size": run.cfg.size, "mvcompile.patch_config": run.options.patch_config,
             "mvcompile.num_classes": str(run.cfg.num_classes),
             "mvcompile.resolution": str(run.cfg.resolution),
-            CLASS_NAMES_KEY: json.dumps(run.data.train.classes, ensure_ascii=False)}
+            CLASS_NAMES_KEY: format_class_names(run.data.train.classes)}
 
 
 def _rng_state() -> dict:
@@ -353,12 +349,12 @@ def _state(run: Run, epoch: int, rng: list[dict]) -> dict:
 
 def _restore(run: Run, state: dict) -> None:
     """Continue exactly where the checkpoint stopped; warn if the recipe changed."""
-    saved = state["options"]
-    changed = [k for k in RECIPE_KEYS if saved.get(k) != getattr(run.options, k)]
-    if changed:
+    changed = changed_options(state["options"], run.options)
+    recipe = [k for k in RECIPE_KEYS if k in changed]
+    if recipe:
         log.warning("Resuming with changed options (%s): the run will not reproduce an "
                     "uninterrupted one.", ", ".join(
-                        f"{k} {saved.get(k)!r} -> {getattr(run.options, k)!r}" for k in changed))
+                        f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in recipe))
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])

@@ -68,6 +68,14 @@ class TrainOptions:
         return Path(self.runs_dir) / self.run_name()
 
 
+def changed_options(saved: Mapping[str, object], options: TrainOptions
+                    ) -> dict[str, list[object]]:
+    """{name: [saved value, value in force]} for the options (not :data:`LOCATION_KEYS`) that a
+    resumed run changed from those saved in its checkpoint."""
+    return {f.name: [saved.get(f.name), getattr(options, f.name)] for f in fields(options)
+            if f.name not in LOCATION_KEYS and saved.get(f.name) != getattr(options, f.name)}
+
+
 def resumed_options(saved: Mapping[str, object], given: Mapping[str, object],
                     explicit: Collection[str]) -> TrainOptions:
     """The options of a resumed run: those saved with it, overridden by the ``explicit`` ones.
