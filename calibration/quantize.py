@@ -13,7 +13,7 @@ Phases, in order:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
@@ -60,8 +60,8 @@ class QuantizeReport:
     calibration_agreement: float | None = None
     calibration_sqnr_db: float | None = None
     budget_met: bool | None = None  # None when no --accuracy-budget was given
-    # Matrix ops left in float, by op type: contrib ops the QDQ rewrite does not handle (ORT has
-    # no integer kernel for FusedMatMul's transposed operands) and layers kept by the budget.
+    # Matrix ops left in float, by op type, other than those in kept_float: contrib ops the QDQ
+    # rewrite does not handle (ORT has no integer kernel for FusedMatMul's transposed operands).
     float_matrix_ops: dict[str, int] = field(default_factory=dict)
 
 
@@ -81,7 +81,7 @@ def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
     report.kept_float = [{"node": n, "reason": "requested"} for n in sorted(plan.keep_float)]
     if options.accuracy_budget is not None:
         quantized = _meet_budget(model, quantized, ranges, plan, images, options, report)
-    report.float_matrix_ops = float_matrix_ops(quantized)
+    report.float_matrix_ops = float_matrix_ops(quantized, exclude=plan.keep_float)
     if not options.report_accuracy:
         return quantized, report
     fp32_logits = sensitivity.logits(model, images)
@@ -94,12 +94,13 @@ def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
 MATRIX_OPS = frozenset({"Conv", "MatMul", "Gemm", "FusedMatMul", "Attention", "Einsum"})
 
 
-def float_matrix_ops(model: ir.Model) -> dict[str, int]:
+def float_matrix_ops(model: ir.Model, exclude: Collection[str] = ()) -> dict[str, int]:
     """{op type: count} of matrix ops whose two operands are not both dequantized: ONNX
-    Runtime runs those in float (an integer kernel needs DQ on both)."""
+    Runtime runs those in float (an integer kernel needs DQ on both). Nodes named in
+    ``exclude`` (kept in float on purpose, reported as such) are not counted."""
     counts: dict[str, int] = {}
     for node in model.graph:
-        if node.op_type in MATRIX_OPS and not all(
+        if node.op_type in MATRIX_OPS and node.name not in exclude and not all(
                 value is not None and value.producer() is not None
                 and value.producer().op_type == "DequantizeLinear"
                 for value in node.inputs[:2]):

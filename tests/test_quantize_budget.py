@@ -56,3 +56,5 @@ def test_budget_keeps_the_sensitive_conv_in_float() -> None:
     assert kept["node"] == conv and "most sensitive" in kept["reason"]
     assert report.calibration_agreement == 1.0 and report.budget_met is True
     assert report.counts["nodes"] == 1  # the Gemm is still quantized
+    # the kept Conv is reported once, under kept_float, not as a matrix op ORT cannot quantize
+    assert report.float_matrix_ops == {}
