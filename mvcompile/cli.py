@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from mvcompile import analysis, onnx_io
 from mvcompile.calibration.observers import OBSERVERS as OBSERVER_NAMES
+from mvcompile.click_types import FloatRange
 from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import SIZES
 from mvcompile.summary import build_summary
@@ -88,14 +89,6 @@ def _settings_from_checkpoint(weights: str, **given: Any) -> tuple[Any, ...]:
         click.secho(f"Note: the checkpoint was trained with {'; '.join(overridden)}.",
                     fg="yellow", err=True)
     return tuple(given[name] for name in _TRAINED_SETTINGS)
-
-
-def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None
-             ) -> float | None:
-    """click's FloatRange lets NaN through (every comparison with NaN is false)."""
-    if value is not None and value != value:
-        raise click.BadParameter("must be a number, not NaN.", param=param)
-    return value
 
 
 class _NonEmptyPath(click.Path):
@@ -197,8 +190,7 @@ class _ProgressBars:
               help="How many calibration images to use.")
 @click.option("--calib-method", type=click.Choice(list(OBSERVER_NAMES)), default="percentile",
               show_default=True, help="How activation ranges are chosen from calibration data.")
-@click.option("--accuracy-budget", type=click.FloatRange(0, 100), default=None,
-              callback=_not_nan,
+@click.option("--accuracy-budget", type=FloatRange(0, 100), default=None,
               help="Max top-1 disagreement with FP32 on the calibration images, in percent; "
                    "the most sensitive layers stay in float until it is met.")
 @click.option("--weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
@@ -354,8 +346,7 @@ _WHY_WIDTH = 90  # characters of a refusal reason in optimize's table
 @click.option("-o", "--output", required=True, type=PATH, help="Where to write the result.")
 @click.option("--target", type=click.Choice(["ort", "mobile"]), default="ort", show_default=True,
               help="ort: ONNX Runtime contrib ops where faster; mobile: standard ONNX only.")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
-              callback=_not_nan,
+@click.option("--tolerance", type=FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest max-abs output difference to the input model on random inputs.")
 @click.option("--measure/--no-measure", default=True, show_default=True,
               help="--target ort: time the result with and without the attention head-split "

@@ -35,6 +35,7 @@ def torch_one_thread():
     ("--classifier-dropout", "2"), ("--label-smoothing", "2"), ("--label-smoothing", "-0.1"),
     ("--weight-decay", "-1"), ("--warmup-steps", "-3"), ("--subset", "0"),
     ("--subset", "-5"), ("--epochs", "0"), ("--batch-size", "0"),
+    ("--lr", "nan"), ("--lr-init", "nan"), ("--weight-decay", "nan"), ("--dropout", "nan"),
 ])
 def test_out_of_range_options_fail_before_a_run_folder_exists(tmp_path: Path, option: str,
                                                               value: str) -> None:

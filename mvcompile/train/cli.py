@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import click
 from click.core import ParameterSource
 
+from mvcompile.click_types import FloatRange
 from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import SIZES
 
@@ -34,8 +35,8 @@ On 8 GPUs (ImageNet, the paper's recipe: 128 images per GPU at 256, 300 epochs):
 --resume reuses the options saved with the run; options given on its command line override
 them (e.g. --epochs 400 to train longer).
 """
-PROBABILITY = click.FloatRange(0.0, 1.0, max_open=True)
-NON_NEGATIVE = click.FloatRange(min=0.0)
+PROBABILITY = FloatRange(0.0, 1.0, max_open=True)
+NON_NEGATIVE = FloatRange(min=0.0)
 
 
 class ProgressReporter:
@@ -92,7 +93,7 @@ class ProgressReporter:
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Images per process at the base resolution; the multi-scale sampler scales "
                    "it by (R/r)² at resolution r.")
-@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=0.002,
+@click.option("--lr", type=FloatRange(min=0.0, min_open=True), default=0.002,
               show_default=True, help="Peak learning rate.")
 @click.option("--lr-init", type=NON_NEGATIVE, default=0.0002, show_default=True,
               help="Learning rate at the start of the warm-up.")

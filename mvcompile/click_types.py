@@ -1,0 +1,20 @@
+"""Option types shared by the command lines (``mvcompile`` and ``mvcompile train``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import click
+
+
+class FloatRange(click.FloatRange):
+    """click's FloatRange, refusing NaN, which it lets through (every comparison with NaN is
+    false, so no bound ever fails)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if isinstance(number, float) and math.isnan(number):
+            self.fail("must be a number, not NaN.", param, ctx)
+        return number
