@@ -38,6 +38,9 @@ _SHOW = 8  # keys listed per category in an error message
 CLASS_NAMES_KEY = "mvcompile.class_names"
 _OLD_CLASSES_KEY = "mvcompile.classes"  # comma-joined, by mvcompile train before class_names
 _HF_PLACEHOLDER = re.compile(r"LABEL_\d+")  # transformers' default id2label entries
+# The files of a `mvcompile train` run folder that say what a --weights path means.
+RUN_BEST, RUN_LAST_WEIGHTS, RUN_STATE, RUN_INFO = (
+    "best.safetensors", "last.safetensors", "last.pt", "run.json")
 
 
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
@@ -63,6 +66,33 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
                         f"{', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}. The "
                         "training run that wrote it probably diverged.")
     return state
+
+
+def resolve_run_weights(path: str | Path) -> tuple[Path, str | None]:
+    """The weights file that ``path`` stands for, and a note when it is not ``path`` itself.
+
+    A ``mvcompile train`` run folder (it holds ``run.json`` or ``last.pt``) means its
+    ``best.safetensors``, the epoch with the best validation accuracy; the run's ``last.pt``
+    (the resumable training state, torch module names) means ``last.safetensors``, the same
+    epoch's weights under the graph's names. Anything else is returned as given.
+    """
+    path = Path(path)
+    if path.is_dir() and _weights_in_hf_folder(path) is None and _is_run_folder(path):
+        if (path / RUN_BEST).is_file():
+            return path / RUN_BEST, (f"{path} is a mvcompile train run folder; using its "
+                                     f"{RUN_BEST} (the best validation epoch).")
+        raise UserError(f"{path} is a mvcompile train run folder without {RUN_BEST}: no "
+                        "epoch has finished yet. Train longer, or pass a checkpoint file.")
+    if path.name == RUN_STATE and path.is_file():
+        last = path.with_name(RUN_LAST_WEIGHTS)
+        if last.is_file():
+            return last, (f"{path.name} is the resumable training state; using "
+                          f"{last.name} beside it, the weights of the same epoch.")
+    return path, None
+
+
+def _is_run_folder(folder: Path) -> bool:
+    return (folder / RUN_INFO).is_file() or (folder / RUN_STATE).is_file()
 
 
 def training_metadata(path: str | Path) -> dict[str, str]:

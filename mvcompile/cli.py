@@ -91,6 +91,17 @@ def _settings_from_checkpoint(weights: str, **given: Any) -> tuple[Any, ...]:
     return tuple(given[name] for name in _TRAINED_SETTINGS)
 
 
+def _resolved_weights(weights: str) -> str:
+    """The checkpoint file behind ``--weights`` (a train run folder means its
+    best.safetensors), with a note when it is another path."""
+    from mvcompile.graphs.checkpoints import resolve_run_weights
+
+    path, note = resolve_run_weights(weights)
+    if note:
+        click.secho(f"Note: {note}", fg="yellow", err=True)
+    return str(path)
+
+
 class _NonEmptyPath(click.Path):
     """click.Path that refuses an empty string, which would otherwise mean the current folder
     (a quoting slip such as --data "$UNSET" then searches all of it)."""
@@ -129,14 +140,32 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(package_name="mvcompile")
 def main(verbose: int) -> None:
     """mvcompile: compile and quantize MobileViT for ONNX Runtime and Core ML."""
-    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    _set_verbosity(verbose)
+
+
+def _set_verbosity(verbose: int) -> None:
+    """Log levels for ``verbose`` -v flags: warnings, then info, then debug."""
+    logging.getLogger().setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose,
+                                                                           logging.DEBUG))
     # ONNX Runtime prints its own coloured copy of each error before ours; shown with -v.
     ort.set_default_logger_severity({0: 4, 1: 3}.get(verbose, 2))
-    if not verbose:
-        # coremltools warns on import about versions it has not tested and, off macOS, about
-        # its runtime library it cannot load (we verify without it); shown with -v.
-        logging.getLogger("coremltools").setLevel(logging.ERROR)
+    # coremltools warns on import about versions it has not tested and, off macOS, about
+    # its runtime library it cannot load (we verify without it); shown with -v.
+    logging.getLogger("coremltools").setLevel(logging.NOTSET if verbose else logging.ERROR)
+
+
+def _more_verbose(ctx: click.Context, _param: click.Parameter, count: int) -> None:
+    """-v given after the command adds to any given before it (``mvcompile -v build -v``)."""
+    if count:
+        before = ctx.parent.params.get("verbose", 0) if ctx.parent is not None else 0
+        _set_verbosity(before + count)
+
+
+def _verbose_option() -> click.Option:
+    """The subcommands' -v: the same as ``mvcompile -v``, also accepted after the command."""
+    return click.Option(["-v", "--verbose"], count=True, expose_value=False,
+                        callback=_more_verbose, help="More log output (-v info, -vv debug).")
 
 
 class _ProgressBars:
@@ -166,8 +195,11 @@ class _ProgressBars:
                    "--weights from `mvcompile train`, this and --resolution, --patch-config and "
                    "--num-classes default to the values it was trained with.")
 @click.option("--weights", type=PATH, default=None,
-              help="Checkpoint to load: Hugging Face folder, .safetensors, .bin, or an ml-cvnets "
-                   ".pt. Without it the weights are seeded random (not trained).")
+              help="Checkpoint to load: Hugging Face folder, .safetensors, .bin, an ml-cvnets "
+                   ".pt, or a mvcompile train run folder (its best.safetensors; its last.pt "
+                   "means last.safetensors). Size, patch config, classes and resolution "
+                   "recorded by mvcompile train apply unless given. Without it the weights "
+                   "are seeded random (not trained).")
 @click.option("--resolution", type=int, default=256, show_default=True,
               help="Square input size; must be a multiple of 64 (stride 32 and the patches).")
 @click.option("--patch-config", type=click.Choice(["A", "B"]), default="A", show_default=True,
@@ -239,6 +271,7 @@ def build(size: str, weights: str | None, resolution: int, patch_config: str, nu
                           coreml="coreml" in target_names, random_weights=not weights,
                           timing=latency_runs > 0)
     if weights:
+        weights = _resolved_weights(weights)
         size, patch_config, num_classes, resolution = _settings_from_checkpoint(
             weights, size=size, patch_config=patch_config, num_classes=num_classes,
             resolution=resolution)
@@ -431,6 +464,10 @@ def bench(model: str, backend: str | None, threads: int, runs: int, warmup: int,
                                     compute_units=compute_units, on_run=lambda: bar.update(1),
                                     resolution=resolution)
     click.echo(format_table(bench_module.format_rows(result), header=(model, "")))
+
+
+for _command in main.commands.values():  # every subcommand, train included, also takes -v
+    _command.params.append(_verbose_option())
 
 
 if __name__ == "__main__":

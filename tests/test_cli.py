@@ -236,3 +236,40 @@ def test_build_takes_unset_settings_from_the_checkpoints_training_metadata(tmp_p
     assert "trained with --patch-config B (building A as asked)" in output
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["model"]["patch_sizes"] == [2, 2, 2]
+
+
+def _run_folder(folder: Path, cfg: MobileViTConfig, seed: int) -> dict[str, np.ndarray]:
+    """A mvcompile train run folder as train leaves it: best and last weights (different
+    epochs) with train's header, run.json and last.pt (contents irrelevant here)."""
+    folder.mkdir()
+    header = {"mvcompile.size": cfg.size, "mvcompile.num_classes": str(cfg.num_classes),
+              "mvcompile.resolution": str(cfg.resolution), "mvcompile.patch_config": "A"}
+    best, last = build_random(cfg, seed=seed)[1], build_random(cfg, seed=seed + 1)[1]
+    save_file(best, str(folder / "best.safetensors"), header)
+    save_file(last, str(folder / "last.safetensors"), header)
+    (folder / "run.json").write_text("{}")
+    (folder / "last.pt").write_bytes(b"not read")
+    return {"best": best, "last": last}
+
+
+@pytest.mark.parametrize(("given", "used"), [("", "best"), ("last.pt", "last")])
+def test_build_from_a_train_run_folder_or_its_last_pt(tmp_path: Path, given: str, used: str
+                                                      ) -> None:
+    cfg = MobileViTConfig.for_size("xxs", resolution=64, num_classes=3)
+    weights = _run_folder(tmp_path / "run", cfg, seed=4)
+    code, output = run("build", "--weights", str(tmp_path / "run" / given), "-o",
+                       str(tmp_path / "o"), "--latency-runs", "0")
+    assert code == 0, output
+    assert f"using {'its' if used == 'best' else ''}" in output and f"{used}.safetensors" in output
+    assert "--num-classes 3" in output and "--resolution 64" in output  # from the header
+    model = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    stored = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    np.testing.assert_array_equal(stored["classifier.weight"], weights[used]["classifier.weight"])
+
+
+def test_build_from_a_run_folder_before_its_first_epoch(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    code, output = run("build", "--weights", str(tmp_path / "run"), "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "run folder without best.safetensors", "no epoch")
+    assert not (tmp_path / "o").exists()

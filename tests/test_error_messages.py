@@ -60,16 +60,17 @@ def test_the_cli_prints_one_copy_of_an_onnx_runtime_error(tmp_path: Path) -> Non
     ORT's own comes back with -v. Run as a process: ORT writes to file descriptor 2."""
     model = str(_reshape_to_5x7(tmp_path / "bad.onnx"))
 
-    def bench(*flags: str) -> subprocess.CompletedProcess:
+    def bench(*flags: str, after: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         code = "from mvcompile.cli import main; main()"
-        return subprocess.run([sys.executable, "-c", code, *flags, "bench", model, "--runs", "1"],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run([sys.executable, "-c", code, *flags, "bench", model, "--runs", "1",
+                               *after], capture_output=True, text=True, timeout=120)
 
-    quiet, verbose = bench(), bench("-v")
-    assert quiet.returncode == 1 and verbose.returncode == 1
+    quiet, verbose, verbose_after = bench(), bench("-v"), bench(after=("-v",))
+    assert quiet.returncode == verbose.returncode == verbose_after.returncode == 1
     assert "Error: ONNX Runtime cannot run" in quiet.stderr
     assert "[E:onnxruntime" not in quiet.stderr and "Traceback" not in quiet.stderr
     assert "[E:onnxruntime" in verbose.stderr
+    assert "[E:onnxruntime" in verbose_after.stderr  # -v also works after the command
 
 
 def test_missing_external_data_is_named_not_called_corrupt(tmp_path: Path) -> None:
