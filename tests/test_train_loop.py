@@ -18,6 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _train_util import one_thread  # noqa: E402, F401
 from click.testing import CliRunner  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from test_train_data import make_folder  # noqa: E402
@@ -53,15 +54,6 @@ class Recorder:
 
     def epoch_end(self, row: dict) -> None:
         self.rows.append(row)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: far faster than two on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

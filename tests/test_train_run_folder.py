@@ -11,34 +11,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from click.testing import CliRunner, Result  # noqa: E402
+from _train_util import QUICK, one_thread  # noqa: E402, F401
+from _train_util import assert_clean_error as _assert_clean_error
+from _train_util import train_cli as _cli
 from test_train_data import make_folder  # noqa: E402
 
-from mvcompile.cli import main  # noqa: E402
 from mvcompile.train import checkpoint, cli, loop, outputs  # noqa: E402
-
-QUICK = ("--resolution", "64", "--epochs", "1", "--batch-size", "4", "--no-multiscale")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: far faster than two on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _cli(*args: str) -> Result:
-    return CliRunner().invoke(main, ["train", *args])
-
-
-def _assert_clean_error(result: Result, *phrases: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit)  # handled: no traceback
-    assert result.output.startswith("Error: ") and "Traceback" not in result.output
-    for phrase in phrases:
-        assert phrase in result.output, result.output
 
 
 def _no_data_loading(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,14 @@ Registered lazily by :mod:`mvcompile.cli`, so that ``mvcompile --help`` works wi
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shlex
+import signal
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +22,7 @@ from click.core import ParameterSource
 from mvcompile.click_types import FloatRange
 from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import SIZES
+from mvcompile.table import format_table
 
 if TYPE_CHECKING:
     from mvcompile.train.loop import TrainResult
@@ -26,6 +34,7 @@ Examples:
   mvcompile train --data digits --resolution 64 --epochs 40 --batch-size 64
   mvcompile train --data ~/flowers --val-split 0.1 --resolution 128 --epochs 100
   mvcompile train --resume runs/digits_xxs
+  mvcompile train --data ~/flowers --init-weights ~/hf/mobilevit-xx-small --epochs 20
 \b
 On 8 GPUs (ImageNet, the paper's recipe: 128 images per GPU at 256, 300 epochs):
   torchrun --standalone --nproc_per_node 8 -m mvcompile.train --data /data/imagenet \\
@@ -33,18 +42,46 @@ On 8 GPUs (ImageNet, the paper's recipe: 128 images per GPU at 256, 300 epochs):
       --workers 8 --amp --name imagenet_s
 \b
 --resume reuses the options saved with the run; options given on its command line override
-them (e.g. --epochs 400 to train longer).
+them (e.g. --epochs 400 to train longer). SIGTERM (e.g. from a job scheduler) stops a run like
+Ctrl-C does, keeping the last complete epoch, with exit status 143 (130 for Ctrl-C).
 """
+SIGTERM_STATUS = 128 + signal.SIGTERM  # 143, the shell's status for a process killed by SIGTERM
+SIGINT_STATUS = 128 + signal.SIGINT  # 130
+CHECK_BAR_AFTER_S = 1.0  # the image check shows a progress bar once it has run this long
 PROBABILITY = FloatRange(0.0, 1.0, max_open=True)
 NON_NEGATIVE = FloatRange(min=0.0)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that a run stops the same way."""
+
+
 class ProgressReporter:
-    """A click progress bar per epoch (loss, lr, batch resolution) and a line per epoch."""
+    """A click progress bar per epoch (loss, lr, batch resolution) and a line per epoch; a
+    bar for the image check when it takes a while; notes as yellow lines."""
 
     def __init__(self) -> None:
         self.bar = None
         self.status = ""
+        self.check_started: float | None = None
+
+    def note(self, message: str) -> None:
+        click.secho(f"Note: {message}", fg="yellow", err=True)
+
+    def images_checked(self, done: int, total: int) -> None:
+        """Progress of the image check: a bar appears once it has run CHECK_BAR_AFTER_S."""
+        now = time.perf_counter()
+        if self.check_started is None:
+            self.check_started = now
+        if self.bar is None and now - self.check_started >= CHECK_BAR_AFTER_S and done < total:
+            self.bar = click.progressbar(length=total, label="checking images",
+                                         file=sys.stderr, show_eta=True, width=24)
+            self.bar.__enter__()
+        if self.bar is not None:
+            self.bar.update(done - self.bar.pos)
+        if done >= total:
+            self.close()
+            self.check_started = None
 
     def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
         self.status = ""
@@ -66,7 +103,8 @@ class ProgressReporter:
                    f"({row['seconds']:.0f} s)", err=True)
 
     def close(self) -> None:
-        """End the epoch's bar, if one is showing (also when an epoch stops half-way)."""
+        """End the bar showing (an epoch's or the image check's), if any; also when an epoch
+        stops half-way."""
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
@@ -75,7 +113,9 @@ class ProgressReporter:
 @click.command(epilog=EXAMPLES)
 @click.option("--data", default="digits", show_default=True,
               help="`digits` (built-in scikit-learn digits), or an image folder: DIR/<class>/"
-                   "*.jpg, or DIR/train/<class>/ with DIR/val/<class>/.")
+                   "*.jpg, or DIR/train/<class>/ with DIR/val/<class>/. Every image file is "
+                   "opened before training (Pillow's header check); if any cannot be read, "
+                   "the run stops at once with a list of them.")
 @click.option("--val-split", type=float, default=None,
               help="Fraction of each class held out for validation when there is no val/ "
                    "folder [default: 0.1; digits 0.2]. The split is fixed (seed 0).")
@@ -117,20 +157,28 @@ class ProgressReporter:
 @click.option("--flip/--no-flip", default=None,
               help="Random horizontal flip [default: on; digits off].")
 @click.option("--subset", type=click.IntRange(min=1), default=None,
-              help="Train on a random subset of this many images (quick experiments).")
+              help="Train on a random subset of this many images (quick experiments); if "
+                   "there are fewer, all are used.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed for initialisation, sampling and augmentation.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Data loader worker processes per training process.")
-@click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA.")
+@click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA (no effect on CPU).")
 @click.option("--name", default=None,
-              help="Run folder runs/NAME [default: DATA_SIZE, e.g. digits_xxs].")
+              help="Run folder RUNS_DIR/NAME [default: DATA_SIZE, e.g. digits_xxs]; a name, "
+                   "not a path (use --runs-dir for the folder).")
 @click.option("--runs-dir", default="runs", show_default=True,
               help="Folder that holds the run folders.")
 @click.option("--resume", default=None,
               help="Continue a run where it stopped: a run folder or its last.pt. Its saved "
                    "options apply unless given again here.")
 @click.option("--overwrite", is_flag=True, help="Start over in an existing run folder.")
+@click.option("--init-weights", default=None,
+              help="Fine-tune: start from these weights instead of a random initialisation: "
+                   "a run folder of mvcompile train (its best.safetensors) or a .safetensors, "
+                   "Hugging Face folder or .bin/.pt, as `mvcompile build --weights` reads. A "
+                   "classifier for another number of classes is re-initialised (with a note); "
+                   "any other mismatch is an error. Not with --resume.")
 def train(**kwargs: object) -> None:
     """Train MobileViT with the paper's recipe; writes runs/NAME/best.safetensors."""
     try:
@@ -148,9 +196,8 @@ def train(**kwargs: object) -> None:
         click.secho(f"Note: {result.run_dir} already finished its {done} "
                     f"epoch{'s' if done != 1 else ''}; pass --epochs M (> {done}) to train "
                     "longer.", fg="yellow", err=True)
-    best = result.best
-    click.echo(f"best val accuracy {best['val_acc']:.2%} at epoch {best['epoch']}: "
-               f"{result.run_dir / 'best.safetensors'}")
+    if _is_main_process():  # under torchrun, one summary rather than one per process
+        click.echo(summary(options, result))
 
 
 def _options(kwargs: dict) -> TrainOptions:
@@ -160,6 +207,10 @@ def _options(kwargs: dict) -> TrainOptions:
 
     if not kwargs["resume"]:
         return TrainOptions(**kwargs)
+    if kwargs["init_weights"]:
+        raise UserError("--init-weights starts a new run from weights; --resume continues a "
+                        "run from its own weights and training state. Drop one (to fine-tune "
+                        f"from {kwargs['resume']}, pass it as --init-weights under a new --name).")
     ctx = click.get_current_context()
     explicit = {name for name in kwargs
                 if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
@@ -167,19 +218,102 @@ def _options(kwargs: dict) -> TrainOptions:
 
 
 def _run(options: TrainOptions) -> TrainResult:
-    """Train; on Ctrl-C, say how to continue and exit with status 130."""
+    """Train; on Ctrl-C or SIGTERM, say what was saved and how to continue, and exit with
+    the shell's status for the signal (130, 143)."""
     from mvcompile.train.loop import train as run_training
 
     before = _checkpoint_stamp(options.run_dir())
     reporter = ProgressReporter()
     try:
-        return run_training(options, reporter)
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():
+            return run_training(options, reporter)
+    except KeyboardInterrupt as err:
         reporter.close()
-        click.secho(f"\n{_interrupted_message(options, before)}", fg="yellow", err=True)
-        sys.exit(130)
+        if _is_main_process():  # under torchrun, one message rather than one per process
+            click.secho(f"\n{_interrupted_message(options, before)}", fg="yellow", err=True)
+        sys.exit(SIGTERM_STATUS if isinstance(err, Terminated) else SIGINT_STATUS)
     finally:
         reporter.close()  # an error half-way through an epoch: its message on a line of its own
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in this
+    process, so it ends the run like Ctrl-C: the last complete epoch stays saved.
+
+    Forked children (data loader workers) inherit the handler; in them it restores the default
+    action and re-sends the signal, so they die as before. Outside the main thread, where
+    handlers cannot be set, the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum: int, _frame: object) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun, or a plain single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def summary(options: TrainOptions, result: TrainResult) -> str:
+    """The closing table: run folder, epochs, best accuracy, files, the next command."""
+    from mvcompile.train import outputs
+
+    run_dir = result.run_dir
+    rows: list[tuple[str, object]] = [("run folder", run_dir), ("epochs", _epochs(options, result))]
+    if options.init_weights:
+        rows.append(("started from", options.init_weights))
+    best = result.best
+    if best.get("epoch"):
+        which = " (EMA weights)" if options.ema_decay else ""
+        rows.append(("best val acc", f"{best['val_acc']:.2%} at epoch {best['epoch']}{which}"))
+    if result.history:
+        rows.append(("last val acc", f"{result.history[-1]['val_acc']:.2%}"))
+    order = (outputs.BEST, outputs.LAST_WEIGHTS, outputs.LAST, outputs.RUN_INFO,
+             outputs.METRICS, outputs.CURVES)
+    files = [name for name in order if (run_dir / name).is_file()]
+    rows.append(("files", ", ".join(files) or "none"))
+    if outputs.BEST in files:
+        rows.append(("next", _build_command(run_dir / outputs.BEST, run_dir.name)))
+    return format_table(rows, header=("mvcompile train", "summary"))
+
+
+def _epochs(options: TrainOptions, result: TrainResult) -> str:
+    """'3 of 3, 42 s', or for a resumed run '3 of 3 (resumed after epoch 1: 2 now, 30 s)'."""
+    now = [row for row in result.history if row["epoch"] > result.start_epoch]
+    took = _duration(sum(row.get("seconds", 0.0) for row in now))
+    text = f"{len(result.history)} of {options.epochs}"
+    if not result.start_epoch:
+        return f"{text}, {took}"
+    return f"{text} (resumed after epoch {result.start_epoch}: {len(now)} now, {took})"
+
+
+def _build_command(weights: Path, name: str) -> str:
+    """The build of the trained weights; build reads size, patch config, class count and
+    resolution from the checkpoint's header, so only the weights and an output folder."""
+    return shlex.join(["mvcompile", "build", "--weights", str(weights), "-o", f"out/{name}"])
+
+
+def _duration(seconds: float) -> str:
+    """37 -> '37 s'; 5400 -> '1 h 30 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60} min"
 
 
 def _checkpoint_stamp(run_dir: Path) -> tuple[int, int] | None:

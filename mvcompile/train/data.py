@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from mvcompile.errors import UserError
+from mvcompile.errors import UserError, first_line
 from mvcompile.images import IMAGE_SUFFIXES, find_files, to_rgb
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 VAL_FOLDERS = ("val", "validation")
 SPLIT_SEED = 0  # the validation split is fixed, whatever the training seed
 DIGITS = "digits"
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
 
 
 @dataclass
@@ -50,6 +52,10 @@ class ImageSource:
         return ImageSource([self.items[i] for i in keep], [self.labels[i] for i in keep],
                            self.classes, self.crop_scale, self.flip, self.eval_resize,
                            self.arrays)
+
+    def files(self) -> list[Path]:
+        """The image files (none for in-memory images such as digits)."""
+        return [] if self.arrays is not None else list(self.items)
 
     def image(self, i: int) -> Image.Image:
         """Image ``i`` as an RGB PIL image."""
@@ -110,6 +116,12 @@ def _digits(val_split: float) -> DataSplit:
 
 
 def _folder(root: Path, val_split: float) -> DataSplit:
+    if root.exists() and not root.is_dir():
+        archive = any(root.name.lower().endswith(s) for s in ARCHIVE_SUFFIXES)
+        raise UserError(f"--data {root} is a file, not a folder"
+                        f"{' (an archive: unpack it first)' if archive else ''}. --data wants "
+                        "a folder with one subfolder of images per class (or train/ and val/ "
+                        "folders of them), or `digits` for the built-in demo.")
     if not root.is_dir():
         raise UserError(f"--data {root}: no such folder. Pass an image folder with one "
                         "subfolder per class, or `digits` for the built-in demo.")
@@ -159,6 +171,51 @@ def _check_classes(root: Path, found: list[str], classes: list[str], labels: lis
     if empty and found == classes:
         raise UserError(f"Class folders without images in {root}: {', '.join(empty[:8])}. "
                         "Remove them or add images.")
+
+
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an image, or None when it can.
+
+    A cheap check: Pillow opens the file and verifies its header and structure without
+    decoding the pixels, so it finds files that are not images, empty or cut short in their
+    header, and PNGs with damaged chunks; a JPEG cut short in its pixel data passes.
+    """
+    try:
+        with Image.open(path) as img:
+            if img.mode == "F":
+                return "floating-point pixels, which have no standard range"
+            img.verify()
+    except UnidentifiedImageError:
+        return "not an image Pillow can read"
+    except Exception as err:  # Pillow raises many types (OSError, SyntaxError, struct.error)
+        return first_line(err)
+    return None
+
+
+def unreadable_images(paths: Sequence[Path], on_progress: Callable[[int], None] | None = None,
+                      every: int = 200) -> list[tuple[str, str]]:
+    """[(path, reason)] for the ``paths`` that :func:`image_problem` rejects, in order.
+
+    ``on_progress(done)`` is called every ``every`` images and at the end.
+    """
+    bad = []
+    for done, path in enumerate(paths, 1):
+        problem = image_problem(path)
+        if problem is not None:
+            bad.append((str(path), problem))
+        if on_progress is not None and (done % every == 0 or done == len(paths)):
+            on_progress(done)
+    return bad
+
+
+def unreadable_images_message(bad: Sequence[tuple[str, str]], total: int, show: int = 10) -> str:
+    """One paragraph naming the first ``show`` unreadable images and how many there are."""
+    lines = [f"{len(bad)} of the {total} images cannot be read; training has not started:"]
+    lines += [f"  {path}: {reason}" for path, reason in bad[:show]]
+    if len(bad) > show:
+        lines.append(f"  ... and {len(bad) - show} more")
+    lines.append("Remove or replace them, then run again.")
+    return "\n".join(lines)
 
 
 def stratified_split(labels: list[int], fraction: float) -> tuple[list[int], list[int]]:

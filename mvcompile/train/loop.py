@@ -26,7 +26,15 @@ from mvcompile.errors import UserError
 from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY, format_class_names
 from mvcompile.graphs.mobilevit import MobileViTConfig
 from mvcompile.train import checkpoint, outputs
-from mvcompile.train.data import DataSplit, ImageSource, eval_item, load_data, train_item
+from mvcompile.train.data import (
+    DataSplit,
+    ImageSource,
+    eval_item,
+    load_data,
+    train_item,
+    unreadable_images,
+    unreadable_images_message,
+)
 from mvcompile.train.distributed import (
     Dist,
     all_sum,
@@ -36,8 +44,16 @@ from mvcompile.train.distributed import (
     init_distributed,
 )
 from mvcompile.train.distributed import shutdown as shutdown_distributed
+from mvcompile.train.finetune import load_init_weights
 from mvcompile.train.model import MobileViT
-from mvcompile.train.options import RECIPE_KEYS, TrainOptions, changed_options, resolve
+from mvcompile.train.options import (
+    RECIPE_KEYS,
+    TrainOptions,
+    changed_options,
+    check_run_name,
+    odd_option_notes,
+    resolve,
+)
 from mvcompile.train.recipe import EMA, Schedule, default_warmup, make_optimizer, make_scheduler
 from mvcompile.train.sampler import Item, MultiScaleBatchSampler, eval_batches, scaled_resolutions
 
@@ -45,17 +61,35 @@ log = logging.getLogger(__name__)
 
 
 class Reporter(Protocol):
-    """Progress callbacks, called on rank 0 only."""
+    """Progress callbacks, called on rank 0 only.
+
+    ``note`` (a remark for the user about the options or data) and ``images_checked``
+    (progress of the image check before training) are optional: without ``note`` the
+    remark is logged as a warning, without ``images_checked`` the check runs silently.
+    """
 
     def epoch_start(self, epoch: int, epochs: int, batches: int) -> None: ...
     def batch_end(self, loss: float, lr: float, resolution: int) -> None: ...
     def epoch_end(self, row: dict) -> None: ...
+    def note(self, message: str) -> None: ...
+    def images_checked(self, done: int, total: int) -> None: ...
 
 
 class SilentReporter:
     def epoch_start(self, epoch: int, epochs: int, batches: int) -> None: ...
     def batch_end(self, loss: float, lr: float, resolution: int) -> None: ...
     def epoch_end(self, row: dict) -> None: ...
+    def note(self, message: str) -> None: ...
+    def images_checked(self, done: int, total: int) -> None: ...
+
+
+def _note(reporter: Reporter, message: str) -> None:
+    """Tell the user ``message``: the reporter's note, or a logged warning if it has none."""
+    note = getattr(reporter, "note", None)
+    if note is not None:
+        note(message)
+    else:
+        log.warning("%s", message)
 
 
 class ItemDataset(Dataset):
@@ -94,6 +128,7 @@ class Run:
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"epoch": 0, "val_acc": -1.0})
+    init: dict | None = None  # where --init-weights came from, for run.json
 
     @property
     def export_model(self) -> nn.Module:
@@ -115,7 +150,7 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
     d = init_distributed()
     reporter = reporter if reporter is not None and d.is_main else SilentReporter()
     try:
-        run = prepare(options, d)
+        run = prepare(options, d, reporter)
         if run.start_epoch >= options.epochs:
             log.info("%s already finished its %d epochs; nothing to train.", run.run_dir,
                      run.start_epoch)
@@ -129,22 +164,26 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
         shutdown_distributed(d)
 
 
-def prepare(options: TrainOptions, d: Dist) -> Run:
-    """Check the run folder; data, model, optimizer, schedule, sampler, loaders; the resumed
-    state, if any; then start the run folder's files (run.json) when there is work to do."""
+def prepare(options: TrainOptions, d: Dist, reporter: Reporter | None = None) -> Run:
+    """Check the options and run folder; data (every image file checked), model (from
+    --init-weights, if given), optimizer, schedule, sampler, loaders; the resumed state, if
+    any; then start the run folder's files (run.json) when there is work to do."""
+    reporter = reporter if reporter is not None else SilentReporter()
     _check_options(options)
+    for message in odd_option_notes(options, cuda=d.device.type == "cuda"):
+        _note(reporter, message)
     run_dir = _run_dir(options)
     if d.is_main:
         outputs.check_writable(run_dir)  # before hours of data loading and training
-    data = load_data(options.data, options.val_split)
-    if options.subset is not None and options.subset < len(data.train):
-        data = replace(data, train=_subset(data.train, options.subset, options.seed),
-                       subset_of=len(data.train))
+    data = _load_data(options, reporter)
+    check_images(data, d, reporter)
     cfg = MobileViTConfig.for_size(options.size, resolution=options.resolution,
                                    patch_config=options.patch_config,
                                    num_classes=len(data.train.classes))
     torch.manual_seed(options.seed + d.rank)
-    model = MobileViT(cfg, options.dropout, options.classifier_dropout).to(d.device)
+    model = MobileViT(cfg, options.dropout, options.classifier_dropout)
+    init = _init_weights(model, options, cfg, reporter)
+    model = model.to(d.device)
     ids = [d.device.index] if d.device.type == "cuda" else None
     net = DistributedDataParallel(model, device_ids=ids) if d.enabled else model
     sampler = _train_sampler(options, cfg, len(data.train), d)
@@ -152,7 +191,7 @@ def prepare(options: TrainOptions, d: Dist) -> Run:
     optimizer = make_optimizer(model, options.lr, options.weight_decay)
     run = Run(options, d, cfg, data, model, net, optimizer, make_scheduler(optimizer, schedule),
               EMA(model, options.ema_decay) if options.ema_decay else None, sampler,
-              *_loaders(options, cfg, data, sampler, d), run_dir)
+              *_loaders(options, cfg, data, sampler, d), run_dir, init=init)
     log.info("%s; %d steps, warm-up %d; resolutions %s", data.description,
              schedule.total_steps, schedule.warmup_steps, sampler.resolutions)
     resumed = None
@@ -163,6 +202,50 @@ def prepare(options: TrainOptions, d: Dist) -> Run:
     if d.is_main and run.start_epoch < options.epochs:
         _start_run_folder(run, resumed)
     return run
+
+
+def _load_data(o: TrainOptions, reporter: Reporter) -> DataSplit:
+    """The data split, with the training images cut to --subset (a note if it is too big)."""
+    data = load_data(o.data, o.val_split)
+    if o.subset is not None and o.subset < len(data.train):
+        return replace(data, train=_subset(data.train, o.subset, o.seed),
+                       subset_of=len(data.train))
+    if o.subset is not None and o.subset > len(data.train):
+        _note(reporter, f"--subset {o.subset} is more than the {len(data.train)} training "
+                        "images; the whole training set is used.")
+    return data
+
+
+def check_images(data: DataSplit, d: Dist, reporter: Reporter) -> None:
+    """Open every image file of the run (training and validation) before training; one
+    UserError lists those that cannot be read. Under torchrun each process checks its share
+    and all raise the same error."""
+    files = data.train.files() + data.val.files()
+    if not files:
+        return
+    mine = files[d.rank::d.world_size]
+    progress = getattr(reporter, "images_checked", None)
+    if progress is not None:
+        progress(0, len(mine))
+    started = time.perf_counter()
+    bad = unreadable_images(mine, None if progress is None
+                            else lambda done: progress(done, len(mine)))
+    bad = sorted(b for part in gather_objects(d, bad) for b in part)
+    log.info("Checked %d image files in %.1f s", len(files), time.perf_counter() - started)
+    if bad:
+        raise UserError(unreadable_images_message(bad, len(files)))
+
+
+def _init_weights(model: nn.Module, o: TrainOptions, cfg: MobileViTConfig,
+                  reporter: Reporter) -> dict | None:
+    """Load --init-weights into ``model``; its run.json record, or None without it. A resumed
+    run's weights come from its checkpoint, so there it only keeps the record."""
+    if o.init_weights is None or o.resume:
+        return None
+    loaded = load_init_weights(model, o.init_weights, cfg)
+    for message in loaded.notes:
+        _note(reporter, message)
+    return loaded.record()
 
 
 def _check_options(o: TrainOptions) -> None:
@@ -176,6 +259,7 @@ def _check_options(o: TrainOptions) -> None:
         raise UserError(f"--crop-scale must be in (0, 1], got {o.crop_scale}.")
     if o.ema_decay is not None and not 0.0 < o.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in (0, 1), got {o.ema_decay}.")
+    check_run_name(o.name, o.runs_dir)
     if o.resume and o.overwrite:
         raise UserError(f"--resume and --overwrite contradict each other: --resume continues "
                         f"the run in {o.run_dir()}, --overwrite starts it over. Drop one.")
@@ -206,13 +290,16 @@ def _run_dir(o: TrainOptions) -> Path:
 def _start_run_folder(run: Run, resumed: dict | None) -> None:
     """Write run.json for the options in force: a fresh run (with --overwrite, after deleting
     the earlier run's files) records none, a resumed one adds itself to the earlier resumes."""
+    init = run.init
     if resumed is None:
         if run.options.overwrite:
             outputs.clear_run_files(run.run_dir)
         resumes = []
     else:
-        resumes = [*outputs.read_resumes(resolve(run.options.resume).parent), resumed]
-    outputs.write_run_info(run.run_dir, run.options, run.cfg, run.data, resumes)
+        earlier = resolve(run.options.resume).parent
+        resumes = [*outputs.read_resumes(earlier), resumed]
+        init = outputs.read_init_weights(earlier)
+    outputs.write_run_info(run.run_dir, run.options, run.cfg, run.data, resumes, init)
 
 
 def _resume_record(state: dict, options: TrainOptions) -> dict:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from mvcompile.errors import UserError
+from mvcompile.graphs.checkpoints import RUN_STATE
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +20,7 @@ RECIPE_KEYS = ("resolution", "epochs", "batch_size", "lr", "lr_init", "lr_min", 
                "multiscale", "crop_scale", "flip", "val_split", "subset", "seed")
 # Options that locate a run rather than configure it: never taken from a resumed checkpoint.
 LOCATION_KEYS = ("name", "runs_dir", "resume", "overwrite")
-LAST = "last.pt"  # the resumable checkpoint in a run folder
+LAST = RUN_STATE  # last.pt, the resumable checkpoint in a run folder
 
 
 def resolve(path: str | Path) -> Path:
@@ -56,6 +60,7 @@ class TrainOptions:
     runs_dir: str = "runs"
     resume: str | None = None
     overwrite: bool = False
+    init_weights: str | None = None  # start from these weights (fine-tuning); not with resume
 
     def run_name(self) -> str:
         data = "digits" if self.data == "digits" else Path(self.data).resolve().name
@@ -66,6 +71,41 @@ class TrainOptions:
         if self.resume and self.name is None:
             return resolve(self.resume).parent
         return Path(self.runs_dir) / self.run_name()
+
+
+def check_run_name(name: str | None, runs_dir: str) -> None:
+    """UserError unless ``name`` (``--name``) is a plain folder name, not a path."""
+    if name is None:
+        return
+    if not name:
+        raise UserError("--name is empty; give the run a name, e.g. --name flowers_xxs.")
+    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    if name not in (".", "..") and not any(s in name for s in separators):
+        return
+    path = Path(name.replace("\\", "/"))
+    parent = os.path.normpath(path.parent if path.is_absolute() else Path(runs_dir, path.parent))
+    example = (f" (e.g. --runs-dir {parent} --name {path.name})"
+               if path.name not in ("", ".", "..") else "")
+    raise UserError(f"--name {name!r} is a run name, not a path: the run folder is "
+                    f"{Path(runs_dir) / 'NAME'}. To put the run in another folder, pass that "
+                    f"folder as --runs-dir{example}.")
+
+
+def odd_option_notes(o: TrainOptions, cuda: bool) -> list[str]:
+    """Notes on accepted but odd options: a learning rate that falls during the warm-up or
+    rises during the decay, and --amp where it does nothing (``cuda``: the run uses a GPU)."""
+    notes = []
+    warmup = o.warmup_steps is None or o.warmup_steps > 0
+    if warmup and o.lr_init > o.lr:
+        notes.append(f"--lr-init {o.lr_init:g} is above --lr {o.lr:g}: the warm-up lowers the "
+                     "learning rate instead of raising it.")
+    if o.lr_min > o.lr:
+        notes.append(f"--lr-min {o.lr_min:g} is above --lr {o.lr:g}: the cosine decay raises "
+                     "the learning rate instead of lowering it.")
+    if o.amp and not cuda:
+        notes.append("--amp has no effect here: bfloat16 autocast is used only on CUDA, and "
+                     "this run trains on the CPU.")
+    return notes
 
 
 def changed_options(saved: Mapping[str, object], options: TrainOptions

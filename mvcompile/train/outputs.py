@@ -28,6 +28,9 @@ from pathlib import Path
 from torch import nn
 
 from mvcompile.errors import UserError, first_line
+from mvcompile.graphs.checkpoints import RUN_BEST as BEST
+from mvcompile.graphs.checkpoints import RUN_INFO
+from mvcompile.graphs.checkpoints import RUN_LAST_WEIGHTS as LAST_WEIGHTS
 from mvcompile.graphs.mobilevit import MobileViTConfig
 from mvcompile.onnx_io import atomic_write_text
 from mvcompile.train.checkpoint import save_weights
@@ -38,8 +41,9 @@ from mvcompile.train.plot import write_curves
 
 log = logging.getLogger(__name__)
 
-BEST, LAST_WEIGHTS = "best.safetensors", "last.safetensors"
-METRICS, CURVES, RUN_INFO = "metrics.csv", "curves.png", "run.json"
+# best.safetensors, last.safetensors and run.json are named in graphs.checkpoints, which
+# reads them for `mvcompile build --weights RUN_FOLDER`.
+METRICS, CURVES = "metrics.csv", "curves.png"
 # Everything train writes in a run folder; last.pt first, so that a run folder being cleared
 # stops being resumable before anything else goes.
 RUN_FILES = (LAST, BEST, LAST_WEIGHTS, METRICS, CURVES, RUN_INFO)
@@ -109,21 +113,36 @@ def clear_run_files(run_dir: Path) -> None:
                  run_dir)
 
 
+def _read_run_info(run_dir: Path, key: str) -> object:
+    """Entry ``key`` of an earlier run.json in ``run_dir``; None if there is none."""
+    try:
+        return json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def read_resumes(run_dir: Path) -> list[dict]:
     """The resumes an earlier run.json in ``run_dir`` records; [] if there is none."""
-    try:
-        resumes = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8")).get("resumes")
-    except (OSError, ValueError, AttributeError):
-        return []
+    resumes = _read_run_info(run_dir, "resumes")
     return resumes if isinstance(resumes, list) else []
 
 
+def read_init_weights(run_dir: Path) -> dict | None:
+    """The --init-weights record of an earlier run.json in ``run_dir``, or None."""
+    init = _read_run_info(run_dir, "init_weights")
+    return init if isinstance(init, dict) else None
+
+
 def write_run_info(run_dir: Path, options: TrainOptions, cfg: MobileViTConfig,
-                   data: DataSplit, resumes: list[dict] | None = None) -> None:
-    """run.json: the options in force and the data actually used (after --subset), and for a
-    resumed run one entry per resume (after which epoch, which options changed)."""
+                   data: DataSplit, resumes: list[dict] | None = None,
+                   init_weights: dict | None = None) -> None:
+    """run.json: the options in force and the data actually used (after --subset), the
+    weights the run started from (--init-weights: file, tensors, whether the classifier was
+    kept), and for a resumed run one entry per resume (after which epoch, which options
+    changed)."""
     info = {
         "options": asdict(options),
+        "init_weights": init_weights,
         "model": {"size": cfg.size, "patch_sizes": list(cfg.patch_sizes),
                   "num_classes": cfg.num_classes, "resolution": cfg.resolution},
         "data": data.description,

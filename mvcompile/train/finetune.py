@@ -1,0 +1,125 @@
+"""``--init-weights``: start a new training run from existing weights (fine-tuning).
+
+The weights are read exactly as ``mvcompile build --weights`` reads them
+(:mod:`mvcompile.graphs.checkpoints`): a ``mvcompile train`` run folder (its
+``best.safetensors``) or one of its files, our or Hugging Face's ``.safetensors``, a Hugging
+Face model folder, or a ``.bin``/``.pt`` pickle (ml-cvnets names are renamed). Every tensor must
+match the model by name and shape, except the classifier: a head trained for another number
+of classes (or none at all) keeps its fresh initialisation, and the caller is told so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mvcompile.errors import UserError
+from mvcompile.graphs.checkpoints import load_state_dict, resolve_run_weights, to_hf_names
+from mvcompile.graphs.mobilevit import SIZES, MobileViTConfig
+
+log = logging.getLogger(__name__)
+
+HEAD = ("classifier.weight", "classifier.bias")
+_IGNORED = "num_batches_tracked"  # BatchNorm counters: not weights, absent from our exports
+_LAST_CONV = "mobilevit.conv_1x1_exp.convolution.weight"
+_SHOW = 5  # mismatching tensors named per kind in an error
+
+
+@dataclass
+class InitWeights:
+    """What :func:`load_init_weights` did: for run.json, and notes for the user."""
+
+    path: str  # the file actually read
+    tensors: int  # tensors loaded
+    classifier: str  # "loaded", or why it keeps its fresh initialisation
+    notes: list[str] = field(default_factory=list)
+
+    def record(self) -> dict:
+        """The run.json entry."""
+        return {"from": self.path, "tensors": self.tensors, "classifier": self.classifier}
+
+
+def load_init_weights(model: nn.Module, path: str | Path, cfg: MobileViTConfig) -> InitWeights:
+    """Copy the weights at ``path`` into ``model`` (built for ``cfg``); UserError on mismatch."""
+    if not Path(path).exists():
+        raise UserError(f"--init-weights {path}: no such file or folder. Pass a run folder of "
+                        "mvcompile train (or its best.safetensors), a .safetensors, .bin or .pt "
+                        "checkpoint, or a Hugging Face model folder.")
+    file, note = resolve_run_weights(path)
+    notes = [note] if note else []
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith(_IGNORED)}
+    state = to_hf_names(load_state_dict(file), list(wanted), cfg.depths)
+    state = {k: v for k, v in state.items() if not k.endswith(_IGNORED)}
+    classifier = _drop_other_head(state, wanted, cfg.num_classes)
+    if classifier != "loaded":
+        notes.append(f"--init-weights: {classifier}; the classifier is re-initialised and "
+                     "trained from scratch.")
+    _check_match(state, wanted, file, cfg, head_optional=classifier != "loaded")
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    model.load_state_dict(tensors, strict=False)
+    log.info("--init-weights: loaded %d tensors from %s (classifier: %s)", len(tensors), file,
+             classifier)
+    return InitWeights(str(file), len(tensors), classifier, notes)
+
+
+def _drop_other_head(state: dict[str, np.ndarray], wanted: dict[str, tuple[int, ...]],
+                     num_classes: int) -> str:
+    """Remove a classifier trained for another class count from ``state``; say what was done.
+
+    Only the number of outputs may differ: a head over other features is a mismatch that
+    :func:`_check_match` reports.
+    """
+    weight, bias = (state.get(k) for k in HEAD)
+    if weight is None and bias is None:
+        return "the checkpoint has no classifier"
+    if weight is None or bias is None or weight.ndim != 2:
+        return "loaded"  # incomplete or odd: _check_match names it
+    features = wanted[HEAD[0]][1]
+    if weight.shape[1] != features or weight.shape[0] == num_classes:
+        return "loaded"
+    for k in HEAD:
+        del state[k]
+    return (f"its classifier has {weight.shape[0]} classes and the data "
+            f"{num_classes}")
+
+
+def _check_match(state: dict[str, np.ndarray], wanted: dict[str, tuple[int, ...]], file: Path,
+                 cfg: MobileViTConfig, head_optional: bool) -> None:
+    """UserError naming the first missing, unexpected and mis-shaped tensors, if any; the
+    classifier may be missing when ``head_optional`` (it keeps its initialisation)."""
+    optional = set(HEAD) if head_optional else set()
+    missing = [k for k in wanted if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in wanted]
+    shapes = [f"{k}: checkpoint {list(v.shape)}, model {list(wanted[k])}"
+              for k, v in state.items() if k in wanted and tuple(v.shape) != wanted[k]]
+    if not (missing or unexpected or shapes):
+        return
+    lines = [f"--init-weights {file} does not match MobileViT-{cfg.size.upper()}: "
+             f"{len(missing)} missing, {len(unexpected)} unexpected and {len(shapes)} "
+             "mis-shaped tensors."]
+    for label, items in (("missing", missing), ("unexpected", unexpected),
+                         ("shape", shapes)):
+        lines += [f"  {label}: {item}" for item in items[:_SHOW]]
+        if len(items) > _SHOW:
+            lines.append(f"  ... and {len(items) - _SHOW} more {label}")
+    hint = _size_hint(state, cfg)
+    lines.append(hint or "Pass weights of the same MobileViT variant (a run of mvcompile "
+                         "train, a Hugging Face or ml-cvnets MobileViT checkpoint).")
+    raise UserError("\n".join(lines))
+
+
+def _size_hint(state: dict[str, np.ndarray], cfg: MobileViTConfig) -> str | None:
+    """'It looks like MobileViT-S: pass --size s.' when the last conv says another size."""
+    last = state.get(_LAST_CONV)
+    if last is None:
+        return None
+    for size in SIZES:
+        other = MobileViTConfig.for_size(size)
+        if size != cfg.size and last.shape[0] == other.channels[6]:
+            return f"It looks like MobileViT-{size.upper()} weights: pass --size {size}."
+    return None

@@ -1,0 +1,38 @@
+"""Helpers shared by the `mvcompile train` tests (they need torch: import after importorskip)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from mvcompile.cli import main
+
+# A one-epoch run on a few images at 64², for tests of everything but the learning.
+QUICK = ("--resolution", "64", "--epochs", "1", "--batch-size", "4", "--no-multiscale")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: far faster than two on a shared, oversubscribed CPU. Import it
+    into a test module to apply it there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_cli(*args: str) -> Result:
+    """``mvcompile train ARGS`` in-process."""
+    return CliRunner().invoke(main, ["train", *args])
+
+
+def assert_clean_error(result: Result, *phrases: str) -> None:
+    """Exit status 1 with an 'Error: ' line holding each phrase (notes may come first), and
+    no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # handled: no traceback
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert errors and "Traceback" not in result.output, result.output
+    for phrase in phrases:
+        assert phrase in result.output, result.output
