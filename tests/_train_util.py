@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -36,3 +41,18 @@ def assert_clean_error(result: Result, *phrases: str) -> None:
     assert errors and "Traceback" not in result.output, result.output
     for phrase in phrases:
         assert phrase in result.output, result.output
+
+
+def start_and_signal(cmd: list[str], last: Path, signum: int, wait_s: float
+                     ) -> tuple[int, str]:
+    """Start ``cmd`` (a training run), send ``signum`` ``wait_s`` after its first checkpoint
+    ``last`` appears, and return its exit status and stderr."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(wait_s)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from _train_util import one_thread  # noqa: E402, F401
+from _train_util import one_thread, start_and_signal  # noqa: E402, F401
 from click.testing import CliRunner  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from test_train_data import make_folder  # noqa: E402
@@ -172,16 +169,10 @@ def test_ctrl_c_leaves_the_last_complete_checkpoint_intact(tmp_path: Path) -> No
     data = make_folder(tmp_path / "data", {"red": 12, "green": 12})
     cmd = [sys.executable, "-m", "mvcompile.train", "--data", str(data), "--resolution", "64",
            "--epochs", "100", "--batch-size", "4", "--runs-dir", str(tmp_path), "--name", "run"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     last = tmp_path / "run" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.7)  # into a later epoch, possibly in the middle of writing a checkpoint
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    # 0.7 s: into a later epoch, possibly in the middle of writing a checkpoint
+    code, err = start_and_signal(cmd, last, signal.SIGINT, 0.7)
+    assert code == 130, err[-2000:]
     assert "Interrupted" in err and "Traceback" not in err
     assert f"--resume {tmp_path / 'run'}" in err and "NAME" not in err
     state = torch.load(last, weights_only=True)

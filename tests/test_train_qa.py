@@ -8,7 +8,6 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -19,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from _train_util import QUICK, one_thread  # noqa: E402, F401
+from _train_util import QUICK, one_thread, start_and_signal  # noqa: E402, F401
 from _train_util import assert_clean_error as _assert_clean_error
 from _train_util import train_cli as _cli
 from click.testing import CliRunner, Result  # noqa: E402
@@ -276,16 +275,9 @@ def test_sigterm_mid_run_keeps_the_last_epoch_and_says_how_to_resume(tmp_path: P
     data = make_folder(tmp_path / "data", {"red": 12, "green": 12}, size=(12, 12))
     cmd = [sys.executable, "-m", "mvcompile.train", "--data", str(data), *QUICK,
            "--epochs", "100", "--workers", "1", "--runs-dir", str(tmp_path), "--name", "run"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     last = tmp_path / "run" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err[-2000:]
+    code, err = start_and_signal(cmd, last, signal.SIGTERM, 0.5)
+    assert code == 143, err[-2000:]
     assert f"Interrupted. The last complete epoch is saved; continue with --resume " \
            f"{tmp_path / 'run'}" in err and "Traceback" not in err
     assert 1 <= torch.load(last, weights_only=True)["epoch"] < 100
