@@ -397,14 +397,20 @@ def optimize(model: str, output: str, target: str, tolerance: float, measure: bo
              batch: int | None) -> None:
     """Run onnxsim and the mvcompile passes on any ONNX MODEL; check numerics against it and
     write the result to -o OUTPUT."""
-    from mvcompile.optimize import optimize_file
+    from mvcompile.optimize import optimize_file, rule_rows, storage_note
+    from mvcompile.table import human_bytes
 
     report = optimize_file(model, output, target=target, tolerance=tolerance,
                            choose_by_latency=measure, batch=batch)
-    nodes, transposes = report["nodes"], report["transposes"]
+    nodes, transposes, size = report["nodes"], report["transposes"], report["size"]
+    storage = report.get("storage") or {}
+    casts = (f" ({storage['restored']} of them Casts of {'/'.join(storage['types'])} weights)"
+             if storage.get("restored") else "")
     rows: list[tuple[str, object]] = [
-        ("nodes", f"{nodes['input']} -> onnxsim {nodes['onnxsim']} -> {nodes['optimized']}"),
+        ("nodes", f"{nodes['input']} -> onnxsim {nodes['onnxsim']} -> {nodes['optimized']}"
+                  + casts),
         ("Transpose", f"{transposes['input']} -> {transposes['optimized']}"),
+        ("size", f"{human_bytes(size['input'])} -> {human_bytes(size['optimized'])}"),
         ("max abs diff", f"{report['max_abs_diff']:.3g}"),
         *((c["stage"], f"{'kept' if c['kept'] else 'dropped'}: fastest ORT run "
                        f"{c['min_ms_with']:.2f} ms with, {c['min_ms_without']:.2f} ms without")
@@ -413,18 +419,22 @@ def optimize(model: str, output: str, target: str, tolerance: float, measure: bo
         ("written", output),
     ]
     click.echo(format_table(rows, header=(model, "")))
-    passes, shortened = [], False
-    for stage in report["pipeline"]["stages"]:
-        for rule, count in stage.get("rules", {}).items():
-            why = stage["refused"].get(rule, "") if count == 0 else ""
-            shortened |= len(why) > _WHY_WIDTH
-            passes.append((rule, count, why if len(why) <= _WHY_WIDTH
-                           else why[:_WHY_WIDTH - 1] + "…"))
+    passes, hidden, shortened = rule_rows(report["pipeline"], _WHY_WIDTH)
     click.echo()
-    click.echo(format_table(passes, header=("rule", "matches", "why not")))
-    if shortened:
-        click.echo("(reasons cut at the table's width; `mvcompile -v optimize ...` logs them "
-                   "in full)")
+    if passes:
+        click.echo(format_table(passes, header=("rule", "matches", "why not")))
+    if hidden:
+        click.echo(f"{hidden} {'other ' if passes else ''}rule{'s' * (hidden != 1)}: no "
+                   "pattern in this model")
+    if shortened or hidden:
+        click.echo("(`mvcompile -v optimize ...` logs in full why each rule did not apply"
+                   + ("; the reasons above are cut at the table's width)" if shortened else ")"))
+    if report.get("removed_data_files"):
+        click.echo("Removed the external data files that the replaced model used: "
+                   + ", ".join(report["removed_data_files"]))
+    note = storage_note(report)
+    if note:
+        click.secho(f"Note: {note}", fg="yellow", err=True)
     if report["symbolic_batch_blocked"]:
         click.secho("Note: the model's batch is symbolic, and the layout rewrites "
                     "(unfold/fold, attention head split) need static shapes; `--batch 1` "

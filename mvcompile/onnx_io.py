@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import onnx
@@ -81,6 +82,56 @@ def _missing_external_data(path: Path) -> list[str]:
     locations = {ExternalDataInfo(t).location for t in proto.graph.initializer
                  if uses_external_data(t)}
     return sorted(loc for loc in locations if not (path.parent / loc).is_file())
+
+
+def external_data_files(path: str | Path) -> set[Path]:
+    """The files (resolved paths) that the ONNX model at ``path`` keeps tensor data in; empty
+    when ``path`` is missing or not a readable ONNX model."""
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not an ONNX model: it references nothing
+        return set()
+    return _external_files(proto, path.parent)
+
+
+def _external_files(proto: onnx.ModelProto, folder: Path) -> set[Path]:
+    """The resolved paths of the external data files that ``proto``'s main-graph tensors
+    (initializers and Constant values), read from ``folder``, name."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    tensors = [*proto.graph.initializer,
+               *(attr.t for node in proto.graph.node for attr in node.attribute
+                 if attr.HasField("t"))]
+    return {(folder / ExternalDataInfo(t).location).resolve() for t in tensors
+            if uses_external_data(t)}
+
+
+def replace_model(path: Path, proto: onnx.ModelProto, keep: Collection[Path] = ()
+                  ) -> list[Path]:
+    """Write ``proto`` to ``path`` atomically, then delete the external data files that the
+    model previously at ``path`` used and ``proto`` does not: only files that the old model
+    referenced, inside ``path``'s folder, and not in ``keep`` (the files of other models, e.g.
+    the input's when it is not ``path``). Returns those deleted.
+
+    Until the rename, ``path`` is the old model with its data files intact; after it, the new
+    one, which references none of the deleted files (so a failure in between leaves a
+    consistent model, at worst with an unused data file beside it).
+    """
+    old = external_data_files(path)
+    atomic_write_bytes(path, proto.SerializeToString())
+    folder = path.parent.resolve()
+    stale = old - _external_files(proto, path.parent) - {Path(f).resolve() for f in keep}
+    removed = []
+    for file in sorted(stale):
+        if folder in file.parents and file.is_file():
+            file.unlink()
+            removed.append(file)
+            log.info("Removed %s: the model previously at %s used it, the new one does not",
+                     file, path)
+    return removed
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -1,8 +1,10 @@
 """``mvcompile optimize IN.onnx -o OUT.onnx``: our pass pipeline applied to any ONNX model.
 
 Steps: load → onnxsim → pipeline (each rule reports its match count or why it refused) →
-check_model + ORT load → numerics against the *input* model on seeded random inputs
-(max |Δ| ≤ tolerance) → atomic write. Nothing is written if any step fails.
+weights that the input stored as float16/bfloat16 stored so again (:mod:`storage_precision`)
+→ check_model + ORT load → numerics against the *input* model on seeded random inputs
+(max |Δ| ≤ tolerance) → atomic write (and removal of the external data files that the model
+it replaces used and the result does not). Nothing is written if any step fails.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import onnxruntime as ort
 from mvcompile import latency, onnx_io
 from mvcompile.backends._output import check_writable_dir
 from mvcompile.errors import UserError, first_line
+from mvcompile.passes import storage_precision
 from mvcompile.passes.unfold_fold import NOT_STATIC
-from mvcompile.pipeline import run_pipeline
+from mvcompile.pipeline import NO_CANDIDATE, PARTIAL, run_pipeline
+from mvcompile.table import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,8 @@ LATENCY_RUNS = 100
 # Drop a measured stage only if the model runs at least this much faster without it (fastest
 # run of LATENCY_RUNS each); ties keep the transpose-free form, the default.
 DROP_MARGIN = 0.03
+# storage_note speaks up when the result is this much larger than the input.
+SIZE_NOTE_RATIO = 1.1
 
 
 def simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -107,6 +113,7 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
         log.warning("--batch %d is ignored: the inputs of %s have no symbolic batch", batch, name)
         batch = None
     expected = _run_input(proto, batch or 1, name)
+    stored = storage_precision.storage_types(ir.serde.deserialize_model(proto))
     simplified = simplify(fix_batch(proto, symbolic, batch) if batch else proto)
     result, pipeline_report = run_pipeline_proto(simplified, TARGET_PIPELINES[target])
     choices = []
@@ -118,7 +125,8 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
                 choices.append(choice)
     if target == "mobile":
         _check_standard_only(result)
-    diff = _check(proto, result, tolerance, batch or 1, expected)
+    result, diff, storage = _restore_and_check(proto, result, stored, tolerance, batch or 1,
+                                               expected)
     before, simple, after = op_counts(proto), op_counts(simplified), op_counts(result)
     report = {
         "target": target,
@@ -127,6 +135,8 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
         "transposes": {"input": before.get("Transpose", 0), "onnxsim": simple.get("Transpose", 0),
                        "optimized": after.get("Transpose", 0)},
         "max_abs_diff": diff,
+        "size": {"input": proto.ByteSize(), "optimized": result.ByteSize()},
+        "storage": storage,
         "measured_choices": choices,
         "pipeline": pipeline_report,
         "batch": batch,
@@ -212,6 +222,33 @@ def _check_standard_only(result: onnx.ModelProto) -> None:
                         "original export instead. Nothing was written.")
 
 
+def _restore_and_check(proto: onnx.ModelProto, result: onnx.ModelProto,
+                       stored: list[ir.DataType], tolerance: float, batch: int,
+                       expected: list[np.ndarray]) -> tuple[onnx.ModelProto, float, dict | None]:
+    """``result`` with the weights that ``proto`` stored in the reduced types ``stored`` stored
+    so again (:func:`storage_precision.restore_storage`, exact), its max abs difference from
+    ``proto`` (:func:`_check`) and the restore's report (None when ``stored`` is empty). If the
+    restored model fails validation (an op that needs a constant input, say), ``result`` as it
+    is, with the failure in the report."""
+    storage = None
+    if stored:
+        model = ir.serde.deserialize_model(result)
+        storage = storage_precision.restore_storage(model, stored)
+        if storage["restored"]:
+            restored = onnx_io.to_proto(model)
+            try:
+                return restored, _check(proto, restored, tolerance, batch, expected), storage
+            except UserError as err:
+                why = first_line(err.__cause__ or err)  # the checker's or ORT's words
+                log.warning("Storing weights back as %s failed validation (%s); they stay "
+                            "float32", ", ".join(storage["types"]), why)
+                storage = {**storage, "failed": why, "restored": 0,
+                           "restored_bytes": 0,
+                           "float32": storage["float32"] + storage["restored"],
+                           "float32_bytes": storage["float32_bytes"] + storage["restored_bytes"]}
+    return result, _check(proto, result, tolerance, batch, expected), storage
+
+
 def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float, batch: int,
            expected: list[np.ndarray]) -> float:
     """The max abs output difference of ``result`` from ``proto`` (whose outputs on the seeded
@@ -233,7 +270,9 @@ def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float, ba
 def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
                   tolerance: float = DEFAULT_TOLERANCE, choose_by_latency: bool = False,
                   batch: int | None = None) -> dict:
-    """:func:`optimize_proto` on a file, then an atomic, validated write to ``dst``."""
+    """:func:`optimize_proto` on a file, then an atomic, validated write to ``dst``
+    (:func:`onnx_io.replace_model`: external data files that the model previously at ``dst``
+    used are deleted unless the input ``src`` uses them too)."""
     dst = Path(dst)
     if dst.is_dir():
         raise UserError(f"-o {dst} is a folder; pass the path of the .onnx file to write.")
@@ -242,12 +281,55 @@ def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
                         "name it model.onnx or similar. Nothing was written.")
     check_writable_dir(dst.parent, "optimized model")
     proto = onnx_io.load_model(src)
+    # ``proto`` holds the input's external data in memory, so ``dst`` may be ``src``.
+    same = dst.exists() and Path(src).samefile(dst)
+    keep = set() if same else onnx_io.external_data_files(src)
     result, report = optimize_proto(proto, target, tolerance, choose_by_latency, batch,
                                     name=str(src))
     # optimize_proto has run check_model and ONNX Runtime on ``result``: write it as it is.
-    onnx_io.atomic_write_bytes(dst, onnx_io.to_proto(result).SerializeToString())
+    removed = onnx_io.replace_model(dst, onnx_io.to_proto(result), keep)
     log.info("Wrote %s", dst)
+    report["removed_data_files"] = [str(file) for file in removed]
     return report
+
+
+def rule_rows(pipeline_report: dict, width: int) -> tuple[list[tuple[str, int, str]], int, bool]:
+    """The rows (rule, matches, why not) of optimize's rule table: the rules that matched, and
+    those that did not where their whole pattern was found and a condition refused it (the
+    reason cut to ``width`` characters with "…"); a rule with no candidate or only part of
+    its pattern in the model, or a clean-up rule (``cleanup`` stages) that found nothing to
+    clean, says nothing about it. Also returns how many rules were left out so, and whether a
+    reason was cut."""
+    rows, hidden, cut = [], 0, False
+    for stage in pipeline_report["stages"]:
+        kinds = stage.get("refusal_kinds", {})
+        for rule, count in stage.get("rules", {}).items():
+            if count == 0 and (stage.get("cleanup") or kinds.get(rule) in (NO_CANDIDATE, PARTIAL)):
+                hidden += 1
+                continue
+            why = stage.get("refused", {}).get(rule, "") if count == 0 else ""
+            cut |= len(why) > width
+            rows.append((rule, count, why if len(why) <= width else why[:width - 1] + "…"))
+    return rows, hidden, cut
+
+
+def storage_note(report: dict) -> str | None:
+    """What to tell the user when the weights that the input stored as float16/bfloat16 could
+    not all be stored so again and the file grew by more than :data:`SIZE_NOTE_RATIO`; None
+    otherwise."""
+    storage, size = report.get("storage"), report["size"]
+    if not storage or size["optimized"] <= SIZE_NOTE_RATIO * size["input"]:
+        return None
+    types = "/".join(storage["types"])
+    if storage.get("failed"):
+        why = f"storing them so again failed validation ({storage['failed']})"
+    elif storage["float32"]:
+        why = (f"{storage['float32']} float32 weights ({human_bytes(storage['float32_bytes'])})"
+               f" are not exactly representable as {types}, e.g. folded with other constants")
+    else:
+        return None
+    return (f"the input stores weights as {types}; {why}, so they stay float32: "
+            f"{human_bytes(size['input'])} input, {human_bytes(size['optimized'])} written.")
 
 
 def _run_input(proto: onnx.ModelProto, batch: int, name: str) -> list[np.ndarray]:

@@ -15,7 +15,8 @@ Pipelines:
 - ``int8``: what ``--int8`` quantizes: the ``fp32`` pipeline without the Swish fusion, the
   fused Attention and the Gather fold (the INT8 graph must still lower to Core ML).
 - ``fp32-foreign`` / ``mobile-foreign``: the same plus fusions that exported graphs need
-  (LayerNorm, GELU) and onnxscript's general clean-ups; used by ``mvcompile optimize``.
+  (LayerNorm, GELU), onnxscript's general clean-ups and, last, the removal of the no-op and
+  chained Reshapes the rewrites leave; used by ``mvcompile optimize``.
 """
 
 from __future__ import annotations
@@ -38,21 +39,35 @@ from mvcompile.passes import (
     fuse_layer_norm,
     fuse_swish,
     im2col,
+    tidy_reshape,
     unfold_fold,
 )
 
 log = logging.getLogger(__name__)
 
 
+# How far a rule that never fired got, least to most informative: no node matched the
+# pattern's root; part of the pattern matched; the whole pattern matched and a condition (or
+# the replacement) refused it. Only the last says something about the model's graph.
+NO_CANDIDATE, PARTIAL, PATTERN_FOUND = "no_candidate", "partial", "pattern_found"
+_KIND_RANK = {NO_CANDIDATE: 0, PARTIAL: 1, PATTERN_FOUND: 2}
+# onnxscript's reason for a whole match whose intermediate values are used outside it
+_OTHER_USES = "Matched nodes have other uses"
+
+
 class RuleSetPass(ir.passes.InPlacePass):
     """Apply a rule set one rule at a time, recording match counts and refusals."""
 
-    def __init__(self, name: str, rule_set: RewriteRuleSet) -> None:
+    def __init__(self, name: str, rule_set: RewriteRuleSet, cleanup: bool = False) -> None:
+        """``cleanup``: the rules tidy up after others (their refusals say nothing about the
+        model: most Reshapes are not no-ops), which the report records for its readers."""
         super().__init__()
         self.name = name
         self.rule_set = rule_set
+        self.cleanup = cleanup
         self.counts: dict[str, int] = {}
         self.refusals: dict[str, str] = {}
+        self.refusal_kinds: dict[str, str] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         total = 0
@@ -61,30 +76,42 @@ class RuleSetPass(ir.passes.InPlacePass):
             count = single.apply_to_model(model)
             self.counts[rule.name] = self.counts.get(rule.name, 0) + count
             total += count
-            if count == 0 and rule.name not in self.refusals:  # before later rules rewrite
-                self.refusals[rule.name] = _why_not(single, model)
-                log.info("%s: %s did not apply: %s", self.name, rule.name,
-                         self.refusals[rule.name])
+            if count == 0:  # before later rules rewrite
+                self._record_refusal(rule.name, *_why_not(single, model))
             log.info("%s: %s matched %d time(s)", self.name, rule.name, count)
         for name, count in self.counts.items():  # commuted variants share a name
             if count:
                 self.refusals.pop(name, None)
+                self.refusal_kinds.pop(name, None)
         return ir.passes.PassResult(model, modified=total > 0)
 
+    def _record_refusal(self, name: str, kind: str, why: str) -> None:
+        """Keep the most informative refusal of the variants named ``name`` (commuted
+        variants share a name): the first of those with the highest kind rank."""
+        if name in self.refusal_kinds and _KIND_RANK[kind] <= _KIND_RANK[self.refusal_kinds[name]]:
+            return
+        self.refusals[name], self.refusal_kinds[name] = why, kind
+        log.info("%s: %s did not apply (%s): %s", self.name, name, kind, why)
+
     def report(self) -> dict:
-        return {"rules": dict(self.counts), "refused": dict(self.refusals)}
+        return {"rules": dict(self.counts), "refused": dict(self.refusals),
+                "refusal_kinds": dict(self.refusal_kinds), "cleanup": self.cleanup}
 
 
-def _why_not(rule_set: RewriteRuleSet, model: ir.Model) -> str:
-    """The failure reason of the rule's best partial match (a dry run with a tracer)."""
+def _why_not(rule_set: RewriteRuleSet, model: ir.Model) -> tuple[str, str]:
+    """The refusal kind (:data:`NO_CANDIDATE`, :data:`PARTIAL`, :data:`PATTERN_FOUND`) and
+    failure reason of the rule's best partial match (a dry run with a tracer). The whole
+    pattern was found when a condition or the replacement failed, or when the matched nodes
+    have other uses (which onnxscript reports as a failed match)."""
     tracer = MatchingTracer()
     rule_set.apply_to_model(model, tracer=tracer)
     best = [m for matches in tracer.best_matches_map.values() for m in matches
             if m.status != MatchStatus.SUCCESS]
     if not best:
-        return "no candidate subgraph in this model"
+        return NO_CANDIDATE, "no candidate subgraph in this model"
     reason = best[0].match_result.reason or "pattern did not match"
-    return f"{best[0].status.name.lower()}: {reason}"
+    found = best[0].status != MatchStatus.NO_MATCH or reason.startswith(_OTHER_USES)
+    return PATTERN_FOUND if found else PARTIAL, f"{best[0].status.name.lower()}: {reason}"
 
 
 class OnnxscriptOptimize(ir.passes.InPlacePass):
@@ -105,8 +132,8 @@ class Stage:
     make: Callable[[], ir.passes.PassBase]
 
 
-def _rules(name: str, factory: Callable[[], RewriteRuleSet]) -> Stage:
-    return Stage(name, lambda: RuleSetPass(name, factory()))
+def _rules(name: str, factory: Callable[[], RewriteRuleSet], cleanup: bool = False) -> Stage:
+    return Stage(name, lambda: RuleSetPass(name, factory(), cleanup))
 
 
 def _core(target: str, swish: bool = True, layout: str | None = None,
@@ -148,6 +175,11 @@ def _foreign(target: str) -> list[Stage]:
         _rules("fuse_layer_norm", lambda: fuse_layer_norm.rules),
         _rules("fuse_gelu", lambda: fuse_gelu.rules(standard_only=target == "mobile")),
         *_core(target, ort_only=target == "ort"),
+        # The rewrites above leave Reshapes that are no-ops or chained; removing them here
+        # lets one optimize run reach the fixed point (a second run finds nothing to do).
+        Stage("infer_shapes_tidy", common.ShapeInferencePass),
+        _rules("tidy_reshape", lambda: tidy_reshape.rules, cleanup=True),
+        Stage("remove_identities", common.IdentityEliminationPass),
     ]
 
 
@@ -170,7 +202,9 @@ def run_pipeline(model: ir.Model, name: str = "fp32", skip: frozenset[str] = fro
                  ) -> tuple[ir.Model, dict]:
     """Run pipeline ``name``, less the stages named in ``skip``, on ``model`` in place; return
     it and a JSON-able report: ``{"pipeline", "nodes_before", "nodes_after", "stages":
-    [{"name", "rules", "refused"} or {"name", "skipped": True}]}``.
+    [{"name", "rules", "refused", "refusal_kinds", "cleanup"} or {"name", "skipped": True}]}``
+    (``refusal_kinds``: :data:`NO_CANDIDATE`, :data:`PARTIAL` or :data:`PATTERN_FOUND` per
+    rule in ``refused``; ``cleanup``: see :class:`RuleSetPass`).
     """
     if name not in PIPELINES:
         raise KeyError(f"unknown pipeline {name!r}; choose one of {sorted(PIPELINES)}")

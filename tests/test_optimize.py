@@ -220,13 +220,41 @@ def test_long_refusal_reasons_are_cut_with_a_mark_and_a_note(tmp_path, monkeypat
     reason = "no_match: " + "x" * 200
     fake = {"nodes": {"input": 3, "onnxsim": 3, "optimized": 3},
             "transposes": {"input": 0, "optimized": 0}, "max_abs_diff": 0.0,
+            "size": {"input": 100, "optimized": 90}, "storage": None,
             "measured_choices": [], "batch": None, "symbolic_batch_blocked": False,
             "pipeline": {"stages": [{"rules": {"short": 0, "long": 0, "fired": 2},
-                                     "refused": {"short": "no candidate", "long": reason}}]}}
+                                     "refused": {"short": "no candidate", "long": reason},
+                                     "refusal_kinds": {"short": "pattern_found",
+                                                       "long": "pattern_found"}}]}}
     monkeypatch.setattr("mvcompile.optimize.optimize_file", lambda *a, **k: fake)
     code, output = run("optimize", "in.onnx", "-o", str(tmp_path / "o.onnx"))
     assert code == 0, output
     rows = {line.split()[0]: line for line in output.splitlines() if line}
     assert rows["long"].endswith("x…") and len(rows["long"].split(None, 2)[2]) == 90
     assert rows["short"].endswith("no candidate")
-    assert "logs them in full" in output
+    assert "logs in full why each rule did not apply; the reasons above are cut" in output
+
+
+def _reshape_chains(proto: onnx.ModelProto) -> list[str]:
+    """Reshapes whose output feeds only other Reshapes (one run of optimize merges those)."""
+    consumers: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    return [node.name for node in proto.graph.node if node.op_type == "Reshape"
+            and set(consumers.get(node.output[0], [])) == {"Reshape"}]
+
+
+@pytest.mark.parametrize("target", ["ort", "mobile"])
+def test_one_optimize_run_reaches_the_fixed_point(hf_export, target: str) -> None:
+    """Optimizing the result again changes nothing: the Reshapes that the layout rewrites
+    leave as no-ops (4 with --target mobile, 6 with ort at 64²) go in the first run."""
+    proto, _ = hf_export
+    once, report = optimize_proto(proto, target)
+    twice, again = optimize_proto(once, target)
+    assert again["nodes"]["optimized"] == again["nodes"]["input"] == report["nodes"]["optimized"]
+    assert sorted(n.op_type for n in twice.graph.node) == sorted(n.op_type for n in once.graph.node)
+    tidy = {s["name"]: s for s in report["pipeline"]["stages"]}["tidy_reshape"]
+    assert tidy["rules"]["noop_reshape"] == {"mobile": 4, "ort": 6}[target]
+    assert _reshape_chains(once) == []
+    assert max_abs_diff(proto, once) <= 1e-4

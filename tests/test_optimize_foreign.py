@@ -75,3 +75,17 @@ def test_foreign_vit_graphs_optimize_with_unchanged_outputs(name: str) -> None:
     refused = {rule: why for stage in report["pipeline"]["stages"]
                for rule, why in stage.get("refused", {}).items()}
     assert all(isinstance(why, str) and why for why in refused.values())
+
+
+@pytest.mark.parametrize("target", ["ort", "mobile"])
+def test_optimizing_the_result_again_changes_nothing(target: str) -> None:
+    """Swin's first stage has one attention head: the head split's ReduceSum then sums an
+    axis of size 1, which the same run turns into a Reshape and merges with the next one."""
+    proto = _export(_small_models()["swin"], SIZES["swin"])
+    once, report = optimize_proto(proto, target)
+    again = optimize_proto(once, target)[1]
+    assert again["nodes"]["input"] == again["nodes"]["optimized"] == report["nodes"]["optimized"]
+    # the one-head ReduceSum is gone, the two-head one of the second stage stays (mobile)
+    assert [n.op_type for n in once.graph.node].count("ReduceSum") == (target == "mobile")
+    tidy = {s["name"]: s for s in report["pipeline"]["stages"]}["tidy_reshape"]["rules"]
+    assert tidy["singleton_reducesum"] == (target == "mobile")

@@ -1,0 +1,81 @@
+"""optimize's rule table: matched rules and informative refusals; the rest in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+from _passes_util import apply, parse
+
+from conftest import run
+from mvcompile.optimize import rule_rows
+from mvcompile.passes import fuse_swish
+from mvcompile.pipeline import NO_CANDIDATE, PARTIAL, PATTERN_FOUND, PIPELINES, RuleSetPass
+
+
+def _swish(opset: int, body: str = "s = Sigmoid (x)\n y = Mul (x, s)",
+           outputs: str = "float[2,5] y", inputs: str = "float[2,5] x") -> onnx.ModelProto:
+    return parse(f'<ir_version: 10, opset_import: ["" : {opset}]>\n'
+                 f"g ({inputs}) => ({outputs}) {{ {body} }}")
+
+
+def _rule_count(pipeline: str) -> int:
+    """How many rules the rule-set stages of ``pipeline`` hold (commuted variants once)."""
+    return sum(len({rule.name for rule in stage.make().rule_set.rules})
+               for stage in PIPELINES[pipeline] if isinstance(stage.make(), RuleSetPass))
+
+
+@pytest.mark.parametrize(("model", "kind"), [
+    (_swish(18), PATTERN_FOUND),  # the whole pattern, refused by the opset check
+    (_swish(24, outputs="float[2,5] y, float[2,5] s"), PATTERN_FOUND),  # Sigmoid used elsewhere
+    (_swish(24, "s = Sigmoid (x)\n y = Mul (z, s)", inputs="float[2,5] x, float[2,5] z"),
+     PARTIAL),  # the Mul matches, its Sigmoid takes another input
+    (_swish(24, "y = Relu (x)"), NO_CANDIDATE),
+])
+def test_refusals_say_how_far_the_rule_got(model: onnx.ModelProto, kind: str) -> None:
+    _, pass_ = apply(model, "fuse_swish", fuse_swish.rules("mobile"))
+    assert pass_.counts["fuse_swish_mobile"] == 0
+    assert pass_.report()["refusal_kinds"] == {"fuse_swish_mobile": kind}
+
+
+def test_table_shows_matches_and_informative_refusals_only(tmp_path: Path) -> None:
+    """--target mobile on an opset-18 Swish: the Swish fusion found its pattern and refused
+    (opset 18), which the table shows with the reason; every other rule has no pattern here
+    and is counted in one line."""
+    src = tmp_path / "swish.onnx"
+    onnx.save(_swish(18), str(src))
+    code, output = run("optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--target",
+                       "mobile")
+    assert code == 0, output
+    lines = output.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("rule "))):]
+    assert table[2].startswith("fuse_swish_mobile") and "Swish needs opset 24" in table[2]
+    assert table[3] == f"{_rule_count('mobile-foreign') - 1} other rules: no pattern in this model"
+    assert "fold_bn_into_conv" not in output and "ReshapeReshape" not in output
+
+
+def test_table_without_any_match_or_refusal_is_one_line(tmp_path: Path) -> None:
+    src = tmp_path / "relu.onnx"
+    onnx.save(_swish(24, "y = Relu (x)"), str(src))
+    code, output = run("optimize", str(src), "-o", str(tmp_path / "o.onnx"))
+    assert code == 0, output
+    assert f"{_rule_count('fp32-foreign')} rules: no pattern in this model" in output
+    assert "why not" not in output and "logs in full why each rule did not apply" in output
+
+
+def test_rule_rows_keep_matched_and_found_and_count_the_rest() -> None:
+    """A clean-up rule's refusal (most Reshapes are not no-ops) is left out too."""
+    report = {"stages": [
+        {"name": "a", "rules": {"fired": 3, "found": 0, "partial": 0, "none": 0},
+         "refused": {"found": "condition_failed: " + "x" * 20, "partial": "no_match: y",
+                     "none": "no candidate subgraph in this model"},
+         "refusal_kinds": {"found": PATTERN_FOUND, "partial": PARTIAL, "none": NO_CANDIDATE}},
+        {"name": "infer_shapes"},
+        {"name": "tidy", "rules": {"tidied": 2, "untidy": 0}, "cleanup": True,
+         "refused": {"untidy": "condition_failed: not a no-op"},
+         "refusal_kinds": {"untidy": PATTERN_FOUND}}]}
+    rows, hidden, cut = rule_rows(report, width=12)
+    assert rows == [("fired", 3, ""), ("found", 0, "condition_f…"), ("tidied", 2, "")]
+    assert (hidden, cut) == (3, True)
+    assert rule_rows(report, width=100)[2] is False
