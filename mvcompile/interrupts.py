@@ -1,4 +1,4 @@
-"""Ctrl-C around third-party code that would swallow it."""
+"""Signals: Ctrl-C around third-party code that would swallow it, and SIGTERM as Ctrl-C."""
 
 from __future__ import annotations
 
@@ -29,3 +29,39 @@ def deferred_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if received:
         raise KeyboardInterrupt
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that a run stops the same way."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in this
+    process, so that it ends a training run like Ctrl-C: the last complete epoch stays saved.
+
+    A job scheduler, and torchrun's agent, send SIGTERM to the whole process group, data
+    loader workers included; the workers ignore it (:func:`ignore_sigterm`) and are shut down
+    by the main process as it unwinds. Outside the main thread, where handlers cannot be set,
+    the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def ignore_sigterm(_worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM. Otherwise a SIGTERM to the
+    process group kills the workers before the main process stops them, and torch reports
+    "DataLoader worker ... is killed by signal: Terminated" from wherever the main process
+    is, with a traceback."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -5,14 +5,11 @@ Registered lazily by :mod:`mvcompile.cli`, so that ``mvcompile --help`` works wi
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +19,7 @@ from click.core import ParameterSource
 from mvcompile.click_types import FloatRange
 from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import SIZES
+from mvcompile.interrupts import Terminated, sigterm_as_interrupt
 from mvcompile.table import format_table
 
 if TYPE_CHECKING:
@@ -50,10 +48,6 @@ SIGINT_STATUS = 128 + signal.SIGINT  # 130
 CHECK_BAR_AFTER_S = 1.0  # the image check shows a progress bar once it has run this long
 PROBABILITY = FloatRange(0.0, 1.0, max_open=True)
 NON_NEGATIVE = FloatRange(min=0.0)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that a run stops the same way."""
 
 
 class ProgressReporter:
@@ -234,34 +228,6 @@ def _run(options: TrainOptions) -> TrainResult:
         sys.exit(SIGTERM_STATUS if isinstance(err, Terminated) else SIGINT_STATUS)
     finally:
         reporter.close()  # an error half-way through an epoch: its message on a line of its own
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in this
-    process, so it ends the run like Ctrl-C: the last complete epoch stays saved.
-
-    Forked children (data loader workers) inherit the handler; in them it restores the default
-    action and re-sends the signal, so they die as before. Outside the main thread, where
-    handlers cannot be set, the block runs unchanged.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pid = os.getpid()
-
-    def handler(signum: int, _frame: object) -> None:
-        if os.getpid() != pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _is_main_process() -> bool:

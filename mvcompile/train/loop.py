@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from mvcompile.errors import UserError
 from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY, format_class_names
 from mvcompile.graphs.mobilevit import MobileViTConfig
+from mvcompile.interrupts import ignore_sigterm
 from mvcompile.train import checkpoint, outputs
 from mvcompile.train.data import (
     DataSplit,
@@ -330,12 +331,13 @@ def _loaders(o: TrainOptions, cfg: MobileViTConfig, data: DataSplit,
     scale = o.crop_scale if o.crop_scale is not None else data.train.crop_scale
     flip = o.flip if o.flip is not None else data.train.flip
     pin = d.device.type == "cuda"
+    # Workers ignore SIGTERM: the main process stops them as it unwinds (mvcompile.interrupts).
     train = DataLoader(ItemDataset(data.train, True, scale, flip), batch_sampler=sampler,
-                       num_workers=o.workers, pin_memory=pin)
+                       num_workers=o.workers, pin_memory=pin, worker_init_fn=ignore_sigterm)
     val_batches = eval_batches(len(data.val), o.batch_size, cfg.resolution, rank=d.rank,
                                world_size=d.world_size)
     val = DataLoader(ItemDataset(data.val, False, 1.0, False), batch_sampler=val_batches,
-                     num_workers=o.workers, pin_memory=pin)
+                     num_workers=o.workers, pin_memory=pin, worker_init_fn=ignore_sigterm)
     return train, val
 
 
