@@ -372,11 +372,15 @@ main.add_command(train_command, name="train")
 
 
 _WHY_WIDTH = 90  # characters of a refusal reason in optimize's table
+# What optimize's table says of the rules it leaves out (optimize.rule_rows)
+RULES_HIDDEN = "no full pattern in this model, or nothing to clean up"
 
 
 @main.command()
 @click.argument("model", type=PATH)
-@click.option("-o", "--output", required=True, type=PATH, help="Where to write the result.")
+@click.option("-o", "--output", required=True, type=PATH,
+              help="Where to write the result, one .onnx file (weights inline); it may be the "
+                   "input. A model it replaces loses the external data files that only it used.")
 @click.option("--target", type=click.Choice(["ort", "mobile"]), default="ort", show_default=True,
               help="ort: ONNX Runtime contrib ops where faster; mobile: standard ONNX only.")
 @click.option("--tolerance", type=FloatRange(min=0), default=1e-4, show_default=True,
@@ -424,8 +428,8 @@ def optimize(model: str, output: str, target: str, tolerance: float, measure: bo
     if passes:
         click.echo(format_table(passes, header=("rule", "matches", "why not")))
     if hidden:
-        click.echo(f"{hidden} {'other ' if passes else ''}rule{'s' * (hidden != 1)}: no "
-                   "pattern in this model")
+        click.echo(f"{hidden} {'other ' if passes else ''}rule{'s' * (hidden != 1)}: "
+                   f"{RULES_HIDDEN}")
     if shortened or hidden:
         click.echo("(`mvcompile -v optimize ...` logs in full why each rule did not apply"
                    + ("; the reasons above are cut at the table's width)" if shortened else ")"))

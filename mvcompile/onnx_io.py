@@ -71,17 +71,11 @@ def load_model(path: str | Path) -> onnx.ModelProto:
 
 
 def _missing_external_data(path: Path) -> list[str]:
-    """The external data files (relative to the model's folder) that ``path``'s initializers
-    name but that do not exist; empty when the graph itself cannot be read."""
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - unreadable: the caller reports it as corrupt
-        return []
-    locations = {ExternalDataInfo(t).location for t in proto.graph.initializer
-                 if uses_external_data(t)}
-    return sorted(loc for loc in locations if not (path.parent / loc).is_file())
+    """The external data files (relative to the model's folder) that ``path``'s tensors name
+    but that do not exist; empty when the graph itself cannot be read."""
+    folder = path.parent.resolve()
+    return sorted(os.path.relpath(file, folder) for file in external_data_files(path)
+                  if not file.is_file())
 
 
 def external_data_files(path: str | Path) -> set[Path]:
@@ -98,23 +92,28 @@ def external_data_files(path: str | Path) -> set[Path]:
 
 
 def _external_files(proto: onnx.ModelProto, folder: Path) -> set[Path]:
-    """The resolved paths of the external data files that ``proto``'s main-graph tensors
-    (initializers and Constant values), read from ``folder``, name."""
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    """The resolved paths of the external data files that ``proto``'s tensors (initializers
+    and attribute tensors, subgraphs included), read from ``folder``, name."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-    tensors = [*proto.graph.initializer,
-               *(attr.t for node in proto.graph.node for attr in node.attribute
-                 if attr.HasField("t"))]
-    return {(folder / ExternalDataInfo(t).location).resolve() for t in tensors
+    return {(folder / ExternalDataInfo(t).location).resolve() for t in _get_all_tensors(proto)
             if uses_external_data(t)}
+
+
+def _used_by_other_models(path: Path) -> set[Path]:
+    """The external data files of the ``*.onnx`` models beside ``path`` (not ``path``
+    itself): several models may share one data file."""
+    return {file for other in path.parent.glob("*.onnx")
+            if other.resolve() != path.resolve() for file in external_data_files(other)}
 
 
 def replace_model(path: Path, proto: onnx.ModelProto, keep: Collection[Path] = ()
                   ) -> list[Path]:
     """Write ``proto`` to ``path`` atomically, then delete the external data files that the
     model previously at ``path`` used and ``proto`` does not: only files that the old model
-    referenced, inside ``path``'s folder, and not in ``keep`` (the files of other models, e.g.
-    the input's when it is not ``path``). Returns those deleted.
+    referenced, inside ``path``'s folder, that no other ``*.onnx`` in that folder uses, and not
+    in ``keep`` (the files of other models, e.g. the input's when it is elsewhere). Returns
+    those deleted.
 
     Until the rename, ``path`` is the old model with its data files intact; after it, the new
     one, which references none of the deleted files (so a failure in between leaves a
@@ -123,7 +122,8 @@ def replace_model(path: Path, proto: onnx.ModelProto, keep: Collection[Path] = (
     old = external_data_files(path)
     atomic_write_bytes(path, proto.SerializeToString())
     folder = path.parent.resolve()
-    stale = old - _external_files(proto, path.parent) - {Path(f).resolve() for f in keep}
+    stale = (old - _external_files(proto, path.parent) - {Path(f).resolve() for f in keep}
+             - _used_by_other_models(path))
     removed = []
     for file in sorted(stale):
         if folder in file.parents and file.is_file():

@@ -325,7 +325,8 @@ def storage_note(report: dict) -> str | None:
         why = f"storing them so again failed validation ({storage['failed']})"
     elif storage["float32"]:
         why = (f"{storage['float32']} float32 weights ({human_bytes(storage['float32_bytes'])})"
-               f" are not exactly representable as {types}, e.g. folded with other constants")
+               f" are not exactly representable as {types} (stored as float32 in the input, "
+               "or folded with other constants)")
     else:
         return None
     return (f"the input stores weights as {types}; {why}, so they stay float32: "

@@ -105,8 +105,12 @@ def _why_not(rule_set: RewriteRuleSet, model: ir.Model) -> tuple[str, str]:
     have other uses (which onnxscript reports as a failed match)."""
     tracer = MatchingTracer()
     rule_set.apply_to_model(model, tracer=tracer)
-    best = [m for matches in tracer.best_matches_map.values() for m in matches
-            if m.status != MatchStatus.SUCCESS]
+    matches = [m for found in tracer.best_matches_map.values() for m in found]
+    best = [m for m in matches if m.status != MatchStatus.SUCCESS]
+    if not best and matches:
+        # The tracer keeps the best-scoring entry per node: a match (SUCCESS) outranks the
+        # replacement failure that followed it, and the rule still did not apply.
+        return PATTERN_FOUND, "replacement failed after a full match"
     if not best:
         return NO_CANDIDATE, "no candidate subgraph in this model"
     reason = best[0].match_result.reason or "pattern did not match"

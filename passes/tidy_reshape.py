@@ -95,6 +95,8 @@ class SingletonReduce(RewriteRuleClassBase):
         if axes.const_value is None:
             return result.fail(f"axes '{axes.name}' are not a constant.")
         rank = len(x.shape)
+        if rank == 0:
+            return result.fail(f"'{x.name}' is a scalar: it has no axes to reduce.")
         picked = {int(a) % rank for a in np.asarray(axes.const_value.numpy()).reshape(-1)}
         if not picked:
             return result.fail("reduces no axis, or all of them (empty axes).")

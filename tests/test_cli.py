@@ -260,7 +260,7 @@ def test_build_from_a_train_run_folder_or_its_last_pt(tmp_path: Path, given: str
     code, output = run("build", "--weights", str(tmp_path / "run" / given), "-o",
                        str(tmp_path / "o"), "--latency-runs", "0")
     assert code == 0, output
-    assert f"using {'its' if used == 'best' else ''}" in output and f"{used}.safetensors" in output
+    assert f"using {'its ' if used == 'best' else ''}{used}.safetensors" in output
     assert "--num-classes 3" in output and "--resolution 64" in output  # from the header
     model = onnx.load(str(tmp_path / "o" / "model.onnx"))
     stored = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}

@@ -85,6 +85,19 @@ def test_a_data_file_that_the_input_shares_with_the_replaced_model_stays(
     np.testing.assert_allclose(_outputs(copy), _outputs(src), rtol=0, atol=1e-5)
 
 
+def test_a_data_file_that_another_model_beside_the_output_uses_stays(tmp_path: Path) -> None:
+    """a.onnx and b.onnx share weights.bin; replacing b.onnx must leave a.onnx whole."""
+    src, a, b = tmp_path / "src" / "model.onnx", tmp_path / "a.onnx", tmp_path / "b.onnx"
+    src.parent.mkdir()
+    onnx.save(_conv_bn(), str(src))
+    _save_external(_conv_bn(), a, "weights.bin")
+    shutil.copy(a, b)
+    code, output = run("optimize", str(src), "-o", str(b))
+    assert code == 0, output
+    assert (tmp_path / "weights.bin").is_file() and onnx_io.external_data_files(b) == set()
+    np.testing.assert_allclose(_outputs(a), _outputs(b), rtol=0, atol=1e-5)
+
+
 def test_the_data_file_of_an_overwritten_older_result_is_removed(tmp_path: Path) -> None:
     src, dst = tmp_path / "model.onnx", tmp_path / "out.onnx"
     onnx.save(_conv_bn(), str(src))

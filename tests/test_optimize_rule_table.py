@@ -7,8 +7,10 @@ from pathlib import Path
 import onnx
 import pytest
 from _passes_util import apply, parse
+from onnxscript.rewriter import RewriteRuleClassBase, RewriteRuleSet
 
 from conftest import run
+from mvcompile.cli import RULES_HIDDEN
 from mvcompile.optimize import rule_rows
 from mvcompile.passes import fuse_swish
 from mvcompile.pipeline import NO_CANDIDATE, PARTIAL, PATTERN_FOUND, PIPELINES, RuleSetPass
@@ -51,7 +53,7 @@ def test_table_shows_matches_and_informative_refusals_only(tmp_path: Path) -> No
     lines = output.splitlines()
     table = lines[lines.index(next(line for line in lines if line.startswith("rule "))):]
     assert table[2].startswith("fuse_swish_mobile") and "Swish needs opset 24" in table[2]
-    assert table[3] == f"{_rule_count('mobile-foreign') - 1} other rules: no pattern in this model"
+    assert table[3] == f"{_rule_count('mobile-foreign') - 1} other rules: {RULES_HIDDEN}"
     assert "fold_bn_into_conv" not in output and "ReshapeReshape" not in output
 
 
@@ -60,7 +62,7 @@ def test_table_without_any_match_or_refusal_is_one_line(tmp_path: Path) -> None:
     onnx.save(_swish(24, "y = Relu (x)"), str(src))
     code, output = run("optimize", str(src), "-o", str(tmp_path / "o.onnx"))
     assert code == 0, output
-    assert f"{_rule_count('fp32-foreign')} rules: no pattern in this model" in output
+    assert f"{_rule_count('fp32-foreign')} rules: {RULES_HIDDEN}" in output
     assert "why not" not in output and "logs in full why each rule did not apply" in output
 
 
@@ -79,3 +81,21 @@ def test_rule_rows_keep_matched_and_found_and_count_the_rest() -> None:
     assert rows == [("fired", 3, ""), ("found", 0, "condition_f…"), ("tidied", 2, "")]
     assert (hidden, cut) == (3, True)
     assert rule_rows(report, width=100)[2] is False
+
+
+class _GivesUp(RewriteRuleClassBase):
+    """Matches any Relu, then its rewrite produces nothing: a replacement failure."""
+
+    def pattern(self, op, x):
+        return op.Relu(x)
+
+    def rewrite(self, op, x):
+        return None
+
+
+def test_a_replacement_that_fails_after_a_full_match_counts_as_pattern_found() -> None:
+    rules = RewriteRuleSet([_GivesUp.rule()])
+    _, pass_ = apply(_swish(24, "y = Relu (x)"), "gives_up", rules)
+    assert pass_.counts == {"_GivesUp": 0}
+    assert pass_.report()["refusal_kinds"] == {"_GivesUp": PATTERN_FOUND}
+    assert pass_.report()["refused"] == {"_GivesUp": "replacement failed after a full match"}

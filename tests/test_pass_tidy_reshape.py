@@ -101,3 +101,13 @@ def test_a_reduction_over_axes_of_size_one_is_a_reshape(keepdims, axes, target, 
     assert ops(after) == left
     assert pass_.counts["singleton_reducesum"] == (axes != [2])
     assert_same_outputs(before, after, FEED)
+
+
+def test_a_reduction_of_a_scalar_is_refused_not_a_crash() -> None:
+    """Non-empty axes on a scalar (an invalid model) fail the rule's check cleanly."""
+    before = parse('<ir_version: 10, opset_import: ["" : 18]>\n'
+                   "g (float x) => (float y) { y = ReduceSum (x, a) }",
+                   {"a": np.array([0], np.int64)})
+    _, pass_ = _tidy(before)
+    assert pass_.counts["singleton_reducesum"] == 0
+    assert "is a scalar" in pass_.refusals["singleton_reducesum"]
