@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import click
-import onnxruntime as ort
 
 from mvcompile import analysis, onnx_io
 from mvcompile.calibration.observers import OBSERVERS as OBSERVER_NAMES
@@ -20,6 +18,7 @@ from mvcompile.graphs.mobilevit import SIZES
 from mvcompile.summary import build_summary
 from mvcompile.table import format_table, human_count
 from mvcompile.train.cli import train as train_command  # imports torch only when it runs
+from mvcompile.verbosity import add_verbose_option, set_verbosity
 
 # Options that only act under a condition: {condition: (options, what they act on, when they
 # are ignored)}; build passes whether each condition holds.
@@ -140,32 +139,7 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(package_name="mvcompile")
 def main(verbose: int) -> None:
     """mvcompile: compile and quantize MobileViT for ONNX Runtime and Core ML."""
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    _set_verbosity(verbose)
-
-
-def _set_verbosity(verbose: int) -> None:
-    """Log levels for ``verbose`` -v flags: warnings, then info, then debug."""
-    logging.getLogger().setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbose,
-                                                                           logging.DEBUG))
-    # ONNX Runtime prints its own coloured copy of each error before ours; shown with -v.
-    ort.set_default_logger_severity({0: 4, 1: 3}.get(verbose, 2))
-    # coremltools warns on import about versions it has not tested and, off macOS, about
-    # its runtime library it cannot load (we verify without it); shown with -v.
-    logging.getLogger("coremltools").setLevel(logging.NOTSET if verbose else logging.ERROR)
-
-
-def _more_verbose(ctx: click.Context, _param: click.Parameter, count: int) -> None:
-    """-v given after the command adds to any given before it (``mvcompile -v build -v``)."""
-    if count:
-        before = ctx.parent.params.get("verbose", 0) if ctx.parent is not None else 0
-        _set_verbosity(before + count)
-
-
-def _verbose_option() -> click.Option:
-    """The subcommands' -v: the same as ``mvcompile -v``, also accepted after the command."""
-    return click.Option(["-v", "--verbose"], count=True, expose_value=False,
-                        callback=_more_verbose, help="More log output (-v info, -vv debug).")
+    set_verbosity(verbose)
 
 
 class _ProgressBars:
@@ -481,7 +455,7 @@ def bench(model: str, backend: str | None, threads: int, runs: int, warmup: int,
 
 
 for _command in main.commands.values():  # every subcommand, train included, also takes -v
-    _command.params.append(_verbose_option())
+    add_verbose_option(_command)
 
 
 if __name__ == "__main__":

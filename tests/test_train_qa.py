@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -444,3 +445,11 @@ def test_only_rank_0_prints_the_summary(tmp_path: Path, monkeypatch: pytest.Monk
                                            "epochs": "0 of 1, 0 s", "files": "none"}
     else:
         assert "summary" not in result.output
+
+
+def test_the_torchrun_entry_point_takes_v_too() -> None:
+    """``torchrun -m mvcompile.train -v`` (no mvcompile group before it) logs at info level."""
+    proc = subprocess.run([sys.executable, "-m", "mvcompile.train", "--data", "/nonexistent",
+                           "-v"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "No such option" not in proc.stderr, proc.stderr
+    assert "Error: " in proc.stderr and "Traceback" not in proc.stderr
