@@ -310,7 +310,7 @@ def test_init_weights_from_a_run_folder_loads_every_tensor(
                            "best.safetensors (the best validation epoch)."]
     info = json.loads((tmp_path / "ft" / "run.json").read_text())
     assert info["options"]["init_weights"] == str(run_dir)
-    assert info["init_weights"] == {"from": str(run_dir / "best.safetensors"),
+    assert info["init_weights"] == {"from": str((run_dir / "best.safetensors").resolve()),
                                     "tensors": len(best), "classifier": "loaded"}
 
 

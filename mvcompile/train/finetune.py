@@ -64,7 +64,7 @@ def load_init_weights(model: nn.Module, path: str | Path, cfg: MobileViTConfig) 
     model.load_state_dict(tensors, strict=False)
     log.info("--init-weights: loaded %d tensors from %s (classifier: %s)", len(tensors), file,
              classifier)
-    return InitWeights(str(file), len(tensors), classifier, notes)
+    return InitWeights(str(Path(file).resolve()), len(tensors), classifier, notes)
 
 
 def _drop_other_head(state: dict[str, np.ndarray], wanted: dict[str, tuple[int, ...]],
