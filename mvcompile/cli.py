@@ -369,7 +369,9 @@ RULES_HIDDEN = "no full pattern in this model, or nothing to clean up"
               help="Fix a symbolic batch dimension of the inputs to this size (the result then "
                    "takes only it). Dynamic-batch torch exports compute their reshapes from "
                    "the batch at run time, which blocks the unfold/fold rewrites; mobile apps "
-                   "run batch 1. [default: keep the model's batch]")
+                   "run batch 1. [default: keep the model's batch; a symbolic one is "
+                   "rewritten at batch 1 and 2 and the result generalised to any batch, "
+                   "checked at batch 1, 2 and 3, where it can be]")
 @_user_errors
 def optimize(model: str, output: str, target: str, tolerance: float, measure: bool,
              batch: int | None) -> None:
@@ -394,6 +396,8 @@ def optimize(model: str, output: str, target: str, tolerance: float, measure: bo
                        f"{c['min_ms_with']:.2f} ms with, {c['min_ms_without']:.2f} ms without")
           for c in report["measured_choices"]),
         *((("batch", f"fixed to {report['batch']}"),) if report["batch"] else ()),
+        *((("batch", "symbolic (rewritten at batch 1 and generalised)"),)
+          if report.get("batch_generalised") else ()),
         ("written", output),
     ]
     click.echo(format_table(rows, header=(model, "")))
@@ -415,8 +419,9 @@ def optimize(model: str, output: str, target: str, tolerance: float, measure: bo
         click.secho(f"Note: {note}", fg="yellow", err=True)
     if report["symbolic_batch_blocked"]:
         click.secho("Note: the model's batch is symbolic, and the layout rewrites "
-                    "(unfold/fold, attention head split) need static shapes; `--batch 1` "
-                    "fixes the batch so that they can apply.",
+                    "(unfold/fold, attention head split) need static shapes; rewriting at a "
+                    "fixed batch and generalising the result failed (`mvcompile -v optimize "
+                    "...` logs why). `--batch 1` fixes the batch so that they can apply.",
                     fg="yellow", err=True)
 
 

@@ -5,6 +5,10 @@ weights that the input stored as float16/bfloat16 stored so again (:mod:`storage
 → check_model + ORT load → numerics against the *input* model on seeded random inputs
 (max |Δ| ≤ tolerance) → atomic write (and removal of the external data files that the model
 it replaces used and the result does not). Nothing is written if any step fails.
+
+A model with a symbolic batch goes through these steps at batch 1 and at batch 2, and the two
+results are generalised back to any batch (:mod:`batch_generalize`) and checked at
+:data:`VERIFY_BATCHES`; where that fails, through the steps with its batch as it is.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from mvcompile import latency, onnx_io
+from mvcompile import batch_generalize, latency, onnx_io
 from mvcompile.backends._output import check_writable_dir
 from mvcompile.errors import UserError, first_line
 from mvcompile.passes import storage_precision
@@ -30,6 +34,9 @@ log = logging.getLogger(__name__)
 
 TARGET_PIPELINES = {"ort": "fp32-foreign", "mobile": "mobile-foreign"}
 DEFAULT_TOLERANCE = 1e-4
+# The batches at which a model optimized at a fixed batch and generalised back to a symbolic
+# one (optimize_proto without --batch) must match the input.
+VERIFY_BATCHES = (1, 2, 3)
 # Stages whose ORT speed depends on the model: folding the attention head split makes
 # MobileViT faster and DeiT and Swin slower (README, foreign-graph table).
 MEASURED_STAGES = ("fold_head_split",)
@@ -104,7 +111,10 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
     only where ONNX Runtime on this machine runs the result faster than without them. A
     ``batch`` fixes the symbolic batch dimension of the inputs (:func:`fix_batch`), so that
     onnxsim folds the shape arithmetic of dynamic-batch exports and the layout rewrites,
-    which need static shapes, can match; the result then takes that batch only.
+    which need static shapes, can match; the result then takes that batch only. Without
+    ``batch``, a model with a symbolic batch is first optimized at fixed batches and
+    generalised back to a symbolic batch (:func:`_optimize_generalised`); where that fails,
+    it is optimized with its batch as it is.
     """
     if target not in TARGET_PIPELINES:
         raise UserError(f"Unknown target {target!r}; choose one of {sorted(TARGET_PIPELINES)}.")
@@ -112,10 +122,23 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
     if batch and not symbolic:
         log.warning("--batch %d is ignored: the inputs of %s have no symbolic batch", batch, name)
         batch = None
+    if symbolic and batch is None:
+        generalised = _optimize_generalised(proto, symbolic, target, tolerance,
+                                            choose_by_latency, name)
+        if generalised is not None:
+            return generalised
+    return _optimize(proto, symbolic, target, tolerance, choose_by_latency, batch, name)
+
+
+def _optimize(proto: onnx.ModelProto, symbolic: list[str], target: str, tolerance: float,
+              choose_by_latency: bool, batch: int | None, name: str,
+              skip: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, dict]:
+    """:func:`optimize_proto` at ``batch`` (None: as the model is), the pipeline's stages
+    ``skip`` left out; ``symbolic``: :func:`symbolic_batch_inputs` of ``proto``."""
     expected = _run_input(proto, batch or 1, name)
     stored = storage_precision.storage_types(ir.serde.deserialize_model(proto))
     simplified = simplify(fix_batch(proto, symbolic, batch) if batch else proto)
-    result, pipeline_report = run_pipeline_proto(simplified, TARGET_PIPELINES[target])
+    result, pipeline_report = run_pipeline_proto(simplified, TARGET_PIPELINES[target], skip)
     choices = []
     if choose_by_latency and target == "ort":
         for stage in MEASURED_STAGES:
@@ -140,10 +163,75 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
         "measured_choices": choices,
         "pipeline": pipeline_report,
         "batch": batch,
+        "batch_generalised": False,
         "symbolic_batch_blocked": bool(symbolic) and batch is None
                                   and _symbolic_batch_blocked(result, pipeline_report),
     }
     return result, report
+
+
+def _optimize_generalised(proto: onnx.ModelProto, symbolic: list[str], target: str,
+                          tolerance: float, choose_by_latency: bool, name: str
+                          ) -> tuple[onnx.ModelProto, dict] | None:
+    """``proto`` optimized at batch 1 and at batch 2 (the stages that the first dropped
+    for speed left out, so that both run the same rewrites), generalised to any batch
+    (:func:`batch_generalize.generalize`) and checked at :data:`VERIFY_BATCHES`; the report
+    is batch 1's. None (logged) where any step fails."""
+    try:
+        one, report = _optimize(proto, symbolic, target, tolerance, choose_by_latency, 1, name)
+        dropped = frozenset(c["stage"] for c in report["measured_choices"] if not c["kept"])
+        two, _ = _optimize(proto, symbolic, target, tolerance, False, 2, name, dropped)
+        result = _generalize(one, two, proto)
+        diff = _check_batches(proto, result, tolerance, name)
+    except (UserError, batch_generalize.NotGeneralizable) as err:
+        log.info("Could not optimize %s at a fixed batch and keep its batch symbolic (%s); "
+                 "optimizing it with the batch as it is", name, first_line(err))
+        return None
+    log.info("Optimized %s at batch 1 and 2 and generalised the result to any batch", name)
+    report.update(batch=None, batch_generalised=True, symbolic_batch_blocked=False,
+                  max_abs_diff=diff, size={**report["size"], "optimized": result.ByteSize()})
+    return result, report
+
+
+def _generalize(one: onnx.ModelProto, two: onnx.ModelProto, proto: onnx.ModelProto
+                ) -> onnx.ModelProto:
+    """:func:`batch_generalize.generalize`; an unexpected error in it (a bug: the model is
+    then optimized with its batch as it is) is logged and raised as NotGeneralizable."""
+    try:
+        return batch_generalize.generalize(one, two, proto)
+    except batch_generalize.NotGeneralizable:
+        raise
+    except Exception as err:
+        log.warning("Generalising the fixed-batch result failed unexpectedly (%s: %s); please "
+                    "report this with the input model", type(err).__name__, err, exc_info=True)
+        raise batch_generalize.NotGeneralizable(f"{type(err).__name__}: {err}") from err
+
+
+def _check_batches(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float,
+                   name: str) -> float:
+    """The largest max abs output difference of the generalised ``result`` from ``proto``
+    at :data:`VERIFY_BATCHES`; UserError unless ``result`` passes check_model and, at each
+    batch, runs in ONNX Runtime with outputs of ``proto``'s shapes within ``tolerance``."""
+    try:
+        onnx.checker.check_model(result, full_check=True)
+    except Exception as err:
+        raise UserError(f"the generalised model fails check_model ({first_line(err)})") from err
+    worst = 0.0
+    for batch in VERIFY_BATCHES:
+        feed = random_inputs(proto, batch=batch)
+        expected = _run_input(proto, batch, name)
+        try:
+            actual = run_unoptimized(result, feed)
+        except Exception as err:  # ORT raises several exception types
+            raise UserError(f"the generalised model fails at batch {batch} "
+                            f"({first_line(err)})") from err
+        if [a.shape for a in actual] != [e.shape for e in expected]:
+            raise UserError(f"the generalised model's output shapes differ at batch {batch}")
+        worst = max([worst, *(float(np.max(np.abs(e.astype(np.float64) - a))) if a.size
+                              else 0.0 for e, a in zip(expected, actual, strict=True))])
+        if not worst <= tolerance:
+            raise UserError(f"the generalised model differs by {worst:.3g} at batch {batch}")
+    return worst
 
 
 def symbolic_batch_inputs(proto: onnx.ModelProto) -> list[str]:
