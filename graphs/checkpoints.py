@@ -48,7 +48,8 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"Weights file not found: {path}. Pass the path to a .safetensors, "
-                        ".bin or .pt checkpoint, or to a Hugging Face model folder.")
+                        ".bin or .pt checkpoint, a Hugging Face model folder or a mvcompile "
+                        "train run folder.")
     if path.is_dir():
         path = _file_in_hf_folder(path)
     if path.suffix == ".safetensors":
@@ -57,7 +58,8 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         state = _read_pickle(path)
     else:
         raise UserError(f"Cannot read weights from {path}: expected a .safetensors, "
-                        f"{', '.join(_PICKLE_SUFFIXES)} file or a Hugging Face model folder.")
+                        f"{', '.join(_PICKLE_SUFFIXES)} file, a Hugging Face model folder or a "
+                        "mvcompile train run folder.")
     if not state:
         raise UserError(f"{path} holds no tensors; it is not a MobileViT checkpoint.")
     broken = [name for name, array in state.items() if not np.isfinite(array).all()]
@@ -81,13 +83,19 @@ def resolve_run_weights(path: str | Path) -> tuple[Path, str | None]:
         if (path / RUN_BEST).is_file():
             return path / RUN_BEST, (f"{path} is a mvcompile train run folder; using its "
                                      f"{RUN_BEST} (the best validation epoch).")
+        if (path / RUN_LAST_WEIGHTS).is_file():
+            raise UserError(f"{path} is a mvcompile train run folder without {RUN_BEST}; "
+                            f"pass {path / RUN_LAST_WEIGHTS} for its latest epoch.")
         raise UserError(f"{path} is a mvcompile train run folder without {RUN_BEST}: no "
                         "epoch has finished yet. Train longer, or pass a checkpoint file.")
-    if path.name == RUN_STATE and path.is_file():
+    if path.name == RUN_STATE and path.is_file() and (path.parent / RUN_INFO).is_file():
         last = path.with_name(RUN_LAST_WEIGHTS)
-        if last.is_file():
-            return last, (f"{path.name} is the resumable training state; using "
-                          f"{last.name} beside it, the weights of the same epoch.")
+        if not last.is_file():
+            raise UserError(f"{path} is the resumable training state of a mvcompile train run, "
+                            f"and {last.name}, which holds its weights, is missing beside it; "
+                            f"pass {path.with_name(RUN_BEST)} instead, if it exists.")
+        return last, (f"{path.name} is the resumable training state; using "
+                      f"{last.name} beside it, the weights of the same epoch.")
     return path, None
 
 
@@ -192,8 +200,9 @@ def _file_in_hf_folder(folder: Path) -> Path:
     found = _weights_in_hf_folder(folder)
     if found is not None:
         return found
-    raise UserError(f"{folder} is a folder without {' or '.join(_HF_FILES)}; "
-                    "pass a Hugging Face model folder or a checkpoint file.")
+    raise UserError(f"{folder} is a folder without {' or '.join(_HF_FILES)}; pass a Hugging "
+                    "Face model folder, a mvcompile train run folder (runs/NAME) or a "
+                    "checkpoint file.")
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:

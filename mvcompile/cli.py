@@ -12,7 +12,7 @@ import click
 
 from mvcompile import analysis, onnx_io
 from mvcompile.calibration.observers import OBSERVERS as OBSERVER_NAMES
-from mvcompile.click_types import FloatRange
+from mvcompile.click_types import FloatRange, NonEmptyPath
 from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import SIZES
 from mvcompile.summary import build_summary
@@ -101,18 +101,7 @@ def _resolved_weights(weights: str) -> str:
     return str(path)
 
 
-class _NonEmptyPath(click.Path):
-    """click.Path that refuses an empty string, which would otherwise mean the current folder
-    (a quoting slip such as --data "$UNSET" then searches all of it)."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-                ) -> Any:
-        if value == "":
-            self.fail("is empty; give a file or folder path.", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-PATH = _NonEmptyPath()
+PATH = NonEmptyPath()
 
 
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -18,3 +18,15 @@ class FloatRange(click.FloatRange):
         if isinstance(number, float) and math.isnan(number):
             self.fail("must be a number, not NaN.", param, ctx)
         return number
+
+
+class NonEmptyPath(click.Path):
+    """click.Path that refuses an empty string, which would otherwise mean the current folder
+    (a quoting slip such as --data "$UNSET" then searches all of it), or, for an optional
+    path such as --resume "$RUN", no value at all."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        if value == "":
+            self.fail("is empty; give a file or folder path.", param, ctx)
+        return super().convert(value, param, ctx)

@@ -273,3 +273,23 @@ def test_build_from_a_run_folder_before_its_first_epoch(tmp_path: Path) -> None:
     code, output = run("build", "--weights", str(tmp_path / "run"), "-o", str(tmp_path / "o"))
     assert_clean_failure(code, output, "run folder without best.safetensors", "no epoch")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_folder_without_best_safetensors_points_to_last(tmp_path: Path) -> None:
+    cfg = MobileViTConfig.for_size("xxs", resolution=64, num_classes=3)
+    _run_folder(tmp_path / "run", cfg, seed=4)
+    (tmp_path / "run" / "best.safetensors").unlink()
+    code, output = run("build", "--weights", str(tmp_path / "run"), "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "without best.safetensors",
+                         f"pass {tmp_path / 'run' / 'last.safetensors'}")
+
+
+def test_last_pt_of_a_run_without_last_safetensors_is_refused(tmp_path: Path) -> None:
+    """Not read as a pickle: its raw (not EMA) weights, and no header to build from."""
+    cfg = MobileViTConfig.for_size("xxs", resolution=64, num_classes=3)
+    _run_folder(tmp_path / "run", cfg, seed=4)
+    (tmp_path / "run" / "last.safetensors").unlink()
+    code, output = run("build", "--weights", str(tmp_path / "run" / "last.pt"), "-o",
+                       str(tmp_path / "o"))
+    assert_clean_failure(code, output, "last.safetensors, which holds its weights, is missing")
+    assert not (tmp_path / "o").exists()

@@ -453,3 +453,31 @@ def test_the_torchrun_entry_point_takes_v_too() -> None:
                            "-v"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "No such option" not in proc.stderr, proc.stderr
     assert "Error: " in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_with_ema_the_summary_reports_the_ema_weights_accuracy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files hold the EMA weights, so 'last val acc' is theirs, the trained model's
+    given beside it."""
+    history = [{"epoch": 1, "val_acc": 0.92, "ema_val_acc": 0.69, "seconds": 1.0}]
+
+    def finished(options: TrainOptions, _reporter: object) -> loop.TrainResult:
+        return loop.TrainResult(options.run_dir(), history, {"epoch": 1, "val_acc": 0.69}, None)
+
+    monkeypatch.setattr(loop, "train", finished)
+    result = _cli("--runs-dir", str(tmp_path), "--name", "r", "--epochs", "1",
+                  "--ema-decay", "0.999")
+    assert result.exit_code == 0, result.output
+    summary = _summary(result.output)
+    assert summary["best val acc"] == "69.00% at epoch 1 (EMA weights)"
+    assert summary["last val acc"] == "69.00% (EMA weights; the trained weights 92.00%)"
+
+
+@pytest.mark.parametrize("option", ["--resume", "--init-weights", "--data", "--runs-dir"])
+def test_an_empty_path_is_refused_not_taken_as_absent(option: str, tmp_path: Path) -> None:
+    """--resume "$RUN" with RUN unset must not start a new 300-epoch run."""
+    result = _cli(option, "", "--runs-dir" if option != "--runs-dir" else "--name",
+                  str(tmp_path) if option != "--runs-dir" else "r")
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': is empty" in result.output
+    assert not list(tmp_path.iterdir())

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import click
 from click.core import ParameterSource
 
-from mvcompile.click_types import FloatRange
+from mvcompile.click_types import FloatRange, NonEmptyPath
 from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import SIZES
 from mvcompile.interrupts import Terminated, sigterm_as_interrupt
@@ -48,6 +48,7 @@ SIGINT_STATUS = 128 + signal.SIGINT  # 130
 CHECK_BAR_AFTER_S = 1.0  # the image check shows a progress bar once it has run this long
 PROBABILITY = FloatRange(0.0, 1.0, max_open=True)
 NON_NEGATIVE = FloatRange(min=0.0)
+NON_EMPTY = NonEmptyPath()  # a path, or `digits` for --data: never ""
 
 
 class ProgressReporter:
@@ -105,7 +106,7 @@ class ProgressReporter:
 
 
 @click.command(epilog=EXAMPLES)
-@click.option("--data", default="digits", show_default=True,
+@click.option("--data", type=NON_EMPTY, default="digits", show_default=True,
               help="`digits` (built-in scikit-learn digits), or an image folder: DIR/<class>/"
                    "*.jpg, or DIR/train/<class>/ with DIR/val/<class>/. Every image file is "
                    "opened before training (Pillow's header check); if any cannot be read, "
@@ -161,13 +162,13 @@ class ProgressReporter:
 @click.option("--name", default=None,
               help="Run folder RUNS_DIR/NAME [default: DATA_SIZE, e.g. digits_xxs]; a name, "
                    "not a path (use --runs-dir for the folder).")
-@click.option("--runs-dir", default="runs", show_default=True,
+@click.option("--runs-dir", type=NON_EMPTY, default="runs", show_default=True,
               help="Folder that holds the run folders.")
-@click.option("--resume", default=None,
+@click.option("--resume", type=NON_EMPTY, default=None,
               help="Continue a run where it stopped: a run folder or its last.pt. Its saved "
                    "options apply unless given again here.")
 @click.option("--overwrite", is_flag=True, help="Start over in an existing run folder.")
-@click.option("--init-weights", default=None,
+@click.option("--init-weights", type=NON_EMPTY, default=None,
               help="Fine-tune: start from these weights instead of a random initialisation: "
                    "a run folder of mvcompile train (its best.safetensors) or a .safetensors, "
                    "Hugging Face folder or .bin/.pt, as `mvcompile build --weights` reads. A "
@@ -248,7 +249,12 @@ def summary(options: TrainOptions, result: TrainResult) -> str:
         which = " (EMA weights)" if options.ema_decay else ""
         rows.append(("best val acc", f"{best['val_acc']:.2%} at epoch {best['epoch']}{which}"))
     if result.history:
-        rows.append(("last val acc", f"{result.history[-1]['val_acc']:.2%}"))
+        last = result.history[-1]
+        if last.get("ema_val_acc") is not None:  # the EMA weights are what the files hold
+            rows.append(("last val acc", f"{last['ema_val_acc']:.2%} (EMA weights; the "
+                                         f"trained weights {last['val_acc']:.2%})"))
+        else:
+            rows.append(("last val acc", f"{last['val_acc']:.2%}"))
     order = (outputs.BEST, outputs.LAST_WEIGHTS, outputs.LAST, outputs.RUN_INFO,
              outputs.METRICS, outputs.CURVES)
     files = [name for name in order if (run_dir / name).is_file()]
