@@ -135,7 +135,7 @@ def test_resume_and_overwrite_together_are_refused(tmp_path: Path) -> None:
 
 
 def test_run_json_records_the_subset_and_each_resume_and_a_finished_run_says_so(
-        tmp_path: Path, data: Path) -> None:
+        tmp_path: Path, data: Path, caplog: pytest.LogCaptureFixture) -> None:
     runs = tmp_path / "runs"
     first = _cli(*QUICK, "--data", str(data), "--subset", "8", "--runs-dir", str(runs),
                  "--name", "r")
@@ -156,10 +156,16 @@ def test_run_json_records_the_subset_and_each_resume_and_a_finished_run_says_so(
     before = (run_dir / "run.json").read_bytes()
     finished = _cli("--resume", str(run_dir))
     assert finished.exit_code == 0, finished.output
-    assert (f"{run_dir} already finished its 2 epochs; pass --epochs M (> 2) to train longer"
-            in finished.output)
+    assert (f"{run_dir} has 2 epochs done and --epochs is 2, so nothing was trained; pass "
+            "--epochs M (> 2) to train longer" in finished.output)
     assert "epoch 1/" not in finished.output and "epoch 3/" not in finished.output
     assert (run_dir / "run.json").read_bytes() == before
+    caplog.clear()
+    fewer = _cli("--resume", str(run_dir), "--epochs", "1", "--lr", "0.01")
+    assert fewer.exit_code == 0, fewer.output
+    assert "has 2 epochs done and --epochs is 1, so nothing was trained" in fewer.output
+    # nothing is trained, so the changed recipe (lr) is not warned about
+    assert [r for r in caplog.records if "will not reproduce" in r.getMessage()] == []
 
 
 def test_a_failed_write_after_an_epoch_is_a_clean_error(

@@ -188,9 +188,9 @@ def train(**kwargs: object) -> None:
         _fail(str(err))
     if result.start_epoch >= options.epochs:
         done = result.start_epoch
-        click.secho(f"Note: {result.run_dir} already finished its {done} "
-                    f"epoch{'s' if done != 1 else ''}; pass --epochs M (> {done}) to train "
-                    "longer.", fg="yellow", err=True)
+        click.secho(f"Note: {result.run_dir} has {done} epoch{'s' if done != 1 else ''} done "
+                    f"and --epochs is {options.epochs}, so nothing was trained; pass --epochs "
+                    f"M (> {done}) to train longer.", fg="yellow", err=True)
     if _is_main_process():  # under torchrun, one summary rather than one per process
         click.echo(summary(options, result))
 

@@ -440,7 +440,7 @@ def _restore(run: Run, state: dict) -> None:
     """Continue exactly where the checkpoint stopped; warn if the recipe changed."""
     changed = changed_options(state["options"], run.options)
     recipe = [k for k in RECIPE_KEYS if k in changed]
-    if recipe:
+    if recipe and state["epoch"] < run.options.epochs:  # else nothing is trained
         log.warning("Resuming with changed options (%s): the run will not reproduce an "
                     "uninterrupted one.", ", ".join(
                         f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in recipe))
