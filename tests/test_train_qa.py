@@ -314,6 +314,23 @@ def test_init_weights_from_a_run_folder_loads_every_tensor(
                                     "tensors": len(best), "classifier": "loaded"}
 
 
+def test_init_weights_trained_otherwise_is_noted(source_run: tuple[Path, Result],
+                                                tmp_path: Path) -> None:
+    """The checkpoint's header: patch config A at 64 with classes green, red; this run: patch
+    config B at 128 with two other classes, so the kept head maps to other classes."""
+    run_dir, _ = source_run
+    data = make_folder(tmp_path / "data", {"cat": 4, "dog": 4}, size=(12, 12))
+    options = TrainOptions(data=str(data), resolution=128, patch_config="B", epochs=1,
+                           batch_size=4, runs_dir=str(tmp_path), name="ft",
+                           init_weights=str(run_dir / "best.safetensors"))
+    _, notes = _prepare(options)
+    assert notes.notes == [
+        "--init-weights was trained with --patch-config A; this run uses B.",
+        "--init-weights was trained at --resolution 64; this run trains at 128.",
+        "--init-weights names other classes (green, red) than the data (cat, dog); its "
+        "classifier is kept and retrained, index by index."]
+
+
 def test_init_weights_with_another_class_count_reinitialises_the_head(
         source_run: tuple[Path, Result], tmp_path: Path) -> None:
     run_dir, _ = source_run

@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 from mvcompile.errors import UserError
-from mvcompile.graphs.checkpoints import load_state_dict, resolve_run_weights, to_hf_names
+from mvcompile.graphs.checkpoints import (
+    checkpoint_class_names,
+    load_state_dict,
+    resolve_run_weights,
+    to_hf_names,
+    training_metadata,
+)
 from mvcompile.graphs.mobilevit import SIZES, MobileViTConfig
 
 log = logging.getLogger(__name__)
@@ -44,8 +50,12 @@ class InitWeights:
         return {"from": self.path, "tensors": self.tensors, "classifier": self.classifier}
 
 
-def load_init_weights(model: nn.Module, path: str | Path, cfg: MobileViTConfig) -> InitWeights:
-    """Copy the weights at ``path`` into ``model`` (built for ``cfg``); UserError on mismatch."""
+def load_init_weights(model: nn.Module, path: str | Path, cfg: MobileViTConfig,
+                      patch_config: str | None = None, class_names: list[str] | None = None
+                      ) -> InitWeights:
+    """Copy the weights at ``path`` into ``model`` (built for ``cfg``: ``patch_config``, the
+    data's ``class_names``); UserError on mismatch, notes where the checkpoint was trained
+    otherwise (patch config, resolution, class names)."""
     if not Path(path).exists():
         raise UserError(f"--init-weights {path}: no such file or folder. Pass a run folder of "
                         "mvcompile train (or its best.safetensors), a .safetensors, .bin or .pt "
@@ -60,11 +70,38 @@ def load_init_weights(model: nn.Module, path: str | Path, cfg: MobileViTConfig) 
         notes.append(f"--init-weights: {classifier}; the classifier is re-initialised and "
                      "trained from scratch.")
     _check_match(state, wanted, file, cfg, head_optional=classifier != "loaded")
+    notes += _training_differences(file, cfg, patch_config,
+                                   class_names if classifier == "loaded" else None)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
     model.load_state_dict(tensors, strict=False)
     log.info("--init-weights: loaded %d tensors from %s (classifier: %s)", len(tensors), file,
              classifier)
     return InitWeights(str(Path(file).resolve()), len(tensors), classifier, notes)
+
+
+def _training_differences(file: Path, cfg: MobileViTConfig, patch_config: str | None,
+                          class_names: list[str] | None) -> list[str]:
+    """Notes on how the checkpoint's recorded training (mvcompile train's header, a Hugging
+    Face id2label) differs from this run: patch config, resolution, and the class names of a
+    classifier that is kept (same count, other names: the head then maps to other classes)."""
+    trained = training_metadata(file)
+    notes = []
+    if patch_config and trained.get("patch_config") not in (None, patch_config):
+        notes.append(f"--init-weights was trained with --patch-config "
+                     f"{trained['patch_config']}; this run uses {patch_config}.")
+    if trained.get("resolution") not in (None, str(cfg.resolution)):
+        notes.append(f"--init-weights was trained at --resolution {trained['resolution']}; "
+                     f"this run trains at {cfg.resolution}.")
+    theirs = checkpoint_class_names(file)
+    if class_names and theirs and theirs != class_names:
+        notes.append(f"--init-weights names other classes ({_preview(theirs)}) than the data "
+                     f"({_preview(class_names)}); its classifier is kept and retrained, "
+                     "index by index.")
+    return notes
+
+
+def _preview(names: list[str], show: int = 3) -> str:
+    return ", ".join(names[:show]) + (", ..." if len(names) > show else "")
 
 
 def _drop_other_head(state: dict[str, np.ndarray], wanted: dict[str, tuple[int, ...]],

@@ -183,7 +183,7 @@ def prepare(options: TrainOptions, d: Dist, reporter: Reporter | None = None) ->
                                    num_classes=len(data.train.classes))
     torch.manual_seed(options.seed + d.rank)
     model = MobileViT(cfg, options.dropout, options.classifier_dropout)
-    init = _init_weights(model, options, cfg, reporter)
+    init = _init_weights(model, options, cfg, data.train.classes, reporter)
     model = model.to(d.device)
     ids = [d.device.index] if d.device.type == "cuda" else None
     net = DistributedDataParallel(model, device_ids=ids) if d.enabled else model
@@ -238,12 +238,12 @@ def check_images(data: DataSplit, d: Dist, reporter: Reporter) -> None:
 
 
 def _init_weights(model: nn.Module, o: TrainOptions, cfg: MobileViTConfig,
-                  reporter: Reporter) -> dict | None:
+                  class_names: list[str], reporter: Reporter) -> dict | None:
     """Load --init-weights into ``model``; its run.json record, or None without it. A resumed
     run's weights come from its checkpoint, so there it only keeps the record."""
     if o.init_weights is None or o.resume:
         return None
-    loaded = load_init_weights(model, o.init_weights, cfg)
+    loaded = load_init_weights(model, o.init_weights, cfg, o.patch_config, class_names)
     for message in loaded.notes:
         _note(reporter, message)
     return loaded.record()
