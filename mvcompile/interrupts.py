@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -41,15 +42,18 @@ def sigterm_as_interrupt() -> Iterator[None]:
     process, so that it ends a training run like Ctrl-C: the last complete epoch stays saved.
 
     A job scheduler, and torchrun's agent, send SIGTERM to the whole process group, data
-    loader workers included; the workers ignore it (:func:`ignore_sigterm`) and are shut down
-    by the main process as it unwinds. Outside the main thread, where handlers cannot be set,
-    the block runs unchanged.
+    loader workers included; the workers have it blocked (:func:`sigterm_blocked`) and are
+    shut down by the main process as it unwinds. Outside the main thread, where handlers
+    cannot be set, the block runs unchanged.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    pid = os.getpid()
 
     def handler(_signum: int, _frame: object) -> None:
+        if os.getpid() != pid:  # a forked child that has not set its own handling
+            return
         raise Terminated
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -59,9 +63,18 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def ignore_sigterm(_worker_id: int = 0) -> None:
-    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM. Otherwise a SIGTERM to the
-    process group kills the workers before the main process stops them, and torch reports
-    "DataLoader worker ... is killed by signal: Terminated" from wherever the main process
-    is, with a traceback."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+@contextlib.contextmanager
+def sigterm_blocked() -> Iterator[None]:
+    """Block SIGTERM in this thread for the block (a signal sent meanwhile is delivered when
+    it ends). Processes forked in the block inherit the mask and keep SIGTERM blocked for
+    good: wrap the start of data loader workers in it, so that a SIGTERM to the whole process
+    group never kills a worker (torch would then raise "DataLoader worker ... is killed by
+    signal" wherever the main process is); the main process stops them as it unwinds."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -43,21 +43,16 @@ def assert_clean_error(result: Result, *phrases: str) -> None:
         assert phrase in result.output, result.output
 
 
-def start_and_signal(cmd: list[str], last: Path, signum: int, wait_s: float,
-                     group: bool = False) -> tuple[int, str]:
+def start_and_signal(cmd: list[str], last: Path, signum: int, wait_s: float
+                     ) -> tuple[int, str]:
     """Start ``cmd`` (a training run), send ``signum`` ``wait_s`` after its first checkpoint
-    ``last`` appears, and return its exit status and stderr. ``group``: run it in a session
-    of its own and signal the whole process group (data loader workers too), as job
-    schedulers and torchrun's agent do."""
+    ``last`` appears, and return its exit status and stderr."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=group)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(wait_s)
-    if group:
-        os.killpg(proc.pid, signum)
-    else:
-        proc.send_signal(signum)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     return proc.returncode, err

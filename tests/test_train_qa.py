@@ -272,21 +272,40 @@ def test_sigterm_stops_like_ctrl_c_with_status_143(tmp_path: Path, monkeypatch: 
         signal.signal(signal.SIGTERM, before)
 
 
-@pytest.mark.parametrize("group", [False, True], ids=["process", "process_group"])
-def test_sigterm_mid_run_keeps_the_last_epoch_and_says_how_to_resume(tmp_path: Path,
-                                                                     group: bool) -> None:
-    """SIGTERM to the training process, or (as job schedulers and torchrun's agent send it)
-    to its whole process group, data loader workers included, which must not die first."""
+def test_sigterm_mid_run_keeps_the_last_epoch_and_says_how_to_resume(tmp_path: Path) -> None:
     data = make_folder(tmp_path / "data", {"red": 12, "green": 12}, size=(12, 12))
     cmd = [sys.executable, "-m", "mvcompile.train", "--data", str(data), *QUICK,
            "--epochs", "100", "--workers", "2", "--runs-dir", str(tmp_path), "--name", "run"]
     last = tmp_path / "run" / "last.pt"
-    code, err = start_and_signal(cmd, last, signal.SIGTERM, 0.5, group=group)
+    code, err = start_and_signal(cmd, last, signal.SIGTERM, 0.5)
     assert code == 143, err[-2000:]
     assert f"Interrupted. The last complete epoch is saved; continue with --resume " \
            f"{tmp_path / 'run'}" in err
     assert "Traceback" not in err and "killed by signal" not in err, err[-2000:]
     assert 1 <= torch.load(last, weights_only=True)["epoch"] < 100
+
+
+class _WorkerSignalMask(torch.utils.data.Dataset):
+    """Item i: the signals that the data loader worker serving it has blocked."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> list[int]:
+        return sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+def test_training_data_workers_start_with_sigterm_blocked() -> None:
+    """Job schedulers and torchrun's agent send SIGTERM to the whole process group: the
+    workers must not die of it under the main process (torch would raise "DataLoader worker
+    ... is killed by signal" wherever the main process is), which stops them as it unwinds."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    loader = loop.WorkersKeepRunning(_WorkerSignalMask(), batch_size=None, num_workers=2)
+    masks = list(loader)
+    assert all(int(signal.SIGTERM) in mask for mask in masks), masks
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the main process: as before
+    plain = torch.utils.data.DataLoader(_WorkerSignalMask(), batch_size=None, num_workers=2)
+    assert not any(int(signal.SIGTERM) in mask for mask in plain)  # what the subclass adds
 
 
 # 6. --init-weights ----------------------------------------------------------------------------
@@ -422,7 +441,7 @@ def test_a_library_resume_of_a_fine_tuned_run_does_not_reload_the_weights(
 
     monkeypatch.setattr(loop, "load_init_weights", no_loading)
     options = replace(TrainOptions(), init_weights="x", resume="somewhere")
-    assert loop._init_weights(torch.nn.Linear(1, 1), options, None, Notes()) is None
+    assert loop._init_weights(torch.nn.Linear(1, 1), options, None, [], Notes()) is None
 
 
 def test_the_library_refuses_a_name_with_a_path_too() -> None:

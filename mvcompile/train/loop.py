@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from mvcompile.errors import UserError
 from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY, format_class_names
 from mvcompile.graphs.mobilevit import MobileViTConfig
-from mvcompile.interrupts import ignore_sigterm
+from mvcompile.interrupts import sigterm_blocked
 from mvcompile.train import checkpoint, outputs
 from mvcompile.train.data import (
     DataSplit,
@@ -326,18 +326,27 @@ def _schedule(o: TrainOptions, sampler: MultiScaleBatchSampler) -> Schedule:
     return Schedule(total, min(warmup, total), o.lr, o.lr_init, o.lr_min)
 
 
+class WorkersKeepRunning(DataLoader):
+    """A DataLoader whose worker processes start with SIGTERM blocked
+    (:func:`mvcompile.interrupts.sigterm_blocked`): a SIGTERM to the process group stops the
+    main process, which then shuts the workers down, instead of killing them under it."""
+
+    def __iter__(self):  # noqa: ANN204 - DataLoader's iterator type is private
+        with sigterm_blocked():
+            return super().__iter__()
+
+
 def _loaders(o: TrainOptions, cfg: MobileViTConfig, data: DataSplit,
              sampler: MultiScaleBatchSampler, d: Dist) -> tuple[DataLoader, DataLoader]:
     scale = o.crop_scale if o.crop_scale is not None else data.train.crop_scale
     flip = o.flip if o.flip is not None else data.train.flip
     pin = d.device.type == "cuda"
-    # Workers ignore SIGTERM: the main process stops them as it unwinds (mvcompile.interrupts).
-    train = DataLoader(ItemDataset(data.train, True, scale, flip), batch_sampler=sampler,
-                       num_workers=o.workers, pin_memory=pin, worker_init_fn=ignore_sigterm)
+    train = WorkersKeepRunning(ItemDataset(data.train, True, scale, flip),
+                               batch_sampler=sampler, num_workers=o.workers, pin_memory=pin)
     val_batches = eval_batches(len(data.val), o.batch_size, cfg.resolution, rank=d.rank,
                                world_size=d.world_size)
-    val = DataLoader(ItemDataset(data.val, False, 1.0, False), batch_sampler=val_batches,
-                     num_workers=o.workers, pin_memory=pin, worker_init_fn=ignore_sigterm)
+    val = WorkersKeepRunning(ItemDataset(data.val, False, 1.0, False),
+                             batch_sampler=val_batches, num_workers=o.workers, pin_memory=pin)
     return train, val
 
 
