@@ -118,7 +118,13 @@ def replace_model(path: Path, proto: onnx.ModelProto, keep: Collection[Path] = (
     Until the rename, ``path`` is the old model with its data files intact; after it, the new
     one, which references none of the deleted files (so a failure in between leaves a
     consistent model, at worst with an unused data file beside it).
+
+    A symbolic link at ``path`` stays one: the model is written to the file it points to
+    (resolved to the end of a chain of links).
     """
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     old = external_data_files(path)
     atomic_write_bytes(path, proto.SerializeToString())
     folder = path.parent.resolve()

@@ -1,20 +1,23 @@
 """``mvcompile optimize IN.onnx -o OUT.onnx``: our pass pipeline applied to any ONNX model.
 
-Steps: load → onnxsim → pipeline (each rule reports its match count or why it refused) →
-weights that the input stored as float16/bfloat16 stored so again (:mod:`storage_precision`)
+Steps: load → the Casts of weights stored as float16/bfloat16 folded to float32 (exact; onnxsim
+cannot fold a Cast of bfloat16) → onnxsim → pipeline (each rule reports its match count or why
+it refused) → those weights stored so again (:mod:`storage_precision`)
 → check_model + ORT load → numerics against the *input* model on seeded random inputs
 (max |Δ| ≤ tolerance) → atomic write (and removal of the external data files that the model
 it replaces used and the result does not). Nothing is written if any step fails.
 
 A model with a symbolic batch goes through these steps at batch 1 and at batch 2, and the two
-results are generalised back to any batch (:mod:`batch_generalize`) and checked at
-:data:`VERIFY_BATCHES`; where that fails, through the steps with its batch as it is.
+results are generalised back to any batch (:mod:`batch_generalize`), their weights stored in
+float16/bfloat16 again (once, on the generalised model) and checked at :data:`VERIFY_BATCHES`;
+where that fails, through the steps with its batch as it is.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,22 +125,38 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
     if batch and not symbolic:
         log.warning("--batch %d is ignored: the inputs of %s have no symbolic batch", batch, name)
         batch = None
+    prepared, stored = _fold_storage(proto)
     if symbolic and batch is None:
-        generalised = _optimize_generalised(proto, symbolic, target, tolerance,
-                                            choose_by_latency, name)
+        generalised = _optimize_generalised(proto, prepared, stored, symbolic, target,
+                                            tolerance, choose_by_latency, name)
         if generalised is not None:
             return generalised
-    return _optimize(proto, symbolic, target, tolerance, choose_by_latency, batch, name)
+    return _optimize(proto, prepared, stored, symbolic, target, tolerance, choose_by_latency,
+                     batch, name)
 
 
-def _optimize(proto: onnx.ModelProto, symbolic: list[str], target: str, tolerance: float,
-              choose_by_latency: bool, batch: int | None, name: str,
-              skip: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, dict]:
+def _fold_storage(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[ir.DataType]]:
+    """The reduced types that ``proto`` stores weights in (:func:`storage_precision.
+    storage_types`, of the input as it is) and ``proto`` with the Casts of those weights
+    folded to float32 (:func:`storage_precision.fold_storage_casts`, exact), for onnxsim,
+    which cannot constant-fold a Cast of bfloat16; ``proto`` itself where there are none."""
+    model = ir.serde.deserialize_model(proto)
+    stored = storage_precision.storage_types(model)
+    if stored and storage_precision.fold_storage_casts(model):
+        return onnx_io.to_proto(model), stored
+    return proto, stored
+
+
+def _optimize(proto: onnx.ModelProto, prepared: onnx.ModelProto, stored: list[ir.DataType],
+              symbolic: list[str], target: str, tolerance: float, choose_by_latency: bool,
+              batch: int | None, name: str, skip: frozenset[str] = frozenset(),
+              restore: bool = True) -> tuple[onnx.ModelProto, dict]:
     """:func:`optimize_proto` at ``batch`` (None: as the model is), the pipeline's stages
-    ``skip`` left out; ``symbolic``: :func:`symbolic_batch_inputs` of ``proto``."""
+    ``skip`` left out; ``prepared``, ``stored``: :func:`_fold_storage` of ``proto``;
+    ``symbolic``: :func:`symbolic_batch_inputs` of ``proto``. Without ``restore``, the weights
+    stay float32 (the caller restores their storage types)."""
     expected = _run_input(proto, batch or 1, name)
-    stored = storage_precision.storage_types(ir.serde.deserialize_model(proto))
-    simplified = simplify(fix_batch(proto, symbolic, batch) if batch else proto)
+    simplified = simplify(fix_batch(prepared, symbolic, batch) if batch else prepared)
     result, pipeline_report = run_pipeline_proto(simplified, TARGET_PIPELINES[target], skip)
     choices = []
     if choose_by_latency and target == "ort":
@@ -148,8 +167,9 @@ def _optimize(proto: onnx.ModelProto, symbolic: list[str], target: str, toleranc
                 choices.append(choice)
     if target == "mobile":
         _check_standard_only(result)
-    result, diff, storage = _restore_and_check(proto, result, stored, tolerance, batch or 1,
-                                               expected)
+    result, diff, storage = _restore_and_check(
+        result, stored if restore else [],
+        lambda model: _check(proto, model, tolerance, batch or 1, expected))
     before, simple, after = op_counts(proto), op_counts(simplified), op_counts(result)
     report = {
         "target": target,
@@ -170,26 +190,37 @@ def _optimize(proto: onnx.ModelProto, symbolic: list[str], target: str, toleranc
     return result, report
 
 
-def _optimize_generalised(proto: onnx.ModelProto, symbolic: list[str], target: str,
+def _optimize_generalised(proto: onnx.ModelProto, prepared: onnx.ModelProto,
+                          stored: list[ir.DataType], symbolic: list[str], target: str,
                           tolerance: float, choose_by_latency: bool, name: str
                           ) -> tuple[onnx.ModelProto, dict] | None:
     """``proto`` optimized at batch 1 and at batch 2 (the stages that the first dropped
     for speed left out, so that both run the same rewrites), generalised to any batch
-    (:func:`batch_generalize.generalize`) and checked at :data:`VERIFY_BATCHES`; the report
-    is batch 1's. None (logged) where any step fails."""
+    (:func:`batch_generalize.generalize`), its weights stored in the types ``stored`` again
+    (after generalising: a Cast between a batch-dependent constant and its reader would keep
+    it from being generalised) and checked at :data:`VERIFY_BATCHES`; the report is batch
+    1's, with the final model's counts, size, storage and difference. None (logged) where
+    any step fails."""
     try:
-        one, report = _optimize(proto, symbolic, target, tolerance, choose_by_latency, 1, name)
+        one, report = _optimize(proto, prepared, stored, symbolic, target, tolerance,
+                                choose_by_latency, 1, name, restore=False)
         dropped = frozenset(c["stage"] for c in report["measured_choices"] if not c["kept"])
-        two, _ = _optimize(proto, symbolic, target, tolerance, False, 2, name, dropped)
+        two, _ = _optimize(proto, prepared, stored, symbolic, target, tolerance, False, 2,
+                           name, dropped, restore=False)
         result = _generalize(one, two, proto)
-        diff = _check_batches(proto, result, tolerance, name)
+        result, diff, storage = _restore_and_check(
+            result, stored, lambda model: _check_batches(proto, model, tolerance, name))
     except (UserError, batch_generalize.NotGeneralizable) as err:
         log.info("Could not optimize %s at a fixed batch and keep its batch symbolic (%s); "
                  "optimizing it with the batch as it is", name, first_line(err))
         return None
     log.info("Optimized %s at batch 1 and 2 and generalised the result to any batch", name)
+    after = op_counts(result)
     report.update(batch=None, batch_generalised=True, symbolic_batch_blocked=False,
-                  max_abs_diff=diff, size={**report["size"], "optimized": result.ByteSize()})
+                  max_abs_diff=diff, storage=storage,
+                  size={**report["size"], "optimized": result.ByteSize()},
+                  nodes={**report["nodes"], "optimized": sum(after.values())},
+                  transposes={**report["transposes"], "optimized": after.get("Transpose", 0)})
     return result, report
 
 
@@ -310,14 +341,15 @@ def _check_standard_only(result: onnx.ModelProto) -> None:
                         "original export instead. Nothing was written.")
 
 
-def _restore_and_check(proto: onnx.ModelProto, result: onnx.ModelProto,
-                       stored: list[ir.DataType], tolerance: float, batch: int,
-                       expected: list[np.ndarray]) -> tuple[onnx.ModelProto, float, dict | None]:
-    """``result`` with the weights that ``proto`` stored in the reduced types ``stored`` stored
-    so again (:func:`storage_precision.restore_storage`, exact), its max abs difference from
-    ``proto`` (:func:`_check`) and the restore's report (None when ``stored`` is empty). If the
-    restored model fails validation (an op that needs a constant input, say), ``result`` as it
-    is, with the failure in the report."""
+def _restore_and_check(result: onnx.ModelProto, stored: list[ir.DataType],
+                       check: Callable[[onnx.ModelProto], float]
+                       ) -> tuple[onnx.ModelProto, float, dict | None]:
+    """``result`` with the weights that the input stored in the reduced types ``stored``
+    stored so again (:func:`storage_precision.restore_storage`, exact), its max abs difference
+    from the input (``check``, which raises UserError if the model fails validation) and the
+    restore's report (None when ``stored`` is empty). If the restored model fails validation
+    (an op that needs a constant input, say), ``result`` as it is, with the failure in the
+    report."""
     storage = None
     if stored:
         model = ir.serde.deserialize_model(result)
@@ -325,7 +357,7 @@ def _restore_and_check(proto: onnx.ModelProto, result: onnx.ModelProto,
         if storage["restored"]:
             restored = onnx_io.to_proto(model)
             try:
-                return restored, _check(proto, restored, tolerance, batch, expected), storage
+                return restored, check(restored), storage
             except UserError as err:
                 why = first_line(err.__cause__ or err)  # the checker's or ORT's words
                 log.warning("Storing weights back as %s failed validation (%s); they stay "
@@ -334,7 +366,7 @@ def _restore_and_check(proto: onnx.ModelProto, result: onnx.ModelProto,
                            "restored_bytes": 0,
                            "float32": storage["float32"] + storage["restored"],
                            "float32_bytes": storage["float32_bytes"] + storage["restored_bytes"]}
-    return result, _check(proto, result, tolerance, batch, expected), storage
+    return result, check(result), storage
 
 
 def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float, batch: int,

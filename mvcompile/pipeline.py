@@ -70,15 +70,17 @@ class RuleSetPass(ir.passes.InPlacePass):
         self.refusal_kinds: dict[str, str] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        total = 0
+        total, this_call = 0, {}
         for rule in self.rule_set.rules:
             single = RewriteRuleSet([rule])
             count = single.apply_to_model(model)
             self.counts[rule.name] = self.counts.get(rule.name, 0) + count
+            this_call[rule.name] = this_call.get(rule.name, 0) + count
             total += count
             if count == 0:  # before later rules rewrite
                 self._record_refusal(rule.name, *_why_not(single, model))
-            log.info("%s: %s matched %d time(s)", self.name, rule.name, count)
+        for name, count in this_call.items():  # one line per name: commuted variants share it
+            log.info("%s: %s matched %d time(s)", self.name, name, count)
         for name, count in self.counts.items():  # commuted variants share a name
             if count:
                 self.refusals.pop(name, None)

@@ -15,6 +15,7 @@ stays float32; :func:`restore_storage` reports how many bytes stay so.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -41,11 +42,62 @@ def storage_types(model: ir.Model) -> list[ir.DataType]:
         source = node.inputs[0]
         if to != ir.DataType.FLOAT or source is None:
             continue
-        constant = source.is_initializer() or (
-            source.producer() is not None and source.producer().op_type == "Constant")
-        if constant and source.dtype in STORAGE_TYPES:
-            found.add(source.dtype)
+        tensor = _constant_tensor(source, overridable=True)
+        if tensor is not None and tensor.dtype in STORAGE_TYPES:
+            found.add(tensor.dtype)
     return [dtype for dtype in STORAGE_TYPES if dtype in found]
+
+
+def fold_storage_casts(model: ir.Model) -> int:
+    """Fold (in place, exactly) each ``Cast(to=FLOAT)`` of a float16/bfloat16 initializer or
+    Constant of ``model``'s main graph into a float32 initializer named as the Cast's output,
+    so that onnxsim, whose constant folding cannot run ONNX Runtime's Cast on bfloat16, sees
+    float32 weights only; :func:`restore_storage` stores them back afterwards. The sources
+    that nothing else reads are removed. Returns the number of Casts folded."""
+    graph, folded = model.graph, 0
+    for node in list(graph):
+        if (node.op_type != "Cast" or node.domain not in ("", "ai.onnx")
+                or len(node.inputs) != 1 or node.inputs[0] is None
+                or node.attributes.get_int("to", None) != ir.DataType.FLOAT):
+            continue
+        source, output = node.inputs[0], node.outputs[0]
+        tensor = _constant_tensor(source, overridable=False)
+        if tensor is None or tensor.dtype not in STORAGE_TYPES or output.is_graph_output():
+            continue
+        name = output.name
+        array = tensor.numpy().astype(np.float32)
+        value = ir.Value(name=None, type=ir.TensorType(ir.DataType.FLOAT),
+                         shape=ir.Shape(array.shape), const_value=ir.Tensor(array, name=name))
+        ir.convenience.replace_all_uses_with(output, value)
+        graph.remove(node, safe=True)
+        value.name = name
+        graph.register_initializer(value)
+        folded += 1
+        if source.uses() or source.is_graph_output():
+            continue
+        if source.is_initializer():
+            graph.initializers.pop(source.name)
+        else:
+            graph.remove(source.producer(), safe=True)
+    if folded:
+        log.info("storage precision: %d Casts of float16/bfloat16 weights folded to float32 "
+                 "before onnxsim", folded)
+    return folded
+
+
+def _constant_tensor(value: ir.Value, overridable: bool) -> ir.TensorProtocol | None:
+    """The tensor that ``value`` holds when it is an initializer (``overridable``: also one
+    that is a graph input too) or a Constant node's ``value`` output; None otherwise."""
+    if value.is_initializer():
+        return value.const_value if overridable or not value.is_graph_input() else None
+    producer = value.producer()
+    if producer is None or producer.op_type != "Constant" or producer.domain not in ("",
+                                                                                   "ai.onnx"):
+        return None
+    attribute = producer.attributes.get("value")
+    if attribute is None or attribute.type != ir.AttributeType.TENSOR:
+        return None
+    return attribute.value
 
 
 def exact_in(array: np.ndarray, dtype: ir.DataType) -> bool:
@@ -66,6 +118,7 @@ def restore_storage(model: ir.Model, dtypes: list[ir.DataType],
     report = {"types": [dtype.name.lower() for dtype in dtypes], "restored": 0, "restored_bytes": 0,
               "float32": 0, "float32_bytes": 0}
     casts, taken = [], _names(graph)
+    existing = _Existing(graph)
     for value in list(graph.initializers.values()):
         tensor = value.const_value
         if (tensor is None or value.dtype != ir.DataType.FLOAT or tensor.size < min_elements
@@ -77,7 +130,7 @@ def restore_storage(model: ir.Model, dtypes: list[ir.DataType],
             report["float32"] += 1
             report["float32_bytes"] += array.nbytes
             continue
-        casts.append(_store_as(graph, value, array, dtype, taken))
+        casts.append(_store_as(graph, value, array, dtype, taken, existing))
         report["restored"] += 1
         report["restored_bytes"] += array.nbytes
     if casts:
@@ -89,22 +142,57 @@ def restore_storage(model: ir.Model, dtypes: list[ir.DataType],
     return report
 
 
+class _Existing:
+    """The float16/bfloat16 initializers of a graph (graph inputs aside) by content, so that
+    a weight stored back reuses an identical one (one that the graph also reads directly,
+    say) instead of adding a copy."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.values: dict[tuple, list[ir.Value]] = {}
+        for value in graph.initializers.values():
+            if (value.dtype in STORAGE_TYPES and value.const_value is not None
+                    and not value.is_graph_input()):
+                self.add(value, value.const_value.numpy())
+
+    @staticmethod
+    def _key(dtype: ir.DataType, array: np.ndarray) -> tuple:
+        return dtype, array.shape, hashlib.sha256(np.ascontiguousarray(array).tobytes()).digest()
+
+    def add(self, value: ir.Value, array: np.ndarray) -> None:
+        self.values.setdefault(self._key(value.dtype, array), []).append(value)
+
+    def find(self, dtype: ir.DataType, array: np.ndarray) -> ir.Value | None:
+        """An initializer of ``dtype`` that holds ``array`` (of that dtype) bit for bit."""
+        for value in self.values.get(self._key(dtype, array), []):
+            held = value.const_value.numpy()
+            if held.shape == array.shape and held.tobytes() == array.tobytes():
+                return value
+        return None
+
+
 def _store_as(graph: ir.Graph, value: ir.Value, array: np.ndarray, dtype: ir.DataType,
-              taken: set[str]) -> ir.Node:
-    """Replace initializer ``value`` by a ``dtype`` initializer and return the Cast node (not
-    yet in the graph) whose output, named as ``value`` was, replaces it. ``taken``: the names
-    in use, to which the new ones are added."""
+              taken: set[str], existing: _Existing) -> ir.Node:
+    """Replace initializer ``value`` by a ``dtype`` initializer (an identical one of
+    ``existing`` where there is one, else a new one, added to ``existing``) and return the
+    Cast node (not yet in the graph) whose output, named as ``value`` was, replaces it.
+    ``taken``: the names in use, to which the new ones are added."""
     name = value.name
-    stored_name = _unique_name(f"{name}_{dtype.name.lower()}", taken)
-    stored = ir.Value(name=stored_name, type=ir.TensorType(dtype), shape=value.shape,
-                      const_value=ir.Tensor(array.astype(dtype.numpy()), name=stored_name))
+    reduced = array.astype(dtype.numpy())
+    stored = existing.find(dtype, reduced)
+    new = stored is None
+    if new:
+        stored_name = _unique_name(f"{name}_{dtype.name.lower()}", taken)
+        stored = ir.Value(name=stored_name, type=ir.TensorType(dtype), shape=value.shape,
+                          const_value=ir.Tensor(reduced, name=stored_name))
+        existing.add(stored, reduced)
     cast = ir.Node("", "Cast", [stored], [ir.AttrInt64("to", ir.DataType.FLOAT)],
                    name=_unique_name(f"{name}_cast", taken))
     output = cast.outputs[0]
     output.type, output.shape = ir.TensorType(ir.DataType.FLOAT), value.shape
     ir.convenience.replace_all_uses_with(value, output)
     graph.initializers.pop(name)
-    graph.register_initializer(stored)
+    if new:
+        graph.register_initializer(stored)
     output.name = name
     return cast
 

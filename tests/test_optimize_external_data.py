@@ -116,3 +116,19 @@ def test_external_data_files_reads_locations_and_ignores_non_models(tmp_path: Pa
     (tmp_path / "junk.onnx").write_bytes(b"\x00not protobuf")
     assert onnx_io.external_data_files(tmp_path / "junk.onnx") == set()
     assert onnx_io.external_data_files(tmp_path / "missing.onnx") == set()
+
+
+def test_in_place_through_a_symbolic_link_replaces_the_file_it_points_to(
+        tmp_path: Path) -> None:
+    """-o equal to the input, a link: the link stays a link and the model it points to (with
+    its external data, which the new one does not use) is replaced."""
+    target, link = tmp_path / "model.onnx", tmp_path / "link.onnx"
+    _save_external(_conv_bn(), target, "model.onnx.data")
+    link.symlink_to(target.name)  # relative, as the external data's location
+    expected = _outputs(target)
+    code, output = run("optimize", str(link), "-o", str(link))
+    assert code == 0, output
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert [n.op_type for n in onnx.load(str(target)).graph.node] == ["Conv"]  # BN folded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.onnx", "model.onnx"]
+    np.testing.assert_allclose(_outputs(link), expected, rtol=0, atol=1e-5)

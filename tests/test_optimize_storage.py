@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import ml_dtypes
@@ -119,3 +120,65 @@ def test_a_restore_that_fails_validation_falls_back_to_float32(monkeypatch) -> N
     assert report["storage"]["restored"] == 0 and report["storage"]["float32"] == 2
     note = optimize.storage_note(report)
     assert "failed validation" in note and "KiB input" in note and "KiB written" in note
+
+
+def test_bfloat16_weights_are_folded_before_onnxsim_quietly(capfd) -> None:
+    """onnxsim's constant folding cannot run ONNX Runtime's Cast on bfloat16 (pages of
+    tracebacks, nothing folded, the BatchNorm kept): the Casts of stored weights are folded
+    to float32 first, exactly, so the BatchNorm folds into the conv."""
+    proto = _conv_model(ml_dtypes.bfloat16, batch_norm=True)
+    optimized, report = optimize_proto(proto, "ort")
+    assert [n.op_type for n in optimized.graph.node] == ["Conv"]
+    assert report["nodes"]["onnxsim"] == 1
+    assert max_abs_diff(proto, optimized) <= 1e-5
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    assert "MLDataType" not in captured.out + captured.err
+
+
+def test_float16_weights_in_a_constant_node_stay_float16() -> None:
+    """storage_types read the Constant's tensor, not the output's type (unknown without shape
+    inference)."""
+    weights = np.random.default_rng(0).normal(0, 0.2, (64, 64)).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w16"], value=numpy_helper.from_array(weights)),
+         helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])])
+    proto = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)])
+    optimized, report = optimize_proto(proto, "ort")
+    assert _stored_bytes(optimized) == {TensorProto.FLOAT16: 64 * 64 * 2}
+    assert report["storage"]["restored"] == 1
+    assert max_abs_diff(proto, optimized) == 0.0
+
+
+def test_a_float16_weight_also_read_directly_is_not_stored_twice() -> None:
+    """W16 feeds a Cast (float32 branch) and a float16 MatMul: the weight stored back reuses
+    W16 instead of adding an identical copy."""
+    weights = np.random.default_rng(0).normal(0, 0.2, (64, 64)).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["x", "w"], ["y"]),
+         helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+         helper.make_node("MatMul", ["x16", "w16"], ["y16"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64]),
+         helper.make_tensor_value_info("y16", TensorProto.FLOAT16, [1, 64])],
+        [numpy_helper.from_array(weights, "w16")])
+    proto = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)])
+    optimized, report = optimize_proto(proto, "ort")
+    assert [init.name for init in optimized.graph.initializer] == ["w16"]
+    assert report["storage"]["restored"] == 1
+    assert max_abs_diff(proto, optimized) == 0.0
+    onnx.checker.check_model(optimized, full_check=True)
+
+
+def test_verbose_log_has_one_match_line_per_rule(caplog) -> None:
+    """Commuted variants of a rule share its name; -v logs one line per rule and pass, the
+    variants' matches summed (ErfGeluOuterHalf has 16 variants)."""
+    with caplog.at_level(logging.INFO, logger="mvcompile.pipeline"):
+        optimize_proto(_conv_model(np.float16), "ort")
+    lines = [record.getMessage() for record in caplog.records if "matched" in record.getMessage()]
+    assert "fuse_gelu: ErfGeluOuterHalf matched 0 time(s)" in lines
+    assert len(lines) == len(set(lines))
