@@ -291,6 +291,13 @@ def to_hf_names(state: dict[str, np.ndarray], expected: list[str],
     return renamed
 
 
+def checkpoint_size(state: Mapping[str, np.ndarray]) -> str | None:
+    """The MobileViT size (xxs, xs, s) whose last 1x1 conv has as many channels as the one in
+    ``state`` (our names), or None."""
+    last = state.get(_LAST_CONV)
+    return None if last is None else _SIZE_BY_LAST_CHANNELS.get(last.shape[0])
+
+
 class CheckpointWeights:
     """A ParamSource that serves tensors from a checkpoint and records every mismatch."""
 
@@ -334,14 +341,13 @@ class CheckpointWeights:
         raise UserError("\n".join(lines))
 
     def _hint(self) -> str:
-        last = self.state.get(_LAST_CONV)
         head = self.state.get("classifier.weight")
-        if last is None:
+        if _LAST_CONV not in self.state:
             if not any(k.startswith("mobilevit.") for k in self.state):
                 return ("It does not look like a MobileViT checkpoint (no mobilevit.* or "
                         "ml-cvnets keys).")
             return ""
-        size = _SIZE_BY_LAST_CHANNELS.get(last.shape[0])
+        size = checkpoint_size(self.state)
         classes = f" with {head.shape[0]} classes" if head is not None else ""
         if size is None:
             return ""

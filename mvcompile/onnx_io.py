@@ -107,13 +107,13 @@ def _used_by_other_models(path: Path) -> set[Path]:
             if other.resolve() != path.resolve() for file in external_data_files(other)}
 
 
-def replace_model(path: Path, proto: onnx.ModelProto, keep: Collection[Path] = ()
+def replace_model(path: Path, proto: onnx.ModelProto, keep_models: Collection[Path] = ()
                   ) -> list[Path]:
     """Write ``proto`` to ``path`` atomically, then delete the external data files that the
     model previously at ``path`` used and ``proto`` does not: only files that the old model
-    referenced, inside ``path``'s folder, that no other ``*.onnx`` in that folder uses, and not
-    in ``keep`` (the files of other models, e.g. the input's when it is elsewhere). Returns
-    those deleted.
+    referenced, inside ``path``'s folder, that no other ``*.onnx`` in that folder uses and
+    that the models ``keep_models`` (e.g. the input, when it is elsewhere) do not use.
+    Returns those deleted.
 
     Until the rename, ``path`` is the old model with its data files intact; after it, the new
     one, which references none of the deleted files (so a failure in between leaves a
@@ -128,8 +128,12 @@ def replace_model(path: Path, proto: onnx.ModelProto, keep: Collection[Path] = (
     old = external_data_files(path)
     atomic_write_bytes(path, proto.SerializeToString())
     folder = path.parent.resolve()
-    stale = (old - _external_files(proto, path.parent) - {Path(f).resolve() for f in keep}
-             - _used_by_other_models(path))
+    stale = old - _external_files(proto, path.parent)
+    if not stale:  # the usual case (no external data): no other model need be read
+        return []
+    stale -= _used_by_other_models(path)
+    for model in keep_models:
+        stale -= external_data_files(model)
     removed = []
     for file in sorted(stale):
         if folder in file.parents and file.is_file():

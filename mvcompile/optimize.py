@@ -16,6 +16,7 @@ where that fails, through the steps with its batch as it is.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -85,17 +86,25 @@ def max_abs_diff(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: i
     feed = random_inputs(reference, seed, batch)
     if reference_outputs is None:
         reference_outputs = run_unoptimized(reference, feed)
+    outputs = run_unoptimized(candidate, feed)
+    if [a.shape for a in outputs] != [a.shape for a in reference_outputs]:
+        raise ValueError(f"output shapes differ at batch {batch}: "
+                         f"{[a.shape for a in outputs]} vs {[a.shape for a in reference_outputs]}")
     return max(float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
-               for a, b in zip(reference_outputs, run_unoptimized(candidate, feed), strict=True))
+               for a, b in zip(reference_outputs, outputs, strict=True))
 
 
 def run_unoptimized(proto: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     """All outputs of ``proto`` on ``feed`` in ONNX Runtime with graph optimisations off."""
+    return _unoptimized_session(proto).run(None, feed)
+
+
+def _unoptimized_session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    """An ONNX Runtime session of ``proto`` with graph optimisations off."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(onnx_io.to_proto(proto).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, feed)
+    return ort.InferenceSession(onnx_io.to_proto(proto).SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
 
 
 def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
@@ -126,13 +135,14 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
         log.warning("--batch %d is ignored: the inputs of %s have no symbolic batch", batch, name)
         batch = None
     prepared, stored = _fold_storage(proto)
+    expected = _input_outputs(proto, name)
     if symbolic and batch is None:
         generalised = _optimize_generalised(proto, prepared, stored, symbolic, target,
-                                            tolerance, choose_by_latency, name)
+                                            tolerance, choose_by_latency, name, expected)
         if generalised is not None:
             return generalised
     return _optimize(proto, prepared, stored, symbolic, target, tolerance, choose_by_latency,
-                     batch, name)
+                     batch, expected)
 
 
 def _fold_storage(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[ir.DataType]]:
@@ -149,13 +159,15 @@ def _fold_storage(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[ir.Data
 
 def _optimize(proto: onnx.ModelProto, prepared: onnx.ModelProto, stored: list[ir.DataType],
               symbolic: list[str], target: str, tolerance: float, choose_by_latency: bool,
-              batch: int | None, name: str, skip: frozenset[str] = frozenset(),
-              restore: bool = True) -> tuple[onnx.ModelProto, dict]:
+              batch: int | None, expected: Callable[[int], list[np.ndarray]] | None,
+              skip: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, dict]:
     """:func:`optimize_proto` at ``batch`` (None: as the model is), the pipeline's stages
     ``skip`` left out; ``prepared``, ``stored``: :func:`_fold_storage` of ``proto``;
-    ``symbolic``: :func:`symbolic_batch_inputs` of ``proto``. Without ``restore``, the weights
-    stay float32 (the caller restores their storage types)."""
-    expected = _run_input(proto, batch or 1, name)
+    ``symbolic``: :func:`symbolic_batch_inputs` of ``proto``; ``expected``: the input's
+    outputs by batch (:func:`_input_outputs`). With ``expected`` None the result is neither
+    checked nor stored in the types ``stored`` (max_abs_diff NaN): the caller does both."""
+    if expected is not None:
+        expected(batch or 1)  # the input must run before anything else is done
     simplified = simplify(fix_batch(prepared, symbolic, batch) if batch else prepared)
     result, pipeline_report = run_pipeline_proto(simplified, TARGET_PIPELINES[target], skip)
     choices = []
@@ -167,9 +179,11 @@ def _optimize(proto: onnx.ModelProto, prepared: onnx.ModelProto, stored: list[ir
                 choices.append(choice)
     if target == "mobile":
         _check_standard_only(result)
-    result, diff, storage = _restore_and_check(
-        result, stored if restore else [],
-        lambda model: _check(proto, model, tolerance, batch or 1, expected))
+    diff, storage = float("nan"), None
+    if expected is not None:
+        result, diff, storage = _restore_and_check(
+            result, stored, lambda model: _check(proto, model, tolerance, batch or 1,
+                                                 expected(batch or 1)))
     before, simple, after = op_counts(proto), op_counts(simplified), op_counts(result)
     report = {
         "target": target,
@@ -192,7 +206,8 @@ def _optimize(proto: onnx.ModelProto, prepared: onnx.ModelProto, stored: list[ir
 
 def _optimize_generalised(proto: onnx.ModelProto, prepared: onnx.ModelProto,
                           stored: list[ir.DataType], symbolic: list[str], target: str,
-                          tolerance: float, choose_by_latency: bool, name: str
+                          tolerance: float, choose_by_latency: bool, name: str,
+                          expected: Callable[[int], list[np.ndarray]]
                           ) -> tuple[onnx.ModelProto, dict] | None:
     """``proto`` optimized at batch 1 and at batch 2 (the stages that the first dropped
     for speed left out, so that both run the same rewrites), generalised to any batch
@@ -201,15 +216,16 @@ def _optimize_generalised(proto: onnx.ModelProto, prepared: onnx.ModelProto,
     it from being generalised) and checked at :data:`VERIFY_BATCHES`; the report is batch
     1's, with the final model's counts, size, storage and difference. None (logged) where
     any step fails."""
+    expected(1)  # the input must run: its UserError goes to the user, not to a fallback
     try:
         one, report = _optimize(proto, prepared, stored, symbolic, target, tolerance,
-                                choose_by_latency, 1, name, restore=False)
+                                choose_by_latency, 1, None)
         dropped = frozenset(c["stage"] for c in report["measured_choices"] if not c["kept"])
         two, _ = _optimize(proto, prepared, stored, symbolic, target, tolerance, False, 2,
-                           name, dropped, restore=False)
+                           None, dropped)
         result = _generalize(one, two, proto)
         result, diff, storage = _restore_and_check(
-            result, stored, lambda model: _check_batches(proto, model, tolerance, name))
+            result, stored, lambda model: _check_batches(proto, model, tolerance, expected))
     except (UserError, batch_generalize.NotGeneralizable) as err:
         log.info("Could not optimize %s at a fixed batch and keep its batch symbolic (%s); "
                  "optimizing it with the batch as it is", name, first_line(err))
@@ -239,27 +255,24 @@ def _generalize(one: onnx.ModelProto, two: onnx.ModelProto, proto: onnx.ModelPro
 
 
 def _check_batches(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float,
-                   name: str) -> float:
+                   expected: Callable[[int], list[np.ndarray]]) -> float:
     """The largest max abs output difference of the generalised ``result`` from ``proto``
-    at :data:`VERIFY_BATCHES`; UserError unless ``result`` passes check_model and, at each
-    batch, runs in ONNX Runtime with outputs of ``proto``'s shapes within ``tolerance``."""
+    (whose outputs by batch ``expected`` gives) at :data:`VERIFY_BATCHES`; UserError unless
+    ``result`` passes check_model and, at each batch, runs in ONNX Runtime with outputs of
+    ``proto``'s shapes within ``tolerance``."""
     try:
         onnx.checker.check_model(result, full_check=True)
     except Exception as err:
         raise UserError(f"the generalised model fails check_model ({first_line(err)})") from err
     worst = 0.0
     for batch in VERIFY_BATCHES:
-        feed = random_inputs(proto, batch=batch)
-        expected = _run_input(proto, batch, name)
+        reference = expected(batch)
         try:
-            actual = run_unoptimized(result, feed)
-        except Exception as err:  # ORT raises several exception types
+            diff = max_abs_diff(proto, result, batch=batch, reference_outputs=reference)
+        except Exception as err:  # ORT raises several exception types; shapes: ValueError
             raise UserError(f"the generalised model fails at batch {batch} "
                             f"({first_line(err)})") from err
-        if [a.shape for a in actual] != [e.shape for e in expected]:
-            raise UserError(f"the generalised model's output shapes differ at batch {batch}")
-        worst = max([worst, *(float(np.max(np.abs(e.astype(np.float64) - a))) if a.size
-                              else 0.0 for e, a in zip(expected, actual, strict=True))])
+        worst = max(worst, diff)
         if not worst <= tolerance:
             raise UserError(f"the generalised model differs by {worst:.3g} at batch {batch}")
     return worst
@@ -403,11 +416,11 @@ def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
     proto = onnx_io.load_model(src)
     # ``proto`` holds the input's external data in memory, so ``dst`` may be ``src``.
     same = dst.exists() and Path(src).samefile(dst)
-    keep = set() if same else onnx_io.external_data_files(src)
+    keep_models = [] if same else [Path(src)]
     result, report = optimize_proto(proto, target, tolerance, choose_by_latency, batch,
                                     name=str(src))
     # optimize_proto has run check_model and ONNX Runtime on ``result``: write it as it is.
-    removed = onnx_io.replace_model(dst, onnx_io.to_proto(result), keep)
+    removed = onnx_io.replace_model(dst, onnx_io.to_proto(result), keep_models)
     log.info("Wrote %s", dst)
     report["removed_data_files"] = [str(file) for file in removed]
     return report
@@ -453,12 +466,21 @@ def storage_note(report: dict) -> str | None:
             f"{human_bytes(size['input'])} input, {human_bytes(size['optimized'])} written.")
 
 
-def _run_input(proto: onnx.ModelProto, batch: int, name: str) -> list[np.ndarray]:
-    """The outputs of the input on the seeded random inputs that the result is compared on;
-    UserError if ONNX Runtime cannot run it (nothing to check the result against)."""
-    try:
-        return run_unoptimized(proto, random_inputs(proto, batch=batch))
-    except Exception as err:  # ORT raises several exception types for unloadable models
-        raise UserError(f"ONNX Runtime cannot run the input {name} ({first_line(err)})"
-                        "; mvcompile optimize checks its result against the input, so the "
-                        "input must run. Nothing was written.") from err
+def _input_outputs(proto: onnx.ModelProto, name: str) -> Callable[[int], list[np.ndarray]]:
+    """The input's outputs on the seeded random inputs at a batch, which the result is
+    compared on: one ONNX Runtime session, each batch run once. UserError if ONNX Runtime
+    cannot run the input (nothing to check the result against)."""
+    session: list[ort.InferenceSession] = []
+
+    @functools.cache
+    def outputs(batch: int) -> list[np.ndarray]:
+        try:
+            if not session:
+                session.append(_unoptimized_session(proto))
+            return session[0].run(None, random_inputs(proto, batch=batch))
+        except Exception as err:  # ORT raises several exception types for unloadable models
+            raise UserError(f"ONNX Runtime cannot run the input {name} ({first_line(err)})"
+                            "; mvcompile optimize checks its result against the input, so "
+                            "the input must run. Nothing was written.") from err
+
+    return outputs

@@ -77,7 +77,10 @@ class RuleSetPass(ir.passes.InPlacePass):
             self.counts[rule.name] = self.counts.get(rule.name, 0) + count
             this_call[rule.name] = this_call.get(rule.name, 0) + count
             total += count
-            if count == 0:  # before later rules rewrite
+            # Why not, before later rules rewrite: a traced dry run, skipped where a variant of
+            # the same name has matched or has already found its whole pattern.
+            if (count == 0 and not self.counts[rule.name]
+                    and self.refusal_kinds.get(rule.name) != PATTERN_FOUND):
                 self._record_refusal(rule.name, *_why_not(single, model))
         for name, count in this_call.items():  # one line per name: commuted variants share it
             log.info("%s: %s matched %d time(s)", self.name, name, count)

@@ -20,19 +20,20 @@ from torch import nn
 
 from mvcompile.errors import UserError
 from mvcompile.graphs.checkpoints import (
+    CheckpointWeights,
     checkpoint_class_names,
+    checkpoint_size,
     load_state_dict,
     resolve_run_weights,
     to_hf_names,
     training_metadata,
 )
-from mvcompile.graphs.mobilevit import SIZES, MobileViTConfig
+from mvcompile.graphs.mobilevit import MobileViTConfig
 
 log = logging.getLogger(__name__)
 
 HEAD = ("classifier.weight", "classifier.bias")
 _IGNORED = "num_batches_tracked"  # BatchNorm counters: not weights, absent from our exports
-_LAST_CONV = "mobilevit.conv_1x1_exp.convolution.weight"
 _SHOW = 5  # mismatching tensors named per kind in an error
 
 
@@ -127,13 +128,16 @@ def _drop_other_head(state: dict[str, np.ndarray], wanted: dict[str, tuple[int, 
 
 def _check_match(state: dict[str, np.ndarray], wanted: dict[str, tuple[int, ...]], file: Path,
                  cfg: MobileViTConfig, head_optional: bool) -> None:
-    """UserError naming the first missing, unexpected and mis-shaped tensors, if any; the
-    classifier may be missing when ``head_optional`` (it keeps its initialisation)."""
-    optional = set(HEAD) if head_optional else set()
-    missing = [k for k in wanted if k not in state and k not in optional]
-    unexpected = [k for k in state if k not in wanted]
-    shapes = [f"{k}: checkpoint {list(v.shape)}, model {list(wanted[k])}"
-              for k, v in state.items() if k in wanted and tuple(v.shape) != wanted[k]]
+    """UserError naming the first missing, unexpected and mis-shaped tensors, if any
+    (:class:`CheckpointWeights` matches them); the classifier may be missing when
+    ``head_optional`` (it keeps its initialisation)."""
+    weights = CheckpointWeights(state, str(file))
+    for name, shape in wanted.items():
+        if not (head_optional and name in HEAD):
+            weights(name, shape, "")
+    missing, unexpected = weights.missing, weights.unexpected()
+    shapes = [f"{name}: checkpoint {list(theirs)}, model {list(ours)}"
+              for name, theirs, ours in weights.mismatched]
     if not (missing or unexpected or shapes):
         return
     lines = [f"--init-weights {file} does not match MobileViT-{cfg.size.upper()}: "
@@ -144,19 +148,9 @@ def _check_match(state: dict[str, np.ndarray], wanted: dict[str, tuple[int, ...]
         lines += [f"  {label}: {item}" for item in items[:_SHOW]]
         if len(items) > _SHOW:
             lines.append(f"  ... and {len(items) - _SHOW} more {label}")
-    hint = _size_hint(state, cfg)
-    lines.append(hint or "Pass weights of the same MobileViT variant (a run of mvcompile "
-                         "train, a Hugging Face or ml-cvnets MobileViT checkpoint).")
+    size = checkpoint_size(state)
+    lines.append(f"It looks like MobileViT-{size.upper()} weights: pass --size {size}."
+                 if size not in (None, cfg.size) else
+                 "Pass weights of the same MobileViT variant (a run of mvcompile train, a "
+                 "Hugging Face or ml-cvnets MobileViT checkpoint).")
     raise UserError("\n".join(lines))
-
-
-def _size_hint(state: dict[str, np.ndarray], cfg: MobileViTConfig) -> str | None:
-    """'It looks like MobileViT-S: pass --size s.' when the last conv says another size."""
-    last = state.get(_LAST_CONV)
-    if last is None:
-        return None
-    for size in SIZES:
-        other = MobileViTConfig.for_size(size)
-        if size != cfg.size and last.shape[0] == other.channels[6]:
-            return f"It looks like MobileViT-{size.upper()} weights: pass --size {size}."
-    return None
