@@ -1,13 +1,21 @@
-"""Ctrl-C held back around code that would swallow it, then raised."""
+"""Ctrl-C held back around code that would swallow it, then raised; SIGTERM held back while
+data loader workers start, and workers immune to it killed at exit."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
-from mvcompile.interrupts import deferred_interrupt
+from mvcompile.interrupts import (
+    Terminated,
+    deferred_interrupt,
+    sigterm_as_interrupt,
+    sigterm_blocked,
+)
 
 
 def test_sigint_inside_the_block_is_raised_after_it() -> None:
@@ -27,3 +35,72 @@ def test_a_block_without_sigint_is_left_alone() -> None:
     with deferred_interrupt():
         value = 1
     assert value == 1
+
+
+# SIGTERM around the start of data loader workers ------------------------------------------
+
+def test_sigterm_that_reached_python_just_before_the_block_is_raised_after_it() -> None:
+    """Python runs a signal's handler between bytecodes, after the OS delivered it: a SIGTERM
+    delivered just before the mask was set must still wait for the block's end."""
+    with sigterm_as_interrupt():
+        handler = signal.getsignal(signal.SIGTERM)
+        finished = False
+        with pytest.raises(Terminated), sigterm_blocked():
+            handler(signal.SIGTERM, None)  # what Python does with the already-delivered signal
+            os.kill(os.getpid(), signal.SIGTERM)  # and one sent in the block, held by the mask
+            finished = True
+        assert finished
+        with sigterm_blocked():  # the pending one was consumed: a new block runs through
+            pass
+
+
+_CUT_OFF_LOADER = """
+import signal, sys
+import torch
+from torch.utils.data import dataloader
+from mvcompile.interrupts import Terminated, sigterm_as_interrupt
+from mvcompile.train.loop import WorkersKeepRunning
+
+build_rest = dataloader._MultiProcessingDataLoaderIter._reset
+
+def sigterm_mid_start(self, *args, **kwargs):  # the workers run, their bookkeeping does not
+    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    return build_rest(self, *args, **kwargs)
+
+dataloader._MultiProcessingDataLoaderIter._reset = sigterm_mid_start
+with sigterm_as_interrupt():
+    try:
+        iter(WorkersKeepRunning(torch.arange(4), batch_size=2, num_workers=2))
+    except Terminated:
+        print("terminated")
+"""
+
+
+def test_a_sigterm_while_workers_start_neither_half_builds_the_loader_nor_hangs_exit() -> None:
+    """Cut off half-way, torch's iterator could not stop its workers (its ``__del__`` printed
+    an AttributeError traceback) and, as they ignore ``terminate``, multiprocessing's exit
+    hook waited for them forever."""
+    done = subprocess.run([sys.executable, "-c", _CUT_OFF_LOADER], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "terminated"
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
+_STRAY_WORKER = """
+import multiprocessing, time
+from mvcompile.interrupts import sigterm_immune_children
+
+with sigterm_immune_children():
+    worker = multiprocessing.Process(target=time.sleep, args=(600,), daemon=True)
+    worker.start()
+print(worker.pid)
+"""
+
+
+def test_children_immune_to_sigterm_are_killed_when_the_process_exits() -> None:
+    done = subprocess.run([sys.executable, "-c", _STRAY_WORKER], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(done.stdout), 0)  # gone, and reaped by its parent

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from mvcompile.errors import UserError
 from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY, format_class_names
 from mvcompile.graphs.mobilevit import MobileViTConfig
-from mvcompile.interrupts import sigterm_blocked
+from mvcompile.interrupts import sigterm_immune_children
 from mvcompile.train import checkpoint, outputs
 from mvcompile.train.data import (
     DataSplit,
@@ -328,11 +328,13 @@ def _schedule(o: TrainOptions, sampler: MultiScaleBatchSampler) -> Schedule:
 
 class WorkersKeepRunning(DataLoader):
     """A DataLoader whose worker processes start with SIGTERM blocked
-    (:func:`mvcompile.interrupts.sigterm_blocked`): a SIGTERM to the process group stops the
-    main process, which then shuts the workers down, instead of killing them under it."""
+    (:func:`mvcompile.interrupts.sigterm_immune_children`): a SIGTERM to the process group
+    stops the main process, which then shuts the workers down, instead of killing them under
+    it. A SIGTERM never cuts the start of an iterator in half, and workers left running at
+    exit are killed."""
 
     def __iter__(self):  # noqa: ANN204 - DataLoader's iterator type is private
-        with sigterm_blocked():
+        with sigterm_immune_children():
             return super().__iter__()
 
 
