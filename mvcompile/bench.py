@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from mvcompile import latency
 from mvcompile.analysis import format_shape
-from mvcompile.errors import UserError, first_line
+from mvcompile.errors import UserError, first_line, ort_load_error
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,7 @@ def _bench_ort(path: Path, threads: int, runs: int, warmup: int,
     try:  # spinning: ORT's default, right for one session timed alone (see the module doc)
         session = latency.make_session(str(path), threads=threads, spinning=True)
     except Exception as err:  # onnxruntime raises several types for unreadable models
-        hint = (" `mvcompile optimize` rewrites it with an IR version that ONNX Runtime "
-                 "takes." if "Unsupported model IR version" in str(err) else "")
-        reason = first_line(err).rstrip(".")
-        raise UserError(f"ONNX Runtime cannot load {path}: {reason}.{hint}") from err
+        raise ort_load_error(err, str(path)) from err
     if not session.get_outputs():
         raise UserError(f"{path} has no outputs, so there is nothing to time.")
     shapes = _ort_input_shapes(session, path, resolution)

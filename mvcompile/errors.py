@@ -24,3 +24,16 @@ def first_line(err: BaseException) -> str:
     if not text:
         return type(err).__name__
     return _ORT_SOURCE.sub("", _ORT_STATUS.sub("", text.splitlines()[0]))
+
+
+def ort_load_error(err: BaseException, where: str) -> UserError:
+    """The :class:`UserError` for ONNX Runtime failing to load the model ``where``, with a
+    hint for the causes we know: an IR version newer than ONNX Runtime takes (`mvcompile
+    optimize` writes one it takes), and a damaged .ort file."""
+    if "Unsupported model IR version" in str(err):
+        hint = " `mvcompile optimize` rewrites it with an IR version that ONNX Runtime takes."
+    elif where.endswith(".ort"):
+        hint = " The file may be corrupt, truncated or not an .ort model."
+    else:
+        hint = ""
+    return UserError(f"ONNX Runtime cannot load {where}: {first_line(err).rstrip('.')}.{hint}")

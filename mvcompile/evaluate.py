@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from mvcompile import latency, metrics
 from mvcompile.calibration.data import ImageSet
-from mvcompile.errors import UserError, first_line
+from mvcompile.errors import UserError, ort_load_error
 from mvcompile.graphs.checkpoints import class_names_from_metadata
 from mvcompile.labels import few_names, match_labels
 
@@ -51,9 +51,7 @@ def open_session(model: bytes | str, where: str, threads: int = 2) -> ort.Infere
     try:
         return latency.make_session(model, threads=threads)
     except Exception as err:  # onnxruntime raises several types for unreadable models
-        hint = (" The file may be corrupt, truncated or not an .ort model."
-                if where.endswith(".ort") else "")
-        raise UserError(f"ONNX Runtime cannot load {where}: {first_line(err)}{hint}") from err
+        raise ort_load_error(err, where) from err
 
 
 @dataclass(frozen=True)

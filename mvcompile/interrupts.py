@@ -40,15 +40,31 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that a run stops the same way."""
 
 
+class _SigtermState:
+    """SIGTERMs received within :func:`sigterm_as_stop_request`."""
+
+    received = 0
+
+
+_sigterm = _SigtermState()
+
+
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in this
-    process, so that it ends a training run like Ctrl-C: the last complete epoch stays saved.
+def sigterm_as_stop_request() -> Iterator[None]:
+    """Within the block, SIGTERM asks this process to stop: the next
+    :func:`raise_if_terminated` raises :class:`Terminated` (a KeyboardInterrupt), so that a
+    training run, which calls it between batches, ends like Ctrl-C with the last complete
+    epoch saved. A second SIGTERM raises at once, wherever the process is.
+
+    The first one is only recorded because Python runs a signal's handler between any two
+    bytecodes, destructors included: raised in a data loader iterator's ``__del__`` (one runs
+    as every epoch ends), the exception was printed, dropped, and the run went on; raised
+    half-way through starting the workers, it left an iterator that could not stop them.
 
     A job scheduler, and torchrun's agent, send SIGTERM to the whole process group, data
-    loader workers included; the workers have it blocked (:func:`sigterm_blocked`) and are
-    shut down by the main process as it unwinds. Outside the main thread, where handlers
-    cannot be set, the block runs unchanged.
+    loader workers included; the workers have it blocked (:func:`sigterm_immune_children`)
+    and are shut down by the main process as it unwinds. Outside the main thread, where
+    handlers cannot be set, the block runs unchanged.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -58,61 +74,42 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def handler(_signum: int, _frame: object) -> None:
         if os.getpid() != pid:  # a forked child that has not set its own handling
             return
-        if _hold.depth:  # inside sigterm_blocked(): raised when the block ends
-            _hold.pending = True
-            return
-        _hold.pending = False  # one Terminated for the signals held back and this one
-        raise Terminated
+        _sigterm.received += 1
+        if _sigterm.received > 1:
+            raise Terminated
 
+    _sigterm.received = 0
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _sigterm.received = 0
 
 
-class _SigtermHold:
-    """How many :func:`sigterm_blocked` blocks are open in the main thread, and whether a
-    SIGTERM arrived in one of them."""
-
-    depth = 0
-    pending = False
-
-
-_hold = _SigtermHold()
+def raise_if_terminated() -> None:
+    """Raise :class:`Terminated` if a SIGTERM arrived within :func:`sigterm_as_stop_request`;
+    call it where stopping is safe. Elsewhere it does nothing."""
+    if _sigterm.received:
+        raise Terminated
 
 
 @contextlib.contextmanager
 def sigterm_blocked() -> Iterator[None]:
-    """Make the block atomic with respect to SIGTERM, and start children immune to it.
-
-    SIGTERM is blocked in this thread for the block, and a :class:`Terminated` that
-    :func:`sigterm_as_interrupt` would raise meanwhile is raised when the block ends instead
-    (the signal may have reached Python's own handler just before the mask was set, and
-    Python runs handlers between any two bytecodes). So a data loader's iterator is either
-    fully built, workers and all, or not started: one cut off half-way has no record of its
-    workers, cannot stop them, and its ``__del__`` prints a traceback.
-
-    Processes forked in the block inherit the mask and keep SIGTERM blocked for good: wrap
-    the start of data loader workers in it, so that a SIGTERM to the whole process group
-    never kills a worker (torch would then raise "DataLoader worker ... is killed by signal"
-    wherever the main process is); the main process stops them as it unwinds. Pass such
-    children to :func:`kill_at_exit` (or use :func:`sigterm_immune_children`), since
-    ``Process.terminate`` cannot stop them.
-    """
+    """Block SIGTERM in this thread for the block (a signal sent meanwhile is delivered when
+    it ends). Processes forked in the block inherit the mask and keep SIGTERM blocked for
+    good, so that a SIGTERM to the whole process group never kills a data loader worker
+    (torch would then raise "DataLoader worker ... is killed by signal" wherever the main
+    process is); the main process stops them as it unwinds. ``Process.terminate`` cannot
+    stop such children: use :func:`sigterm_immune_children`, which kills them at exit."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    _hold.depth += 1
     try:
         yield
     finally:
-        _hold.depth -= 1
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    if not _hold.depth and _hold.pending:
-        _hold.pending = False
-        raise Terminated
 
 
 _children_to_kill: weakref.WeakSet[BaseProcess] = weakref.WeakSet()
@@ -123,10 +120,11 @@ def kill_at_exit(children: Iterable[BaseProcess]) -> None:
     """Kill (SIGKILL) any of ``children`` still alive when this process exits.
 
     Children started in :func:`sigterm_blocked` ignore ``Process.terminate``. Data loader
-    workers that were never told to stop (their iterator was interrupted before it could
-    tell them) would then make multiprocessing's own exit hook, which terminates and joins
-    every child, wait forever. This hook runs before that one (exit hooks run in reverse
-    order of registration), and children stopped normally are long gone by then.
+    workers that were never told to stop (their iterator was cut off by Ctrl-C before it
+    could tell them) or that hang would then make multiprocessing's own exit hook, which
+    terminates and joins every child, wait forever. This hook runs before that one (exit
+    hooks run in reverse order of registration), and children stopped normally are long
+    gone by then.
     """
     _children_to_kill.update(children)
     if not _owner_pid:

@@ -31,7 +31,7 @@ from mvcompile.backends._output import check_writable_dir
 from mvcompile.errors import UserError, first_line
 from mvcompile.passes import storage_precision
 from mvcompile.passes.unfold_fold import NOT_STATIC
-from mvcompile.pipeline import NO_CANDIDATE, PARTIAL, run_pipeline
+from mvcompile.pipeline import NO_CANDIDATE, PARTIAL, run_pipeline, stage_fired
 from mvcompile.table import human_bytes
 
 log = logging.getLogger(__name__)
@@ -313,12 +313,6 @@ def run_pipeline_proto(proto: onnx.ModelProto, pipeline: str,
     the pipeline report."""
     model, report = run_pipeline(ir.serde.deserialize_model(proto), pipeline, skip)
     return onnx_io.to_proto(model), report
-
-
-def stage_fired(pipeline_report: dict, stage: str) -> bool:
-    """Whether any rule of ``stage`` matched in a :func:`run_pipeline` report."""
-    return any(sum(s.get("rules", {}).values()) for s in pipeline_report["stages"]
-               if s["name"] == stage)
 
 
 def _keep_if_faster(simplified: onnx.ModelProto, result: onnx.ModelProto, report: dict,

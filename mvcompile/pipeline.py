@@ -238,5 +238,11 @@ def run_pipeline(model: ir.Model, name: str = "fp32", skip: frozenset[str] = fro
     return result.model, report
 
 
+def stage_fired(pipeline_report: dict, stage: str) -> bool:
+    """Whether any rule of ``stage`` matched in a :func:`run_pipeline` report."""
+    return any(sum(s.get("rules", {}).values()) for s in pipeline_report.get("stages", [])
+               if s["name"] == stage)
+
+
 def _op_counts(model: ir.Model) -> dict[str, int]:
     return dict(collections.Counter(node.op_type for node in model.graph).most_common())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mvcompile.machine import lacks_int8_dot_product
+from mvcompile.pipeline import stage_fired
 from mvcompile.table import format_table, human_bytes, human_count
 
 
@@ -67,10 +68,8 @@ def _parameters_note(report: dict) -> str:
     if "int8" not in models:
         return ""
     fewer = models["onnx"]["parameters"] - models["int8"]["parameters"]
-    stages = (report.get("int8", {}).get("passes") or {}).get("stages", [])
-    split = sum(sum(s.get("rules", {}).values()) for s in stages
-                if s["name"] == "fold_head_split")
-    if fewer <= 0 or not split:
+    passes = report.get("int8", {}).get("passes") or {}
+    if fewer <= 0 or not stage_fired(passes, "fold_head_split"):
         return ""
     return (f"\n(INT8 has {fewer:,} fewer parameters for the same function: its attention "
             "drops the key bias, which softmax ignores, and folds the value bias into the "

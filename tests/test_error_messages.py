@@ -93,6 +93,12 @@ def test_bench_says_how_to_run_a_model_with_a_too_new_ir_version(tmp_path: Path)
     assert_clean_failure(code, output, "Unsupported model IR version: 99", "mvcompile optimize")
 
 
+def test_bench_says_an_unreadable_ort_file_may_be_damaged(tmp_path: Path) -> None:
+    (tmp_path / "m.ort").write_bytes(b"not a flatbuffer")
+    code, output = run("bench", str(tmp_path / "m.ort"), "--runs", "1")
+    assert_clean_failure(code, output, f"cannot load {tmp_path / 'm.ort'}", "may be corrupt")
+
+
 def test_a_core_ml_package_is_named_as_one(tmp_path: Path) -> None:
     package = tmp_path / "model.mlpackage"
     package.mkdir()

@@ -90,6 +90,15 @@ def test_a_model_ort_cannot_load_is_named_by_its_path(tmp_path: Path) -> None:
     assert_clean_failure(code, output, f"cannot load {model}", "NoSuchOp")
 
 
+def test_a_too_new_ir_version_is_named_with_the_way_out(tmp_path: Path) -> None:
+    model = _colour_model(tmp_path / "new.onnx")
+    proto = onnx.load(model)
+    proto.ir_version = 99
+    onnx.save(proto, model)
+    code, output = run("eval", model, "--data", "digits")
+    assert_clean_failure(code, output, "Unsupported model IR version: 99", "mvcompile optimize")
+
+
 def test_notes_name_the_kind_of_data(tmp_path: Path) -> None:
     model = _channel_means(tmp_path / "m.onnx", ["N", 3, 8, 8], ["N", 3])
     code, output = run("eval", model, "--data", "digits", "--limit", "20")

@@ -10,7 +10,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from test_train_data import make_folder  # noqa: E402
 
 from mvcompile.cli import main  # noqa: E402
 from mvcompile.errors import UserError  # noqa: E402
+from mvcompile.interrupts import raise_if_terminated  # noqa: E402
 from mvcompile.train import cli, loop  # noqa: E402
 from mvcompile.train.data import image_problem, load_data, unreadable_images  # noqa: E402
 from mvcompile.train.distributed import Dist  # noqa: E402
@@ -251,7 +251,7 @@ def test_sigterm_stops_like_ctrl_c_with_status_143(tmp_path: Path, monkeypatch: 
     try:
         def terminated(*_: object) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler interrupts this
+            raise_if_terminated()  # as the loop does between batches
             pytest.fail("SIGTERM did not stop the run")
 
         monkeypatch.setattr(loop, "train", terminated)

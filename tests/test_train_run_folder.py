@@ -135,7 +135,8 @@ def test_resume_and_overwrite_together_are_refused(tmp_path: Path) -> None:
 
 
 def test_run_json_records_the_subset_and_each_resume_and_a_finished_run_says_so(
-        tmp_path: Path, data: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, data: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     runs = tmp_path / "runs"
     first = _cli(*QUICK, "--data", str(data), "--subset", "8", "--runs-dir", str(runs),
                  "--name", "r")
@@ -166,6 +167,10 @@ def test_run_json_records_the_subset_and_each_resume_and_a_finished_run_says_so(
     assert "has 2 epochs done and --epochs is 1, so nothing was trained" in fewer.output
     # nothing is trained, so the changed recipe (lr) is not warned about
     assert [r for r in caplog.records if "will not reproduce" in r.getMessage()] == []
+    monkeypatch.setenv("RANK", "1")  # under torchrun, rank 0 alone says it
+    other_rank = _cli("--resume", str(run_dir), "--epochs", "1")
+    assert other_rank.exit_code == 0, other_rank.output
+    assert "nothing was trained" not in other_rank.output
 
 
 def test_a_failed_write_after_an_epoch_is_a_clean_error(

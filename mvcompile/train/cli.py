@@ -19,7 +19,7 @@ from click.core import ParameterSource
 from mvcompile.click_types import FloatRange, NonEmptyPath
 from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import SIZES
-from mvcompile.interrupts import Terminated, sigterm_as_interrupt
+from mvcompile.interrupts import Terminated, sigterm_as_stop_request
 from mvcompile.table import format_table
 
 if TYPE_CHECKING:
@@ -186,13 +186,14 @@ def train(**kwargs: object) -> None:
         result = _run(options)
     except UserError as err:
         _fail(str(err))
+    if not _is_main_process():  # under torchrun, one note and summary, not one per process
+        return
     if result.start_epoch >= options.epochs:
         done = result.start_epoch
         click.secho(f"Note: {result.run_dir} has {done} epoch{'s' if done != 1 else ''} done "
                     f"and --epochs is {options.epochs}, so nothing was trained; pass --epochs "
                     f"M (> {done}) to train longer.", fg="yellow", err=True)
-    if _is_main_process():  # under torchrun, one summary rather than one per process
-        click.echo(summary(options, result))
+    click.echo(summary(options, result))
 
 
 def _options(kwargs: dict) -> TrainOptions:
@@ -220,7 +221,7 @@ def _run(options: TrainOptions) -> TrainResult:
     before = _checkpoint_stamp(options.run_dir())
     reporter = ProgressReporter()
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_stop_request():
             return run_training(options, reporter)
     except KeyboardInterrupt as err:
         reporter.close()

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from mvcompile.errors import UserError
 from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY, format_class_names
 from mvcompile.graphs.mobilevit import MobileViTConfig
-from mvcompile.interrupts import sigterm_immune_children
+from mvcompile.interrupts import raise_if_terminated, sigterm_immune_children
 from mvcompile.train import checkpoint, outputs
 from mvcompile.train.data import (
     DataSplit,
@@ -156,6 +156,7 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
             log.info("%s already finished its %d epochs; nothing to train.", run.run_dir,
                      run.start_epoch)
         for epoch in range(run.start_epoch, options.epochs):
+            raise_if_terminated()
             train_loss, seconds = train_epoch(run, epoch, reporter)
             end_epoch(run, epoch, train_loss, seconds, reporter)
         run.export_model.eval()
@@ -225,12 +226,15 @@ def check_images(data: DataSplit, d: Dist, reporter: Reporter) -> None:
     if not files:
         return
     mine = files[d.rank::d.world_size]
-    progress = getattr(reporter, "images_checked", None)
-    if progress is not None:
-        progress(0, len(mine))
+    progress = getattr(reporter, "images_checked", lambda done, total: None)
+    progress(0, len(mine))
+
+    def checked(done: int) -> None:
+        progress(done, len(mine))
+        raise_if_terminated()
+
     started = time.perf_counter()
-    bad = unreadable_images(mine, None if progress is None
-                            else lambda done: progress(done, len(mine)))
+    bad = unreadable_images(mine, checked)
     bad = sorted(b for part in gather_objects(d, bad) for b in part)
     log.info("Checked %d image files in %.1f s", len(files), time.perf_counter() - started)
     if bad:
@@ -379,6 +383,7 @@ def train_epoch(run: Run, epoch: int, reporter: Reporter) -> tuple[float, float]
         value = loss.item()
         sums += torch.tensor([value * len(y), len(y)], dtype=torch.float64)
         reporter.batch_end(value, lr, x.shape[-1])
+        raise_if_terminated()  # a SIGTERM stops the run here (mvcompile.interrupts)
     broadcast_state(d, run.model, buffers_only=True)
     if run.ema:
         broadcast_state(d, run.ema.module)
@@ -392,6 +397,7 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist) -> tuple[float, floa
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
     for x, y in loader:
+        raise_if_terminated()
         logits = model(x.to(d.device)).float()
         y = y.to(d.device)
         sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
