@@ -361,16 +361,20 @@ RULES_HIDDEN = "no full pattern in this model, or nothing to clean up"
                    "run batch 1. [default: keep the model's batch; a symbolic one is "
                    "rewritten at batch 1 and 2 and the result generalised to any batch, "
                    "checked at batch 1, 2 and 3, where it can be]")
+@click.option("--resolution", type=click.IntRange(min=1), default=None,
+              help="Fix a symbolic height and width of [N, C, H, W] image inputs to this size "
+                   "(the result then takes only R×R images). optimize rewrites and checks the "
+                   "model at fixed sizes, so such a model needs it.")
 @_user_errors
 def optimize(model: str, output: str, target: str, tolerance: float, measure: bool,
-             batch: int | None) -> None:
+             batch: int | None, resolution: int | None) -> None:
     """Run onnxsim and the mvcompile passes on any ONNX MODEL; check numerics against it and
     write the result to -o OUTPUT."""
     from mvcompile.optimize import optimize_file, rule_rows, storage_note
     from mvcompile.table import human_bytes
 
     report = optimize_file(model, output, target=target, tolerance=tolerance,
-                           choose_by_latency=measure, batch=batch)
+                           choose_by_latency=measure, batch=batch, resolution=resolution)
     nodes, transposes, size = report["nodes"], report["transposes"], report["size"]
     storage = report.get("storage") or {}
     casts = (f" ({storage['restored']} of them Casts of {'/'.join(storage['types'])} weights)"
@@ -387,6 +391,8 @@ def optimize(model: str, output: str, target: str, tolerance: float, measure: bo
         *((("batch", f"fixed to {report['batch']}"),) if report["batch"] else ()),
         *((("batch", "symbolic (rewritten at batch 1 and generalised)"),)
           if report.get("batch_generalised") else ()),
+        *((("height, width", f"fixed to {report['resolution']}"),)
+          if report.get("resolution") else ()),
         ("written", output),
     ]
     click.echo(format_table(rows, header=(model, "")))

@@ -26,7 +26,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from mvcompile import batch_generalize, latency, onnx_io
+from mvcompile import batch_generalize, input_dims, latency, onnx_io
 from mvcompile.backends._output import check_writable_dir
 from mvcompile.errors import UserError, first_line
 from mvcompile.passes import storage_precision
@@ -113,8 +113,8 @@ def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
 
 def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
                    tolerance: float = DEFAULT_TOLERANCE, choose_by_latency: bool = False,
-                   batch: int | None = None, name: str = "model"
-                   ) -> tuple[onnx.ModelProto, dict]:
+                   batch: int | None = None, name: str = "model",
+                   resolution: int | None = None) -> tuple[onnx.ModelProto, dict]:
     """Run ``proto`` (``name`` in messages) on random inputs, simplify it, run the pipeline
     for ``target`` and check numerics; raise UserError if the input cannot run, or the result
     is invalid or differs from ``proto`` by more than ``tolerance``.
@@ -127,9 +127,22 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
     ``batch``, a model with a symbolic batch is first optimized at fixed batches and
     generalised back to a symbolic batch (:func:`_optimize_generalised`); where that fails,
     it is optimized with its batch as it is.
+
+    ``resolution`` fixes a symbolic height and width of [N, C, H, W] inputs
+    (:func:`input_dims.fix_resolution`, which refuses any other unknown size past the batch).
     """
     if target not in TARGET_PIPELINES:
         raise UserError(f"Unknown target {target!r}; choose one of {sorted(TARGET_PIPELINES)}.")
+    sized = input_dims.fix_resolution(proto, resolution, name)
+    result, report = _optimize_sized(sized, target, tolerance, choose_by_latency, batch, name)
+    report["resolution"] = resolution if sized is not proto else None
+    return result, report
+
+
+def _optimize_sized(proto: onnx.ModelProto, target: str, tolerance: float,
+                    choose_by_latency: bool, batch: int | None, name: str
+                    ) -> tuple[onnx.ModelProto, dict]:
+    """:func:`optimize_proto` on a model with no unknown size past the batch."""
     symbolic = symbolic_batch_inputs(proto)
     if batch and not symbolic:
         log.warning("--batch %d is ignored: the inputs of %s have no symbolic batch", batch, name)
@@ -396,7 +409,7 @@ def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float, ba
 
 def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
                   tolerance: float = DEFAULT_TOLERANCE, choose_by_latency: bool = False,
-                  batch: int | None = None) -> dict:
+                  batch: int | None = None, resolution: int | None = None) -> dict:
     """:func:`optimize_proto` on a file, then an atomic, validated write to ``dst``
     (:func:`onnx_io.replace_model`: external data files that the model previously at ``dst``
     used are deleted unless the input ``src`` uses them too)."""
@@ -412,7 +425,7 @@ def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",
     same = dst.exists() and Path(src).samefile(dst)
     keep_models = [] if same else [Path(src)]
     result, report = optimize_proto(proto, target, tolerance, choose_by_latency, batch,
-                                    name=str(src))
+                                    name=str(src), resolution=resolution)
     # optimize_proto has run check_model and ONNX Runtime on ``result``: write it as it is.
     removed = onnx_io.replace_model(dst, onnx_io.to_proto(result), keep_models)
     log.info("Wrote %s", dst)
