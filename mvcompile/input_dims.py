@@ -1,10 +1,10 @@
-"""The unknown dimensions of a model's inputs past the batch: symbolic image height and
-width fixed to a resolution, and any other refused with the way to fix it.
+"""The unknown sizes of a model's inputs past the batch: a symbolic image height and width
+fixed to ``--resolution``, and a hint when random inputs cannot fill them.
 
-``mvcompile optimize`` checks its result against the input model on random inputs, and the
-layout rewrites need static shapes. Random inputs can fill a symbolic batch (1, 2, 3), but
-not a height, width or sequence length: a guess such as 1 makes a MobileViT reshape a 1×1
-feature map into 2×2 patches and fail, which says nothing about the model.
+``mvcompile optimize`` checks its result against the input model on random inputs, which
+fill every unknown size like the batch (1, 2, 3). That suits a batch, a sequence length or a
+ResNet's image size, but a MobileViT cannot reshape a 1×1 feature map into 2×2 patches, and
+the layout rewrites need static shapes anyway: such a model needs its image size fixed.
 """
 
 from __future__ import annotations
@@ -29,59 +29,97 @@ class UnknownDim:
     shape: list[int | str]  # the input's dims, "?" where unnamed and unknown
     param: str  # its dim_param, or "" when it has none
 
-    @property
-    def is_spatial(self) -> bool:
-        """Height or width of an [N, C, H, W] input."""
-        return len(self.shape) == 4 and self.axis >= 2
-
 
 def unknown_dims(proto: onnx.ModelProto) -> list[UnknownDim]:
-    """Every dimension past the first of every graph input (initializers aside) that is not
-    a fixed positive number."""
+    """Every dimension past the first of every graph input (initializers aside) that has no
+    fixed size."""
     initializers = {init.name for init in proto.graph.initializer}
     found = []
     for value in proto.graph.input:
         if value.name in initializers:
             continue
         dims = value.type.tensor_type.shape.dim
-        shape = [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in dims]
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
         found += [UnknownDim(value.name, axis, shape, dims[axis].dim_param)
-                  for axis in range(1, len(dims)) if dims[axis].dim_value <= 0]
+                  for axis in range(1, len(dims)) if not dims[axis].HasField("dim_value")]
     return found
+
+
+def symbolic_image_sizes(proto: onnx.ModelProto) -> list[UnknownDim]:
+    """The unknown height and width of rank-4 inputs whose height and width are both
+    unknown and whose channels are known: [N, C, H, W], or [N, H, W, C] where C is known
+    and the second axis is not."""
+    unknown = unknown_dims(proto)
+    spatial = []
+    for input_name in dict.fromkeys(u.input for u in unknown):
+        mine = {u.axis: u for u in unknown if u.input == input_name}
+        if len(mine[next(iter(mine))].shape) != 4:
+            continue
+        if set(mine) == {2, 3}:
+            spatial += [mine[2], mine[3]]
+        elif set(mine) == {1, 2}:
+            spatial += [mine[1], mine[2]]
+    return spatial
 
 
 def fix_resolution(proto: onnx.ModelProto, resolution: int | None, name: str
                    ) -> onnx.ModelProto:
-    """``proto``, or a copy whose [N, C, H, W] inputs with a symbolic H and W take
-    ``resolution`` for both (a named one wherever the graph uses its name, as ONNX Runtime's
-    ``make_dim_param_fixed`` does; its module imports torch). :class:`UserError` for a symbolic
-    H or W without
-    ``resolution`` and for an unknown dimension anywhere else past the batch."""
-    unknown = unknown_dims(proto)
-    other = next((u for u in unknown if not u.is_spatial), None)
-    if other is not None:
-        raise UserError(_other_dim_message(other, name))
-    if not unknown:
-        if resolution is not None:
-            log.warning("--resolution %d is ignored: the inputs of %s have a fixed height and "
-                        "width", resolution, name)
-        return proto
+    """``proto``, or (given ``resolution``) a copy whose image inputs with a symbolic height
+    and width (:func:`symbolic_image_sizes`) take ``resolution`` for both. A named size is
+    fixed wherever the graph declares it, as ONNX Runtime's ``make_dim_param_fixed`` does
+    (whose module imports torch). :class:`UserError` if that name also names another size
+    (the batch, say)."""
     if resolution is None:
-        first = unknown[0]
-        raise UserError(
-            f"Input '{first.input}' of {name} has a symbolic height and width "
-            f"{format_shape(first.shape)}. optimize rewrites and checks the model at fixed "
-            "sizes: pass --resolution R to fix them (the result then takes R×R images only), "
-            "e.g. --resolution 256.")
+        return proto
+    spatial = symbolic_image_sizes(proto)
+    if not spatial:
+        log.warning("--resolution %d is ignored: no [N, C, H, W] input of %s has a symbolic "
+                    "height and width", resolution, name)
+        return proto
+    _check_names_only_image_sizes(proto, spatial, name)
     fixed = onnx.ModelProto()
     fixed.CopyFrom(proto)
     inputs = {value.name: value for value in fixed.graph.input}
-    for u in unknown:
+    for u in spatial:
         if u.param:
             _fix_dim_param(fixed.graph, u.param, resolution)
         else:
             inputs[u.input].type.tensor_type.shape.dim[u.axis].dim_value = resolution
     return fixed
+
+
+def cannot_run_hint(proto: onnx.ModelProto) -> str:
+    """Why random inputs may not run ``proto``, when it has unknown sizes past the batch, and
+    how to fix them; "" otherwise."""
+    spatial = symbolic_image_sizes(proto)
+    if spatial:
+        return (f" Input '{spatial[0].input}' has a symbolic height and width "
+                f"{format_shape(spatial[0].shape)}, which the check filled like the batch "
+                "(1×1 images): pass --resolution R to fix them (e.g. --resolution 256).")
+    unknown = unknown_dims(proto)
+    if not unknown:
+        return ""
+    first = unknown[0]
+    command = (f"--dim_param {first.param} --dim_value SIZE" if first.param else
+               f"--input_name {first.input} --input_shape ...")
+    return (f" Input '{first.input}' has shape {format_shape(first.shape)}, whose unknown size "
+            f"at axis {first.axis} the check filled like the batch (1): fix it first with "
+            f"`python -m onnxruntime.tools.make_dynamic_shape_fixed {command} IN OUT`.")
+
+
+def _check_names_only_image_sizes(proto: onnx.ModelProto, spatial: list[UnknownDim],
+                                  name: str) -> None:
+    """UserError if a name of a symbolic height or width also names a size that is not one."""
+    image = {(u.input, u.axis) for u in spatial}
+    names = {u.param for u in spatial if u.param}
+    for value in proto.graph.input:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.dim_param in names and (value.name, axis) not in image:
+                raise UserError(
+                    f"{name} names the height or width of its image input '{dim.dim_param}', "
+                    f"and also axis {axis} of input '{value.name}'; --resolution would fix "
+                    "both. Export the model with distinct names for the batch and the image "
+                    "sizes.")
 
 
 def _fix_dim_param(graph: onnx.GraphProto, param: str, size: int) -> None:
@@ -96,12 +134,3 @@ def _fix_dim_param(graph: onnx.GraphProto, param: str, size: int) -> None:
             subgraphs = [*attribute.graphs, *([attribute.g] if attribute.HasField("g") else [])]
             for subgraph in subgraphs:
                 _fix_dim_param(subgraph, param, size)
-
-
-def _other_dim_message(dim: UnknownDim, name: str) -> str:
-    fix = (f" (`python -m onnxruntime.tools.make_dynamic_shape_fixed --dim_param {dim.param} "
-           f"--dim_value SIZE {name} fixed.onnx` does it)" if dim.param else "")
-    return (f"Input '{dim.input}' of {name} has shape {format_shape(dim.shape)}, with an unknown "
-            f"size at axis {dim.axis}. optimize checks its result on random inputs and fills "
-            "only the batch and, with --resolution, the height and width of an [N, C, H, W] "
-            f"input: fix that size in the model first{fix}.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import multiprocessing
+import multiprocessing.util  # noqa: F401 - registers its exit hook before kill_at_exit's
 import os
 import signal
 import threading
@@ -41,9 +42,9 @@ class Terminated(KeyboardInterrupt):
 
 
 class _SigtermState:
-    """SIGTERMs received within :func:`sigterm_as_stop_request`."""
+    """Whether a SIGTERM arrived within :func:`sigterm_as_stop_request`."""
 
-    received = 0
+    received = False
 
 
 _sigterm = _SigtermState()
@@ -51,15 +52,16 @@ _sigterm = _SigtermState()
 
 @contextlib.contextmanager
 def sigterm_as_stop_request() -> Iterator[None]:
-    """Within the block, SIGTERM asks this process to stop: the next
-    :func:`raise_if_terminated` raises :class:`Terminated` (a KeyboardInterrupt), so that a
-    training run, which calls it between batches, ends like Ctrl-C with the last complete
-    epoch saved. A second SIGTERM raises at once, wherever the process is.
+    """Within the block, SIGTERM asks this process to stop: :func:`stop_requested` turns
+    true, and :func:`raise_if_terminated` raises :class:`Terminated` (a KeyboardInterrupt),
+    so that a training run, which checks between batches, ends like Ctrl-C with the last
+    complete epoch saved. More SIGTERMs change nothing (``timeout``, Slurm and torchrun's
+    agent may each deliver one to the process and one to its group).
 
-    The first one is only recorded because Python runs a signal's handler between any two
-    bytecodes, destructors included: raised in a data loader iterator's ``__del__`` (one runs
-    as every epoch ends), the exception was printed, dropped, and the run went on; raised
-    half-way through starting the workers, it left an iterator that could not stop them.
+    The handler only records the signal because Python runs it between any two bytecodes,
+    destructors included: raised in a data loader iterator's ``__del__`` (one runs as every
+    epoch ends), the exception was printed, dropped, and the run went on; raised half-way
+    through starting the workers, it left an iterator that could not stop them.
 
     A job scheduler, and torchrun's agent, send SIGTERM to the whole process group, data
     loader workers included; the workers have it blocked (:func:`sigterm_immune_children`)
@@ -72,33 +74,35 @@ def sigterm_as_stop_request() -> Iterator[None]:
     pid = os.getpid()
 
     def handler(_signum: int, _frame: object) -> None:
-        if os.getpid() != pid:  # a forked child that has not set its own handling
-            return
-        _sigterm.received += 1
-        if _sigterm.received > 1:
-            raise Terminated
+        if os.getpid() == pid:  # not a forked child that has not set its own handling
+            _sigterm.received = True
 
-    _sigterm.received = 0
+    _sigterm.received = False
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _sigterm.received = 0
+        _sigterm.received = False
+
+
+def stop_requested() -> bool:
+    """Whether a SIGTERM arrived within :func:`sigterm_as_stop_request` (False elsewhere)."""
+    return _sigterm.received
 
 
 def raise_if_terminated() -> None:
-    """Raise :class:`Terminated` if a SIGTERM arrived within :func:`sigterm_as_stop_request`;
-    call it where stopping is safe. Elsewhere it does nothing."""
+    """Raise :class:`Terminated` if :func:`stop_requested`; call it where stopping is safe."""
     if _sigterm.received:
         raise Terminated
 
 
 @contextlib.contextmanager
 def sigterm_blocked() -> Iterator[None]:
-    """Block SIGTERM in this thread for the block (a signal sent meanwhile is delivered when
-    it ends). Processes forked in the block inherit the mask and keep SIGTERM blocked for
-    good, so that a SIGTERM to the whole process group never kills a data loader worker
+    """Block SIGTERM in this thread for the block, so that processes forked in it inherit the
+    mask and keep SIGTERM blocked for good. (It does not hold the signal back from this
+    process: the kernel hands it to another thread, and Python runs the handler in this one.)
+    Start data loader workers so, and a SIGTERM to the whole process group never kills one
     (torch would then raise "DataLoader worker ... is killed by signal" wherever the main
     process is); the main process stops them as it unwinds. ``Process.terminate`` cannot
     stop such children: use :func:`sigterm_immune_children`, which kills them at exit."""
@@ -127,7 +131,7 @@ def kill_at_exit(children: Iterable[BaseProcess]) -> None:
     gone by then.
     """
     _children_to_kill.update(children)
-    if not _owner_pid:
+    if not _owner_pid:  # multiprocessing.util, imported above, has registered its hook
         _owner_pid.append(os.getpid())
         atexit.register(_kill_leftover_children)
 
@@ -139,10 +143,15 @@ def _kill_leftover_children() -> None:
     if not alive:
         return
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler raises for killed workers
-    for child in alive:
-        child.kill()
-    for child in alive:
-        child.join()
+    # A Ctrl-C cutting this short would leave multiprocessing's hook to wait for them forever.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for child in alive:
+            child.kill()
+        for child in alive:
+            child.join()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager

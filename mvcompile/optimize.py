@@ -128,8 +128,8 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
     generalised back to a symbolic batch (:func:`_optimize_generalised`); where that fails,
     it is optimized with its batch as it is.
 
-    ``resolution`` fixes a symbolic height and width of [N, C, H, W] inputs
-    (:func:`input_dims.fix_resolution`, which refuses any other unknown size past the batch).
+    ``resolution`` fixes a symbolic height and width of image inputs
+    (:func:`input_dims.fix_resolution`); other unknown sizes are filled like the batch.
     """
     if target not in TARGET_PIPELINES:
         raise UserError(f"Unknown target {target!r}; choose one of {sorted(TARGET_PIPELINES)}.")
@@ -487,7 +487,8 @@ def _input_outputs(proto: onnx.ModelProto, name: str) -> Callable[[int], list[np
             return session[0].run(None, random_inputs(proto, batch=batch))
         except Exception as err:  # ORT raises several exception types for unloadable models
             raise UserError(f"ONNX Runtime cannot run the input {name} ({first_line(err)})"
-                            "; mvcompile optimize checks its result against the input, so "
-                            "the input must run. Nothing was written.") from err
+                            "; mvcompile optimize checks its result against the input on "
+                            "random inputs, so the input must run on them."
+                            f"{input_dims.cannot_run_hint(proto)} Nothing was written.") from err
 
     return outputs

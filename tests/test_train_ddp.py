@@ -56,3 +56,51 @@ def test_two_process_torchrun_trains_one_synchronised_model(tmp_path: Path) -> N
     saved = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     assert saved["epoch"] == 1 and len(saved["rng"]) == 2  # one RNG state per rank
     assert saved["options"]["batch_size"] == 8
+
+
+STOPPING_WORKER = textwrap.dedent("""
+    import json, os, signal, sys
+    from mvcompile.interrupts import Terminated, sigterm_as_stop_request
+    from mvcompile.train import loop
+    from mvcompile.train.options import TrainOptions
+
+    rank = int(os.environ["RANK"])
+    steps = 0
+    make_optimizer = loop.make_optimizer
+
+    def count_step(*_):  # rank 1 gets a SIGTERM in its second step
+        global steps
+        steps += 1
+        if rank == 1 and steps == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def counting_optimizer(*args, **kwargs):
+        optimizer = make_optimizer(*args, **kwargs)
+        optimizer.register_step_pre_hook(count_step)
+        return optimizer
+
+    loop.make_optimizer = counting_optimizer
+    out = sys.argv[1]
+    try:
+        with sigterm_as_stop_request():
+            loop.train(TrainOptions(data="digits", resolution=64, epochs=2, batch_size=8,
+                                    subset=128, runs_dir=out, name="ddp"))
+        outcome = "finished"
+    except Terminated:
+        outcome = "stopped"
+    json.dump({"outcome": outcome, "steps": steps}, open(f"{out}/rank{rank}.json", "w"))
+""")
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_after_the_same_batch(tmp_path: Path) -> None:
+    """Ranks that stopped on their own would leave the others waiting in the next
+    all-reduce (here, gloo fails when the peer is gone)."""
+    script = tmp_path / "worker.py"
+    script.write_text(STOPPING_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports == [{"outcome": "stopped", "steps": 2}] * 2, reports

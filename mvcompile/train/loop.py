@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from mvcompile.errors import UserError
 from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY, format_class_names
 from mvcompile.graphs.mobilevit import MobileViTConfig
-from mvcompile.interrupts import raise_if_terminated, sigterm_immune_children
+from mvcompile.interrupts import Terminated, sigterm_immune_children, stop_requested
 from mvcompile.train import checkpoint, outputs
 from mvcompile.train.data import (
     DataSplit,
@@ -156,7 +156,7 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
             log.info("%s already finished its %d epochs; nothing to train.", run.run_dir,
                      run.start_epoch)
         for epoch in range(run.start_epoch, options.epochs):
-            raise_if_terminated()
+            stop_if_requested(run.dist)
             train_loss, seconds = train_epoch(run, epoch, reporter)
             end_epoch(run, epoch, train_loss, seconds, reporter)
         run.export_model.eval()
@@ -231,7 +231,7 @@ def check_images(data: DataSplit, d: Dist, reporter: Reporter) -> None:
 
     def checked(done: int) -> None:
         progress(done, len(mine))
-        raise_if_terminated()
+        stop_if_requested(d, collective=False)
 
     started = time.perf_counter()
     bad = unreadable_images(mine, checked)
@@ -330,6 +330,21 @@ def _schedule(o: TrainOptions, sampler: MultiScaleBatchSampler) -> Schedule:
     return Schedule(total, min(warmup, total), o.lr, o.lr_init, o.lr_min)
 
 
+def stop_if_requested(d: Dist, collective: bool = True) -> None:
+    """Raise :class:`Terminated` if a SIGTERM asked this process to stop
+    (:func:`mvcompile.interrupts.sigterm_as_stop_request`). Under torchrun, ``collective``
+    checks make the ranks agree (one all-reduce: stop if any rank was asked), so that none is
+    left waiting in a collective for a rank that stopped; call them where every rank passes
+    the same number of times. Other checks do nothing under torchrun."""
+    if d.enabled and not collective:
+        return
+    requested = stop_requested()
+    if d.enabled:
+        requested = bool(all_sum(d, torch.tensor([float(requested)]))[0])
+    if requested:
+        raise Terminated
+
+
 class WorkersKeepRunning(DataLoader):
     """A DataLoader whose worker processes start with SIGTERM blocked
     (:func:`mvcompile.interrupts.sigterm_immune_children`): a SIGTERM to the process group
@@ -383,7 +398,7 @@ def train_epoch(run: Run, epoch: int, reporter: Reporter) -> tuple[float, float]
         value = loss.item()
         sums += torch.tensor([value * len(y), len(y)], dtype=torch.float64)
         reporter.batch_end(value, lr, x.shape[-1])
-        raise_if_terminated()  # a SIGTERM stops the run here (mvcompile.interrupts)
+        stop_if_requested(d)  # a SIGTERM stops the run here (mvcompile.interrupts)
     broadcast_state(d, run.model, buffers_only=True)
     if run.ema:
         broadcast_state(d, run.ema.module)
@@ -397,7 +412,7 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist) -> tuple[float, floa
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
     for x, y in loader:
-        raise_if_terminated()
+        stop_if_requested(d, collective=False)
         logits = model(x.to(d.device)).float()
         y = y.to(d.device)
         sums += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
