@@ -40,14 +40,19 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_two_process_torchrun_trains_one_synchronised_model(tmp_path: Path) -> None:
+def _torchrun_two(worker: str, tmp_path: Path) -> None:
+    """Run the script ``worker`` (argument: ``tmp_path``) as two torchrun processes."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_process_torchrun_trains_one_synchronised_model(tmp_path: Path) -> None:
+    _torchrun_two(WORKER, tmp_path)
     report = json.loads((tmp_path / "rank0.json").read_text())
     assert report["steps"] == 64 // (2 * 8)  # each rank takes half of every global batch
     assert 0.0 <= report["row"]["val_acc"] <= 1.0
@@ -95,12 +100,6 @@ STOPPING_WORKER = textwrap.dedent("""
 def test_a_sigterm_to_one_rank_stops_every_rank_after_the_same_batch(tmp_path: Path) -> None:
     """Ranks that stopped on their own would leave the others waiting in the next
     all-reduce (here, gloo fails when the peer is gone)."""
-    script = tmp_path / "worker.py"
-    script.write_text(STOPPING_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun_two(STOPPING_WORKER, tmp_path)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert reports == [{"outcome": "stopped", "steps": 2}] * 2, reports
