@@ -361,9 +361,9 @@ RULES_HIDDEN = "no full pattern in this model, or nothing to clean up"
                    "run batch 1. [default: keep the model's batch; a symbolic one is "
                    "rewritten at batch 1 and 2 and the result generalised to any batch, "
                    "checked at batch 1, 2 and 3, where it can be]")
-@click.option("--resolution", type=click.IntRange(min=1), default=None,
+@click.option("--resolution", type=click.IntRange(min=1), default=None, metavar="R",
               help="Fix a symbolic height and width of [N, C, H, W] (or [N, H, W, C]) inputs "
-                   "to this size; the result then takes only R×R images. Without it, the "
+                   "to R; the result then takes only R×R images. Without it, the "
                    "check fills them like the batch (1×1 images), which a ViT cannot run, and "
                    "the layout rewrites need static shapes.")
 @_user_errors
