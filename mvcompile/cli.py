@@ -125,7 +125,7 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-@click.version_option(package_name="mvcompile")
+@click.version_option(package_name="mvcompile", prog_name="mvcompile")
 def main(verbose: int) -> None:
     """mvcompile: compile and quantize MobileViT for ONNX Runtime and Core ML."""
     set_verbosity(verbose)
@@ -456,7 +456,8 @@ def bench(model: str, backend: str | None, threads: int, runs: int, warmup: int,
 
 
 for _command in main.commands.values():  # every subcommand, train included, also takes -v
-    add_verbose_option(_command)
+    add_verbose_option(_command)  # and --version
+    click.version_option(package_name="mvcompile", prog_name="mvcompile")(_command)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".ti
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+def mode_problem(image: Image.Image) -> str | None:
+    """Why :func:`to_rgb` refuses ``image``'s pixel mode, or None if it takes it."""
+    if image.mode == "F":
+        return "floating-point pixels, which have no standard range"
+    return None
+
+
 def find_files(root: Path) -> tuple[list[Path], list[Path]]:
     """(image files, other files) under ``root``, each list sorted.
 
@@ -49,9 +56,9 @@ def find_files(root: Path) -> tuple[list[Path], list[Path]]:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """An opened image, upright and as 8-bit RGB (see the module docstring)."""
-    if image.mode == "F":
-        raise UserError(f"{_name(image)} holds floating-point pixels, which have no standard "
-                        "range; save it as an 8- or 16-bit image.")
+    problem = mode_problem(image)
+    if problem is not None:
+        raise UserError(f"{_name(image)} holds {problem}; save it as an 8- or 16-bit image.")
     image = ImageOps.exif_transpose(image)  # always a new image (a copy when already upright)
     if image.mode in _SIXTEEN_BIT_MODES:
         wide = np.asarray(image, dtype=np.float64)

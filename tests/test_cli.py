@@ -293,3 +293,12 @@ def test_last_pt_of_a_run_without_last_safetensors_is_refused(tmp_path: Path) ->
                        str(tmp_path / "o"))
     assert_clean_failure(code, output, "last.safetensors, which holds its weights, is missing")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where", [(), ("build",), ("optimize",), ("train",)])
+def test_version_before_or_after_the_command(where: tuple[str, ...]) -> None:
+    from importlib.metadata import version
+
+    code, output = run(*where, "--version")
+    assert code == 0, output
+    assert output.strip() == f"mvcompile, version {version('mvcompile')}"

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mvcompile.errors import UserError, first_line
-from mvcompile.images import IMAGE_SUFFIXES, find_files, to_rgb
+from mvcompile.images import IMAGE_SUFFIXES, find_files, mode_problem, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,9 @@ def image_problem(path: Path) -> str | None:
     """
     try:
         with Image.open(path) as img:
-            if img.mode == "F":
-                return "floating-point pixels, which have no standard range"
+            problem = mode_problem(img)
+            if problem is not None:
+                return problem
             img.verify()
     except UnidentifiedImageError:
         return "not an image Pillow can read"
