@@ -62,8 +62,8 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
         macs=macs,
         macs_unknown_nodes=unknown,
         op_histogram=op_histogram(model),
-        inputs=[(v.name, _dims(v)) for v in _graph_inputs(model)],
-        outputs=[(v.name, _dims(v)) for v in model.graph.output],
+        inputs=[(v.name, value_dims(v)) for v in graph_inputs(model)],
+        outputs=[(v.name, value_dims(v)) for v in model.graph.output],
         opsets={(o.domain or "ai.onnx"): o.version for o in model.opset_import},
         ir_version=model.ir_version,
         node_count=len(model.graph.node),
@@ -182,7 +182,7 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
         if inferred is None:
             continue
         for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-            dims = _dims(value)
+            dims = value_dims(value)
             if dims and all(isinstance(d, int) for d in dims):
                 shapes.setdefault(value.name, dims)
         if all(o in shapes for n in fixed.graph.node for o in n.output[:1]):
@@ -251,12 +251,14 @@ def _runtime_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     return result
 
 
-def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs of ``model`` that are not initializers."""
     init_names = {i.name for i in model.graph.initializer}
     return [v for v in model.graph.input if v.name not in init_names]
 
 
-def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+def value_dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    """``value``'s dims: sizes, dim_params, and "?" where unnamed and unknown."""
     if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
         return []
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
@@ -268,4 +270,4 @@ def format_shape(dims: list[int | str]) -> str:
 
 
 __all__ = ["ModelSummary", "summarize", "count_macs", "count_parameters", "op_histogram",
-           "format_shape"]
+           "format_shape", "graph_inputs", "value_dims"]

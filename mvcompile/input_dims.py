@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from mvcompile.analysis import format_shape
+from mvcompile.analysis import format_shape, graph_inputs, value_dims
 from mvcompile.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,10 @@ class UnknownDim:
 def unknown_dims(proto: onnx.ModelProto) -> list[UnknownDim]:
     """Every dimension past the first of every graph input (initializers aside) that has no
     fixed size."""
-    initializers = {init.name for init in proto.graph.initializer}
     found = []
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
+    for value in graph_inputs(proto):
         dims = value.type.tensor_type.shape.dim
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-        found += [UnknownDim(value.name, axis, shape, dims[axis].dim_param)
+        found += [UnknownDim(value.name, axis, value_dims(value), dims[axis].dim_param)
                   for axis in range(1, len(dims)) if not dims[axis].HasField("dim_value")]
     return found
 

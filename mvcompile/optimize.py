@@ -27,6 +27,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from mvcompile import batch_generalize, input_dims, latency, onnx_io
+from mvcompile.analysis import graph_inputs, value_dims
 from mvcompile.backends._output import check_writable_dir
 from mvcompile.errors import UserError, first_line
 from mvcompile.passes import storage_precision
@@ -70,12 +71,9 @@ def simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
 def random_inputs(proto: onnx.ModelProto, seed: int = 0, batch: int = 1
                   ) -> dict[str, np.ndarray]:
     """:func:`latency.seeded_inputs` for every graph input of ``proto`` (initializers aside)."""
-    initializers = {init.name for init in proto.graph.initializer}
     return latency.seeded_inputs(
         ((value.name, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type),
-          [d.dim_value if d.HasField("dim_value") else None
-           for d in value.type.tensor_type.shape.dim])
-         for value in proto.graph.input if value.name not in initializers), seed, batch)
+          value_dims(value)) for value in graph_inputs(proto)), seed, batch)
 
 
 def max_abs_diff(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 0,
@@ -293,9 +291,7 @@ def _check_batches(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: f
 
 def symbolic_batch_inputs(proto: onnx.ModelProto) -> list[str]:
     """Graph inputs (initializers aside) whose first dimension is not a fixed number."""
-    initializers = {init.name for init in proto.graph.initializer}
-    return [value.name for value in proto.graph.input if value.name not in initializers
-            and value.type.tensor_type.shape.dim
+    return [value.name for value in graph_inputs(proto) if value.type.tensor_type.shape.dim
             and not value.type.tensor_type.shape.dim[0].HasField("dim_value")]
 
 

@@ -25,7 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 from mvcompile.errors import UserError
 from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY, format_class_names
 from mvcompile.graphs.mobilevit import MobileViTConfig
-from mvcompile.interrupts import Terminated, sigterm_immune_children, stop_requested
+from mvcompile.interrupts import (
+    Terminated,
+    raise_if_terminated,
+    sigterm_immune_children,
+    stop_requested,
+)
 from mvcompile.train import checkpoint, outputs
 from mvcompile.train.data import (
     DataSplit,
@@ -336,12 +341,9 @@ def stop_if_requested(d: Dist, collective: bool = True) -> None:
     checks make the ranks agree (one all-reduce: stop if any rank was asked), so that none is
     left waiting in a collective for a rank that stopped; call them where every rank passes
     the same number of times. Other checks do nothing under torchrun."""
-    if d.enabled and not collective:
-        return
-    requested = stop_requested()
-    if d.enabled:
-        requested = bool(all_sum(d, torch.tensor([float(requested)]))[0])
-    if requested:
+    if not d.enabled:
+        raise_if_terminated()
+    elif collective and all_sum(d, torch.tensor([float(stop_requested())]))[0]:
         raise Terminated
 
 
