@@ -18,8 +18,6 @@ import onnx_ir as ir
 from mvcompile.passes._layout import (
     apply_reshape,
     const_array,
-    float_attr,
-    int_attr,
     run_chain,
     sim_shape,
     sim_shape_fitting,
@@ -64,19 +62,20 @@ def _row(bias: np.ndarray | None, width: int) -> np.ndarray | None:
 def _gemm_linear(gemm: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
     """(α·W [d_out, d_in], β·b [d_out]) of ``Gemm(x, B, C)`` with constant B, C; W = B or Bᵀ
     by ``transB``."""
-    if int_attr(gemm, "transA", 0):
+    if gemm.attributes.get_int("transA", 0):
         return None
     weight = const_array(gemm.inputs[1])
     if weight is None or weight.ndim != 2:
         return None
-    if not int_attr(gemm, "transB", 0):
+    if not gemm.attributes.get_int("transB", 0):
         weight = weight.T
     c = gemm.inputs[2] if len(gemm.inputs) > 2 else None
     bias = np.zeros(weight.shape[0], np.float32) if c is None else _row(const_array(c),
                                                                           weight.shape[0])
     if bias is None:
         return None
-    return (float_attr(gemm, "alpha", 1.0) * weight, float_attr(gemm, "beta", 1.0) * bias)
+    alpha, beta = gemm.attributes.get_float("alpha", 1.0), gemm.attributes.get_float("beta", 1.0)
+    return alpha * weight, beta * bias
 
 
 def projection(node: ir.Node | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -95,13 +94,13 @@ def projection(node: ir.Node | None) -> tuple[np.ndarray, np.ndarray] | None:
 def _split_rows(node: ir.Node, index: int, width: int) -> slice | None:
     """The output rows that output ``index`` of a last-axis ``Split`` takes from ``width``."""
     rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else 0
-    axis = int_attr(node, "axis", 0)
+    axis = node.attributes.get_int("axis", 0)
     if rank == 0 or axis not in (-1, rank - 1):
         return None
     sizes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
     count = len(node.outputs)
     if sizes is None:
-        if int_attr(node, "num_outputs", count) != count or width % count:
+        if node.attributes.get_int("num_outputs", count) != count or width % count:
             return None
         sizes = np.full(count, width // count)
     if sizes.sum() != width or len(sizes) != count:

@@ -25,19 +25,10 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
-def int_attr(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
-
-
 def ints_attr(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return None if attr is None else list(attr.as_ints())
-
-
-def float_attr(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_float()
+    """An ints attribute as a list (comparable with ``==`` to a list), None if absent."""
+    ints = node.attributes.get_ints(name)
+    return None if ints is None else list(ints)
 
 
 def static_shape(value: ir.Value) -> list[int | None] | None:
@@ -76,13 +67,13 @@ def run_chain(nodes: Sequence[ir.Node], x: np.ndarray) -> np.ndarray | None:
             indices = const_array(node.inputs[1])
             if indices is None:
                 return None
-            x = np.take(x, indices, axis=int_attr(node, "axis", 0))
+            x = np.take(x, indices, axis=node.attributes.get_int("axis", 0))
             continue
         if node.op_type == "Reshape":
             shape = const_array(node.inputs[1])
             if shape is None:
                 return None
-            x = apply_reshape(x, shape.tolist(), int_attr(node, "allowzero", 0))
+            x = apply_reshape(x, shape.tolist(), node.attributes.get_int("allowzero", 0))
             if x is None:
                 return None
         elif node.op_type == "Transpose":

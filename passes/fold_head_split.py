@@ -80,7 +80,6 @@ from mvcompile.passes._attention_trace import (
 from mvcompile.passes._layout import (
     float_init,
     int64_init,
-    int_attr,
     sim_shape,
     static_shape,
     transposed_matmul,
@@ -148,7 +147,7 @@ class FoldHeadSplit(RewriteRuleClassBase):
         if opset < MIN_OPSET:
             return result.fail(f"opset {opset} < {MIN_OPSET}: the rewrite emits the opset-13 "
                                "forms of Split and ReduceSum (axes as inputs).")
-        if int_attr(values["probs"].producer(), "axis", -1) not in (-1, 3):
+        if values["probs"].producer().attributes.get_int("axis", -1) not in (-1, 3):
             return result.fail("Softmax is not over the key axis.")
         traced = trace_scores(scores)
         if traced is None:

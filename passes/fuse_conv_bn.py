@@ -5,7 +5,11 @@ Conv∘BN → Conv with, per output channel o and σ_o = sqrt(var_o + ε):
     W'[o] = W[o] · γ_o/σ_o,        b'_o = (b_o − μ_o) · γ_o/σ_o + β_o.
 
 The arithmetic is onnxscript's ``FuseBatchNormIntoConv`` (which also refuses non-constant or
-shared conv weights); this module adds the refusals a compiler for user graphs needs.
+shared conv weights); this module adds the refusals a compiler for user graphs needs: training
+mode, and statistics that another node also reads. Folding the latter would compute the same
+outputs (the rule only reads γ, β, μ, σ² and writes new conv initializers), but a graph that
+ties statistics across nodes keeps them tied, by policy: after folding, the tie is gone and an
+edit of the shared tensor would no longer reach this Conv.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class FoldBatchNormIntoConv(FuseBatchNormIntoConv):
             if others:
                 return result.fail(
                     f"BatchNorm parameter '{stat.name}' is shared with node "
-                    f"'{others[0].name}' ({others[0].op_type}); folding would untie it.")
+                    f"'{others[0].name}' ({others[0].op_type}); tied statistics are kept.")
         return result
 
 

@@ -10,9 +10,8 @@ alone below opset 20 instead.
 
 from __future__ import annotations
 
-import math
-
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+from onnxscript.rewriter.ort_fusions.erfgelu import erf_gelu_pattern_1, erf_gelu_pattern_2
 
 GELU_OPSET = 20
 
@@ -37,13 +36,17 @@ class _ErfGelu(RewriteRuleClassBase):
 
 
 class ErfGeluOuterHalf(_ErfGelu):
+    """0.5·(x·(erf(x/√2)+1))"""
+
     def pattern(self, op, x):
-        return 0.5 * (x * (op.Erf(x / math.sqrt(2)) + 1.0))
+        return erf_gelu_pattern_1(op, x)
 
 
 class ErfGeluInnerHalf(_ErfGelu):
+    """x·(0.5·(erf(x/√2)+1))"""
+
     def pattern(self, op, x):
-        return x * (0.5 * (op.Erf(x / math.sqrt(2)) + 1.0))
+        return erf_gelu_pattern_2(op, x)
 
 
 def rules(standard_only: bool = False) -> RewriteRuleSet:

@@ -4,12 +4,54 @@
 
 with E and Var ReduceMeans over the last axis. Exporters at opset ≥ 17 usually emit
 LayerNormalization already; this catches graphs that arrive decomposed.
+
+LayerNormalization's output has x's shape, and γ, β must broadcast *to* x (unidirectionally).
+The ``Mul(·, γ)`` and ``Add(·, β)`` it replaces broadcast both ways, so onnxscript's rules are
+wrapped to refuse a γ or β that could widen the result (e.g. β of shape [3, N, C] added to
+x of shape [1, N, C]); the fused node would then compute a smaller tensor.
 """
 
 from __future__ import annotations
 
-from onnxscript.rewriter import RewriteRuleSet
-from onnxscript.rewriter.rules.fusion._layer_norm import layer_normalization_rules
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewriteRuleSet
+from onnxscript.rewriter.rules.fusion._layer_norm import LayerNormBiasFusion, LayerNormFusion
 
-# ReduceMean/Sub/Mul/ReduceMean/Add/Sqrt/Div/Mul -> LayerNormalization; LN + Add(β) -> LN(β)
-rules = RewriteRuleSet(list(layer_normalization_rules))
+
+def broadcasts_to(value: ir.Value, x: ir.Value) -> bool:
+    """Whether ``value`` broadcasts to ``x``'s shape without changing it: rank ≤ rank(x) and,
+    aligned from the right, every dim is 1 or equal to x's (the same symbol counts as equal)."""
+    if value.shape is None or x.shape is None or len(value.shape) > len(x.shape):
+        return False
+    pairs = zip(reversed(value.shape.dims), reversed(x.shape.dims), strict=False)
+    return all(d == 1 or d == x_dim for d, x_dim in pairs)
+
+
+def _check_broadcast(result: MatchResult, x: ir.Value, name: str, value: ir.Value) -> MatchResult:
+    if result and not broadcasts_to(value, x):
+        return result.fail(f"{name} '{value.name}' (shape {value.shape}) does not broadcast to "
+                           f"the normalized input's shape {x.shape} without widening it.")
+    return result
+
+
+class LayerNormScale(LayerNormFusion):
+    """onnxscript's decomposed-layer-norm rule, with γ checked to broadcast to x."""
+
+    def check(self, context, x, scale, epsilon, **rest) -> MatchResult:  # type: ignore[override]
+        result = super().check(context, x, epsilon, **rest)
+        return _check_broadcast(result, x, "scale", scale)
+
+
+class LayerNormBias(LayerNormBiasFusion):
+    """onnxscript's LayerNormalization + Add(β) rule, with β checked to broadcast to x."""
+
+    def check(self, context, x, scale, bias, normalized) -> MatchResult:  # type: ignore[override]
+        return _check_broadcast(MatchResult(), x, "bias", bias)
+
+
+rules = RewriteRuleSet([
+    # ReduceMean/Sub/Mul/ReduceMean/Add/Sqrt/Div/Mul -> LayerNormalization
+    LayerNormScale.rule(name="LayerNormFusion"),
+    # LayerNormalization + Add(β) -> LayerNormalization(β)
+    LayerNormBias.rule(name="LayerNormBiasFusion"),
+])

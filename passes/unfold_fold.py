@@ -37,8 +37,8 @@ from mvcompile.passes._layout import (
     find_unfold_patch,
     float_init,
     int64_init,
-    int_attr,
     ints_attr,
+    run_chain,
     sim_shape,
     static_shape,
     transposed_matmul,
@@ -56,7 +56,7 @@ def check_pointwise_conv(conv: ir.Node, result: MatchResult) -> MatchResult:
     weight = const_array(conv.inputs[1])
     if weight is None or weight.ndim != 4 or weight.shape[2:] != (1, 1):
         return result.fail("Conv weight is not a constant 1x1 kernel.")
-    if int_attr(conv, "group", 1) != 1:
+    if conv.attributes.get_int("group", 1) != 1:
         return result.fail("Conv is grouped.")
     if any(s != 1 for s in ints_attr(conv, "strides") or [1]):
         return result.fail("Conv has a stride.")
@@ -96,6 +96,7 @@ class _ChainRule(RewriteRuleClassBase):
         self.target = target
         self.p = 0
         self.image: tuple[int, ...] = ()  # [B, C, H, W] of the image side
+        self.resolved_s3: list[int] | None = None  # an unfold's last shape with its 0s resolved
 
     @property
     def may_transpose(self) -> bool:
@@ -106,6 +107,21 @@ class _ChainRule(RewriteRuleClassBase):
         """(P, N, H/p, W/p) of the matched chain."""
         _, _, h, w = self.image
         return self.p * self.p, (h // self.p) * (w // self.p), h // self.p, w // self.p
+
+    def tokens_shape(self, op, s3: ir.Value, base: str) -> ir.Value:
+        """The unfold's last Reshape shape for the rewritten chain, whose input differs from
+        the original's: ``s3`` itself unless it copied input dims with 0."""
+        if self.resolved_s3 is None:
+            return s3
+        return int64_init(op, self.resolved_s3, f"{base}_tokens_shape")
+
+
+def _check_float32_weight(conv: ir.Node, result: MatchResult) -> MatchResult:
+    """The conv-absorbing rewrites write new float32 weights: refuse other weight types
+    (a float16 graph would mix types in one MatMul)."""
+    if result and const_array(conv.inputs[1]).dtype != np.float32:
+        return result.fail("Conv weight is not float32.")
+    return result
 
 
 class UnfoldAfterConv1x1(_ChainRule):
@@ -121,7 +137,8 @@ class UnfoldAfterConv1x1(_ChainRule):
         return op.Reshape(t, s3, _outputs=["tokens"])
 
     def check(self, context, x, w, s1, s2, s3, conv_out, tokens) -> MatchResult:
-        result = check_pointwise_conv(conv_out.producer(), MatchResult())
+        conv = conv_out.producer()
+        result = _check_float32_weight(conv, check_pointwise_conv(conv, MatchResult()))
         if not result:
             return result
         return _check_unfold(self, conv_out, tokens, result)
@@ -138,7 +155,7 @@ class UnfoldAfterConv1x1(_ChainRule):
         bias = _conv_bias(conv)
         if bias is not None:
             y = op.Add(y, float_init(op, bias, f"{base}_bias"))  # [B·P, N, d]
-        return op.Reshape(y, s3)
+        return op.Reshape(y, self.tokens_shape(op, s3, base))
 
 
 def _check_square_grid(rule: _ChainRule, result: MatchResult) -> MatchResult:
@@ -178,7 +195,7 @@ class UnfoldToSpaceToDepth(_ChainRule):
         else:
             y = op.Reshape(y, int64_init(op, [-1, c, nh, nw], f"{base}_shape"))
             y = op.SpaceToDepth(y, blocksize=nh)  # [B·P, N·C, 1, 1]
-        return op.Reshape(y, s3)
+        return op.Reshape(y, self.tokens_shape(op, s3, base))
 
 
 def _check_unfold(rule: _ChainRule, image: ir.Value, tokens: ir.Value,
@@ -186,11 +203,35 @@ def _check_unfold(rule: _ChainRule, image: ir.Value, tokens: ir.Value,
     shape = sim_shape(image)
     if shape is None or len(shape) != 4:
         return result.fail(f"shape of '{image.name}' {NOT_STATIC}.")
-    p = find_unfold_patch(chain_nodes(tokens, CHAIN_LENGTH), shape)
+    nodes = chain_nodes(tokens, CHAIN_LENGTH)
+    p = find_unfold_patch(nodes, shape)
     if p is None:
         return result.fail("Reshape/Transpose chain is not a MobileViT unfold.")
     rule.p, rule.image = p, shape
+    rule.resolved_s3 = None
+    s3 = const_array(nodes[-1].inputs[1]).tolist()
+    if 0 not in s3:  # (with allowzero=1 a 0 would empty the tokens: no unfold matches)
+        return result
+    rule.resolved_s3 = static_output_shape(nodes, shape, static_shape(image)[0] is not None)
+    if rule.resolved_s3 is None:
+        return result.fail("the last Reshape copies (0) a batch-dependent dim, and the "
+                           "chain's output has another one.")
     return result
+
+
+def static_output_shape(nodes: list[ir.Node], image_shape: tuple[int, ...],
+                        batch_static: bool) -> list[int] | None:
+    """The chain's output shape as a Reshape target that needs no 0: with a symbolic batch,
+    the dims that change between two simulated batch sizes become -1 (None if more than one
+    does)."""
+    dims = run_chain(nodes, np.zeros(image_shape, np.int8)).shape
+    if batch_static:
+        return list(dims)
+    other = run_chain(nodes, np.zeros((image_shape[0] + 1, *image_shape[1:]), np.int8))
+    if other is None:  # the chain's shapes fit only the simulated batch
+        return None
+    resolved = [a if a == b else -1 for a, b in zip(dims, other.shape, strict=True)]
+    return resolved if resolved.count(-1) <= 1 else None
 
 
 class FoldBeforeConv1x1(_ChainRule):
@@ -208,7 +249,8 @@ class FoldBeforeConv1x1(_ChainRule):
         return op.Conv(image, w, _allow_other_inputs=True, _outputs=["conv_out"])
 
     def check(self, context, t, w, s1, s2, s3, image, conv_out) -> MatchResult:
-        result = check_pointwise_conv(conv_out.producer(), MatchResult())
+        conv = conv_out.producer()
+        result = _check_float32_weight(conv, check_pointwise_conv(conv, MatchResult()))
         if not result:
             return result
         return _check_fold(self, t, image, result)

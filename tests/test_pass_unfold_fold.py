@@ -104,3 +104,50 @@ def test_raster_rows_invert_the_unfold() -> None:
     image = np.arange(h * w).reshape(h // p, p, w // p, p)  # [i, i', j, j']
     tokens = image.transpose(1, 3, 0, 2).reshape(p * p * (h // p) * (w // p))  # [(i',j'),(i,j)]
     np.testing.assert_array_equal(tokens[unfold_fold.raster_rows(p, h, w)], np.arange(h * w))
+
+
+def _unfold_then_softmax(before_unfold: str, u3: list[int], d: int, dtype: str = "float",
+                         batch: str = "B"):
+    """x → (op) → unfold with last shape ``u3`` → Softmax over the token axis (1)."""
+    rows = P * P * N
+    text = HEADER + f"""g ({dtype}[{batch},{C},{S},{S}] x) => ({dtype}[{batch},{rows},{d}] y) {{
+        a = {before_unfold}
+        r1 = Reshape (a, u1)
+        t1 = Transpose <perm=[0,2,1,3]> (r1)
+        r2 = Reshape (t1, u2)
+        t2 = Transpose <perm=[0,3,2,1]> (r2)
+        tok = Reshape (t2, u3)
+        y = Softmax <axis=1> (tok)
+    }}"""
+    np_type = np.float16 if dtype == "float16" else np.float32
+    inits = {"u1": np.array([-1, P, S // P, P], np.int64),
+             "u2": np.array([-1, d, N, P * P], np.int64), "u3": np.array(u3, np.int64),
+             "w1": RNG.normal(0, 0.5, (D, C, 1, 1)).astype(np_type)}
+    return parse(text, inits)
+
+
+@pytest.mark.parametrize("target", ["ort", "mobile"])
+@pytest.mark.parametrize("batch", ["B", "2"])
+@pytest.mark.parametrize(("before_unfold", "d", "rule"), [
+    ("Conv (x, w1)", D, "unfold_after_conv1x1"), ("Relu (x)", C, "unfold_to_space_to_depth")])
+def test_a_zero_in_the_last_unfold_shape_copies_the_batch_not_the_new_leading_dim(
+        target: str, batch: str, before_unfold: str, d: int, rule: str) -> None:
+    """u3 = [0, -1, d]: the 0 copies B from [B, P, N, d]; the rewritten chain's last Reshape
+    reads [B·P, N, d], so it must not keep the 0 (it would copy B·P and give [B·P, N, d])."""
+    before = _unfold_then_softmax(before_unfold, [0, -1, d], d, batch=batch)
+    after, pass_ = apply(before, "unfold_fold", unfold_fold.rules(target))
+    assert pass_.counts[f"{rule}_{target}"] == 1
+    assert "Transpose" not in ops(after)[:2]
+    assert_same_outputs(before, after, FEED)
+    if batch == "B":  # the resolved shape keeps the batch symbolic
+        assert_same_outputs(before, after, {"x": RNG.normal(0, 1, (3, C, S, S)).astype(np.float32)})
+
+
+def test_float16_convs_are_not_absorbed_into_float32_weights() -> None:
+    """The conv-absorbing rules write float32 weights; on a float16 graph they refuse and the
+    chain alone is rewritten, which ORT still loads and runs."""
+    before = _unfold_then_softmax("Conv (x, w1)", [-1, P * P * N, D], D, dtype="float16")
+    after, pass_ = apply(before, "unfold_fold", unfold_fold.rules("ort"))
+    assert "not float32" in pass_.refusals["unfold_after_conv1x1_ort"]
+    assert pass_.counts["unfold_to_space_to_depth_ort"] == 1
+    assert_same_outputs(before, after, {"x": FEED["x"].astype(np.float16)}, atol=1e-3)

@@ -1,0 +1,77 @@
+"""passes.fuse_layer_norm: a decomposed layer norm → LayerNormalization (onnxscript's rules),
+refused where γ or β would widen the result."""
+
+from __future__ import annotations
+
+import numpy as np
+from _passes_util import apply, assert_same_outputs, ops, parse
+
+from mvcompile.passes import fuse_layer_norm
+
+RNG = np.random.default_rng(0)
+CONSTANTS = {"eps": np.array(1e-5, np.float32), "two": np.array(2.0, np.float32),
+             "gamma": RNG.normal(1, 0.2, (8,)).astype(np.float32),
+             "beta": RNG.normal(0, 0.2, (8,)).astype(np.float32)}
+
+
+def _layer_norm(inputs: str, output: str, tail: str, square: str = "Mul (d, d)",
+                axis: int = -1):
+    """(x − mean) / sqrt(var + ε) over ``axis``, then ``tail`` (scale and shift)."""
+    return parse('<ir_version: 10, opset_import: ["" : 24]>\n' + f"""g ({inputs}) => ({output}) {{
+        m = ReduceMean <keepdims=1> (x, axes)
+        d = Sub (x, m)
+        dd = {square}
+        v = ReduceMean <keepdims=1> (dd, axes)
+        ve = Add (v, eps)
+        s = Sqrt (ve)
+        n = Div (d, s)
+        {tail}
+    }}""", {**CONSTANTS, "axes": np.array([axis], np.int64)})
+
+
+def _feed(**shapes: tuple[int, ...]) -> dict[str, np.ndarray]:
+    return {name: RNG.normal(0, 1, shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+def test_decomposed_layer_norm_with_scale_and_shift_becomes_one_node() -> None:
+    for square in ("Mul (d, d)", "Pow (d, two)"):
+        before = _layer_norm("float[B,5,8] x", "float[B,5,8] y",
+                             "ng = Mul (n, gamma)\n y = Add (ng, beta)", square)
+        after, pass_ = apply(before, "fuse_layer_norm", fuse_layer_norm.rules)
+        assert ops(after) == ["LayerNormalization"]
+        assert pass_.counts == {"LayerNormFusion": 1, "LayerNormBiasFusion": 1}
+        assert_same_outputs(before, after, _feed(x=(2, 5, 8)))
+
+
+def test_a_shift_of_x_shape_is_fused() -> None:
+    """β may be an activation of x's own shape: it broadcasts to x unchanged."""
+    before = _layer_norm("float[2,5,8] x, float[2,5,8] h", "float[2,5,8] y",
+                         "ng = Mul (n, gamma)\n y = Add (ng, h)")
+    after, _ = apply(before, "fuse_layer_norm", fuse_layer_norm.rules)
+    assert ops(after) == ["LayerNormalization"]
+    assert_same_outputs(before, after, _feed(x=(2, 5, 8), h=(2, 5, 8)))
+
+
+def test_a_shift_that_widens_the_result_is_not_fused_into_the_node() -> None:
+    """x [1,5,8] + β [3,5,8] is [3,5,8]; LayerNormalization's output keeps x's shape."""
+    before = _layer_norm("float[1,5,8] x, float[3,5,8] h", "float[3,5,8] y",
+                         "ng = Mul (n, gamma)\n y = Add (ng, h)")
+    after, pass_ = apply(before, "fuse_layer_norm", fuse_layer_norm.rules)
+    assert ops(after) == ["LayerNormalization", "Add"]
+    assert "does not broadcast" in pass_.refusals["LayerNormBiasFusion"]
+    assert_same_outputs(before, after, _feed(x=(1, 5, 8), h=(3, 5, 8)))
+
+
+def test_a_scale_that_widens_the_result_is_not_fused() -> None:
+    before = _layer_norm("float[1,5,8] x, float[3,5,8] h", "float[3,5,8] y", "y = Mul (n, h)")
+    after, pass_ = apply(before, "fuse_layer_norm", fuse_layer_norm.rules)
+    assert "LayerNormalization" not in ops(after)
+    assert "does not broadcast" in pass_.refusals["LayerNormFusion"]
+    assert_same_outputs(before, after, _feed(x=(1, 5, 8), h=(3, 5, 8)))
+
+
+def test_a_mean_over_another_axis_is_not_a_layer_norm() -> None:
+    before = _layer_norm("float[2,5,8] x", "float[2,5,8] y", "y = Mul (n, gamma)", axis=1)
+    after, _ = apply(before, "fuse_layer_norm", fuse_layer_norm.rules)
+    assert "LayerNormalization" not in ops(after)
+    assert_same_outputs(before, after, _feed(x=(2, 5, 8)))
