@@ -169,8 +169,10 @@ class FoldHeadSplit(RewriteRuleClassBase):
         heads, tokens, head_dim = dims["q"]
         if any(b.linear.weight.shape[0] != heads * head_dim for b in branches.values()):
             return result.fail("a q/k/v projection's width is not h·d_h.")
-        if traced.bias is not None and not broadcasts_to(traced.bias, sim_shape(scores)):
-            return result.fail("score bias does not broadcast to the [G, h, N, N] scores.")
+        product = traced.values[-1]  # q·kᵀ, before the bias (which may not widen it)
+        if traced.bias is not None and not broadcasts_to(traced.bias, sim_shape(product)):
+            return result.fail("score bias does not broadcast to the [G, h, N, N] q·kᵀ "
+                               "without widening it.")
         x = {rows_of(b.linear.x) for b in branches.values()}
         if len(x) != 1:
             return result.fail("q, k and v are projections of different inputs.")
@@ -195,13 +197,15 @@ class FoldHeadSplit(RewriteRuleClassBase):
             k=_scaled(branches["kt"].linear, branches["kt"].scale),
             v=_scaled(branches["v"].linear, branches["v"].scale),
             out=Linear(values["merged"], *out), heads=heads, tokens=tokens, head_dim=head_dim,
-            out_shape=out_shape, score_bias=traced.bias, groups=(static_shape(scores) or [None])[0])
+            out_shape=out_shape, score_bias=traced.bias,
+            groups=(static_shape(product) or [None])[0])
         return result
 
     def rewrite(self, op, **values):
         a = self.found
         base = f"{values['probs'].name}__heads"
-        score_bias = fused_score_bias(a) if self.fuse else None
+        score_bias = fused_score_bias(a) if self.fuse and not (
+            values["nan_guard"] and masks_a_row(a)) else None
         if score_bias is not None:
             return fused_attention(op, a, score_bias, base)
         h, dh, n = a.heads, a.head_dim, a.tokens
@@ -282,6 +286,13 @@ def fused_score_bias(a: Attention) -> np.ndarray | None:
     if bias.shape[0] not in (1, a.groups):
         return None
     return np.broadcast_to(bias, (bias.shape[0], a.heads, a.tokens, a.tokens))
+
+
+def masks_a_row(a: Attention) -> bool:
+    """Whether the score bias may mask every key of a query row (non-finite entries). torch's
+    NaN guard turns such a row's probabilities into zeros, which the fused Attention (no
+    guard, b_v moved into the out bias) does not reproduce, so the per-head form is kept."""
+    return a.score_bias is not None and not np.isfinite(a.score_bias).all()
 
 
 def _add_bias(op: RewriterContext, x: ir.Value, bias: np.ndarray, name: str) -> ir.Value:
