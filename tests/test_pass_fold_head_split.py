@@ -18,9 +18,16 @@ FEED = {"x": RNG.normal(0, 1, (G * N, D)).astype(np.float32)}
 
 
 def _model(softmax_axis: int = -1, key_perm: str = "[0,2,3,1]", opset: int = 24,
-           rows: str = str(G * N)):
+           rows: str = str(G * N), score_bias: np.ndarray | None = None,
+           nan_guard: bool = False):
+    """ViT-style attention on [rows, D] tokens (groups of N); optionally a constant score
+    bias added to s·Q·Kᵀ and torch's NaN guard on the probabilities."""
+    scores = "s0 = Mul (qk, scale)\n        s = Add (s0, sbias)" if score_bias is not None else (
+        "s = Mul (qk, scale)")
+    guard = "n = IsNaN (p)\n        pg = Where (n, zero, p)" if nan_guard else ""
+    out_rows = "R" if score_bias is not None else rows  # a bias may widen the groups
     text = f"""<ir_version: 10, opset_import: ["" : {opset}]>
-    g (float[{rows},{D}] x) => (float[{rows},{D}] y) {{
+    g (float[{rows},{D}] x) => (float[{out_rows},{D}] y) {{
         lq = Gemm <transB=1> (x, wq, bq)
         lk = Gemm <transB=1> (x, wk, bk)
         lv = Gemm <transB=1> (x, wv, bv)
@@ -31,9 +38,10 @@ def _model(softmax_axis: int = -1, key_perm: str = "[0,2,3,1]", opset: int = 24,
         kt = Transpose <perm={key_perm}> (rk)
         v = Transpose <perm=[0,2,1,3]> (rv)
         qk = MatMul (q, kt)
-        s = Mul (qk, scale)
+        {scores}
         p = Softmax <axis={softmax_axis}> (s)
-        pv = MatMul (p, v)
+        {guard}
+        pv = MatMul ({"pg" if nan_guard else "p"}, v)
         c = Transpose <perm=[0,2,1,3]> (pv)
         m = Reshape (c, merge)
         y = Gemm <transB=1> (m, wo, bo)
@@ -41,7 +49,9 @@ def _model(softmax_axis: int = -1, key_perm: str = "[0,2,3,1]", opset: int = 24,
     inits = {f"w{n}": RNG.normal(0, D**-0.5, (D, D)).astype(np.float32) for n in "qkvo"}
     inits |= {f"b{n}": RNG.normal(0, 0.1, (D,)).astype(np.float32) for n in "qkvo"}
     inits |= {"split": np.array([-1, N, H, DH], np.int64), "merge": np.array([-1, D], np.int64),
-              "scale": np.array(DH**-0.5, np.float32)}
+              "scale": np.array(DH**-0.5, np.float32), "zero": np.array(0, np.float32)}
+    if score_bias is not None:
+        inits["sbias"] = score_bias
     return parse(text, inits)
 
 
@@ -317,46 +327,13 @@ def test_transformers_mobilevit_dynamo_export_has_no_transpose_left() -> None:
     onnx.checker.check_model(optimized, full_check=True)
 
 
-def _biased_model(rows: int, bias: np.ndarray, nan_guard: bool = False) -> onnx.ModelProto:
-    """ViT-style attention on [rows, D] tokens (groups of N) with a constant score bias added
-    to s·Q·Kᵀ and, optionally, torch's NaN guard on the probabilities."""
-    guard = "n = IsNaN (p)\n        pg = Where (n, zero, p)" if nan_guard else ""
-    text = f"""<ir_version: 10, opset_import: ["" : 18]>
-    g (float[{rows},{D}] x) => (float[R,{D}] y) {{
-        lq = Gemm <transB=1> (x, wq, bq)
-        lk = Gemm <transB=1> (x, wk, bk)
-        lv = Gemm <transB=1> (x, wv, bv)
-        rq = Reshape (lq, split)
-        rk = Reshape (lk, split)
-        rv = Reshape (lv, split)
-        q = Transpose <perm=[0,2,1,3]> (rq)
-        kt = Transpose <perm=[0,2,3,1]> (rk)
-        v = Transpose <perm=[0,2,1,3]> (rv)
-        qk = MatMul (q, kt)
-        s0 = Mul (qk, scale)
-        s = Add (s0, sbias)
-        p = Softmax <axis=-1> (s)
-        {guard}
-        pv = MatMul ({"pg" if nan_guard else "p"}, v)
-        c = Transpose <perm=[0,2,1,3]> (pv)
-        m = Reshape (c, merge)
-        y = Gemm <transB=1> (m, wo, bo)
-    }}"""
-    inits = {f"w{n}": RNG.normal(0, D**-0.5, (D, D)).astype(np.float32) for n in "qkvo"}
-    inits |= {f"b{n}": RNG.normal(0, 0.1, (D,)).astype(np.float32) for n in "qkvo"}
-    inits |= {"split": np.array([-1, N, H, DH], np.int64), "merge": np.array([-1, D], np.int64),
-              "scale": np.array(DH**-0.5, np.float32), "zero": np.array(0, np.float32),
-              "sbias": bias}
-    return parse(text, inits)
-
-
 @pytest.mark.parametrize("target", ["mobile", "ort", "ort-attention"])
 def test_a_score_bias_that_widens_the_groups_is_not_rewritten(target: str) -> None:
     """One group of tokens, a bias for two: the scores (and the output) widen to two groups.
     A fused Attention on one group's tokens cannot produce that (ORT refused the node the old
     check let through); the per-head forms could, but a bias that widens the q·kᵀ product is
     refused for every target, as no exporter writes one."""
-    before = _biased_model(N, RNG.normal(0, 1, (2, H, N, N)).astype(np.float32))
+    before = _model(rows=str(N), score_bias=RNG.normal(0, 1, (2, H, N, N)).astype(np.float32))
     after, pass_ = apply(before, "fold_head_split", fold_head_split.rules(target))
     assert "without widening" in pass_.refusals[f"fold_head_split_{target}"]
     assert ops(after) == ops(before)
@@ -369,7 +346,7 @@ def test_fused_target_keeps_the_nan_guard_when_the_bias_masks_a_whole_row() -> N
     bias = np.zeros((1, H, N, N), np.float32)
     bias[..., 0, :] = -np.inf
     bias[..., 1, 2:] = -np.inf  # a partial mask too
-    before = _biased_model(G * N, bias, nan_guard=True)
+    before = _model(score_bias=bias, nan_guard=True)
     after, pass_ = apply(before, "fold_head_split", fold_head_split.rules("ort-attention"))
     assert pass_.counts["fold_head_split_ort-attention"] == 1
     assert "Attention" not in ops(after)
