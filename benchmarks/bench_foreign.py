@@ -10,7 +10,7 @@ medians; a separate measurement from the one that made the choice).
     python benchmarks/bench_foreign.py --choice-stability 6
 
 ``--choice-stability N`` instead repeats, N times, the comparison `mvcompile optimize` makes
-(the same pipeline with and without the head-split fold, 50 interleaved runs each) and prints
+(the same pipeline with and without the head-split fold, 100 interleaved runs each) and prints
 the without/with ratio of medians and of fastest runs for each repetition.
 """
 
