@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
@@ -60,14 +61,18 @@ class QuantizeReport:
     calibration_agreement: float | None = None
     calibration_sqnr_db: float | None = None
     budget_met: bool | None = None  # None when no --accuracy-budget was given
+    budget_disagreement: float | None = None  # the least reached, when the budget was not met
     # Matrix ops left in float, by op type, other than those in kept_float: contrib ops the QDQ
     # rewrite does not handle (ORT has no integer kernel for FusedMatMul's transposed operands).
     float_matrix_ops: dict[str, int] = field(default_factory=dict)
 
 
 def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
-             on_batch: Callable[[int], None] | None = None) -> tuple[ir.Model, QuantizeReport]:
-    """Return an INT8 (QDQ) copy of ``model`` and a report; ``model`` is not modified."""
+             on_batch: Callable[[int], None] | None = None,
+             budget_progress: StepProgress | None = None) -> tuple[ir.Model, QuantizeReport]:
+    """Return an INT8 (QDQ) copy of ``model`` and a report; ``model`` is not modified.
+    ``on_batch`` is told of each calibration batch, ``budget_progress`` of the accuracy-budget
+    search's steps."""
     model = model.clone()
     NameFixPass()(model)  # keep-float decisions and reports refer to node names
     plan = QuantPlan(frozenset(options.op_types), set(options.keep_float),
@@ -80,7 +85,8 @@ def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
                             counts, calibration=images.description)
     report.kept_float = [{"node": n, "reason": "requested"} for n in sorted(plan.keep_float)]
     if options.accuracy_budget is not None:
-        quantized = _meet_budget(model, quantized, ranges, plan, images, options, report)
+        quantized = _meet_budget(model, quantized, ranges, plan, images, options, report,
+                                 budget_progress)
     report.float_matrix_ops = float_matrix_ops(quantized, exclude=plan.keep_float)
     if not options.report_accuracy:
         return quantized, report
@@ -116,19 +122,33 @@ def _rewrite(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan
     return quantized, counts
 
 
+class StepProgress(Protocol):
+    """Where the budget search reports its steps (the CLI's progress bars fit)."""
+
+    def start(self, label: str, total: int) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+
+
 def _meet_budget(model: ir.Model, quantized: ir.Model, ranges: dict[str, Range],
                  plan: QuantPlan, images: ImageSet, options: QuantizeOptions,
-                 report: QuantizeReport) -> ir.Model:
-    """Greedily keep the most sensitive layer in float until disagreement ≤ budget."""
+                 report: QuantizeReport, progress: StepProgress | None = None) -> ir.Model:
+    """Greedily keep the most sensitive layer in float until disagreement ≤ budget, at most
+    :data:`MAX_FLOAT_FRACTION` of the quantized layers. If the budget is not met, the state
+    with the least disagreement (and, among those, the fewest float layers) is returned, so
+    layers that did not help are quantized again."""
     budget = options.accuracy_budget / 100.0
     fp32_logits = sensitivity.logits(model, images)
     limit = max(1, int(MAX_FLOAT_FRACTION * report.counts["nodes"]))
+    requested = len(report.kept_float)
+    if progress is not None:
+        progress.start("Accuracy budget: keeping layers in float", limit)
 
     def disagreement() -> float:
         return 1.0 - metrics.top1_agreement(fp32_logits, sensitivity.logits(quantized, images))
 
     current = disagreement()
-    while current > budget and len(report.kept_float) < limit:
+    best = (current, requested, quantized, report.counts)
+    while current > budget and len(report.kept_float) - requested < limit:
         ranking = sensitivity.rank_layers(model, quantized, plan, images)
         if not ranking:
             break
@@ -139,8 +159,17 @@ def _meet_budget(model: ir.Model, quantized: ir.Model, ranges: dict[str, Range],
             f"disagreement was {100 * current:.1f}% > budget {options.accuracy_budget}%")})
         quantized, report.counts = _rewrite(model, ranges, plan)
         current = disagreement()
+        if current < best[0]:
+            best = (current, len(report.kept_float), quantized, report.counts)
+        if progress is not None:
+            progress.advance()
     report.budget_met = current <= budget
     if not report.budget_met:
-        log.warning("Accuracy budget not met (%.1f%% disagreement) after keeping %d layers in "
+        current, kept, quantized, report.counts = best
+        for dropped in report.kept_float[kept:]:
+            plan.keep_float.discard(dropped["node"])
+        del report.kept_float[kept:]
+        report.budget_disagreement = current
+        log.warning("Accuracy budget not met: %.1f%% disagreement at best, with %d layers in "
                     "float.", 100 * current, len(report.kept_float))
     return quantized

@@ -306,6 +306,7 @@ class CheckpointWeights:
         self.source = source
         self.missing: list[str] = []
         self.mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+        self.bad_values: list[str] = []  # "name: why", e.g. a negative BatchNorm variance
         self.requested: set[str] = set()
 
     def __call__(self, name: str, shape: tuple[int, ...], role: str) -> np.ndarray:
@@ -315,6 +316,8 @@ class CheckpointWeights:
             self.missing.append(name)
         elif tuple(tensor.shape) != tuple(shape):
             self.mismatched.append((name, tuple(tensor.shape), tuple(shape)))
+        elif (problem := value_problem(tensor, role)) is not None:
+            self.bad_values.append(f"{name}: {problem}")
         else:
             return tensor
         return np.zeros(shape, dtype=np.float32)
@@ -327,6 +330,7 @@ class CheckpointWeights:
         """Raise a :class:`UserError` describing every difference, or return if none."""
         unexpected = self.unexpected()
         if not (self.missing or unexpected or self.mismatched):
+            self._raise_if_bad_values()
             return
         lines = [f"The checkpoint {self.source} does not match {model_desc}: "
                  f"{len(self.missing)} missing keys, {len(unexpected)} unexpected keys, "
@@ -335,10 +339,19 @@ class CheckpointWeights:
         lines += _listing("unexpected", unexpected)
         lines += _listing("shape mismatch", [f"{n}: checkpoint {list(a)} vs model {list(b)}"
                                              for n, a, b in self.mismatched])
-        hint = self._hint()
+        hint = self._hint() if self.missing or self.mismatched else (
+            "Only unexpected keys: remove them from the checkpoint if they are not weights "
+            "of this model.")
         if hint:
             lines.append(hint)
         raise UserError("\n".join(lines))
+
+    def _raise_if_bad_values(self) -> None:
+        if self.bad_values:
+            raise UserError("\n".join([
+                f"The checkpoint {self.source} holds {len(self.bad_values)} tensors with "
+                "values no trained model has; it may be damaged. Nothing was written.",
+                *_listing("bad values", self.bad_values)]))
 
     def _hint(self) -> str:
         head = self.state.get("classifier.weight")
@@ -353,6 +366,15 @@ class CheckpointWeights:
             return ""
         flags = f"--size {size}" + (f" --num-classes {head.shape[0]}" if head is not None else "")
         return f"It looks like a MobileViT-{size.upper()} checkpoint{classes}; try {flags}."
+
+
+def value_problem(tensor: np.ndarray, role: str) -> str | None:
+    """Why ``tensor`` cannot be a trained parameter (NaN and Inf are refused on reading): a
+    BatchNorm running variance (role ``bn_var``) with negative entries, which make
+    sqrt(var + ε) NaN."""
+    if role == "bn_var" and (tensor < 0).any():
+        return f"{int((tensor < 0).sum())} negative variances (min {float(tensor.min()):.3g})"
+    return None
 
 
 def _listing(label: str, items: list[str]) -> list[str]:

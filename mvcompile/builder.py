@@ -103,6 +103,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     progress = progress or _Silent()
     config = _check_inputs(options)
     plain, weights_info = create_mobilevit(config, options.weights, options.seed)
+    check_finite_outputs(plain, weights_info.description)
     fp32, pass_report = compile_graph(plain, "fp32", options.passes)
     models = {"onnx": onnx_io.to_proto(fp32)}
     report: dict = {"model": _model_entry(config), "weights": asdict(weights_info),
@@ -167,6 +168,19 @@ def compile_graph(plain: ir.Model, pipeline: str = "fp32", passes: bool = True
     compiled, report = run_pipeline(plain.clone(), pipeline)
     report["max_abs_diff"] = check_numerics(plain, compiled)
     return compiled, report
+
+
+def check_finite_outputs(model: ir.Model, weights: str) -> None:
+    """UserError if ``model`` outputs NaN or Inf on random images in [0, 1]: weights that
+    make activations overflow (e.g. BatchNorm variances near 0: x/√(σ²+ε) with σ² = 0 scales
+    by 1/√ε) would otherwise give a model that answers NaN."""
+    session = latency.make_session(onnx_io.to_proto(model).SerializeToString())
+    logits = session.run(None, latency.random_feed(session, seed=123))[0]
+    if not np.isfinite(logits).all():
+        raise UserError(f"The model with weights {weights} outputs NaN or Inf on random "
+                        "images: its weights make the activations overflow. Check the "
+                        "checkpoint (for example BatchNorm running_var of 0 or near it). "
+                        "Nothing was written.")
 
 
 def check_numerics(reference: ir.Model, candidate: ir.Model, batch: int = 2) -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -10,10 +12,10 @@ from typing import Any
 
 import click
 
-from mvcompile import analysis, onnx_io
+from mvcompile import analysis, onnx_io, stages
 from mvcompile.calibration.observers import OBSERVERS as OBSERVER_NAMES
 from mvcompile.click_types import FloatRange, NonEmptyPath
-from mvcompile.errors import UserError
+from mvcompile.errors import UserError, os_error_message
 from mvcompile.graphs.mobilevit import SIZES
 from mvcompile.summary import build_summary
 from mvcompile.table import format_table, human_count
@@ -104,6 +106,16 @@ def _resolved_weights(weights: str) -> str:
 PATH = NonEmptyPath()
 
 
+def _note_threads(threads: int) -> None:
+    """A note when --threads asks for more threads than the machine has cores: the extra
+    ones only take turns on the same cores, which slows ONNX Runtime down."""
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        click.secho(f"Note: --threads {threads} is more than this machine's {cores} CPU "
+                    "cores; the extra threads take turns on them and slow ONNX Runtime down.",
+                    fg="yellow", err=True)
+
+
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn UserError into 'Error: ...' on stderr and exit status 1, without a traceback; and
     Ctrl-C into a one-line note and the shell's status for SIGINT, 130. Outputs are staged and
@@ -115,6 +127,9 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except UserError as err:
             click.secho(f"Error: {err}", fg="red", err=True)
+            sys.exit(1)
+        except OSError as err:  # disk full, permission denied: staged outputs were removed
+            click.secho(f"Error: {os_error_message(err)}", fg="red", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.secho("\nInterrupted; no output was written.", fg="yellow", err=True)
@@ -131,6 +146,17 @@ def main(verbose: int) -> None:
     set_verbosity(verbose)
 
 
+BAR_COLUMNS = 56  # what click draws after the label: "  [", a 36-wide bar, "]  100%  00:01:02"
+
+
+def fit_label(label: str, columns: int | None = None) -> str:
+    """``label`` cut (with '…') so that label and bar fit on one terminal line: a line that
+    wraps is redrawn as a new line at every update."""
+    columns = columns or shutil.get_terminal_size().columns
+    room = max(columns - BAR_COLUMNS, 10)
+    return label if len(label) <= room else label[:room - 1] + "…"
+
+
 class _ProgressBars:
     """The builder's Progress protocol drawn as click progress bars on stderr."""
 
@@ -139,7 +165,8 @@ class _ProgressBars:
 
     def start(self, label: str, total: int) -> None:
         self.finish()
-        self._bar = click.progressbar(length=max(total, 1), label=label, file=sys.stderr)
+        self._bar = click.progressbar(length=max(total, 1), label=fit_label(label),
+                                      file=sys.stderr)
         self._bar.__enter__()
 
     def advance(self, n: int = 1) -> None:
@@ -187,7 +214,8 @@ class _ProgressBars:
               show_default=True, help="How activation ranges are chosen from calibration data.")
 @click.option("--accuracy-budget", type=FloatRange(0, 100), default=None,
               help="Max top-1 disagreement with FP32 on the calibration images, in percent; "
-                   "the most sensitive layers stay in float until it is met.")
+                   "the most sensitive layers stay in float until it is met (at most a "
+                   "quarter of them; if it cannot be met, the build fails and writes nothing).")
 @click.option("--weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
               help="INT8 weight range: 7 bits avoids the int16 saturation of x86 u8*s8 kernels "
                    "(measured accuracy loss without it); 8 uses the full range (ARM phones).")
@@ -230,6 +258,7 @@ def build(size: str, weights: str | None, resolution: int, patch_config: str, nu
     from mvcompile.builder import build as run_build
 
     target_names = tuple(t.strip() for t in targets.split(",") if t.strip())
+    _note_threads(threads)
     _warn_ignored_options(int8=int8, ort="ort" in target_names,
                           coreml="coreml" in target_names, random_weights=not weights,
                           timing=latency_runs > 0)
@@ -280,12 +309,27 @@ def info(model: str) -> None:
         ("nodes", s.node_count),
         ("opsets", ", ".join(f"{d} {v}" for d, v in s.opsets.items())),
         ("IR version", s.ir_version),
+        ("onnx.checker", _checker_verdict(model)),
     ]
     rows += [(f"input {name}", analysis.format_shape(dims)) for name, dims in s.inputs]
     rows += [(f"output {name}", analysis.format_shape(dims)) for name, dims in s.outputs]
     click.echo(format_table(rows, header=(model, "")))
     click.echo()
     click.echo(format_table(list(s.op_histogram.items()), header=("op", "count")))
+
+
+def _checker_verdict(path: str) -> str:
+    """'valid (full check)', or why onnx.checker.check_model(full_check=True) refuses the
+    model at ``path`` (read from the path, so that external data and > 2 GiB models work)."""
+    import onnx
+
+    from mvcompile.errors import first_line
+
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as err:  # onnx raises ValidationError, InferenceError and others
+        return f"INVALID: {first_line(err)}"
+    return "valid (full check)"
 
 
 @main.command(name="eval")
@@ -374,8 +418,9 @@ def optimize(model: str, output: str, target: str, tolerance: float, measure: bo
     from mvcompile.optimize import optimize_file, rule_rows, storage_note
     from mvcompile.table import human_bytes
 
-    report = optimize_file(model, output, target=target, tolerance=tolerance,
-                           choose_by_latency=measure, batch=batch, resolution=resolution)
+    with stages.reporting_to(_ProgressBars()):
+        report = optimize_file(model, output, target=target, tolerance=tolerance,
+                               choose_by_latency=measure, batch=batch, resolution=resolution)
     nodes, transposes, size = report["nodes"], report["transposes"], report["size"]
     storage = report.get("storage") or {}
     casts = (f" ({storage['restored']} of them Casts of {'/'.join(storage['types'])} weights)"
@@ -448,6 +493,7 @@ def bench(model: str, backend: str | None, threads: int, runs: int, warmup: int,
     not be compared with each other."""
     from mvcompile import bench as bench_module
 
+    _note_threads(threads)
     with click.progressbar(length=runs, label="Timing", file=sys.stderr) as bar:
         result = bench_module.bench(model, backend, threads=threads, runs=runs, warmup=warmup,
                                     compute_units=compute_units, on_run=lambda: bar.update(1),

@@ -37,3 +37,11 @@ def ort_load_error(err: BaseException, where: str) -> UserError:
     else:
         hint = ""
     return UserError(f"ONNX Runtime cannot load {where}: {first_line(err).rstrip('.')}.{hint}")
+
+
+def os_error_message(err: OSError) -> str:
+    """A one-line message for an error the operating system reported (disk full, permission
+    denied, a file that vanished): its own words and the path, e.g. 'No space left on device:
+    out/model.onnx'."""
+    reason = err.strerror or first_line(err)
+    return f"{reason}: {err.filename}" if err.filename else reason

@@ -42,7 +42,12 @@ def predict(model: bytes | str | ort.InferenceSession, images: ImageSet, threads
         outputs.append(session.run(None, {input_name: feed})[0][:len(batch)])
         if on_batch is not None:
             on_batch(len(batch))
-    return np.concatenate(outputs)
+    logits = np.concatenate(outputs)
+    if logits.ndim != 2:
+        raise UserError(f"{where}'s first output has shape {list(logits.shape)} for "
+                        f"{len(images.pixels)} images, not class logits [N, classes]; eval "
+                        "needs an image classifier.")
+    return logits
 
 
 def open_session(model: bytes | str, where: str, threads: int = 2) -> ort.InferenceSession:
@@ -162,6 +167,10 @@ def _square_resolution(shape: list | None, name: str) -> int:
     if shape is None:
         raise UserError(f"{name} has no inputs; eval needs one image input [N, 3, H, W].")
     sizes = [d for d in shape[2:4] if isinstance(d, int) and d > 0]
+    if len(shape) == 4 and not sizes:
+        raise UserError(f"{name} takes images of any height and width, so eval cannot tell "
+                        f"which resolution to prepare them at; fix it with `mvcompile optimize "
+                        f"{name} --resolution R -o OUT.onnx` and evaluate OUT.onnx.")
     if len(shape) != 4 or len(sizes) != 2 or sizes[0] != sizes[1]:
         raise UserError(f"{name} does not take a square [N, 3, R, R] image input.")
     return sizes[0]

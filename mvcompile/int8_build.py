@@ -12,7 +12,13 @@ import onnxruntime as ort
 
 from mvcompile import onnx_io
 from mvcompile.calibration.data import ImageSet, load_images
-from mvcompile.calibration.quantize import QuantizeOptions, quantize
+from mvcompile.calibration.quantize import (
+    MAX_FLOAT_FRACTION,
+    QuantizeOptions,
+    QuantizeReport,
+    quantize,
+)
+from mvcompile.errors import UserError
 from mvcompile.evaluate import (
     accuracy_report,
     model_class_names,
@@ -47,8 +53,11 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
                                        accuracy_budget=options.accuracy_budget,
                                        weight_bits=options.weight_bits,
                                        report_accuracy=False)
-    int8, qreport = quantize(source, calibration, quantize_options, progress.advance)
+    int8, qreport = quantize(source, calibration, quantize_options, progress.advance,
+                             budget_progress=progress)
     progress.finish()
+    if qreport.budget_met is False:
+        raise UserError(_budget_missed(qreport, options.accuracy_budget, len(calibration.pixels)))
     int8_proto = onnx_io.to_proto(int8)
     pair = _Pair(open_session(fp32.SerializeToString(), "the FP32 model"),
                  open_session(int8_proto.SerializeToString(), "the INT8 model"),
@@ -63,6 +72,16 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
         images = _images(options.eval_data, options, progress, None, "val")
         report["accuracy"]["eval"] = _compare(pair, images, progress, options.eval_data)
     return int8_proto, report
+
+
+def _budget_missed(qreport: QuantizeReport, budget: float, images: int) -> str:
+    """Why --accuracy-budget failed, and what to change."""
+    return (f"--accuracy-budget {budget:g}% was not met: the least top-1 disagreement with FP32 "
+            f"on the {images} calibration images was {100 * qreport.budget_disagreement:.1f}%, "
+            f"with {len(qreport.kept_float)} layers kept in float (the search keeps at most "
+            f"{MAX_FLOAT_FRACTION:.0%} of the quantized layers; each image is "
+            f"{100 / images:.1f}% of the agreement). Nothing was written. Allow a larger budget, "
+            "or calibrate on more images (--calib-size, --calib-data).")
 
 
 def int8_source(plain: ir.Model, passes: bool) -> tuple[ir.Model, dict | None]:

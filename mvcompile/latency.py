@@ -131,8 +131,9 @@ def measure_interleaved(sessions: dict[str, ort.InferenceSession], feed: dict[st
 
 
 def time_models(models: dict[str, bytes], feed: dict[str, np.ndarray], runs: int = 30,
-                threads: int = 2) -> dict[str, LatencyStats]:
+                threads: int = 2, on_run: Callable[[], None] | None = None
+                ) -> dict[str, LatencyStats]:
     """Latency of each serialized model, timed with :func:`measure_interleaved` so that all
-    of them see the same machine load."""
+    of them see the same machine load; ``on_run`` is called after each round of blocks."""
     sessions = {name: make_session(blob, threads=threads) for name, blob in models.items()}
-    return measure_interleaved(sessions, feed, runs=runs)
+    return measure_interleaved(sessions, feed, runs=runs, on_run=on_run)

@@ -26,7 +26,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from mvcompile import batch_generalize, input_dims, latency, onnx_io
+from mvcompile import batch_generalize, input_dims, latency, onnx_io, stages
 from mvcompile.analysis import graph_inputs, value_dims
 from mvcompile.backends._output import check_writable_dir
 from mvcompile.errors import UserError, first_line
@@ -179,8 +179,13 @@ def _optimize(proto: onnx.ModelProto, prepared: onnx.ModelProto, stored: list[ir
     checked nor stored in the types ``stored`` (max_abs_diff NaN): the caller does both."""
     if expected is not None:
         expected(batch or 1)  # the input must run before anything else is done
+    at = f" at batch {batch}" if batch else ""
+    stages.start(f"Simplifying with onnxsim{at}")
     simplified = simplify(fix_batch(prepared, symbolic, batch) if batch else prepared)
+    stages.advance()
+    stages.start(f"Rewriting ({target} passes){at}")
     result, pipeline_report = run_pipeline_proto(simplified, TARGET_PIPELINES[target], skip)
+    stages.advance()
     choices = []
     if choose_by_latency and target == "ort":
         for stage in MEASURED_STAGES:
@@ -271,6 +276,8 @@ def _check_batches(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: f
     (whose outputs by batch ``expected`` gives) at :data:`VERIFY_BATCHES`; UserError unless
     ``result`` passes check_model and, at each batch, runs in ONNX Runtime with outputs of
     ``proto``'s shapes within ``tolerance``."""
+    stages.start("Checking the result against the input at batches "
+                 + ", ".join(map(str, VERIFY_BATCHES)))
     try:
         onnx.checker.check_model(result, full_check=True)
     except Exception as err:
@@ -286,6 +293,7 @@ def _check_batches(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: f
         worst = max(worst, diff)
         if not worst <= tolerance:
             raise UserError(f"the generalised model differs by {worst:.3g} at batch {batch}")
+    stages.advance()
     return worst
 
 
@@ -333,9 +341,10 @@ def _keep_if_faster(simplified: onnx.ModelProto, result: onnx.ModelProto, report
     ratios of fastest runs and of medians)."""
     without, without_report = run_pipeline_proto(simplified, TARGET_PIPELINES["ort"],
                                                   frozenset({stage}))
+    stages.start(f"Timing with and without {stage}", -(-LATENCY_RUNS // latency.BLOCK))
     stats = latency.time_models(
         {"with": result.SerializeToString(), "without": without.SerializeToString()},
-        random_inputs(simplified), runs=LATENCY_RUNS)
+        random_inputs(simplified), runs=LATENCY_RUNS, on_run=stages.advance)
     fastest = {name: s.min_ms for name, s in stats.items()}
     kept = fastest["without"] > (1.0 - DROP_MARGIN) * fastest["with"]
     choice = {"stage": stage, "kept": kept, "min_ms_with": fastest["with"],
@@ -390,6 +399,7 @@ def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float, ba
     """The max abs output difference of ``result`` from ``proto`` (whose outputs on the seeded
     inputs are ``expected``); raise UserError unless ``result`` passes check_model, runs and
     is within ``tolerance``."""
+    stages.start("Checking the result against the input")
     try:
         onnx.checker.check_model(result, full_check=True)
         diff = max_abs_diff(proto, result, batch=batch, reference_outputs=expected)
@@ -400,6 +410,7 @@ def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float, ba
         raise UserError(f"The optimized model differs from the input by {diff:.3g} (max abs) "
                         f"on random inputs, above the tolerance {tolerance:g}; nothing was "
                         "written. Please report this with the input model.")
+    stages.advance()
     return diff
 
 

@@ -80,6 +80,7 @@ def _scales_or_sizes(resize: ir.Node) -> tuple[str, np.ndarray] | None:
 
 
 def _consumer_ops(value: ir.Value) -> set[str]:
+    """The op types that read ``value``."""
     return {use.node.op_type for use in value.uses()}
 
 
@@ -103,6 +104,7 @@ def _resize_to(op: RewriterContext, resize: ir.Node, x: ir.Value, channels: int,
 
 
 def _conv(op: RewriterContext, conv: ir.Node, x: ir.Value) -> ir.Value:
+    """``conv`` (same weights, bias and attributes) applied to ``x`` instead."""
     attrs = {k: a.value for k, a in conv.attributes.items()}
     return op.Conv(x, *conv.inputs[1:], **attrs)
 

@@ -142,6 +142,15 @@ class FoldHeadSplit(RewriteRuleClassBase):
         return op.Gemm(merged, wo, _allow_other_inputs=True, _outputs=["out"])
 
     def check(self, context, scores, v, **values) -> MatchResult:
+        """Match only the reference attention, per group g and head h:
+
+            S = s · Q_h K_hᵀ + B,  Q_h = (X W_qᵀ + b_q)[:, h·d_h:(h+1)·d_h] (K, V alike)
+            Y = concat_h(softmax_keys(S) V_h) W_oᵀ + b_o
+
+        with constant s, B (B not widening Q·Kᵀ), W, b; q, k, v projections of the same
+        tokens, split [G,N,h,d_h] and transposed as head splits; the merge the inverse
+        transpose; float32 weights; no intermediate read elsewhere. Records the
+        :class:`Attention` for ``rewrite``."""
         result = MatchResult()
         opset = context.model.opset_imports.get("", 0)
         if opset < MIN_OPSET:

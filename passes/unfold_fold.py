@@ -200,6 +200,9 @@ class UnfoldToSpaceToDepth(_ChainRule):
 
 def _check_unfold(rule: _ChainRule, image: ir.Value, tokens: ir.Value,
                   result: MatchResult) -> MatchResult:
+    """Fail unless the chain from ``image`` [B,C,H,W] to ``tokens`` computes the reference
+    unfold T[b,(i',j'),(i,j),c] = X[b,c,i·p+i',j·p+j'] for some patch p (run on an index
+    tensor); record p, the image shape and the last Reshape's shape without 0s."""
     shape = sim_shape(image)
     if shape is None or len(shape) != 4:
         return result.fail(f"shape of '{image.name}' {NOT_STATIC}.")
@@ -323,6 +326,9 @@ class FoldToDepthToSpace(_ChainRule):
 
 def _check_fold(rule: _ChainRule, tokens: ir.Value, image: ir.Value,
                 result: MatchResult) -> MatchResult:
+    """Fail unless the chain from ``tokens`` to ``image`` [B,C,H,W] inverts the reference
+    unfold for some patch p, X[b,c,i·p+i',j·p+j'] = T[b,(i',j'),(i,j),c]; record p and the
+    image shape."""
     out_shape = sim_shape(image)
     if out_shape is None or len(out_shape) != 4:
         return result.fail(f"shape of '{image.name}' {NOT_STATIC}.")

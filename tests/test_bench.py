@@ -157,3 +157,12 @@ def test_model_without_outputs_fails_cleanly(tmp_path) -> None:
     del proto.graph.output[:]
     onnx.save(proto, path)
     assert_clean_failure(*run("bench", path, "--runs", "2"), "has no outputs")
+
+
+def test_more_threads_than_cores_get_a_note(onnx_path: str, monkeypatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    code, output = run("bench", onnx_path, "--runs", "2", "--warmup", "0", "--threads", "3")
+    assert code == 0
+    assert "--threads 3 is more than this machine's 2 CPU cores" in output
+    code, output = run("bench", onnx_path, "--runs", "2", "--warmup", "0", "--threads", "2")
+    assert code == 0 and "CPU cores" not in output

@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 torch = pytest.importorskip("torch")
 
-from conftest import build_random, ort_run, random_pixels
+from conftest import assert_clean_failure, build_random, ort_run, random_pixels, run
 from mvcompile.errors import UserError
 from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY, checkpoint_class_names
 from mvcompile.graphs.cvnets_names import cvnets_key
@@ -191,3 +191,40 @@ def test_train_writes_class_names_that_build_reads_back(tmp_path: Path) -> None:
     save_file({"w": np.zeros(1, np.float32)}, str(tmp_path / "best.safetensors"),
               metadata=_metadata(run))
     assert checkpoint_class_names(tmp_path / "best.safetensors") == classes
+
+
+def test_negative_batchnorm_variances_are_named(tmp_path: Path) -> None:
+    """sqrt(var + ε) of a negative variance is NaN: the checkpoint is refused, not built
+    into a model that answers NaN."""
+    _, weights = build_random(CFG, seed=1)
+    name = next(k for k in weights if k.endswith("running_var"))
+    weights[name] = -np.ones_like(weights[name])
+    save_file(weights, str(tmp_path / "negvar.safetensors"))
+    with pytest.raises(UserError, match=f"(?s)may be damaged.*{name}: .* negative variances"):
+        create_mobilevit(CFG, tmp_path / "negvar.safetensors")
+
+
+def test_only_unexpected_keys_say_to_remove_them_not_to_change_size(tmp_path: Path) -> None:
+    _, weights = build_random(CFG)
+    weights["extra.head.weight"] = np.zeros(3, np.float32)
+    save_file(weights, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(UserError, match="Only unexpected keys: remove them") as err:
+        create_mobilevit(CFG, tmp_path / "extra.safetensors")
+    assert "try --size" not in str(err.value)
+
+
+def test_weights_that_overflow_are_an_error_before_anything_is_written(tmp_path: Path) -> None:
+    """BatchNorm variances of 0 scale by 1/√ε ≈ 316 per layer: the activations overflow to
+    Inf and NaN; build says so instead of writing a model that answers NaN."""
+    _, weights = build_random(CFG, seed=1)
+    for name in [k for k in weights if k.endswith("running_var")]:
+        weights[name] = np.zeros_like(weights[name])
+    for name in [k for k in weights if k.endswith("normalization.weight")]:
+        weights[name] = np.full_like(weights[name], 1e4)
+    save_file(weights, str(tmp_path / "zerovar.safetensors"))
+    for flags in ((), ("--no-passes",)):
+        code, output = run("build", "--resolution", "64", "--latency-runs", "0", "--weights",
+                           str(tmp_path / "zerovar.safetensors"), "-o", str(tmp_path / "out"),
+                           *flags)
+        assert_clean_failure(code, output, "outputs NaN or Inf", "running_var")
+        assert not (tmp_path / "out").exists()

@@ -141,8 +141,24 @@ def test_info_reports_our_model(tmp_path: Path) -> None:
     assert code == 0
     for phrase in ("1,272,024", "21.18 M", "BatchNormalization  32"):
         assert phrase in output, output
-    for phrase in ("ai.onnx 24", "IR version", "[batch, 3, 64, 64]", "[batch, 1000]"):
+    for phrase in ("ai.onnx 24", "IR version", "[batch, 3, 64, 64]", "[batch, 1000]",
+                   "valid (full check)"):
         assert phrase in output, output
+
+
+def test_info_says_when_onnx_checker_refuses_the_model(tmp_path: Path) -> None:
+    """A node reads a tensor nothing defines: info still describes the model, and says why
+    it is invalid."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["undefined"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 24)])
+    model.ir_version = 10
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    code, output = run("info", str(tmp_path / "broken.onnx"))
+    assert code == 0
+    assert "INVALID: " in output and "undefined" in output, output
 
 
 def test_info_on_a_torch_export(tmp_path: Path) -> None:

@@ -106,3 +106,22 @@ def test_a_core_ml_package_is_named_as_one(tmp_path: Path) -> None:
                     ("optimize", str(package), "-o", str(tmp_path / "o.onnx"))):
         code, output = run(*command)
         assert_clean_failure(code, output, "is a Core ML package", "mvcompile bench")
+
+
+def test_a_full_disk_is_an_error_message_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    """write() on a full disk raises OSError(ENOSPC) without a file name; the CLI names the
+    output and leaves no temporary file behind."""
+    import errno
+
+    from mvcompile import onnx_io
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    onnx.save(_matmul(10), str(tmp_path / "m.onnx"))
+    monkeypatch.setattr(onnx_io.os, "fsync", full_disk)
+    out = tmp_path / "out"
+    code, output = run("optimize", str(tmp_path / "m.onnx"), "-o", str(out / "o.onnx"),
+                       "--no-measure")
+    assert_clean_failure(code, output, f"No space left on device: {out / 'o.onnx'}")
+    assert not out.exists() or not list(out.iterdir())

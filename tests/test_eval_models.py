@@ -266,3 +266,23 @@ def test_an_onnx_file_named_ort_fails_cleanly(tmp_path: Path) -> None:
 def test_other_commands_still_refuse_ort(ort_models: dict[str, Path]) -> None:
     code, output = run("info", str(ort_models["model"]))
     assert_clean_failure(code, output, "ONNX Runtime (.ort) model")
+
+
+def test_a_model_of_any_image_size_is_told_how_to_fix_one(tmp_path: Path) -> None:
+    model = _channel_means(tmp_path / "dyn.onnx", ["N", 3, "H", "W"], ["N", 3])
+    code, output = run("eval", model, "--data", "digits")
+    assert_clean_failure(code, output, "takes images of any height and width",
+                         "--resolution R")
+
+
+def test_an_output_that_is_not_logits_is_named(tmp_path: Path) -> None:
+    """A model whose first output is an image, not [N, classes]: named as such, rather than
+    read as a model with 64 classes."""
+    relu = helper.make_node("Relu", ["x"], ["y"])
+    model = _save(tmp_path / "relu.onnx",
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 64, 64])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 64, 64])],
+                  [relu])
+    code, output = run("eval", model, "--data", "digits", "--limit", "4")
+    assert_clean_failure(code, output, "first output has shape [4, 3, 64, 64]",
+                         "not class logits [N, classes]")

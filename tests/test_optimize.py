@@ -102,7 +102,7 @@ def test_head_split_fold_is_dropped_only_when_measured_clearly_slower(
     proto, _ = hf_export
     timed = []
 
-    def fake_time_models(models, feed, runs):
+    def fake_time_models(models, feed, runs, on_run=None):
         timed.append(set(models))
         return {"with": LatencyStats(2.0, 3.0, 1.0, runs),
                 "without": LatencyStats(2.0, 3.0, without_ms, runs)}
@@ -255,3 +255,49 @@ def test_one_optimize_run_reaches_the_fixed_point(hf_export, target: str) -> Non
     assert tidy["rules"]["noop_reshape"] == {"mobile": 4, "ort": 6}[target]
     assert _reshape_chains(once) == []
     assert max_abs_diff(proto, once) <= 1e-4
+
+
+class _Stages:
+    """Records what a stage listener is told."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, int]] = []
+        self.advanced: dict[str, int] = {}
+
+    def start(self, label: str, total: int) -> None:
+        self.started.append((label, total))
+        self.advanced[label] = 0
+
+    def advance(self, n: int = 1) -> None:
+        self.advanced[self.started[-1][0]] += n
+
+    def finish(self) -> None:
+        pass
+
+
+def test_optimize_reports_its_stages_and_the_timing_runs(hf_export) -> None:
+    """optimize's long steps (onnxsim, the passes, the timed choice, the check) reach a
+    listener in order; the timing stage advances once per round of interleaved blocks."""
+    from mvcompile import latency, stages
+    from mvcompile.optimize import LATENCY_RUNS
+
+    proto, _ = hf_export
+    listener = _Stages()
+    with stages.reporting_to(listener):
+        optimize_proto(proto, "ort", choose_by_latency=True)
+    labels = [label for label, _ in listener.started]
+    assert labels[:2] == ["Simplifying with onnxsim", "Rewriting (ort passes)"]
+    timing = next(label for label in labels if label.startswith("Timing with and without"))
+    rounds = -(-LATENCY_RUNS // latency.BLOCK)
+    assert dict(listener.started)[timing] == listener.advanced[timing] == rounds
+    assert labels[-1] == "Checking the result against the input"
+    assert all(listener.advanced[label] >= 1 for label in labels)
+
+
+def test_progress_labels_are_cut_to_fit_one_terminal_line() -> None:
+    from mvcompile.cli import BAR_COLUMNS, fit_label
+
+    long = "Evaluating on 4 crops of 13 scikit-image sample photos (bundled default; pass it)"
+    cut = fit_label(long, columns=80)
+    assert len(cut) == 80 - BAR_COLUMNS and cut.endswith("…")
+    assert fit_label("Timing", columns=80) == "Timing"

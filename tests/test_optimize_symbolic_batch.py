@@ -63,7 +63,7 @@ def test_a_stage_dropped_for_speed_at_batch_1_is_left_out_at_batch_2(
     it out too, or the two graphs would differ and the generalisation give up."""
     timed = []
 
-    def fake_time_models(models, feed, runs):
+    def fake_time_models(models, feed, runs, on_run=None):
         timed.append(feed)
         return {"with": LatencyStats(2.0, 3.0, 1.0, runs),
                 "without": LatencyStats(2.0, 3.0, 0.5, runs)}

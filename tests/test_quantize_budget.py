@@ -58,3 +58,50 @@ def test_budget_keeps_the_sensitive_conv_in_float() -> None:
     assert report.counts["nodes"] == 1  # the Gemm is still quantized
     # the kept Conv is reported once, under kept_float, not as a matrix op ORT cannot quantize
     assert report.float_matrix_ops == {}
+
+
+class _Steps:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def start(self, label: str, total: int) -> None:
+        self.calls.append(("start", label, total))
+
+    def advance(self, n: int = 1) -> None:
+        self.calls.append(("advance", n))
+
+
+def test_a_missed_budget_quantizes_again_the_layers_that_did_not_help(monkeypatch) -> None:
+    """Ranking the harmless Gemm first: keeping it in float leaves the disagreement as it was,
+    the one-layer limit (a quarter of two) stops the search, and the result is the state
+    with the least disagreement and fewest float layers: both layers quantized."""
+    model, images = _fragile_model(), _images()
+    options = QuantizeOptions(method="minmax", weight_bits=8,
+                              op_types=frozenset({"Conv", "Gemm"}))
+    _, unconstrained = quantize(model, images, options)
+    gemm = next(n.name for n in model.graph if n.op_type == "Gemm")
+    monkeypatch.setattr(sensitivity, "rank_layers", lambda *args: [
+        sensitivity.LayerSensitivity(gemm, "Gemm", 1.0)])
+    steps = _Steps()
+    quantized, report = quantize(model, images, QuantizeOptions(
+        method="minmax", weight_bits=8, op_types=frozenset({"Conv", "Gemm"}),
+        accuracy_budget=0.0), budget_progress=steps)
+    assert report.budget_met is False
+    assert report.kept_float == [] and report.counts["nodes"] == 2
+    assert report.budget_disagreement == 1.0 - unconstrained.calibration_agreement > 0
+    assert report.calibration_agreement == unconstrained.calibration_agreement
+    assert steps.calls[0][0] == "start" and "Accuracy budget" in steps.calls[0][1]
+    assert steps.calls[1:] == [("advance", 1)]
+
+
+def test_a_missed_budget_is_a_build_error_that_says_what_to_change() -> None:
+    from mvcompile.calibration.quantize import QuantizeReport
+    from mvcompile.int8_build import _budget_missed
+
+    report = QuantizeReport("percentile", "uint8", 7, ["Conv"], {"nodes": 40},
+                            kept_float=[{"node": "conv_3", "reason": "most sensitive"}],
+                            budget_met=False, budget_disagreement=0.25)
+    message = _budget_missed(report, 0.0, 4)
+    assert "--accuracy-budget 0% was not met" in message
+    assert "25.0%, with 1 layers kept in float" in message
+    assert "each image is 25.0%" in message and "Nothing was written" in message

@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from mvcompile.click_types import FloatRange, NonEmptyPath
-from mvcompile.errors import UserError
+from mvcompile.errors import UserError, os_error_message
 from mvcompile.graphs.mobilevit import SIZES
 from mvcompile.interrupts import Terminated, sigterm_as_stop_request
 from mvcompile.table import format_table
@@ -186,6 +186,8 @@ def train(**kwargs: object) -> None:
         result = _run(options)
     except UserError as err:
         _fail(str(err))
+    except OSError as err:  # disk full, permission denied; files are replaced atomically
+        _fail(os_error_message(err))
     if not _is_main_process():  # under torchrun, one note and summary, not one per process
         return
     if result.start_epoch >= options.epochs:
