@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -43,12 +44,20 @@ def assert_clean_error(result: Result, *phrases: str) -> None:
         assert phrase in result.output, result.output
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT as a terminal's Ctrl-C delivers it. A shell starts
+    background jobs (`cmd &`, nohup) with SIGINT ignored, which the child would inherit, and
+    then Python installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_signal(cmd: list[str], last: Path, signum: int, wait_s: float
                      ) -> tuple[int, str]:
     """Start ``cmd`` (a training run), send ``signum`` ``wait_s`` after its first checkpoint
     ``last`` appears, and return its exit status and stderr."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
