@@ -248,3 +248,35 @@ def test_qdq_weight_only_keeps_activations_float() -> None:
     reference = run_unoptimised(coreml.reference_model(model, "weight-only")[0], feed)[0]
     np.testing.assert_allclose(coreml.run_coreml(mlmodel, feed, options)["y"], reference,
                                atol=1e-4, rtol=1e-4)
+
+
+def test_flatten_with_negative_axes() -> None:
+    """ONNX axes run over [-r, r]: -1 keeps the last dim, -3 the last three."""
+    check_op(make_model("""
+        g (float[2,3,4,5] x) => (float[24,5] y, float[2,60] z) {
+            y = Flatten<axis=-1>(x)
+            z = Flatten<axis=-3>(x)
+        }"""))
+
+
+def test_gemm_bias_per_row_and_int8_weight_with_alpha() -> None:
+    """C [M, 1] adds per row even when M == N; with a constexpr int8 weight, α scales x·Wᵀ
+    and not β·C."""
+    w = randn(4, 8)
+    scale = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+    counts = check_op(make_model("""
+        g (float[4,4] a, float[3,8] x) => (float[4,4] y, float[3,4] z) {
+            y = Gemm(a, b, c)
+            w = DequantizeLinear<axis=0>(wq, ws, wz)
+            z = Gemm<transB=1, alpha=0.5, beta=2.0>(x, w, bias)
+        }""", b=randn(4, 4), c=randn(4, 1), wq=np.round(w / scale[:, None]).astype(np.int8),
+        ws=scale, wz=np.zeros(4, np.int8), bias=randn(4)), tolerance=1e-3)
+    assert counts["linear"] == 1 and counts["matmul"] == 1
+
+
+def test_an_output_of_another_shape_is_refused_not_reshaped() -> None:
+    from mvcompile.errors import UserError
+
+    with pytest.raises(UserError, match=r"shape \[60, 1\], ONNX Runtime's \[12, 5\]"):
+        coreml._as_shape(np.zeros((60, 1)), (12, 5), "y")
+    assert coreml._as_shape(np.zeros((1000,)), (1, 1000), "y").shape == (1, 1000)

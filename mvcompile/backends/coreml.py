@@ -211,6 +211,16 @@ def run_coreml(mlmodel: ct.models.MLModel, feed: dict[str, np.ndarray],
     return mil_eval.evaluate(mlmodel._mil_program, {names[k]: v for k, v in feed.items()})
 
 
+def _as_shape(got: np.ndarray, want: tuple[int, ...], name: str) -> np.ndarray:
+    """``got`` in ONNX Runtime's shape ``want`` when the two differ only in size-1 dims
+    (Core ML may drop or add them); a UserError when the lowering computed another shape."""
+    if [d for d in got.shape if d != 1] != [d for d in want if d != 1]:
+        raise UserError(f"The Core ML program's output {name} has shape {list(got.shape)}, "
+                        f"ONNX Runtime's {list(want)}: the lowering is wrong for this model. "
+                        "Nothing was written; please report this with the model.")
+    return got.reshape(want)
+
+
 def verify(mlmodel: ct.models.MLModel, proto: onnx.ModelProto, options: CoreMLOptions
            ) -> CoreMLCheck:
     """Compare Core ML outputs with ONNX Runtime's; :class:`UserError` if they differ."""
@@ -227,7 +237,7 @@ def verify(mlmodel: ct.models.MLModel, proto: onnx.ModelProto, options: CoreMLOp
         expected = session.run(None, feed)
         actual = run_coreml(mlmodel, feed, options)
         for out, want in zip(session.get_outputs(), expected, strict=True):
-            got = actual[mil_lower.sanitize(out.name)].reshape(want.shape)
+            got = _as_shape(actual[mil_lower.sanitize(out.name)], want.shape, out.name)
             diff = float(np.max(np.abs(got.astype(np.float64) - want)))
             rel = diff / max(1.0, float(np.max(np.abs(want))))
             worst = max(worst, (rel, diff))

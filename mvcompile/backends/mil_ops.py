@@ -220,14 +220,15 @@ def _gemm(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> lis
     constexpr_b = _is_constexpr(b)
     if isinstance(b, Var) and b.val is not None and not constexpr_b:
         b = np.asarray(b.val)
-    bias_ok = c is None or (_is_const(c) and int(np.prod(shape(c))) in (1, n)
-                            and len(shape(c)) <= 2 and shape(c)[-1] in (1, n))
+    # a per-column bias: C of shape (), (1,), (N,), (1, 1) or (1, N); [M, 1] adds per row
+    bias_ok = c is None or (_is_const(c) and tuple(shape(c)) in ((), (1,), (n,), (1, 1), (1, n)))
     if (isinstance(b, np.ndarray) or (constexpr_b and trans_b)) and bias_ok:
         weight = b if trans_b else np.ascontiguousarray(b.T)
         if isinstance(weight, np.ndarray) and alpha != 1.0:
             weight, alpha = (weight * alpha).astype(np.float32), 1.0
         bias = np.zeros(n, np.float32) if c is None else np.broadcast_to(
             np.asarray(c.val if isinstance(c, Var) else c, np.float32).reshape(-1), (n,)) * beta
+        bias = bias / alpha  # α·(x·Wᵀ + β·C/α) = α·x·Wᵀ + β·C, for a constexpr W
         x = mb.transpose(x=a, perm=[1, 0]) if trans_a else a
         y = mb.linear(x=x, weight=weight, bias=np.ascontiguousarray(bias, np.float32))
         return [y if alpha == 1.0 else mb.mul(x=y, y=np.float32(alpha))]
@@ -273,7 +274,8 @@ def _reshape(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> 
 def _flatten(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) -> list[Value]:
     x = arg(ctx, node, 0)
     dims = shape(x)
-    axis = int(attrs.get("axis", 1)) % (len(dims) + 1)
+    axis = int(attrs.get("axis", 1))
+    axis = axis + len(dims) if axis < 0 else axis  # ONNX: axis in [-r, r]
     return [reshape(x, [math.prod(dims[:axis]), math.prod(dims[axis:])])]
 
 
