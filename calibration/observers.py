@@ -127,7 +127,7 @@ class _ThresholdSearchObserver(_HistogramObserver, abc.ABC):
     The loss sees the grid the activations are really quantized on: 255 steps over [lo, hi],
     asymmetric (post-Swish activations are nearly one-sided). Candidates are
     T_k = k·R/(bins/2), k from 255 (so that [lo, hi] spans at least one bin per level) to
-    bins/2, in about 256 steps.
+    bins/2 (no clipping, always included), in about 256 steps.
     """
 
     levels = 256
@@ -143,10 +143,15 @@ class _ThresholdSearchObserver(_HistogramObserver, abc.ABC):
         lo0, hi0 = min(seen_lo, 0.0), max(seen_hi, 0.0)
         half = self.bins // 2
         step = max(1, half // 256)
-        candidates = [k * self.limit / half
-                      for k in range(min(self.levels - 1, half), half + 1, step)]
-        ranges = [(max(lo0, -t), min(hi0, t)) for t in candidates]
-        best = min(ranges, key=lambda r: self._loss(*r))
+        ks = list(range(min(self.levels - 1, half), half + 1, step))
+        if ks[-1] != half:
+            ks.append(half)  # the whole histogram, no clipping, is always a candidate
+        ranges = [(max(lo0, -k * self.limit / half), min(hi0, k * self.limit / half))
+                  for k in ks]
+        losses = [self._loss(*r) for r in ranges]
+        if not np.isfinite(min(losses)):
+            return seen_lo, seen_hi
+        best = ranges[int(np.argmin(losses))]
         if best[1] - best[0] >= (hi0 - lo0) - step * self.limit / half:
             return seen_lo, seen_hi  # within one search step of the data: no clipping
         return best

@@ -109,8 +109,9 @@ def insert_qdq(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan) -> di
         for index, role in roles.items():
             if role == CONSTANT:
                 node.replace_input_with(index, _quantized_constant(graph, node, index, plan))
-        if BIAS in roles.values() and weight_scales is not None and input_scale is not None:
-            index = next(i for i, r in roles.items() if r == BIAS)
+        index = next((i for i, r in roles.items() if r == BIAS), None)
+        if index is not None and input_scale is not None and _int32_bias(
+                node, index, input_scale, weight_scales):
             node.replace_input_with(index, _quantized_bias(graph, node, index, input_scale,
                                                            weight_scales))
             counts["biases"] += 1
@@ -148,6 +149,9 @@ def _quantized_weight(graph: ir.Graph, node: ir.Node, index: int, axis: int | No
     value = node.inputs[index]
     key = (value.name, axis)
     if key not in cache:
+        # a weight read along two axes (Gemm transB=0 and 1) gets one DQ per axis
+        other_axis = any(name == value.name for name, _ in cache)
+        name = f"{value.name}_quantized" + (f"_axis{axis}" if other_axis else "")
         weight = value.const_value.numpy().astype(np.float32)
         if axis is None:  # per tensor: one scale, broadcast as a 0-d tensor
             scales = qparams.weight_scales(weight.reshape(1, -1), 0, qmax).reshape(())
@@ -157,7 +161,7 @@ def _quantized_weight(graph: ir.Graph, node: ir.Node, index: int, axis: int | No
             scales = qparams.weight_scales(weight, axis, qmax)
             q = qparams.quantize_weight(weight, scales, axis, qmax)
         zero = np.zeros_like(scales, dtype=np.int8)
-        dq = _dequantize(graph, node, f"{value.name}_quantized", q, scales, zero, axis or 0)
+        dq = _dequantize(graph, node, name, q, scales, zero, axis or 0)
         cache[key] = (dq, scales)
     return cache[key]
 
@@ -175,13 +179,38 @@ def _quantized_constant(graph: ir.Graph, node: ir.Node, index: int, plan: QuantP
                        np.asarray(scale), np.asarray(zero), 0)
 
 
+def _per_channel_bias(node: ir.Node, index: int, weight_scales: np.ndarray | None) -> bool:
+    """Whether input ``index`` is a constant bias that int32 at s_x·s_w fits: one entry per
+    output channel ([N], or Gemm's [1, N]), or any shape under a per-tensor weight scale.
+    Another Gemm C ([M, 1], [M, N]) stays float."""
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if weight_scales is None or value is None or value.const_value is None:
+        return False
+    shape = tuple(value.const_value.shape)
+    return weight_scales.ndim == 0 or shape in ((weight_scales.size,), (1, weight_scales.size))
+
+
+def _int32_bias(node: ir.Node, index: int, input_scale: float,
+                weight_scales: np.ndarray | None) -> bool:
+    """:func:`_per_channel_bias`, and its values fit int32 at s_x·s_w (else it stays float,
+    logged: a tiny input range with large biases)."""
+    if not _per_channel_bias(node, index, weight_scales):
+        return False
+    bias = node.inputs[index].const_value.numpy()
+    if not qparams.bias_fits_int32(bias, input_scale, weight_scales):
+        log.warning("The bias of %s stays float: it exceeds int32 at scale s_x·s_w", node.name)
+        return False
+    return True
+
+
 def _quantized_bias(graph: ir.Graph, node: ir.Node, index: int, input_scale: float,
                     weight_scales: np.ndarray) -> ir.Value:
     value = node.inputs[index]
     bias = value.const_value.numpy().astype(np.float32)
     q, scales = qparams.quantize_bias(bias, input_scale, weight_scales)
+    # per channel along the bias's last axis: [N] for Conv and Gemm, or Gemm's [1, N]
     return _dequantize(graph, node, f"{value.name}_quantized_{node.name}", q, scales,
-                       np.zeros_like(q), 0)
+                       np.zeros(scales.shape, np.int32), q.ndim - 1 if q.ndim else 0)
 
 
 def _dequantize(graph: ir.Graph, before: ir.Node, name: str, q: np.ndarray, scale: np.ndarray,

@@ -10,7 +10,11 @@ positive scale instead of 0, which would divide by zero in QuantizeLinear.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MIN_SCALE = float(np.finfo(np.float32).tiny) * 1e6  # ~1.2e-32: positive, and 1/scale finite
 
@@ -61,9 +65,21 @@ def quantize_weight(weight: np.ndarray, scales: np.ndarray, axis: int = 0, qmax:
 REDUCED_QMAX = 63
 
 
+def bias_fits_int32(bias: np.ndarray, input_scale: float, weight_scales: np.ndarray) -> bool:
+    """Whether round(b / (s_x·s_w)) fits int32; a bias that does not is left in float."""
+    scales = (np.float32(input_scale) * weight_scales).astype(np.float64)
+    return bool(np.all(np.abs(np.round(bias.astype(np.float64) / scales)) <= 2**31 - 1))
+
+
 def quantize_bias(bias: np.ndarray, input_scale: float, weight_scales: np.ndarray) -> tuple[
         np.ndarray, np.ndarray]:
-    """int32 bias with scale s_x·s_w[c] and zero point 0, as QLinearConv expects."""
+    """int32 bias with scale s_x·s_w[c] and zero point 0, as QLinearConv expects. Divided and
+    clipped in float64: in float32, 2³¹ − 1 rounds to 2³¹, which wraps to −2³¹ as int32. A
+    bias beyond the int32 range (tiny s_x·s_w) saturates, with a warning."""
     scales = (np.float32(input_scale) * weight_scales).astype(np.float32)
-    q = np.clip(np.round(bias / scales), -(2**31), 2**31 - 1).astype(np.int32)
-    return q, scales
+    exact = np.round(bias.astype(np.float64) / scales.astype(np.float64))
+    q = np.clip(exact, -(2**31), 2**31 - 1)
+    if (q != exact).any():
+        log.warning("A bias exceeds the int32 range at scale s_x·s_w (min %.3g): saturated",
+                    float(scales.min()))
+    return q.astype(np.int32), scales

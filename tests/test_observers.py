@@ -137,3 +137,23 @@ def test_per_channel_weights_and_bias() -> None:
     bias_q, bias_scales = qparams.quantize_bias(np.array([1.0, 0.0, -0.5]), 0.1, scales)
     assert bias_q.dtype == np.int32
     np.testing.assert_allclose(bias_q * bias_scales, [1.0, 0.0, -0.5], atol=1e-3)
+
+
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+def test_entropy_keeps_a_constant_tensor_whichever_its_sign(sign: float) -> None:
+    """All values −3: the whole histogram is the only window with the data in it. The search
+    used to stop one step short of it and clip −3 to −0.37; +3 was kept."""
+    obs = EntropyObserver()
+    obs.update(np.full(1000, 3.0 * sign, np.float32))
+    lo, hi = obs.compute_range()
+    assert min(lo, 0.0) <= 3.0 * sign <= max(hi, 0.0)
+
+
+def test_bias_out_of_int32_range_is_detected_and_saturates_without_wrapping() -> None:
+    """b / (s_x·s_w) = 1 / 1e-11 ≫ 2³¹: in float32 the clip bound 2³¹ − 1 became 2³¹, which
+    wrapped to −2³¹ (the bias changed sign)."""
+    bias, scales = np.array([1.0, -2.0], np.float32), np.array([1e-5, 1e-5], np.float32)
+    assert not qparams.bias_fits_int32(bias, 1e-6, scales)
+    assert qparams.bias_fits_int32(bias, 1e-2, scales)
+    q, _ = qparams.quantize_bias(bias, 1e-6, scales)
+    assert q.tolist() == [2**31 - 1, -(2**31)]

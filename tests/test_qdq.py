@@ -178,3 +178,60 @@ def test_add_with_a_constant_operand_becomes_qlinearadd(tmp_path) -> None:
     quantized = run(model, x, optimized_path=str(tmp_path / "opt.onnx"))
     assert "QLinearAdd" in {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
     np.testing.assert_allclose(quantized, expected, atol=0.03 * np.abs(expected).max())
+
+
+def _gemm_model(bias_shape: str) -> ir.Model:
+    return fixture_model(f"""
+<ir_version: 10, opset_import: ["" : 24]>
+g (float[N, 8] x, float[8, 4] w, float{bias_shape} b) => (float[N, 4] y) {{
+    y = Gemm (x, w, b)
+}}""")
+
+
+def test_gemm_bias_of_shape_1_n_is_quantized_per_channel_and_runs(data: np.ndarray) -> None:
+    model = _gemm_model("[1, 4]")
+    x = np.random.default_rng(2).uniform(0, 1, (4, 8)).astype(np.float32)
+    expected = run(model, x)
+    counts = quantize(model, x, QuantPlan(frozenset({"Gemm"})))
+    assert counts["biases"] == 1
+    onnx.checker.check_model(onnx_io.to_proto(model), full_check=True)
+    np.testing.assert_allclose(run(model, x), expected, atol=0.1)  # fused into QGemm
+    np.testing.assert_allclose(_run_unfused(model, x), expected, atol=0.1)  # DQ runs itself
+
+
+def _run_unfused(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    """ORT with no graph optimization: every DequantizeLinear runs as written."""
+    unfused = ort.SessionOptions()
+    unfused.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(onnx_io.to_proto(model).SerializeToString(), unfused,
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_a_bias_beyond_int32_stays_float(caplog) -> None:
+    """Inputs of range 1e-6 and biases of 1: b / (s_x·s_w) overflows int32, so the bias is
+    left in float (before: saturated to ±2³¹ with its sign flipped)."""
+    model = _gemm_model("[4]")
+    model.graph.initializers["b"].const_value = ir.tensor(np.ones(4, np.float32), name="b")
+    x = np.random.default_rng(2).uniform(0, 1e-6, (4, 8)).astype(np.float32)
+    expected = run(model, x)
+    counts = quantize(model, x, QuantPlan(frozenset({"Gemm"})))
+    assert counts["biases"] == 0 and "stays float" in caplog.text
+    np.testing.assert_allclose(_run_unfused(model, x), expected, atol=1e-3)
+
+
+def test_a_weight_read_along_two_axes_gets_two_dequantizes() -> None:
+    """One [8, 8] weight, per channel along axis 1 (transB=0) and axis 0 (transB=1): two DQ
+    outputs that used to share one name (an SSA violation check_model refuses)."""
+    model = fixture_model("""
+<ir_version: 10, opset_import: ["" : 24]>
+g (float[N, 8] x, float[8, 8] w) => (float[N, 8] y, float[N, 8] z) {
+    y = Gemm (x, w)
+    z = Gemm <transB = 1> (x, w)
+}""")
+    x = np.random.default_rng(2).uniform(0, 1, (4, 8)).astype(np.float32)
+    counts = quantize(model, x, QuantPlan(frozenset({"Gemm"})))
+    assert counts["weights"] == 2
+    proto = onnx_io.to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    assert op_counts(model)["DequantizeLinear"] >= 2
