@@ -415,12 +415,23 @@ def optimize(model: str, output: str, target: str, tolerance: float, measure: bo
              batch: int | None, resolution: int | None) -> None:
     """Run onnxsim and the mvcompile passes on any ONNX MODEL; check numerics against it and
     write the result to -o OUTPUT."""
-    from mvcompile.optimize import optimize_file, rule_rows, storage_note
-    from mvcompile.table import human_bytes
+    from mvcompile.optimize import optimize_file
 
     with stages.reporting_to(_ProgressBars()):
         report = optimize_file(model, output, target=target, tolerance=tolerance,
                                choose_by_latency=measure, batch=batch, resolution=resolution)
+    try:  # the output is in place: an interrupt now must not say that nothing was written
+        _optimize_summary(model, output, report)
+    except KeyboardInterrupt:
+        click.secho(f"\nInterrupted; {output} was already written.", fg="yellow", err=True)
+        sys.exit(130)
+
+
+def _optimize_summary(model: str, output: str, report: dict) -> None:
+    """optimize's tables and notes for the written ``output``."""
+    from mvcompile.optimize import rule_rows, storage_note
+    from mvcompile.table import human_bytes
+
     nodes, transposes, size = report["nodes"], report["transposes"], report["size"]
     storage = report.get("storage") or {}
     casts = (f" ({storage['restored']} of them Casts of {'/'.join(storage['types'])} weights)"

@@ -125,3 +125,21 @@ def test_a_full_disk_is_an_error_message_naming_the_file(tmp_path: Path, monkeyp
                        "--no-measure")
     assert_clean_failure(code, output, f"No space left on device: {out / 'o.onnx'}")
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_ctrl_c_after_optimize_wrote_its_output_says_so(tmp_path: Path, monkeypatch) -> None:
+    """An interrupt while the summary prints: the file is in place, and the message says so
+    instead of "no output was written"."""
+    import mvcompile.cli
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    onnx.save(_matmul(10), str(tmp_path / "m.onnx"))
+    monkeypatch.setattr(mvcompile.cli, "_optimize_summary", interrupted)
+    code, output = run("optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"),
+                       "--no-measure")
+    assert code == 130
+    assert f"{tmp_path / 'o.onnx'} was already written" in output
+    assert "no output was written" not in output
+    assert (tmp_path / "o.onnx").is_file()
