@@ -15,12 +15,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
 
-from mvcompile import metrics
+from mvcompile import metrics, stages
 from mvcompile.calibration import sensitivity
 from mvcompile.calibration.collect import Range, collect_ranges
 from mvcompile.calibration.data import ImageSet
@@ -68,11 +67,10 @@ class QuantizeReport:
 
 
 def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
-             on_batch: Callable[[int], None] | None = None,
-             budget_progress: StepProgress | None = None) -> tuple[ir.Model, QuantizeReport]:
+             on_batch: Callable[[int], None] | None = None) -> tuple[ir.Model, QuantizeReport]:
     """Return an INT8 (QDQ) copy of ``model`` and a report; ``model`` is not modified.
-    ``on_batch`` is told of each calibration batch, ``budget_progress`` of the accuracy-budget
-    search's steps."""
+    ``on_batch`` is told of each calibration batch; the accuracy-budget search announces its
+    steps through :mod:`mvcompile.stages`."""
     model = model.clone()
     NameFixPass()(model)  # keep-float decisions and reports refer to node names
     plan = QuantPlan(frozenset(options.op_types), set(options.keep_float),
@@ -85,8 +83,7 @@ def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
                             counts, calibration=images.description)
     report.kept_float = [{"node": n, "reason": "requested"} for n in sorted(plan.keep_float)]
     if options.accuracy_budget is not None:
-        quantized = _meet_budget(model, quantized, ranges, plan, images, options, report,
-                                 budget_progress)
+        quantized = _meet_budget(model, quantized, ranges, plan, images, options, report)
     report.float_matrix_ops = float_matrix_ops(quantized, exclude=plan.keep_float)
     if not options.report_accuracy:
         return quantized, report
@@ -122,16 +119,9 @@ def _rewrite(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan
     return quantized, counts
 
 
-class StepProgress(Protocol):
-    """Where the budget search reports its steps (the CLI's progress bars fit)."""
-
-    def start(self, label: str, total: int) -> None: ...
-    def advance(self, n: int = 1) -> None: ...
-
-
 def _meet_budget(model: ir.Model, quantized: ir.Model, ranges: dict[str, Range],
                  plan: QuantPlan, images: ImageSet, options: QuantizeOptions,
-                 report: QuantizeReport, progress: StepProgress | None = None) -> ir.Model:
+                 report: QuantizeReport) -> ir.Model:
     """Greedily keep the most sensitive layer in float until disagreement ≤ budget, at most
     :data:`MAX_FLOAT_FRACTION` of the quantized layers. If the budget is not met, the state
     with the least disagreement (and, among those, the fewest float layers) is returned, so
@@ -140,8 +130,7 @@ def _meet_budget(model: ir.Model, quantized: ir.Model, ranges: dict[str, Range],
     fp32_logits = sensitivity.logits(model, images)
     limit = max(1, int(MAX_FLOAT_FRACTION * report.counts["nodes"]))
     requested = len(report.kept_float)
-    if progress is not None:
-        progress.start("Accuracy budget: keeping layers in float", limit)
+    stages.start("Accuracy budget: keeping layers in float", limit)
 
     def disagreement() -> float:
         return 1.0 - metrics.top1_agreement(fp32_logits, sensitivity.logits(quantized, images))
@@ -161,8 +150,7 @@ def _meet_budget(model: ir.Model, quantized: ir.Model, ranges: dict[str, Range],
         current = disagreement()
         if current < best[0]:
             best = (current, len(report.kept_float), quantized, report.counts)
-        if progress is not None:
-            progress.advance()
+        stages.advance()
     report.budget_met = current <= budget
     if not report.budget_met:
         current, kept, quantized, report.counts = best

@@ -14,7 +14,6 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import onnx
@@ -26,6 +25,7 @@ from mvcompile.calibration.observers import OBSERVERS
 from mvcompile.errors import UserError
 from mvcompile.graphs.factory import create_mobilevit
 from mvcompile.graphs.mobilevit import MobileViTConfig
+from mvcompile.stages import StageListener
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,7 @@ TARGETS = ("onnx", "ort", "coreml")
 PASS_TOLERANCE = 1e-4  # max abs logit difference allowed between plain and compiled graphs
 
 
-class Progress(Protocol):
-    """What the builder reports long work to (the CLI draws progress bars)."""
-
-    def start(self, label: str, total: int) -> None: ...
-    def advance(self, n: int = 1) -> None: ...
-    def finish(self) -> None: ...
+Progress = StageListener  # what the builder reports long work to (the CLI draws bars)
 
 
 class _Silent:
@@ -103,7 +98,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     progress = progress or _Silent()
     config = _check_inputs(options)
     plain, weights_info = create_mobilevit(config, options.weights, options.seed)
-    check_finite_outputs(plain, weights_info.description)
+    if not options.passes:  # with passes, check_numerics runs the plain graph and checks it
+        check_finite_outputs(plain)
     fp32, pass_report = compile_graph(plain, "fp32", options.passes)
     models = {"onnx": onnx_io.to_proto(fp32)}
     report: dict = {"model": _model_entry(config), "weights": asdict(weights_info),
@@ -170,17 +166,20 @@ def compile_graph(plain: ir.Model, pipeline: str = "fp32", passes: bool = True
     return compiled, report
 
 
-def check_finite_outputs(model: ir.Model, weights: str) -> None:
-    """UserError if ``model`` outputs NaN or Inf on random images in [0, 1]: weights that
-    make activations overflow (e.g. BatchNorm variances near 0: x/√(σ²+ε) with σ² = 0 scales
-    by 1/√ε) would otherwise give a model that answers NaN."""
+def check_finite_outputs(model: ir.Model) -> None:
+    """:func:`raise_if_not_finite` on ``model``'s outputs for random images in [0, 1]."""
     session = latency.make_session(onnx_io.to_proto(model).SerializeToString())
-    logits = session.run(None, latency.random_feed(session, seed=123))[0]
+    raise_if_not_finite(session.run(None, latency.random_feed(session, seed=123))[0])
+
+
+def raise_if_not_finite(logits: np.ndarray) -> None:
+    """UserError if the plain graph's ``logits`` hold NaN or Inf: weights that make the
+    activations overflow (e.g. BatchNorm variances near 0: x/√(σ²+ε) with σ² = 0 scales by
+    1/√ε) would otherwise give a model that answers NaN, or look like a bug in the passes."""
     if not np.isfinite(logits).all():
-        raise UserError(f"The model with weights {weights} outputs NaN or Inf on random "
-                        "images: its weights make the activations overflow. Check the "
-                        "checkpoint (for example BatchNorm running_var of 0 or near it). "
-                        "Nothing was written.")
+        raise UserError("The model outputs NaN or Inf on random images: its weights make the "
+                        "activations overflow. Check the checkpoint (for example BatchNorm "
+                        "running_var of 0 or near it). Nothing was written.")
 
 
 def check_numerics(reference: ir.Model, candidate: ir.Model, batch: int = 2) -> float:
@@ -188,7 +187,9 @@ def check_numerics(reference: ir.Model, candidate: ir.Model, batch: int = 2) -> 
     ref = latency.make_session(onnx_io.to_proto(reference).SerializeToString())
     cand = latency.make_session(onnx_io.to_proto(candidate).SerializeToString())
     feed = latency.random_feed(ref, batch=batch, seed=123)
-    diff = float(np.abs(ref.run(None, feed)[0] - cand.run(None, feed)[0]).max())
+    expected = ref.run(None, feed)[0]
+    raise_if_not_finite(expected)
+    diff = float(np.abs(expected - cand.run(None, feed)[0]).max())
     if not diff <= PASS_TOLERANCE:
         raise RuntimeError(f"compiled graph differs from the plain graph by {diff:.2e} "
                            f"(> {PASS_TOLERANCE}); this is a bug in the passes")

@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from mvcompile import onnx_io
+from mvcompile import onnx_io, stages
 from mvcompile.calibration.data import ImageSet, load_images
 from mvcompile.calibration.quantize import (
     MAX_FLOAT_FRACTION,
@@ -53,9 +53,8 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
                                        accuracy_budget=options.accuracy_budget,
                                        weight_bits=options.weight_bits,
                                        report_accuracy=False)
-    int8, qreport = quantize(source, calibration, quantize_options, progress.advance,
-                             budget_progress=progress)
-    progress.finish()
+    with stages.reporting_to(progress):  # the accuracy-budget search, if any, reports too
+        int8, qreport = quantize(source, calibration, quantize_options, progress.advance)
     if qreport.budget_met is False:
         raise UserError(_budget_missed(qreport, options.accuracy_budget, len(calibration.pixels)))
     int8_proto = onnx_io.to_proto(int8)

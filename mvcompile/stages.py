@@ -1,7 +1,7 @@
 """Long library work announced to whoever listens: the CLI draws it as progress bars.
 
 The library calls :func:`start` and :func:`advance`; a command that wants bars wraps the call
-in :func:`reporting_to` with a listener (the builder's ``Progress`` protocol). Without one,
+in :func:`reporting_to` with a listener (:class:`StageListener`). Without one,
 stages are only logged. A context variable rather than a parameter, so that functions deep in
 a call chain (a timing inside a measured choice inside a fixed-batch attempt) report without
 every caller passing a listener along.
@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class StageListener(Protocol):
+    """What long work is reported to: the builder's ``Progress``; the CLI draws bars."""
+
     def start(self, label: str, total: int) -> None: ...
     def advance(self, n: int = 1) -> None: ...
     def finish(self) -> None: ...

@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from mvcompile.passes._layout import (
     apply_reshape,
+    broadcasts_unchanged,
     const_array,
     run_chain,
     sim_shape,
@@ -210,12 +211,7 @@ def merge_dims(ctx: ir.Value, nodes: list[ir.Node], width: int) -> list[int] | N
 
 def broadcasts_to(array: np.ndarray, shape: tuple[int, ...] | None) -> bool:
     """Whether ``array`` broadcasts to ``shape`` (rank 4) without enlarging it."""
-    if shape is None or len(shape) != 4 or array.ndim > 4:
-        return False
-    try:
-        return np.broadcast_shapes(array.shape, shape) == tuple(shape)
-    except ValueError:
-        return False
+    return shape is not None and len(shape) == 4 and broadcasts_unchanged(array.shape, shape)
 
 
 def only_here(values: Sequence[ir.Value]) -> ir.Value | None:

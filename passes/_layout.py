@@ -31,6 +31,14 @@ def ints_attr(node: ir.Node, name: str) -> list[int] | None:
     return None if ints is None else list(ints)
 
 
+def broadcasts_unchanged(dims: Sequence[object], target: Sequence[object]) -> bool:
+    """Whether a tensor of shape ``dims`` broadcasts to ``target`` leaving ``target`` as it
+    is: rank ≤ rank(target) and, aligned from the right, each dim is 1 or equal to target's
+    (a symbolic dim equals only itself)."""
+    return len(dims) <= len(target) and all(
+        d == 1 or d == t for d, t in zip(reversed(dims), reversed(target), strict=False))
+
+
 def static_shape(value: ir.Value) -> list[int | None] | None:
     """Dimensions of ``value`` with symbolic ones as None; None if the rank is unknown."""
     if value.shape is None:

@@ -17,18 +17,13 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleSet
 from onnxscript.rewriter.rules.fusion._layer_norm import LayerNormBiasFusion, LayerNormFusion
 
-
-def broadcasts_to(value: ir.Value, x: ir.Value) -> bool:
-    """Whether ``value`` broadcasts to ``x``'s shape without changing it: rank ≤ rank(x) and,
-    aligned from the right, every dim is 1 or equal to x's (the same symbol counts as equal)."""
-    if value.shape is None or x.shape is None or len(value.shape) > len(x.shape):
-        return False
-    pairs = zip(reversed(value.shape.dims), reversed(x.shape.dims), strict=False)
-    return all(d == 1 or d == x_dim for d, x_dim in pairs)
+from mvcompile.passes._layout import broadcasts_unchanged
 
 
 def _check_broadcast(result: MatchResult, x: ir.Value, name: str, value: ir.Value) -> MatchResult:
-    if result and not broadcasts_to(value, x):
+    """Fail unless ``value`` broadcasts to ``x``'s shape, both known, without widening it."""
+    if result and (value.shape is None or x.shape is None
+                   or not broadcasts_unchanged(value.shape.dims, x.shape.dims)):
         return result.fail(f"{name} '{value.name}' (shape {value.shape}) does not broadcast to "
                            f"the normalized input's shape {x.shape} without widening it.")
     return result

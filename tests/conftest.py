@@ -67,3 +67,39 @@ def assert_clean_failure(code: int, output: str, *phrases: str) -> None:
     assert "Error" in output or "Usage" in output, output
     for phrase in phrases:
         assert phrase in output, output
+
+
+class StageRecorder:
+    """A :class:`mvcompile.stages.StageListener` that records what it is told: ``calls``
+    (("start", label, total) and ("advance", n), in order) and how often it was finished."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.finished = 0
+
+    def start(self, label: str, total: int) -> None:
+        self.calls.append(("start", label, total))
+
+    def advance(self, n: int = 1) -> None:
+        self.calls.append(("advance", n))
+
+    def finish(self) -> None:
+        self.finished += 1
+
+    @property
+    def started(self) -> list[tuple[str, int]]:
+        """(label, total) of each stage, in order."""
+        return [(call[1], call[2]) for call in self.calls if call[0] == "start"]
+
+    @property
+    def advanced(self) -> dict[str, int]:
+        """Steps advanced in each stage, by label."""
+        totals: dict[str, int] = {}
+        label = None
+        for call in self.calls:
+            if call[0] == "start":
+                label = call[1]
+                totals[label] = 0
+            else:
+                totals[label] += call[1]
+        return totals

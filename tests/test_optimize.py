@@ -10,7 +10,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from conftest import assert_clean_failure, build_random, run
+from conftest import StageRecorder, assert_clean_failure, build_random, run
 from mvcompile.cli import main
 from mvcompile.latency import LatencyStats
 from mvcompile.optimize import max_abs_diff, optimize_proto
@@ -257,24 +257,6 @@ def test_one_optimize_run_reaches_the_fixed_point(hf_export, target: str) -> Non
     assert max_abs_diff(proto, once) <= 1e-4
 
 
-class _Stages:
-    """Records what a stage listener is told."""
-
-    def __init__(self) -> None:
-        self.started: list[tuple[str, int]] = []
-        self.advanced: dict[str, int] = {}
-
-    def start(self, label: str, total: int) -> None:
-        self.started.append((label, total))
-        self.advanced[label] = 0
-
-    def advance(self, n: int = 1) -> None:
-        self.advanced[self.started[-1][0]] += n
-
-    def finish(self) -> None:
-        pass
-
-
 def test_optimize_reports_its_stages_and_the_timing_runs(hf_export) -> None:
     """optimize's long steps (onnxsim, the passes, the timed choice, the check) reach a
     listener in order; the timing stage advances once per round of interleaved blocks."""
@@ -282,7 +264,7 @@ def test_optimize_reports_its_stages_and_the_timing_runs(hf_export) -> None:
     from mvcompile.optimize import LATENCY_RUNS
 
     proto, _ = hf_export
-    listener = _Stages()
+    listener = StageRecorder()
     with stages.reporting_to(listener):
         optimize_proto(proto, "ort", choose_by_latency=True)
     labels = [label for label, _ in listener.started]
@@ -292,6 +274,7 @@ def test_optimize_reports_its_stages_and_the_timing_runs(hf_export) -> None:
     assert dict(listener.started)[timing] == listener.advanced[timing] == rounds
     assert labels[-1] == "Checking the result against the input"
     assert all(listener.advanced[label] >= 1 for label in labels)
+    assert listener.finished == 1  # reporting_to closes the last stage
 
 
 def test_progress_labels_are_cut_to_fit_one_terminal_line() -> None:

@@ -6,6 +6,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass
 
+from conftest import StageRecorder
+from mvcompile import stages
 from mvcompile.calibration import sensitivity
 from mvcompile.calibration.data import ImageSet
 from mvcompile.calibration.qdq import QuantPlan
@@ -60,17 +62,6 @@ def test_budget_keeps_the_sensitive_conv_in_float() -> None:
     assert report.float_matrix_ops == {}
 
 
-class _Steps:
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def start(self, label: str, total: int) -> None:
-        self.calls.append(("start", label, total))
-
-    def advance(self, n: int = 1) -> None:
-        self.calls.append(("advance", n))
-
-
 def test_a_missed_budget_quantizes_again_the_layers_that_did_not_help(monkeypatch) -> None:
     """Ranking the harmless Gemm first: keeping it in float leaves the disagreement as it was,
     the one-layer limit (a quarter of two) stops the search, and the result is the state
@@ -82,16 +73,18 @@ def test_a_missed_budget_quantizes_again_the_layers_that_did_not_help(monkeypatc
     gemm = next(n.name for n in model.graph if n.op_type == "Gemm")
     monkeypatch.setattr(sensitivity, "rank_layers", lambda *args: [
         sensitivity.LayerSensitivity(gemm, "Gemm", 1.0)])
-    steps = _Steps()
-    quantized, report = quantize(model, images, QuantizeOptions(
-        method="minmax", weight_bits=8, op_types=frozenset({"Conv", "Gemm"}),
-        accuracy_budget=0.0), budget_progress=steps)
+    steps = StageRecorder()
+    with stages.reporting_to(steps):
+        quantized, report = quantize(model, images, QuantizeOptions(
+            method="minmax", weight_bits=8, op_types=frozenset({"Conv", "Gemm"}),
+            accuracy_budget=0.0))
     assert report.budget_met is False
     assert report.kept_float == [] and report.counts["nodes"] == 2
     assert report.budget_disagreement == 1.0 - unconstrained.calibration_agreement > 0
     assert report.calibration_agreement == unconstrained.calibration_agreement
     assert steps.calls[0][0] == "start" and "Accuracy budget" in steps.calls[0][1]
     assert steps.calls[1:] == [("advance", 1)]
+    assert steps.finished == 1
 
 
 def test_a_missed_budget_is_a_build_error_that_says_what_to_change() -> None:
