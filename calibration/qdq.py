@@ -119,7 +119,7 @@ def insert_qdq(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan) -> di
     for value in activations:
         if value.name not in act_params:
             raise KeyError(f"no calibrated range for {value.name}")
-        _quantize_activation(graph, value, *act_params[value.name])
+        _quantize_activation(graph, value, *act_params[value.name], plan.keep_float)
         counts["activations"] += 1
     return counts
 
@@ -226,9 +226,16 @@ def _dequantize(graph: ir.Graph, before: ir.Node, name: str, q: np.ndarray, scal
 
 
 def _quantize_activation(graph: ir.Graph, value: ir.Value, scale: np.float32,
-                         zero_point: np.integer) -> None:
-    """value → Q → one DQ per consumer (ORT fuses best when each DQ has a single consumer)."""
-    uses = list(value.uses())
+                         zero_point: np.integer, float_readers: set[str]) -> None:
+    """value → Q → one DQ per consumer (ORT fuses best when each DQ has a single consumer).
+
+    Consumers named in ``float_readers`` (nodes kept in float) go on reading ``value`` itself,
+    unless no other consumer reads the DQ: then the value is a quantized node's output whose
+    Q is part of that node's integer kernel, and they read the DQ like everyone else.
+    """
+    uses = [u for u in value.uses() if u.node.name not in float_readers]
+    if not uses and not value.is_graph_output():
+        uses = list(value.uses())
     s = _initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32))
     z = _initializer(graph, f"{value.name}_zero_point", np.asarray(zero_point))
     q_node = ir.Node("", "QuantizeLinear", [value, s, z], name=f"{value.name}_q",

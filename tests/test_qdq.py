@@ -14,6 +14,7 @@ from onnx_ir.passes.common import NameFixPass
 from mvcompile import onnx_io
 from mvcompile.calibration.collect import collect_ranges
 from mvcompile.calibration.qdq import QuantPlan, insert_qdq, plan_tensors
+from mvcompile.calibration.qparams import REDUCED_QMAX
 
 FIXTURE = """
 <ir_version: 10, opset_import: ["" : 24]>
@@ -50,6 +51,12 @@ def run(model: ir.Model | bytes, x: np.ndarray, optimized_path: str | None = Non
         options.optimized_model_filepath = optimized_path
     session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
+
+
+def run_all(model: ir.Model, x: np.ndarray) -> list[np.ndarray]:
+    data = onnx_io.to_proto(model).SerializeToString()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
 
 
 def quantize(model: ir.Model, data: np.ndarray, plan: QuantPlan) -> dict[str, int]:
@@ -111,6 +118,48 @@ def test_keep_float_leaves_a_node_untouched(data: np.ndarray) -> None:
     assert counts["nodes"] == 1
     gemm_inputs = [v.name for v in gemm.inputs]
     assert gemm_inputs[1:] == ["fc_w", "fc_b"]  # weights stay float
+
+
+SHARED_INPUT = """
+<ir_version: 10, opset_import: ["" : 24]>
+block (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w, float[8] b, float[8, 3, 3, 3] w2,
+       float[8] b2) => (float[N, 8, 8, 8] c1, float[N, 8, 8, 8] c2) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    c2 = Conv <pads = [1, 1, 1, 1]> (x, w2, b2)
+}
+"""
+
+
+def test_a_node_kept_float_reads_its_shared_input_in_float(data: np.ndarray) -> None:
+    model = fixture_model(SHARED_INPUT)
+    expected = run_all(model, data)
+    kept = next(n for n in model.graph if n.outputs[0].name == "c2")
+    # 7-bit weights: ORT's fused u8·s8 QLinearConv saturates int16 pair sums with 8-bit ones
+    plan = QuantPlan(frozenset({"Conv"}), keep_float={kept.name}, weight_qmax=REDUCED_QMAX)
+    counts = quantize(model, data, plan)
+    assert counts["nodes"] == 1
+    assert kept.inputs[0] is model.graph.inputs[0]  # x itself, not DQ(Q(x))
+    onnx.checker.check_model(onnx_io.to_proto(model), full_check=True)
+    c1, c2 = run_all(model, data)
+    np.testing.assert_allclose(c2, expected[1], rtol=1e-6, atol=1e-6)
+    assert 0 < np.abs(c1 - expected[0]).max() < 0.05 * np.abs(expected[0]).max()
+
+
+def test_a_node_kept_float_reads_the_dq_of_a_quantized_producer(data: np.ndarray) -> None:
+    text = """
+    <ir_version: 10, opset_import: ["" : 24]>
+    block (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w, float[8] b, float[8, 8, 3, 3] w2,
+           float[8] b2) => (float[N, 8, 8, 8] c2) {
+        c1 = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+        c2 = Conv <pads = [1, 1, 1, 1]> (c1, w2, b2)
+    }
+    """
+    model = fixture_model(text)
+    kept = next(n for n in model.graph if n.outputs[0].name == "c2")
+    quantize(model, data, QuantPlan(frozenset({"Conv"}), keep_float={kept.name}))
+    # c1's Q belongs to the quantized Conv's integer kernel, so the only reader keeps its DQ
+    assert kept.inputs[0].producer().op_type == "DequantizeLinear"
+    onnx.checker.check_model(onnx_io.to_proto(model), full_check=True)
 
 
 def test_matmul_between_activations_quantizes_both_inputs(data: np.ndarray) -> None:
