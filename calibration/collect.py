@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from mvcompile import onnx_io
 from mvcompile.calibration.observers import make_observer
+from mvcompile.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,22 @@ def collect_ranges(model: ir.Model, tensors: list[str], batches: Iterable[np.nda
     session = observation_session(model, tensors)
     input_name = session.get_inputs()[0].name
     observers = {t: make_observer(method) for t in tensors}
-    for batch in batches:
+    for number, batch in enumerate(batches, start=1):
         outputs = session.run(tensors, {input_name: batch})
         for name, value in zip(tensors, outputs, strict=True):
+            _refuse_non_finite(name, value, number)
             observers[name].update(value)
         if on_batch is not None:
             on_batch(len(batch))
     return {name: observer.compute_range() for name, observer in observers.items()}
+
+
+def _refuse_non_finite(name: str, value: np.ndarray, batch_number: int) -> None:
+    """A NaN or ±inf activation has no quantization range: the FP32 model overflows on the
+    calibration data, and no range computed from it would mean anything."""
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise UserError(
+            f"Calibration batch {batch_number} makes tensor {name!r} NaN or infinite: the FP32 "
+            "model overflows on these images, so it cannot be calibrated. Check the checkpoint "
+            "(its weights or BatchNorm statistics) and that the images are preprocessed as the "
+            "model expects.")

@@ -25,6 +25,15 @@ import numpy as np
 Range = tuple[float, float]
 
 
+def batch_range(x: np.ndarray) -> Range:
+    """(min x, max x) of a non-empty batch; NaN or ±inf is refused, since no finite range
+    holds it and one such value would poison every later range."""
+    lo, hi = float(x.min()), float(x.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"observed values include NaN or infinity (min {lo}, max {hi})")
+    return lo, hi
+
+
 class MinMaxObserver:
     """Running minimum and maximum."""
 
@@ -34,8 +43,9 @@ class MinMaxObserver:
 
     def update(self, x: np.ndarray) -> None:
         if x.size:
-            self.lo = min(self.lo, float(x.min()))
-            self.hi = max(self.hi, float(x.max()))
+            lo, hi = batch_range(x)
+            self.lo = min(self.lo, lo)
+            self.hi = max(self.hi, hi)
 
     def compute_range(self) -> Range:
         if self.lo > self.hi:
@@ -53,7 +63,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     def update(self, x: np.ndarray) -> None:
         if not x.size:
             return
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = batch_range(x)
         if self.lo > self.hi:  # first batch
             self.lo, self.hi = lo, hi
         else:

@@ -97,6 +97,18 @@ def test_every_observer_refuses_to_answer_without_data(method: str) -> None:
         make_observer(method).compute_range()
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("method", list(OBSERVERS))
+def test_every_observer_refuses_non_finite_values_and_keeps_its_range(method: str,
+                                                                     bad: float) -> None:
+    observer = make_observer(method)
+    observer.update(np.linspace(-1.0, 2.0, 1001, dtype=np.float32))
+    before = observer.compute_range()
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        observer.update(np.array([0.5, bad], dtype=np.float32))
+    assert observer.compute_range() == before
+
+
 def test_asymmetric_uint8_params() -> None:
     scale, zp = qparams.quant_params(-1.0, 3.0, "uint8")
     assert scale == np.float32(4.0 / 255) and zp == 64 and zp.dtype == np.uint8

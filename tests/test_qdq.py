@@ -15,6 +15,7 @@ from mvcompile import onnx_io
 from mvcompile.calibration.collect import collect_ranges
 from mvcompile.calibration.qdq import QuantPlan, insert_qdq, plan_tensors
 from mvcompile.calibration.qparams import REDUCED_QMAX
+from mvcompile.errors import UserError
 
 FIXTURE = """
 <ir_version: 10, opset_import: ["" : 24]>
@@ -160,6 +161,21 @@ def test_a_node_kept_float_reads_the_dq_of_a_quantized_producer(data: np.ndarray
     # c1's Q belongs to the quantized Conv's integer kernel, so the only reader keeps its DQ
     assert kept.inputs[0].producer().op_type == "DequantizeLinear"
     onnx.checker.check_model(onnx_io.to_proto(model), full_check=True)
+
+
+def test_calibration_refuses_an_activation_that_overflows() -> None:
+    text = """
+    <ir_version: 10, opset_import: ["" : 24]>
+    grow (float[N, 4] x) => (float[N, 4] y) {
+        big = Constant <value = float {1e30}> ()
+        h = Mul (x, big)
+        y = Mul (h, big)
+    }
+    """
+    model = fixture_model(text)
+    x = np.random.default_rng(0).uniform(0.5, 1.0, (4, 4)).astype(np.float32)
+    with pytest.raises(UserError, match="batch 2 makes tensor 'y' NaN or infinite"):
+        collect_ranges(model, ["h", "y"], [x[:2] * 1e-30, x[2:]], "minmax")
 
 
 def test_matmul_between_activations_quantizes_both_inputs(data: np.ndarray) -> None:
