@@ -15,7 +15,7 @@ import click
 from mvcompile import analysis, onnx_io, stages
 from mvcompile.calibration.observers import OBSERVERS as OBSERVER_NAMES
 from mvcompile.click_types import FloatRange, NonEmptyPath
-from mvcompile.errors import UserError, os_error_message
+from mvcompile.errors import UserError, os_error_message, out_of_memory_message
 from mvcompile.graphs.mobilevit import SIZES
 from mvcompile.summary import build_summary
 from mvcompile.table import format_table, human_count
@@ -117,9 +117,10 @@ def _note_threads(threads: int) -> None:
 
 
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn UserError into 'Error: ...' on stderr and exit status 1, without a traceback; and
-    Ctrl-C into a one-line note and the shell's status for SIGINT, 130. Outputs are staged and
-    moved into place only when complete, so an interrupted command has written nothing."""
+    """Turn UserError, an OSError or running out of memory into 'Error: ...' on stderr and exit
+    status 1, without a traceback; and Ctrl-C into a one-line note and the shell's status for
+    SIGINT, 130. Outputs are staged and moved into place only when complete, so an interrupted
+    command has written nothing."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -134,6 +135,12 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.secho("\nInterrupted; no output was written.", fg="yellow", err=True)
             sys.exit(130)
+        except Exception as err:  # ONNX Runtime raises its own types; only memory is ours
+            message = out_of_memory_message(err)
+            if message is None:
+                raise
+            click.secho(f"Error: {message}", fg="red", err=True)
+            sys.exit(1)
 
     return wrapper
 

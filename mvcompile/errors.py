@@ -6,6 +6,11 @@ import re
 # and function signature it puts before an assertion ("/onnxruntime_src/x.h:91 ns::F(args) ").
 _ORT_STATUS = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 _ORT_SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ [^()]*\([^()]*\)\s*")
+# An allocation that failed: ONNX Runtime's arena, or PyTorch's CPU allocator.
+_ALLOCATION_FAILED = re.compile(
+    r"Failed to allocate memory for requested buffer of size (\d+)"
+    r"|(?:can't allocate memory|not enough memory): you tried to allocate (\d+) bytes")
+_ORT_NODE = re.compile(r"while running (\w+) node")
 
 
 class UserError(Exception):
@@ -45,3 +50,31 @@ def os_error_message(err: OSError) -> str:
     out/model.onnx'."""
     reason = err.strerror or first_line(err)
     return f"{reason}: {err.filename}" if err.filename else reason
+
+
+def out_of_memory_message(err: BaseException) -> str | None:
+    """The message for ``err`` if it is a failed memory allocation (a MemoryError, or ONNX
+    Runtime's or PyTorch's allocator refusing a buffer), else None. The usual cause is a large
+    resolution: MobileViT's attention scores take 4·h·N² floats for N = (R/2/s)² tokens
+    (s the stage's stride), so their memory grows with R⁴."""
+    if isinstance(err, MemoryError):
+        asked = ""
+    else:
+        match = _ALLOCATION_FAILED.search(str(err))
+        if match is None:
+            return None
+        size = int(match.group(1) or match.group(2))
+        node = _ORT_NODE.search(str(err))
+        by = f" by a node of type {node.group(1)}" if node else ""
+        asked = f": {_bytes(size)} were asked for{by}"
+    return (f"Out of memory{asked}. A smaller input (resolution or batch) needs less; "
+            "attention memory grows with the fourth power of the resolution.")
+
+
+def _bytes(size: int) -> str:
+    """3 * 2**40 -> '3.0 TiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+        size /= 1024
+    return f"{size:,.1f} TiB"

@@ -13,7 +13,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from conftest import assert_clean_failure, run
-from mvcompile.errors import first_line
+from mvcompile.errors import first_line, out_of_memory_message
 
 
 def _reshape_to_5x7(path: Path) -> Path:
@@ -106,6 +106,41 @@ def test_a_core_ml_package_is_named_as_one(tmp_path: Path) -> None:
                     ("optimize", str(package), "-o", str(tmp_path / "o.onnx"))):
         code, output = run(*command)
         assert_clean_failure(code, output, "is a Core ML package", "mvcompile bench")
+
+
+def _expand_to_192_tib(path: Path) -> Path:
+    """Loads in ONNX Runtime; running it asks for a 192 TiB buffer, more than any x86-64
+    address space holds, so the allocation fails whatever the machine's overcommit policy."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x", "axes"], ["m"]),
+         helper.make_node("Expand", ["m", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+         numpy_helper.from_array(np.array([2**16, 3, 2**16, 2**12], np.int64), "shape")])
+    onnx.save(helper.make_model(graph, ir_version=10,
+                                opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    return path
+
+
+def test_running_out_of_memory_is_an_error_message_not_a_traceback(tmp_path: Path) -> None:
+    model = _expand_to_192_tib(tmp_path / "huge.onnx")
+    code, output = run("eval", str(model), "--data", "digits", "--limit", "2")
+    assert_clean_failure(code, output, "Out of memory: 192.0 TiB were asked for by a node of "
+                         "type Expand.", "A smaller input (resolution or batch)")
+
+
+def test_out_of_memory_message_recognises_only_allocation_failures(tmp_path: Path) -> None:
+    session = ort.InferenceSession(str(_expand_to_192_tib(tmp_path / "m.onnx")),
+                                   providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception) as ort_error:
+        session.run(None, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+    assert "192.0 TiB" in out_of_memory_message(ort_error.value)
+    torch_error = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 83886080000 bytes. Error code 12")
+    assert "78.1 GiB were asked for." in out_of_memory_message(torch_error)
+    assert out_of_memory_message(MemoryError()).startswith("Out of memory. ")
+    assert out_of_memory_message(RuntimeError("shape mismatch")) is None
 
 
 def test_a_full_disk_is_an_error_message_naming_the_file(tmp_path: Path, monkeypatch) -> None:

@@ -102,3 +102,18 @@ def test_ctrl_c_names_the_real_run_folder(tmp_path: Path, monkeypatch: pytest.Mo
     assert result.exit_code == 130 and "NAME" not in result.output
     expected = f"--resume {run_dir}" if resume else f"nothing to resume in {run_dir}"
     assert expected in result.output
+
+
+def test_running_out_of_memory_is_an_error_message(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    from mvcompile.train import loop
+
+    def huge_batch(*_: object) -> None:
+        torch.empty(2**48)  # 1 PiB: beyond any address space, so refused under any overcommit
+
+    monkeypatch.setattr(loop, "train", huge_batch)
+    result = _cli("--runs-dir", str(tmp_path / "runs"), "--name", "big")
+    assert result.exit_code == 1, result.output
+    assert "Error: Out of memory: 1,024.0 TiB were asked for." in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from mvcompile.click_types import FloatRange, NonEmptyPath
-from mvcompile.errors import UserError, os_error_message
+from mvcompile.errors import UserError, os_error_message, out_of_memory_message
 from mvcompile.graphs.mobilevit import SIZES
 from mvcompile.interrupts import Terminated, sigterm_as_stop_request
 from mvcompile.table import format_table
@@ -188,6 +188,11 @@ def train(**kwargs: object) -> None:
         _fail(str(err))
     except OSError as err:  # disk full, permission denied; files are replaced atomically
         _fail(os_error_message(err))
+    except (MemoryError, RuntimeError) as err:  # torch's allocator raises RuntimeError
+        message = out_of_memory_message(err)
+        if message is None:
+            raise
+        _fail(message)
     if not _is_main_process():  # under torchrun, one note and summary, not one per process
         return
     if result.start_epoch >= options.epochs:
