@@ -52,9 +52,9 @@ def _default_sigint() -> None:
 
 
 def start_and_signal(cmd: list[str], last: Path, signum: int, wait_s: float
-                     ) -> tuple[int, str]:
+                     ) -> tuple[int, str, str]:
     """Start ``cmd`` (a training run), send ``signum`` ``wait_s`` after its first checkpoint
-    ``last`` appears, and return its exit status and stderr."""
+    ``last`` appears, and return its exit status, stderr and stdout."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                             preexec_fn=_default_sigint)
@@ -63,5 +63,5 @@ def start_and_signal(cmd: list[str], last: Path, signum: int, wait_s: float
         time.sleep(0.1)
     time.sleep(wait_s)
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
-    return proc.returncode, err
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, err, out

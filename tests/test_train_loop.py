@@ -171,12 +171,16 @@ def test_ctrl_c_leaves_the_last_complete_checkpoint_intact(tmp_path: Path) -> No
            "--epochs", "100", "--batch-size", "4", "--runs-dir", str(tmp_path), "--name", "run"]
     last = tmp_path / "run" / "last.pt"
     # 0.7 s: into a later epoch, possibly in the middle of writing a checkpoint
-    code, err = start_and_signal(cmd, last, signal.SIGINT, 0.7)
+    code, err, out = start_and_signal(cmd, last, signal.SIGINT, 0.7)
     assert code == 130, err[-2000:]
     assert "Interrupted" in err and "Traceback" not in err
     assert f"--resume {tmp_path / 'run'}" in err and "NAME" not in err
     state = torch.load(last, weights_only=True)
     assert 1 <= state["epoch"] < 100
+    # the summary table of what was saved, read back from last.pt
+    assert f"{state['epoch']} of 100 saved, then interrupted" in out, out
+    assert f"mvcompile train --resume {tmp_path / 'run'}" in out
+    assert f"{state['history'][-1]['val_acc']:.2%}" in out
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert len(rows) in (state["epoch"], state["epoch"] + 1)  # metrics precede last.pt
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]

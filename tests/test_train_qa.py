@@ -277,7 +277,7 @@ def test_sigterm_mid_run_keeps_the_last_epoch_and_says_how_to_resume(tmp_path: P
     cmd = [sys.executable, "-m", "mvcompile.train", "--data", str(data), *QUICK,
            "--epochs", "100", "--workers", "2", "--runs-dir", str(tmp_path), "--name", "run"]
     last = tmp_path / "run" / "last.pt"
-    code, err = start_and_signal(cmd, last, signal.SIGTERM, 0.5)
+    code, err, _ = start_and_signal(cmd, last, signal.SIGTERM, 0.5)
     assert code == 143, err[-2000:]
     assert f"Interrupted. The last complete epoch is saved; continue with --resume " \
            f"{tmp_path / 'run'}" in err

@@ -234,6 +234,9 @@ def _run(options: TrainOptions) -> TrainResult:
         reporter.close()
         if _is_main_process():  # under torchrun, one message rather than one per process
             click.secho(f"\n{_interrupted_message(options, before)}", fg="yellow", err=True)
+            table = _interrupted_summary(options, before)
+            if table:
+                click.echo(table)
         sys.exit(SIGTERM_STATUS if isinstance(err, Terminated) else SIGINT_STATUS)
     finally:
         reporter.close()  # an error half-way through an epoch: its message on a line of its own
@@ -246,18 +249,48 @@ def _is_main_process() -> bool:
 
 def summary(options: TrainOptions, result: TrainResult) -> str:
     """The closing table: run folder, epochs, best accuracy, files, the next command."""
+    rows = _summary_rows(options, result.run_dir, _epochs(options, result), result.history,
+                         result.best)
+    return format_table(rows, header=("mvcompile train", "summary"))
+
+
+def _interrupted_summary(options: TrainOptions, before: tuple[int, int] | None) -> str | None:
+    """The closing table of an interrupted run, read back from its last.pt (the last complete
+    epoch); None when there is none, or when --overwrite stopped before replacing it."""
+    import torch
+
+    from mvcompile.train.checkpoint import LAST, read_checkpoint
+
+    run_dir = options.run_dir()
+    now = _checkpoint_stamp(run_dir)
+    if now is None or (options.overwrite and now == before):
+        return None
+    try:
+        state = read_checkpoint(run_dir / LAST, torch.device("cpu"))
+    except UserError:  # replaced or damaged meanwhile: the message above still holds
+        return None
+    if not isinstance(state.get("epoch"), int):  # not a checkpoint train wrote
+        return None
+    epochs = f"{state['epoch']} of {options.epochs} saved, then interrupted"
+    rows = _summary_rows(options, run_dir, epochs, state.get("history") or [],
+                         state.get("best") or {})
+    rows.append(("resume", shlex.join(["mvcompile", "train", "--resume", str(run_dir)])))
+    return format_table(rows, header=("mvcompile train", "summary"))
+
+
+def _summary_rows(options: TrainOptions, run_dir: Path, epochs: str, history: list[dict],
+                  best: dict) -> list[tuple[str, object]]:
+    """Run folder, epochs, best and last accuracy, the files, and the build command."""
     from mvcompile.train import outputs
 
-    run_dir = result.run_dir
-    rows: list[tuple[str, object]] = [("run folder", run_dir), ("epochs", _epochs(options, result))]
+    rows: list[tuple[str, object]] = [("run folder", run_dir), ("epochs", epochs)]
     if options.init_weights:
         rows.append(("started from", options.init_weights))
-    best = result.best
     if best.get("epoch"):
         which = " (EMA weights)" if options.ema_decay else ""
         rows.append(("best val acc", f"{best['val_acc']:.2%} at epoch {best['epoch']}{which}"))
-    if result.history:
-        last = result.history[-1]
+    if history:
+        last = history[-1]
         if last.get("ema_val_acc") is not None:  # the EMA weights are what the files hold
             rows.append(("last val acc", f"{last['ema_val_acc']:.2%} (EMA weights; the "
                                          f"trained weights {last['val_acc']:.2%})"))
@@ -269,7 +302,7 @@ def summary(options: TrainOptions, result: TrainResult) -> str:
     rows.append(("files", ", ".join(files) or "none"))
     if outputs.BEST in files:
         rows.append(("next", _build_command(run_dir / outputs.BEST, run_dir.name)))
-    return format_table(rows, header=("mvcompile train", "summary"))
+    return rows
 
 
 def _epochs(options: TrainOptions, result: TrainResult) -> str:
