@@ -153,15 +153,20 @@ def main(verbose: int) -> None:
     set_verbosity(verbose)
 
 
-BAR_COLUMNS = 56  # what click draws after the label: "  [", a 36-wide bar, "]  100%  00:01:02"
+BAR_FIXED = 20  # what click draws around the bar: "  [", "]  100%  00:01:02"
+BAR_WIDTH, MIN_BAR_WIDTH = 36, 10  # click's default bar width, and the narrowest we draw
 
 
-def fit_label(label: str, columns: int | None = None) -> str:
-    """``label`` cut (with '…') so that label and bar fit on one terminal line: a line that
-    wraps is redrawn as a new line at every update."""
+def fit_bar(label: str, columns: int | None = None) -> tuple[str, int]:
+    """(label, bar width) that fit on one terminal line: a line that wraps is redrawn as a
+    new line at every update. The bar narrows first (from 36 to 10 columns); only then is
+    the label cut, with '…'."""
     columns = columns or shutil.get_terminal_size().columns
-    room = max(columns - BAR_COLUMNS, 10)
-    return label if len(label) <= room else label[:room - 1] + "…"
+    width = min(BAR_WIDTH, columns - BAR_FIXED - len(label))
+    if width >= MIN_BAR_WIDTH:
+        return label, width
+    room = max(columns - BAR_FIXED - MIN_BAR_WIDTH, 10)
+    return (label if len(label) <= room else label[:room - 1] + "…"), MIN_BAR_WIDTH
 
 
 class _ProgressBars:
@@ -172,7 +177,8 @@ class _ProgressBars:
 
     def start(self, label: str, total: int) -> None:
         self.finish()
-        self._bar = click.progressbar(length=max(total, 1), label=fit_label(label),
+        label, width = fit_bar(label)
+        self._bar = click.progressbar(length=max(total, 1), label=label, width=width,
                                       file=sys.stderr)
         self._bar.__enter__()
 

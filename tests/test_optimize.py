@@ -277,10 +277,13 @@ def test_optimize_reports_its_stages_and_the_timing_runs(hf_export) -> None:
     assert listener.finished == 1  # reporting_to closes the last stage
 
 
-def test_progress_labels_are_cut_to_fit_one_terminal_line() -> None:
-    from mvcompile.cli import BAR_COLUMNS, fit_label
+def test_progress_bars_narrow_then_cut_the_label_to_fit_one_terminal_line() -> None:
+    from mvcompile.cli import BAR_FIXED, BAR_WIDTH, MIN_BAR_WIDTH, fit_bar
 
+    assert fit_bar("Timing", columns=80) == ("Timing", BAR_WIDTH)
+    label = "Checking the result against the input"  # 37 characters: the bar narrows
+    assert fit_bar(label, columns=80) == (label, 80 - BAR_FIXED - len(label))
     long = "Evaluating on 4 crops of 13 scikit-image sample photos (bundled default; pass it)"
-    cut = fit_label(long, columns=80)
-    assert len(cut) == 80 - BAR_COLUMNS and cut.endswith("…")
-    assert fit_label("Timing", columns=80) == "Timing"
+    cut, width = fit_bar(long, columns=80)
+    assert width == MIN_BAR_WIDTH and cut.endswith("…")
+    assert len(cut) + BAR_FIXED + width == 80
