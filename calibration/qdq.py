@@ -18,7 +18,7 @@ observation phase) and :func:`insert_qdq` (the rewrite).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -93,35 +93,54 @@ def insert_qdq(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan) -> di
     act_params = {name: qparams.quant_params(*r, plan.activation_dtype,
                                              plan.symmetric_activations)
                   for name, r in ranges.items()}
+    plan = replace(plan, keep_float=plan.keep_float | _overflowing_biases(graph, plan, act_params))
     weight_cache: dict[tuple[str, int], tuple[ir.Value, np.ndarray]] = {}
     activations = plan_tensors(graph, plan)  # before weights turn into DQ outputs
     for node in quantizable_nodes(graph, plan):
-        roles = _roles(node)
-        input_scale = _input_scale(node, roles, act_params)
-        weight_scales = None
-        for index, role in roles.items():
-            if isinstance(role, Weight):
-                axis = _weight_axis(node, role)
-                dq, weight_scales = _quantized_weight(graph, node, index, axis, weight_cache,
-                                                      plan.weight_qmax)
-                node.replace_input_with(index, dq)
-                counts["weights"] += 1
-        for index, role in roles.items():
-            if role == CONSTANT:
-                node.replace_input_with(index, _quantized_constant(graph, node, index, plan))
-        index = next((i for i, r in roles.items() if r == BIAS), None)
-        if index is not None and input_scale is not None and _int32_bias(
-                node, index, input_scale, weight_scales):
-            node.replace_input_with(index, _quantized_bias(graph, node, index, input_scale,
-                                                           weight_scales))
-            counts["biases"] += 1
-        counts["nodes"] += 1
+        _quantize_node(graph, node, plan, act_params, weight_cache, counts)
     for value in activations:
         if value.name not in act_params:
             raise KeyError(f"no calibrated range for {value.name}")
-        _quantize_activation(graph, value, *act_params[value.name], plan.keep_float)
-        counts["activations"] += 1
+        if _quantize_activation(graph, value, *act_params[value.name], plan.keep_float):
+            counts["activations"] += 1
     return counts
+
+
+def _quantize_node(graph: ir.Graph, node: ir.Node, plan: QuantPlan, act_params: dict,
+                   weight_cache: dict, counts: dict[str, int]) -> None:
+    """Weights → DQ(int8), constant operands → DQ(uint8), the bias → DQ(int32)."""
+    roles = _roles(node)
+    input_scale = _input_scale(node, roles, act_params)
+    weight_scales = None
+    for index, role in roles.items():
+        if isinstance(role, Weight):
+            axis = _weight_axis(node, role)
+            dq, weight_scales = _quantized_weight(graph, node, index, axis, weight_cache,
+                                                  plan.weight_qmax)
+            node.replace_input_with(index, dq)
+            counts["weights"] += 1
+    for index, role in roles.items():
+        if role == CONSTANT:
+            node.replace_input_with(index, _quantized_constant(graph, node, index, plan))
+    index = next((i for i, r in roles.items() if r == BIAS), None)
+    if index is not None and input_scale is not None and _per_channel_bias(
+            node, index, weight_scales):
+        node.replace_input_with(index, _quantized_bias(graph, node, index, input_scale,
+                                                       weight_scales))
+        counts["biases"] += 1
+    counts["nodes"] += 1
+
+
+def _overflowing_biases(graph: ir.Graph, plan: QuantPlan, act_params: dict) -> set[str]:
+    """Nodes whose bias int32 cannot hold at s_x·s_w (a tiny input range with large
+    biases): they stay in float, logged."""
+    names = set()
+    for node in quantizable_nodes(graph, plan):
+        roles = _roles(node)
+        if _bias_overflows(node, roles, _input_scale(node, roles, act_params), plan.weight_qmax):
+            log.warning("%s stays float: its bias exceeds int32 at scale s_x·s_w", node.name)
+            names.add(node.name)
+    return names
 
 
 def _input_scale(node: ir.Node, roles: dict, act_params: dict) -> float | None:
@@ -153,17 +172,23 @@ def _quantized_weight(graph: ir.Graph, node: ir.Node, index: int, axis: int | No
         other_axis = any(name == value.name for name, _ in cache)
         name = f"{value.name}_quantized" + (f"_axis{axis}" if other_axis else "")
         weight = value.const_value.numpy().astype(np.float32)
+        scales = _weight_scales(weight, axis, qmax)
         if axis is None:  # per tensor: one scale, broadcast as a 0-d tensor
-            scales = qparams.weight_scales(weight.reshape(1, -1), 0, qmax).reshape(())
             q = qparams.quantize_weight(weight.reshape(1, -1), scales.reshape(1), 0, qmax)
             q = q.reshape(weight.shape)
         else:
-            scales = qparams.weight_scales(weight, axis, qmax)
             q = qparams.quantize_weight(weight, scales, axis, qmax)
         zero = np.zeros_like(scales, dtype=np.int8)
         dq = _dequantize(graph, node, name, q, scales, zero, axis or 0)
         cache[key] = (dq, scales)
     return cache[key]
+
+
+def _weight_scales(weight: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
+    """Per-channel scales along ``axis``, or for ``axis`` None one per-tensor scale (0-d)."""
+    if axis is None:
+        return qparams.weight_scales(weight.reshape(1, -1), 0, qmax).reshape(())
+    return qparams.weight_scales(weight, axis, qmax)
 
 
 def _quantized_constant(graph: ir.Graph, node: ir.Node, index: int, plan: QuantPlan
@@ -190,17 +215,20 @@ def _per_channel_bias(node: ir.Node, index: int, weight_scales: np.ndarray | Non
     return weight_scales.ndim == 0 or shape in ((weight_scales.size,), (1, weight_scales.size))
 
 
-def _int32_bias(node: ir.Node, index: int, input_scale: float,
-                weight_scales: np.ndarray | None) -> bool:
-    """:func:`_per_channel_bias`, and its values fit int32 at s_x·s_w (else it stays float,
-    logged: a tiny input range with large biases)."""
-    if not _per_channel_bias(node, index, weight_scales):
+def _bias_overflows(node: ir.Node, roles: dict, input_scale: float | None, qmax: int) -> bool:
+    """Whether ``node`` has a per-channel bias that int32 cannot hold at s_x·s_w. Such a node
+    is left in float altogether: given a float bias between a DQ input and a Q output, ONNX
+    Runtime's WeightBiasQuantization casts b / (s_x·s_w) to int32 itself, which overflows,
+    and the fused QLinearConv/QGemm loses the bias."""
+    weight = next(((i, r) for i, r in roles.items() if isinstance(r, Weight)), None)
+    bias = next((i for i, r in roles.items() if r == BIAS), None)
+    if weight is None or bias is None or input_scale is None:
         return False
-    bias = node.inputs[index].const_value.numpy()
-    if not qparams.bias_fits_int32(bias, input_scale, weight_scales):
-        log.warning("The bias of %s stays float: it exceeds int32 at scale s_x·s_w", node.name)
-        return False
-    return True
+    array = node.inputs[weight[0]].const_value.numpy().astype(np.float32)
+    scales = _weight_scales(array, _weight_axis(node, weight[1]), qmax)
+    return (_per_channel_bias(node, bias, scales)
+            and not qparams.bias_fits_int32(node.inputs[bias].const_value.numpy(), input_scale,
+                                            scales))
 
 
 def _quantized_bias(graph: ir.Graph, node: ir.Node, index: int, input_scale: float,
@@ -226,16 +254,17 @@ def _dequantize(graph: ir.Graph, before: ir.Node, name: str, q: np.ndarray, scal
 
 
 def _quantize_activation(graph: ir.Graph, value: ir.Value, scale: np.float32,
-                         zero_point: np.integer, float_readers: set[str]) -> None:
-    """value → Q → one DQ per consumer (ORT fuses best when each DQ has a single consumer).
+                         zero_point: np.integer, float_readers: set[str]) -> bool:
+    """value → Q → one DQ per consumer (ORT fuses best when each DQ has a single consumer);
+    False, and nothing inserted, when every consumer is in ``float_readers``.
 
-    Consumers named in ``float_readers`` (nodes kept in float) go on reading ``value`` itself,
-    unless no other consumer reads the DQ: then the value is a quantized node's output whose
-    Q is part of that node's integer kernel, and they read the DQ like everyone else.
+    Nodes kept in float (``float_readers``) read ``value`` itself. A DQ input would put them
+    between a DQ and a Q (that of their quantized consumer), which ONNX Runtime's
+    WeightBiasQuantization fuses into an integer kernel, weights quantized after all.
     """
     uses = [u for u in value.uses() if u.node.name not in float_readers]
     if not uses and not value.is_graph_output():
-        uses = list(value.uses())
+        return False
     s = _initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32))
     z = _initializer(graph, f"{value.name}_zero_point", np.asarray(zero_point))
     q_node = ir.Node("", "QuantizeLinear", [value, s, z], name=f"{value.name}_q",
@@ -257,6 +286,7 @@ def _quantize_activation(graph: ir.Graph, value: ir.Value, scale: np.float32,
             _reroute_graph_output(graph, value, dq.outputs[0])
         else:
             consumer.replace_input_with(index, dq.outputs[0])
+    return True
 
 
 def _reroute_graph_output(graph: ir.Graph, value: ir.Value, replacement: ir.Value) -> None:

@@ -88,6 +88,15 @@ def _fold_in_shape(tokens: ir.Value, image_shape: tuple[int, ...]) -> tuple[int,
     return tuple(dims)  # type: ignore[arg-type]
 
 
+def _other_batches(image: ir.Value, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """With a symbolic batch, ``shape`` at one more batch: a chain may hard-code the
+    simulated batch size and be an unfold (or fold) at that size only; [] for a static
+    batch."""
+    if static_shape(image)[0] is not None:
+        return []
+    return [(shape[0] + 1, *shape[1:])]
+
+
 class _ChainRule(RewriteRuleClassBase):
     """Common state: the target and the patch geometry found by ``check``."""
 
@@ -210,6 +219,8 @@ def _check_unfold(rule: _ChainRule, image: ir.Value, tokens: ir.Value,
     p = find_unfold_patch(nodes, shape)
     if p is None:
         return result.fail("Reshape/Transpose chain is not a MobileViT unfold.")
+    if any(find_unfold_patch(nodes, other) != p for other in _other_batches(image, shape)):
+        return result.fail("the chain is a MobileViT unfold at one batch size only.")
     rule.p, rule.image = p, shape
     rule.resolved_s3 = None
     s3 = const_array(nodes[-1].inputs[1]).tolist()
@@ -335,9 +346,14 @@ def _check_fold(rule: _ChainRule, tokens: ir.Value, image: ir.Value,
     in_shape = _fold_in_shape(tokens, out_shape)
     if in_shape is None:
         return result.fail(f"shape of '{tokens.name}' is not static.")
-    p = find_fold_patch(chain_nodes(image, CHAIN_LENGTH), in_shape, out_shape)
+    nodes = chain_nodes(image, CHAIN_LENGTH)
+    p = find_fold_patch(nodes, in_shape, out_shape)
     if p is None:
         return result.fail("Reshape/Transpose chain is not a MobileViT fold.")
+    for other in _other_batches(image, out_shape):
+        other_in = _fold_in_shape(tokens, other)
+        if other_in is None or find_fold_patch(nodes, other_in, other) != p:
+            return result.fail("the chain is a MobileViT fold at one batch size only.")
     rule.p, rule.image = p, out_shape
     return result
 

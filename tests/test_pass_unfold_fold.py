@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from _passes_util import apply, assert_same_outputs, ops, parse
 
@@ -95,6 +96,25 @@ def test_a_different_permutation_is_not_an_unfold() -> None:
     assert ops(after)[:6] == ["Relu", "Reshape", "Transpose", "Reshape", "Transpose", "Reshape"]
     assert "not a MobileViT unfold" in pass_.refusals["unfold_to_space_to_depth_mobile"]
     assert_same_outputs(before, after, FEED)
+
+
+@pytest.mark.parametrize("target", ["mobile", "ort"])
+def test_chains_that_hard_code_the_batch_are_not_rewritten(target: str) -> None:
+    """Shapes [2, -1, N, P²] and [2, -1, N, d] in place of [-1, d, N, P²] and [-1, P², N, d]:
+    valid at any batch, but an unfold and a fold at batch 2 only (at other batches they mix
+    images). The symbolic batch was simulated at 2 alone, so both were rewritten and wrong at
+    every other batch."""
+    before = _model("Relu (x)", "Relu (img)", d=C)
+    for init in before.graph.initializer:
+        if init.name in ("u2", "f1"):
+            init.CopyFrom(onnx.numpy_helper.from_array(
+                np.array([2, -1, *onnx.numpy_helper.to_array(init)[2:]], np.int64), init.name))
+    after, pass_ = apply(before, "unfold_fold", unfold_fold.rules(target))
+    assert sum(pass_.counts.values()) == 0 and ops(after) == ops(before)
+    assert "one batch size only" in pass_.refusals[f"unfold_to_space_to_depth_{target}"]
+    for batch in (1, 2, 3):
+        x = RNG.normal(0, 1, (batch, C, S, S)).astype(np.float32)
+        assert_same_outputs(before, after, {"x": x})
 
 
 def test_raster_rows_invert_the_unfold() -> None:

@@ -146,21 +146,33 @@ def test_a_node_kept_float_reads_its_shared_input_in_float(data: np.ndarray) -> 
     assert 0 < np.abs(c1 - expected[0]).max() < 0.05 * np.abs(expected[0]).max()
 
 
-def test_a_node_kept_float_reads_the_dq_of_a_quantized_producer(data: np.ndarray) -> None:
-    text = """
-    <ir_version: 10, opset_import: ["" : 24]>
-    block (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w, float[8] b, float[8, 8, 3, 3] w2,
-           float[8] b2) => (float[N, 8, 8, 8] c2) {
-        c1 = Conv <pads = [1, 1, 1, 1]> (x, w, b)
-        c2 = Conv <pads = [1, 1, 1, 1]> (c1, w2, b2)
-    }
-    """
-    model = fixture_model(text)
+CHAIN = """
+<ir_version: 10, opset_import: ["" : 24]>
+block (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w, float[8] b, float[8, 8, 3, 3] w2,
+       float[8] b2, float[8, 8, 3, 3] w3, float[8] b3) => (float[N, 8, 8, 8] c3) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    c2 = Conv <pads = [1, 1, 1, 1]> (c1, w2, b2)
+    c3 = Conv <pads = [1, 1, 1, 1]> (c2, w3, b3)
+}
+"""
+
+
+def test_a_node_kept_float_between_quantized_ones_runs_in_float_on_ort(tmp_path,
+                                                                       data: np.ndarray) -> None:
+    """c2 kept in float between quantized c1 and c3. Reading DQ(c1) and feeding Q(c2), it sat
+    between a DQ and a Q, and ORT's WeightBiasQuantization fused it into a QLinearConv with
+    its own int8 weights: three integer convolutions for two asked for."""
+    model = fixture_model(CHAIN)
     kept = next(n for n in model.graph if n.outputs[0].name == "c2")
-    quantize(model, data, QuantPlan(frozenset({"Conv"}), keep_float={kept.name}))
-    # c1's Q belongs to the quantized Conv's integer kernel, so the only reader keeps its DQ
-    assert kept.inputs[0].producer().op_type == "DequantizeLinear"
+    plan = QuantPlan(frozenset({"Conv"}), keep_float={kept.name}, weight_qmax=REDUCED_QMAX)
+    counts = quantize(model, data, plan)
+    assert counts["nodes"] == 2
+    assert kept.inputs[0].producer().op_type == "Conv"  # c1 itself, in float
+    assert [v.name for v in kept.inputs[1:]] == ["w2", "b2"]
     onnx.checker.check_model(onnx_io.to_proto(model), full_check=True)
+    run(model, data, optimized_path=str(tmp_path / "opt.onnx"))
+    fused = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert fused["QLinearConv"] == 1 and fused["Conv"] == 2  # c3 integer; c1 and c2 float
 
 
 def test_calibration_refuses_an_activation_that_overflows() -> None:
@@ -273,16 +285,33 @@ def _run_unfused(model: ir.Model, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
-def test_a_bias_beyond_int32_stays_float(caplog) -> None:
-    """Inputs of range 1e-6 and biases of 1: b / (s_x·s_w) overflows int32, so the bias is
-    left in float (before: saturated to ±2³¹ with its sign flipped)."""
-    model = _gemm_model("[4]")
-    model.graph.initializers["b"].const_value = ir.tensor(np.ones(4, np.float32), name="b")
-    x = np.random.default_rng(2).uniform(0, 1e-6, (4, 8)).astype(np.float32)
+@pytest.mark.parametrize("op", ["Gemm", "Conv"])
+def test_a_node_whose_bias_exceeds_int32_stays_float(caplog, op: str) -> None:
+    """Inputs of range 1e-6 and biases of 1: b / (s_x·s_w) overflows int32. Saturating it
+    flipped its sign; leaving only the bias in float let ORT's fusion into QGemm/QLinearConv
+    quantize it itself and lose it (outputs off by 1). The whole node stays float."""
+    if op == "Gemm":
+        model, shape = _gemm_model("[4]"), (4, 8)
+    else:
+        model, shape = fixture_model(CONV_ONLY), (2, 3, 8, 8)
+    bias = model.graph.initializers["b"]
+    bias.const_value = ir.tensor(np.ones(bias.shape[0], np.float32), name="b")
+    x = np.random.default_rng(2).uniform(0, 1e-6, shape).astype(np.float32)
     expected = run(model, x)
-    counts = quantize(model, x, QuantPlan(frozenset({"Gemm"})))
-    assert counts["biases"] == 0 and "stays float" in caplog.text
+    counts = quantize(model, x, QuantPlan(frozenset({op}), weight_qmax=REDUCED_QMAX))
+    assert counts["weights"] == counts["biases"] == counts["nodes"] == 0
+    assert "stays float" in caplog.text
+    onnx.checker.check_model(onnx_io.to_proto(model), full_check=True)
+    np.testing.assert_allclose(run(model, x), expected, atol=1e-3)  # ORT_ENABLE_ALL
     np.testing.assert_allclose(_run_unfused(model, x), expected, atol=1e-3)
+
+
+CONV_ONLY = """
+<ir_version: 10, opset_import: ["" : 24]>
+block (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w, float[8] b) => (float[N, 8, 8, 8] y) {
+    y = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+}
+"""
 
 
 def test_a_weight_read_along_two_axes_gets_two_dequantizes() -> None:
