@@ -326,9 +326,12 @@ def _symbolic_batch_blocked(result: onnx.ModelProto, pipeline_report: dict) -> b
 
 def run_pipeline_proto(proto: onnx.ModelProto, pipeline: str,
                        skip: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, dict]:
-    """:func:`run_pipeline` on an ONNX proto (which is not modified): the rewritten proto and
-    the pipeline report."""
-    model, report = run_pipeline(ir.serde.deserialize_model(proto), pipeline, skip)
+    """:func:`run_pipeline` on an ONNX proto (which is not modified: the model reads a copy,
+    since a renamed initializer would rename the proto's tensor): the rewritten proto and the
+    pipeline report."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    model, report = run_pipeline(ir.serde.deserialize_model(copy), pipeline, skip)
     return onnx_io.to_proto(model), report
 
 

@@ -26,11 +26,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
 from onnxscript.rewriter import MatchingTracer, MatchStatus, RewriteRuleSet
 
+from mvcompile import onnx_io
+from mvcompile.errors import first_line
 from mvcompile.passes import (
     commute_resize,
     fold_head_split,
@@ -123,14 +126,58 @@ def _why_not(rule_set: RewriteRuleSet, model: ir.Model) -> tuple[str, str]:
     return PATTERN_FOUND if found else PARTIAL, f"{best[0].status.name.lower()}: {reason}"
 
 
-class OnnxscriptOptimize(ir.passes.InPlacePass):
+class OnnxscriptOptimize(ir.passes.FunctionalPass):
     """onnxscript.optimizer.optimize: constant folding, its default rewrite rules (which
-    include BN folding and Reshape/Transpose collapsing) and dead-code removal."""
+    include BN folding and Reshape/Transpose collapsing) and dead-code removal, on a copy.
+
+    Its rules lack some of our checks (its BN fold takes BatchNormalization-7's [C, H, W]
+    statistics and mixed-type BatchNormalization-15): if it raises, or turns a model that
+    passes onnx.checker into one that does not, the model goes on without it and the report
+    says why.
+    """
+
+    RULE = "onnxscript_optimizer"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure: str | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        before = len(list(model.graph))
-        onnxscript.optimizer.optimize_ir(model)
-        return ir.passes.PassResult(model, modified=len(list(model.graph)) != before)
+        # A copy that shares no tensor with ``model`` (a clone does: renaming an initializer
+        # in it, as optimize_ir's NameFixPass may, would rename the original's too).
+        trial = ir.serde.deserialize_model(onnx_io.to_proto(model))
+        try:
+            onnxscript.optimizer.optimize_ir(trial)
+            _check_still_valid(model, trial)
+        except Exception as err:  # onnxscript's rules raise ValueError, TypeError and others
+            while err.__cause__ is not None:  # onnx_ir wraps the rule's error in PassErrors
+                err = err.__cause__
+            self.failure = first_line(err)
+            log.warning("onnxscript's optimizer failed (%s); going on without it", self.failure)
+            return ir.passes.PassResult(model.clone(), modified=False)
+        changed = len(list(trial.graph)) != len(list(model.graph))
+        return ir.passes.PassResult(trial, modified=changed)
+
+    def report(self) -> dict:
+        """Nothing when it ran; else a refused rule row, like :meth:`RuleSetPass.report`."""
+        if self.failure is None:
+            return {}
+        return {"rules": {self.RULE: 0},
+                "refused": {self.RULE: f"failed, so skipped: {self.failure}"},
+                "refusal_kinds": {self.RULE: PATTERN_FOUND}, "cleanup": False}
+
+
+def _check_still_valid(before: ir.Model, after: ir.Model) -> None:
+    """Raise onnx.checker's error if ``after`` fails the full check and ``before`` passes it
+    (a model that was invalid already is judged at the end of ``optimize``)."""
+    try:
+        onnx.checker.check_model(onnx_io.to_proto(after), full_check=True)
+    except Exception:  # ValidationError, or InferenceError from the full check
+        try:
+            onnx.checker.check_model(onnx_io.to_proto(before), full_check=True)
+        except Exception:  # noqa: BLE001 - the input fails it too
+            return
+        raise
 
 
 @dataclass(frozen=True)
@@ -228,7 +275,7 @@ def run_pipeline(model: ir.Model, name: str = "fp32", skip: frozenset[str] = fro
               if stage.name in skip]
     for stage, pass_ in zip(chosen, passes, strict=True):
         entry = {"name": stage.name}
-        if isinstance(pass_, RuleSetPass):
+        if isinstance(pass_, RuleSetPass | OnnxscriptOptimize):
             entry.update(pass_.report())
         stages.append(entry)
     after = _op_counts(result.model)

@@ -14,6 +14,7 @@ edit of the shared tensor would no longer reach this Conv.
 
 from __future__ import annotations
 
+import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleSet
 from onnxscript.rewriter.rules.common._fuse_batchnorm import FuseBatchNormIntoConv
 
@@ -38,7 +39,34 @@ class FoldBatchNormIntoConv(FuseBatchNormIntoConv):
                 return result.fail(
                     f"BatchNorm parameter '{stat.name}' is shared with node "
                     f"'{others[0].name}' ({others[0].op_type}); tied statistics are kept.")
-        return result
+        return _check_folded_tensors(inbound_out.producer(), bn, result)
+
+
+def _check_folded_tensors(conv: ir.Node, bn: ir.Node, result: MatchResult) -> MatchResult:
+    """The statistics are one value per output channel (not BatchNormalization-7's
+    ``spatial=0`` [C, H, W] ones), of the conv weight's type (BatchNormalization-15 allows
+    others, and folding would write the weights in the wider one), and a new bias would not
+    take the name of a value the graph already has (onnx_ir would rename that one, leaving
+    its readers dangling)."""
+    weight = conv.inputs[1].const_value
+    channels = weight.shape[0]
+    for stat in bn.inputs[1:]:
+        if tuple(stat.const_value.shape) != (channels,):
+            return result.fail(f"BatchNorm parameter '{stat.name}' has shape "
+                               f"{list(stat.const_value.shape)}, not [{channels}] (one per "
+                               "output channel).")
+        if stat.const_value.dtype != weight.dtype:
+            return result.fail(f"BatchNorm parameter '{stat.name}' is {stat.const_value.dtype}"
+                               f" and the conv weight {weight.dtype}.")
+    if len(conv.inputs) < 3 or conv.inputs[2] is None:
+        bias_name = f"{conv.inputs[1].name}_bias"  # what onnxscript's rewrite calls it
+        graph = conv.graph
+        taken = ({v.name for v in graph.inputs} | set(graph.initializers)
+                 | {out.name for node in graph for out in node.outputs})
+        if bias_name in taken:
+            return result.fail(f"the folded bias would be named '{bias_name}', which the "
+                               "graph already uses.")
+    return result
 
 
 # Conv -> BatchNormalization  ->  Conv (W', b')

@@ -7,8 +7,9 @@ LayerNormalization already; this catches graphs that arrive decomposed.
 
 LayerNormalization's output has x's shape, and γ, β must broadcast *to* x (unidirectionally).
 The ``Mul(·, γ)`` and ``Add(·, β)`` it replaces broadcast both ways, so onnxscript's rules are
-wrapped to refuse a γ or β that could widen the result (e.g. β of shape [3, N, C] added to
-x of shape [1, N, C]); the fused node would then compute a smaller tensor.
+wrapped to refuse a γ, β or ε that could widen the result (e.g. β of shape [3, N, C] added to
+x of shape [1, N, C], or ε of shape [1, 1, 1, 1] on x of rank 3); the fused node would then
+compute a smaller tensor.
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ class LayerNormScale(LayerNormFusion):
 
     def check(self, context, x, scale, epsilon, **rest) -> MatchResult:  # type: ignore[override]
         result = super().check(context, x, epsilon, **rest)
+        result = _check_broadcast(result, x, "epsilon", epsilon)  # any rank: [1,1,1,1] widens
         return _check_broadcast(result, x, "scale", scale)
 
 
 class LayerNormBias(LayerNormBiasFusion):
-    """onnxscript's LayerNormalization + Add(β) rule, with β checked to broadcast to x."""
+    """onnxscript's LayerNormalization + Add(β) rule, with β checked to broadcast to x, on a
+    LayerNormalization with one output (its replacement has one)."""
 
     def check(self, context, x, scale, bias, normalized) -> MatchResult:  # type: ignore[override]
-        return _check_broadcast(MatchResult(), x, "bias", bias)
+        result = MatchResult()
+        if len(normalized.producer().outputs) > 1:
+            return result.fail("LayerNormalization also declares its Mean/InvStdDev outputs.")
+        return _check_broadcast(result, x, "bias", bias)
 
 
 rules = RewriteRuleSet([

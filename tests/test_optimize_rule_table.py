@@ -99,3 +99,18 @@ def test_a_replacement_that_fails_after_a_full_match_counts_as_pattern_found() -
     assert pass_.counts == {"_GivesUp": 0}
     assert pass_.report()["refusal_kinds"] == {"_GivesUp": PATTERN_FOUND}
     assert pass_.report()["refused"] == {"_GivesUp": "replacement failed after a full match"}
+
+
+def test_onnxscript_optimizer_failing_is_a_row_and_the_rest_goes_on(tmp_path: Path) -> None:
+    """onnxscript's own BN fold raised on BatchNormalization-7's [C, H, W] statistics, and
+    optimize ended in a traceback; now its stage is skipped, with the reason in the table."""
+    from test_pass_fuse_conv_bn import bn7_spatial0_model
+
+    src, out = tmp_path / "bn7.onnx", tmp_path / "o.onnx"
+    onnx.save(bn7_spatial0_model(), str(src))
+    code, output = run("optimize", str(src), "-o", str(out), "--no-measure")
+    assert code == 0, output
+    row = next(line for line in output.splitlines() if line.startswith("onnxscript_optimizer"))
+    assert "failed, so skipped: operands could not be broadcast" in row
+    assert "has shape [3, 5, 5], not [3]" in output  # our own fold refused it, with the reason
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)

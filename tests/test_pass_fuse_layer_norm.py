@@ -15,7 +15,7 @@ CONSTANTS = {"eps": np.array(1e-5, np.float32), "two": np.array(2.0, np.float32)
 
 
 def _layer_norm(inputs: str, output: str, tail: str, square: str = "Mul (d, d)",
-                axis: int = -1):
+                axis: int = -1, eps: np.ndarray = CONSTANTS["eps"]):
     """(x − mean) / sqrt(var + ε) over ``axis``, then ``tail`` (scale and shift)."""
     return parse('<ir_version: 10, opset_import: ["" : 24]>\n' + f"""g ({inputs}) => ({output}) {{
         m = ReduceMean <keepdims=1> (x, axes)
@@ -26,7 +26,7 @@ def _layer_norm(inputs: str, output: str, tail: str, square: str = "Mul (d, d)",
         s = Sqrt (ve)
         n = Div (d, s)
         {tail}
-    }}""", {**CONSTANTS, "axes": np.array([axis], np.int64)})
+    }}""", {**CONSTANTS, "eps": eps, "axes": np.array([axis], np.int64)})
 
 
 def _feed(**shapes: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -74,4 +74,29 @@ def test_a_mean_over_another_axis_is_not_a_layer_norm() -> None:
     before = _layer_norm("float[2,5,8] x", "float[2,5,8] y", "y = Mul (n, gamma)", axis=1)
     after, _ = apply(before, "fuse_layer_norm", fuse_layer_norm.rules)
     assert "LayerNormalization" not in ops(after)
+    assert_same_outputs(before, after, _feed(x=(2, 5, 8)))
+
+
+def test_an_epsilon_that_widens_the_result_is_not_fused() -> None:
+    """ε of shape [1,1,1,1] on x [2,5,8]: the decomposed output is [1,2,5,8], the fused node's
+    [2,5,8] (an invalid graph)."""
+    before = _layer_norm("float[2,5,8] x", "float[1,2,5,8] y", "y = Mul (n, gamma)",
+                         eps=np.full((1, 1, 1, 1), 1e-5, np.float32))
+    after, pass_ = apply(before, "fuse_layer_norm", fuse_layer_norm.rules)
+    assert "LayerNormalization" not in ops(after)
+    assert "epsilon 'eps'" in pass_.refusals["LayerNormFusion"]
+    assert_same_outputs(before, after, _feed(x=(2, 5, 8)))
+
+
+def test_a_shift_after_a_layer_norm_with_three_outputs_is_not_fused() -> None:
+    """A LayerNormalization that declares Mean and InvStdDev: the bias rule's replacement has
+    one output, and the rewrite raised."""
+    before = parse('<ir_version: 10, opset_import: ["" : 24]>\n' + """
+    g (float[2,5,8] x) => (float[2,5,8] y) {
+        n, mu, inv = LayerNormalization (x, gamma)
+        y = Add (n, beta)
+    }""", CONSTANTS)
+    after, pass_ = apply(before, "fuse_layer_norm", fuse_layer_norm.rules)
+    assert ops(after) == ["LayerNormalization", "Add"]
+    assert "Mean/InvStdDev" in pass_.refusals["LayerNormBiasFusion"]
     assert_same_outputs(before, after, _feed(x=(2, 5, 8)))
