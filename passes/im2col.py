@@ -35,6 +35,7 @@ from mvcompile.passes._layout import (
     ints_attr,
     run_chain,
     sim_shape,
+    static_shape,
     unfold_ref,
 )
 
@@ -77,6 +78,9 @@ class Im2ColUnfold(RewriteRuleClassBase):
         self.patch = find_im2col_patch(nodes, self.shape) if nodes else None
         if self.patch is None:
             return result.fail("the chain does not compute an im2col unfold [B, C, P, N].")
+        if static_shape(x)[0] is None and find_im2col_patch(  # the batch is simulated: check
+                nodes, (self.shape[0] + 1, *self.shape[1:])) != self.patch:  # a second size
+            return result.fail("the chain computes an im2col unfold at one batch size only.")
         return result
 
     def rewrite(self, op, x, tokens, **_):

@@ -89,3 +89,26 @@ def test_overlapping_col2im_is_left_alone() -> None:
     assert "stride is not the block size" in pass_.refusals["Col2ImFold"]
     feed = {"x": RNG.normal(size=(B, C * P * P, 15)).astype(np.float32)}
     assert_same_outputs(before, after, feed, atol=0)  # the model is valid and runs
+
+
+def test_an_unfold_at_one_batch_size_only_is_left_alone() -> None:
+    """With a symbolic batch and the tokens' shape [2, -1, P², N], the chain is an im2col
+    unfold at batch 2 only (at batch 4 it is [2, 2C, P², N]); simulated at batch 2 alone, it
+    was rewritten to [-1, C, P², N], wrong at every other batch."""
+    n = (H // P) * (W // P)
+    before = parse(f"""
+    <ir_version: 10, opset_import: ["" : 18]>
+    g (float[B,{C},{H},{W}] x) => (float[2,?,{P * P},{n}] y) {{
+      r = Gather<axis = 2>(x, rows)
+      rc = Gather<axis = 4>(r, cols)
+      t = Transpose<perm = [0, 1, 2, 4, 3, 5]>(rc)
+      y = Reshape(t, shape)
+    }}""", {"rows": np.arange(H).reshape(H // P, P).T.copy().astype(np.int64),
+            "cols": np.arange(W).reshape(W // P, P).T.copy().astype(np.int64),
+            "shape": np.array([2, -1, P * P, n], np.int64)})
+    after, pass_ = apply(before, "im2col", im2col.rules())
+    assert pass_.counts["Im2ColUnfold"] == 0 and ops(after) == ops(before)
+    assert "one batch size only" in pass_.refusals["Im2ColUnfold"]
+    for batch in (2, 4):
+        assert_same_outputs(before, after,
+                            {"x": RNG.normal(size=(batch, C, H, W)).astype(np.float32)})
