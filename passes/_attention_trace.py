@@ -16,12 +16,14 @@ import numpy as np
 import onnx_ir as ir
 
 from mvcompile.passes._layout import (
+    SIM_BATCH,
     apply_reshape,
     broadcasts_unchanged,
     const_array,
     run_chain,
     sim_shape,
     sim_shape_fitting,
+    static_shape,
 )
 
 HEAD_PERM = [0, 2, 1, 3]  # [G, N, h, d_h] <-> [G, h, N, d_h]
@@ -175,10 +177,19 @@ def trace_branch(value: ir.Value) -> Branch | None:
 
 def split_dims(branch: Branch, perm: Sequence[int]) -> tuple[int, int, int] | None:
     """(h, N, d_h) if the branch's layout chain is ``Reshape([G, N, h, d_h]) → Transpose(perm)``
-    as a permutation of its source's elements, else None."""
+    as a permutation of its source's elements, else None. A symbolic batch is simulated at
+    two sizes: a chain may hard-code one."""
+    found = _split_dims_at(branch, perm, SIM_BATCH)
+    if found is not None and _batch_is_symbolic(branch.source):
+        return found if _split_dims_at(branch, perm, SIM_BATCH + 1) == found else None
+    return found
+
+
+def _split_dims_at(branch: Branch, perm: Sequence[int], batch: int
+                   ) -> tuple[int, int, int] | None:
     reshapes = [n for n in branch.layout if n.op_type == "Reshape"]
     first = const_array(reshapes[0].inputs[1]) if reshapes else None
-    shape = sim_shape_fitting(branch.source, None if first is None else first.tolist())
+    shape = sim_shape_fitting(branch.source, None if first is None else first.tolist(), batch)
     if shape is None:
         return None
     index = np.arange(int(np.prod(shape))).reshape(shape)
@@ -195,18 +206,28 @@ def split_dims(branch: Branch, perm: Sequence[int]) -> tuple[int, int, int] | No
 
 def merge_dims(ctx: ir.Value, nodes: list[ir.Node], width: int) -> list[int] | None:
     """The merge Reshape's shape with its last entry ``width`` if ``nodes`` (Transpose,
-    Reshape) turn ctx [G, h, N, d_h] into [..., N, h·d_h] rows, else None."""
-    shape = sim_shape(ctx)
+    Reshape) turn ctx [G, h, N, d_h] into [..., N, h·d_h] rows, else None (a symbolic batch
+    is simulated at two sizes)."""
     merge = const_array(nodes[1].inputs[1])
-    if shape is None or len(shape) != 4 or merge is None or 0 in merge.tolist():
+    if merge is None or 0 in merge.tolist():
         return None
-    index = np.arange(int(np.prod(shape))).reshape(shape)
-    out = run_chain(nodes, index)
-    g, h, n, dh = shape
-    if out is None or out.shape[-1] != h * dh or not np.array_equal(
-            out.ravel(), index.transpose(HEAD_PERM).ravel()):
-        return None
+    batches = (SIM_BATCH, SIM_BATCH + 1) if _batch_is_symbolic(ctx) else (SIM_BATCH,)
+    for batch in batches:
+        shape = sim_shape(ctx, batch)
+        if shape is None or len(shape) != 4:
+            return None
+        index = np.arange(int(np.prod(shape))).reshape(shape)
+        out = run_chain(nodes, index)
+        g, h, n, dh = shape
+        if out is None or out.shape[-1] != h * dh or not np.array_equal(
+                out.ravel(), index.transpose(HEAD_PERM).ravel()):
+            return None
     return [*merge.tolist()[:-1], width]
+
+
+def _batch_is_symbolic(value: ir.Value) -> bool:
+    dims = static_shape(value)
+    return dims is not None and bool(dims) and dims[0] is None
 
 
 def broadcasts_to(array: np.ndarray, shape: tuple[int, ...] | None) -> bool:

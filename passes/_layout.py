@@ -46,15 +46,15 @@ def static_shape(value: ir.Value) -> list[int | None] | None:
     return [d if isinstance(d, int) else None for d in value.shape]
 
 
-def sim_shape(value: ir.Value) -> tuple[int, ...] | None:
-    """A concrete shape to simulate ``value`` with: static dims, symbolic batch = SIM_BATCH.
+def sim_shape(value: ir.Value, batch: int = SIM_BATCH) -> tuple[int, ...] | None:
+    """A concrete shape to simulate ``value`` with: static dims, symbolic batch = ``batch``.
 
     None if any dimension other than the first is symbolic.
     """
     dims = static_shape(value)
     if dims is None or any(d is None for d in dims[1:]):
         return None
-    return tuple(SIM_BATCH if d is None else d for d in dims)
+    return tuple(batch if d is None else d for d in dims)
 
 
 def apply_reshape(x: np.ndarray, shape: Sequence[int], allowzero: int = 0) -> np.ndarray | None:
@@ -184,9 +184,10 @@ def float_init(op: RewriterContext, array: np.ndarray, name: str) -> ir.Value:
     return op.initializer(ir.tensor(array, name=name), name=name)
 
 
-def sim_shape_fitting(value: ir.Value, shape: Sequence[int] | None) -> tuple[int, ...] | None:
+def sim_shape_fitting(value: ir.Value, shape: Sequence[int] | None, batch: int = SIM_BATCH
+                      ) -> tuple[int, ...] | None:
     """:func:`sim_shape` for a ``value`` that ``Reshape(value, shape)`` follows: a symbolic
-    first dimension (e.g. G·N flattened rows) is simulated as SIM_BATCH times the fewest rows
+    first dimension (e.g. G·N flattened rows) is simulated as ``batch`` times the fewest rows
     that fill whole ``shape`` groups (the product of its positive entries)."""
     dims = static_shape(value)
     if dims is None or not dims or any(d is None for d in dims[1:]):
@@ -195,4 +196,4 @@ def sim_shape_fitting(value: ir.Value, shape: Sequence[int] | None) -> tuple[int
         return tuple(dims)
     row = int(np.prod(dims[1:], dtype=np.int64))
     group = int(np.prod([d for d in (shape or []) if d > 0], dtype=np.int64))
-    return (SIM_BATCH * (group // math.gcd(group, row)), *dims[1:])
+    return (batch * (group // math.gcd(group, row)), *dims[1:])

@@ -353,3 +353,20 @@ def test_fused_target_keeps_the_nan_guard_when_the_bias_masks_a_whole_row() -> N
     assert {"IsNaN", "Where"} <= set(ops(after))
     assert np.isfinite(run(after, FEED)[0]).all()
     assert_same_outputs(before, after, FEED, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", ["ort", "ort-attention", "mobile"])
+def test_a_head_split_that_hard_codes_the_groups_is_not_rewritten(target: str) -> None:
+    """Symbolic rows and a split shape [2, -1, h, d_h]: a head split over groups of N tokens
+    at 2·N rows only (at 4·N rows, groups of 2·N). Simulated at one row count, it was
+    rewritten with groups of N, wrong at every other count."""
+    before = _model(rows="rows")
+    for init in before.graph.initializer:
+        if init.name == "split":
+            init.CopyFrom(onnx.numpy_helper.from_array(np.array([2, -1, H, DH], np.int64),
+                                                       "split"))
+    after, pass_ = apply(before, "fold_head_split", fold_head_split.rules(target))
+    assert pass_.counts[f"fold_head_split_{target}"] == 0
+    for rows in (2 * N, 4 * N):
+        assert_same_outputs(before, after,
+                            {"x": RNG.normal(0, 1, (rows, D)).astype(np.float32)})
