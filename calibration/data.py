@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mvcompile.errors import UserError
+from mvcompile.errors import UserError, first_line
 from mvcompile.images import IMAGE_SUFFIXES, find_files, to_rgb
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,12 @@ def load_images(source: str | None, resolution: int, limit: int | None = None,
     if source is None:
         return bundled_photos(resolution, limit or 32, on_image)
     if source == "digits":
+        if Path(source).is_dir():
+            log.warning("Using scikit-learn's digits; to use the folder ./digits instead, "
+                        "pass it as ./digits.")
         return digits(resolution, split, limit, on_image)
     path = Path(source)
-    if path.suffix == ".npy":
+    if path.suffix.lower() == ".npy" and not path.is_dir():
         return _load_npy(path, resolution, limit)
     return load_folder(path, resolution, limit, on_image)
 
@@ -147,10 +150,11 @@ def _load_npy(path: Path, resolution: int, limit: int | None) -> ImageSet:
         raise UserError(f"Image array not found: {path}.")
     try:
         array = np.load(path, allow_pickle=False)
-    except ValueError as err:  # numpy's text advises allow_pickle: not repeated here
-        raise UserError(f"Cannot read {path} as a .npy array: it is not a plain numeric NumPy "
-                        "file (mvcompile does not load pickled objects). Save preprocessed "
-                        "inputs with numpy.save(path, float32_array).") from err
+    except ValueError as err:
+        raise UserError(f"Cannot read {path} as a .npy array: {_npy_problem(err)} Save "
+                        "preprocessed inputs with numpy.save(path, float32_array).") from err
+    except EOFError as err:  # an empty file
+        raise UserError(f"Cannot read {path} as a .npy array: the file is empty.") from err
     except OSError as err:
         raise UserError(f"Cannot read {path} as a .npy array ({err}).") from err
     expected = (3, resolution, resolution)
@@ -162,6 +166,14 @@ def _load_npy(path: Path, resolution: int, limit: int | None) -> ImageSet:
     _check_preprocessed(array, path)
     array = np.asarray(_subsample(list(array), limit), dtype=np.float32)
     return ImageSet(array, description=f"{len(array)} arrays from {path}")
+
+
+def _npy_problem(err: ValueError) -> str:
+    """numpy's reason for refusing a .npy, without its advice to allow pickles."""
+    if "allow_pickle" in str(err):  # not a .npy header, or an object array
+        return ("it is not a plain numeric NumPy file (mvcompile does not load pickled "
+                "objects).")
+    return f"{first_line(err).rstrip('.')}."
 
 
 def _check_preprocessed(array: np.ndarray, path: Path) -> None:

@@ -118,6 +118,43 @@ def test_missing_npy_data_fails_cleanly(tmp_path: Path) -> None:
     assert_clean_failure(code, output, "not found", "missing.npy")
 
 
+def test_unreadable_npy_data_is_named_with_its_problem(tmp_path: Path) -> None:
+    """An empty .npy raised EOFError, which click printed as a bare 'Aborted!'; a truncated
+    one was called pickled."""
+    model = _channel_means(tmp_path / "m.onnx", ["N", 3, 8, 8], ["N", 3])
+    (tmp_path / "empty.npy").write_bytes(b"")
+    code, output = run("eval", model, "--data", str(tmp_path / "empty.npy"))
+    assert_clean_failure(code, output, "empty.npy as a .npy array: the file is empty")
+    np.save(tmp_path / "full.npy", np.full((4, 3, 8, 8), 0.5, np.float32))
+    data = (tmp_path / "full.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[:len(data) // 2])
+    code, output = run("eval", model, "--data", str(tmp_path / "cut.npy"))
+    assert_clean_failure(code, output, "Failed to read all data for array")
+    assert "pickled" not in output
+
+
+def test_npy_suffixes_in_any_case_and_folders_named_npy(tmp_path: Path) -> None:
+    model = _channel_means(tmp_path / "m.onnx", ["N", 3, 8, 8], ["N", 3])
+    np.save(tmp_path / "a.npy", np.full((4, 3, 8, 8), 0.5, np.float32))
+    (tmp_path / "a.npy").rename(tmp_path / "A.NPY")
+    code, output = run("eval", model, "--data", str(tmp_path / "A.NPY"))
+    assert code == 0 and "4 arrays from" in output, output
+    folder = tmp_path / "photos.npy"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(folder / "red.png")
+    code, output = run("eval", model, "--data", str(folder))
+    assert code == 0 and f"1 images from {folder}" in output, output
+
+
+def test_digits_notes_a_folder_of_that_name(tmp_path: Path, monkeypatch, caplog) -> None:
+    model = _channel_means(tmp_path / "m.onnx", ["N", 3, 8, 8], ["N", 3])
+    (tmp_path / "digits" / "a").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    code, output = run("eval", model, "--data", "digits", "--limit", "4")
+    assert code == 0, output
+    assert "to use the folder ./digits instead, pass it as ./digits" in caplog.text
+
+
 def _value(output: str, label: str) -> str:
     """The value in the eval table's row ``label``."""
     row = next(ln for ln in output.splitlines() if ln.startswith(f"{label}  "))
