@@ -88,8 +88,23 @@ def max_abs_diff(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: i
     if [a.shape for a in outputs] != [a.shape for a in reference_outputs]:
         raise ValueError(f"output shapes differ at batch {batch}: "
                          f"{[a.shape for a in outputs]} vs {[a.shape for a in reference_outputs]}")
-    return max(float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
-               for a, b in zip(reference_outputs, outputs, strict=True))
+    return max((output_difference(a, b) for a, b in zip(reference_outputs, outputs, strict=True)),
+               default=0.0)
+
+
+def output_difference(expected: np.ndarray, actual: np.ndarray) -> float:
+    """max |expected − actual| over the elements: 0 where both hold the same non-finite value
+    (NaN, or an infinity of one sign), inf where only one does; for outputs that are not
+    numbers (strings), 0 if equal, else inf."""
+    if not expected.size:
+        return 0.0
+    if expected.dtype.kind not in "biuf" or actual.dtype.kind not in "biuf":
+        return 0.0 if np.array_equal(expected, actual) else float("inf")
+    a, b = expected.astype(np.float64), actual.astype(np.float64)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(a - b)
+    return float(np.max(np.where(same, 0.0, np.nan_to_num(diff, nan=np.inf, posinf=np.inf))))
 
 
 def run_unoptimized(proto: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -407,14 +422,28 @@ def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float, ba
         onnx.checker.check_model(result, full_check=True)
         diff = max_abs_diff(proto, result, batch=batch, reference_outputs=expected)
     except Exception as err:
-        raise UserError(f"The optimized model failed validation ({type(err).__name__}: {err}); "
-                        "nothing was written. Please report this with the input model.") from err
+        raise _invalid_input(proto) or UserError(
+            f"The optimized model failed validation ({type(err).__name__}: {err}); nothing was "
+            "written. Please report this with the input model.") from err
     if not diff <= tolerance:
         raise UserError(f"The optimized model differs from the input by {diff:.3g} (max abs) "
                         f"on random inputs, above the tolerance {tolerance:g}; nothing was "
                         "written. Please report this with the input model.")
     stages.advance()
     return diff
+
+
+def _invalid_input(proto: onnx.ModelProto) -> UserError | None:
+    """The error to give when the input itself fails onnx.checker's full check (optimize
+    writes only models that pass it), else None."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as err:  # ValidationError, InferenceError
+        return UserError(f"The input model fails onnx.checker's full check ({first_line(err)}), "
+                         "and so does the result; optimize writes only models that pass it, so "
+                         "nothing was written. Fix the input model (onnx.checker.check_model("
+                         "model, full_check=True) says what is wrong).")
+    return None
 
 
 def optimize_file(src: str | Path, dst: str | Path, target: str = "ort",

@@ -178,3 +178,53 @@ def test_ctrl_c_after_optimize_wrote_its_output_says_so(tmp_path: Path, monkeypa
     assert f"{tmp_path / 'o.onnx'} was already written" in output
     assert "no output was written" not in output
     assert (tmp_path / "o.onnx").is_file()
+
+
+def _identity(elem_type: int, shape: list | None) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", elem_type, shape)],
+        [helper.make_tensor_value_info("y", elem_type, shape)])
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_optimize_blames_an_input_that_fails_the_checker_itself(tmp_path: Path) -> None:
+    """An input without a shape field: the result fails the full check as the input does, and
+    the message used to ask for a bug report."""
+    onnx.save(_identity(onnx.TensorProto.FLOAT, None), str(tmp_path / "m.onnx"))
+    code, output = run("optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"),
+                       "--no-measure")
+    assert_clean_failure(code, output, "The input model fails onnx.checker's full check")
+    assert "Please report" not in output and not (tmp_path / "o.onnx").exists()
+
+
+def test_optimize_compares_nan_and_string_outputs(tmp_path: Path) -> None:
+    """NaN − NaN is NaN, and strings do not subtract: both were called a difference in the
+    optimized model, with a request for a bug report."""
+    log_of = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Log", ["n"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])])
+    models = {"nan": helper.make_model(log_of, ir_version=10,
+                                       opset_imports=[helper.make_opsetid("", 17)]),
+              "text": _identity(onnx.TensorProto.STRING, [2])}
+    for name, model in models.items():
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+        code, output = run("optimize", str(tmp_path / f"{name}.onnx"), "-o",
+                           str(tmp_path / f"{name}_o.onnx"), "--no-measure")
+        assert code == 0, output
+        assert (tmp_path / f"{name}_o.onnx").exists()
+
+
+def test_output_difference_matches_non_finite_values_and_compares_strings() -> None:
+    from mvcompile.optimize import output_difference
+
+    inf, nan = np.inf, np.nan
+    a = np.array([1.0, nan, inf, -inf], np.float32)
+    assert output_difference(a, a.copy()) == 0.0
+    assert output_difference(a, np.array([1.5, nan, inf, -inf], np.float32)) == 0.5
+    assert output_difference(a, np.array([1.0, 2.0, inf, -inf], np.float32)) == inf
+    assert output_difference(a, np.array([1.0, nan, -inf, -inf], np.float32)) == inf
+    words = np.array(["a", "b"], object)
+    assert output_difference(words, words.copy()) == 0.0
+    assert output_difference(words, np.array(["a", "c"], object)) == inf
