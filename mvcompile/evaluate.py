@@ -47,6 +47,10 @@ def predict(model: bytes | str | ort.InferenceSession, images: ImageSet, threads
         raise UserError(f"{where}'s first output has shape {list(logits.shape)} for "
                         f"{len(images.pixels)} images, not class logits [N, classes]; eval "
                         "needs an image classifier.")
+    bad = int((~np.isfinite(logits).all(axis=1)).sum()) if logits.dtype.kind == "f" else 0
+    if bad:
+        raise UserError(f"{where} gives NaN or infinite logits for {bad} of the "
+                        f"{len(logits)} images, so they cannot be scored.")
     return logits
 
 
@@ -116,12 +120,20 @@ def _check_input(session: ort.InferenceSession, images: ImageSet, where: str) ->
     if not session.get_outputs():
         raise UserError(f"{where} has no outputs; eval needs a model whose first output is "
                         "the class logits [N, classes].")
-    expected = inputs[0].shape[1:]
+    batch, *expected = inputs[0].shape
+    if batch == 0:
+        raise UserError(f"{where} declares a batch size of 0 for its input; it cannot take "
+                        "images.")
     actual = list(images.pixels.shape[1:])
-    if any(isinstance(e, int) and e != a for e, a in zip(expected, actual, strict=False)):
+    if len(expected) == 3 and isinstance(expected[0], int) and expected[0] != actual[0]:
+        raise UserError(f"{where} takes {expected[0]}-channel inputs [N, "
+                        f"{', '.join(map(str, expected))}]; eval feeds RGB images "
+                        f"[N, {actual[0]}, H, W].")
+    if len(expected) != len(actual) or any(
+            isinstance(e, int) and e != a for e, a in zip(expected, actual, strict=True)):
         raise UserError(f"{where} expects inputs of shape [N, {', '.join(map(str, expected))}]"
-                        f" but the images were prepared as {actual}; pass the model's "
-                        "resolution.")
+                        f" but the images were prepared as {actual} (a .npy array must hold "
+                        "images at the model's input size).")
 
 
 def accuracy_report(images: ImageSet, fp32_logits: np.ndarray,

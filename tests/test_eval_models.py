@@ -323,3 +323,25 @@ def test_an_output_that_is_not_logits_is_named(tmp_path: Path) -> None:
     code, output = run("eval", model, "--data", "digits", "--limit", "4")
     assert_clean_failure(code, output, "first output has shape [4, 3, 64, 64]",
                          "not class logits [N, classes]")
+
+
+def test_nan_logits_are_refused_not_scored(tmp_path: Path) -> None:
+    """log(−mean): NaN logits, whose argmax used to be scored (exit 0)."""
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Neg", ["f"], ["n"]),
+             helper.make_node("Log", ["n"], ["y"])]
+    model = _save(tmp_path / "m.onnx",
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], nodes)
+    code, output = run("eval", model, "--data", str(_colour_folder(tmp_path / "data")))
+    assert_clean_failure(code, output, "gives NaN or infinite logits for 10 of the 10 images")
+
+
+def test_models_that_cannot_take_rgb_images_are_named_so(tmp_path: Path) -> None:
+    data = str(_colour_folder(tmp_path / "data"))
+    gray = _channel_means(tmp_path / "gray.onnx", ["N", 1, 8, 8], ["N", 1])
+    code, output = run("eval", gray, "--data", data)
+    assert_clean_failure(code, output, "takes 1-channel inputs [N, 1, 8, 8]; eval feeds RGB")
+    empty = _channel_means(tmp_path / "b0.onnx", [0, 3, 8, 8], [0, 3])
+    code, output = run("eval", empty, "--data", data)  # was an ONNX Runtime traceback
+    assert_clean_failure(code, output, "declares a batch size of 0")
