@@ -316,9 +316,7 @@ def info(model: str) -> None:
     s = analysis.summarize(proto)
     rows: list[tuple[str, object]] = [
         ("parameters", f"{s.parameters:,} ({human_count(s.parameters)})"),
-        ("MACs (batch 1)", human_count(s.macs) + (
-            f" (shapes unknown for {len(s.macs_unknown_nodes)} nodes)"
-            if s.macs_unknown_nodes else "")),
+        _macs_row(s),
         ("nodes", s.node_count),
         ("opsets", ", ".join(f"{d} {v}" for d, v in s.opsets.items())),
         ("IR version", s.ir_version),
@@ -329,6 +327,20 @@ def info(model: str) -> None:
     click.echo(format_table(rows, header=(model, "")))
     click.echo()
     click.echo(format_table(list(s.op_histogram.items()), header=("op", "count")))
+
+
+def _macs_row(s: analysis.ModelSummary) -> tuple[str, str]:
+    """info's MACs row: at the inputs' own batch (1 if symbolic), or why there is no count
+    (an input size past the batch is symbolic: it was counted at 1)."""
+    for name, dims in s.inputs:
+        if any(not isinstance(d, int) for d in dims[1:]):
+            return ("MACs", f"unknown: input {name} {analysis.format_shape(dims)} has a "
+                            "symbolic size (`mvcompile optimize --resolution R` fixes it)")
+    batches = {dims[0] for _, dims in s.inputs if dims and isinstance(dims[0], int)}
+    batch = batches.pop() if len(batches) == 1 else 1
+    unknown = (f" (shapes unknown for {len(s.macs_unknown_nodes)} nodes)"
+               if s.macs_unknown_nodes else "")
+    return (f"MACs (batch {batch})", human_count(s.macs) + unknown)
 
 
 def _checker_verdict(path: str) -> str:

@@ -180,6 +180,27 @@ def test_info_on_a_torch_export(tmp_path: Path) -> None:
     assert "ai.onnx 17" in output and "Transpose" in output
 
 
+@pytest.mark.parametrize(("dims", "label", "value"), [
+    ([1, 3, 8, 8], "MACs (batch 1)", "13.82 k"),
+    ([4, 3, 8, 8], "MACs (batch 4)", "55.30 k"),  # was labelled batch 1
+    (["N", 3, 8, 8], "MACs (batch 1)", "13.82 k"),
+    (["N", 3, "H", "W"], "MACs", "unknown: input x [N, 3, H, W] has a symbolic size"),  # was 216
+])
+def test_info_gives_macs_at_the_inputs_batch_or_says_why_not(tmp_path: Path, dims: list,
+                                                            label: str, value: str) -> None:
+    weight = onnx.numpy_helper.from_array(np.ones((8, 3, 3, 3), np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, dims)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [weight])
+    onnx.save(onnx.helper.make_model(graph, ir_version=10, opset_imports=[
+        onnx.helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    code, output = run("info", str(tmp_path / "m.onnx"))
+    assert code == 0, output
+    row = next(line for line in output.splitlines() if line.startswith("MACs"))
+    assert row.startswith(f"{label}  ") and row.removeprefix(label).strip().startswith(value)
+
+
 def test_build_and_info_leave_the_working_folder_untouched(tmp_path: Path, monkeypatch) -> None:
     cwd = tmp_path / "cwd"
     cwd.mkdir()
