@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from mvcompile.errors import UserError
+
 BLOCK = 5  # consecutive calls per session in interleaved timing
 
 
@@ -54,25 +56,34 @@ def make_session(model: bytes | str, threads: int = 2,
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                 "tensor(double)": np.float64, "tensor(int64)": np.int64,
-                "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-                "tensor(bool)": np.bool_}
+                "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+                "tensor(uint64)": np.uint64, "tensor(uint32)": np.uint32,
+                "tensor(uint16)": np.uint16, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+                "tensor(string)": np.object_}
 
 
 def numpy_dtype(ort_type: str) -> type:
-    """The numpy type of an ONNX Runtime input type string such as "tensor(int64)"."""
-    return _NUMPY_TYPES.get(ort_type, np.float32)
+    """The numpy type of an ONNX Runtime input type string such as "tensor(int64)";
+    UserError for a type no input can be made of here (bfloat16, float8, sequences...)."""
+    if ort_type not in _NUMPY_TYPES:
+        raise UserError(f"Inputs of type {ort_type} cannot be generated (supported: "
+                        f"{', '.join(t[7:-1] for t in _NUMPY_TYPES)}).")
+    return _NUMPY_TYPES[ort_type]
 
 
 def seeded_inputs(specs: Iterable[tuple[str, type, Sequence[int | str | None]]], seed: int = 0,
                   batch: int = 1) -> dict[str, np.ndarray]:
     """{name: array} for (name, dtype, dims) specs: U[0,1) for floating-point inputs, zeros
-    for integer and boolean ones; dims that are not integers become ``batch``."""
+    for integer and boolean ones, empty strings for string ones; dims that are not integers
+    become ``batch``."""
     rng = np.random.default_rng(seed)
     feed = {}
     for name, dtype, dims in specs:
         shape = [d if isinstance(d, int) else batch for d in dims]
         if np.issubdtype(dtype, np.floating):
             feed[name] = rng.uniform(0.0, 1.0, shape).astype(dtype)
+        elif np.dtype(dtype) == np.object_:
+            feed[name] = np.full(shape, "", dtype=object)
         else:
             feed[name] = np.zeros(shape, dtype)
     return feed

@@ -84,6 +84,30 @@ def test_models_with_integer_inputs_bench_and_refuse_eval_cleanly(tmp_path) -> N
     assert "one float32 input" in out.output and "tensor(int64)" in out.output, out.output
 
 
+def _cast_model(path, elem_type: int) -> str:
+    """y = float(x) for x of ``elem_type`` (string: y = x)."""
+    to = onnx.TensorProto.STRING if elem_type == onnx.TensorProto.STRING else (
+        onnx.TensorProto.FLOAT)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Cast", ["x"], ["y"], to=to)], "g",
+        [onnx.helper.make_tensor_value_info("x", elem_type, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", to, [1, 4])])
+    onnx.save(onnx.helper.make_model(graph, ir_version=10, opset_imports=[
+        onnx.helper.make_opsetid("", 21)]), str(path))
+    return str(path)
+
+
+def test_inputs_of_every_plain_type_are_made_and_others_refused(tmp_path) -> None:
+    """uint16 and string inputs used to be fed float32 ("cannot run ... on random inputs")."""
+    for name, elem_type in (("u16", onnx.TensorProto.UINT16), ("s", onnx.TensorProto.STRING),
+                            ("i16", onnx.TensorProto.INT16)):
+        result = bench.bench(_cast_model(tmp_path / f"{name}.onnx", elem_type), threads=1,
+                             runs=2, warmup=0)
+        assert result.stats.runs == 2
+    code, output = run("bench", _cast_model(tmp_path / "bf16.onnx", onnx.TensorProto.BFLOAT16))
+    assert_clean_failure(code, output, "Inputs of type tensor(bfloat16) cannot be generated")
+
+
 def test_bench_coreml(onnx_path: str, tmp_path) -> None:
     """On macOS a real MLModel.predict benchmark; elsewhere a clear 'needs a Mac' error."""
     package = coreml.write_coreml(onnx.load(onnx_path), tmp_path / "m.mlpackage",
