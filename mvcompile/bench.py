@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from mvcompile import latency
 from mvcompile.analysis import format_shape
-from mvcompile.errors import UserError, first_line, ort_load_error
+from mvcompile.errors import UserError, first_line, ort_load_error, raise_if_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def _bench_ort(path: Path, threads: int, runs: int, warmup: int,
     try:
         stats = latency.measure(session, feed, runs=runs, warmup=warmup, on_run=on_run)
     except Exception as err:  # e.g. an input type or shape the random feed cannot satisfy
+        raise_if_out_of_memory(err)
         raise UserError(f"ONNX Runtime cannot run {path} on random inputs of shape "
                         f"{_describe(shapes)}: {first_line(err)}") from err
     return BenchResult(str(path), "ort", f"CPU, {threads} thread(s)", batch, stats,

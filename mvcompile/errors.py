@@ -10,6 +10,7 @@ _ORT_SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ [^()]*\([^()]*\)\s*")
 _ALLOCATION_FAILED = re.compile(
     r"Failed to allocate memory for requested buffer of size (\d+)"
     r"|(?:can't allocate memory|not enough memory): you tried to allocate (\d+) bytes")
+_CUDA_OUT_OF_MEMORY = re.compile(r"CUDA out of memory\. Tried to allocate ([\d.]+ [KMGT]?i?B)")
 _ORT_NODE = re.compile(r"while running (\w+) node")
 
 
@@ -59,6 +60,8 @@ def out_of_memory_message(err: BaseException) -> str | None:
     (s the stage's stride), so their memory grows with R⁴."""
     if isinstance(err, MemoryError):
         asked = ""
+    elif cuda := _CUDA_OUT_OF_MEMORY.search(str(err)):
+        asked = f" on the GPU: {cuda.group(1)} more were asked for"
     else:
         match = _ALLOCATION_FAILED.search(str(err))
         if match is None:
@@ -73,8 +76,19 @@ def out_of_memory_message(err: BaseException) -> str | None:
 
 def _bytes(size: int) -> str:
     """3 * 2**40 -> '3.0 TiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
-        size /= 1024
-    return f"{size:,.1f} TiB"
+    if size < 1024:
+        return f"{size} B"
+    scaled = float(size)
+    for unit in ("KiB", "MiB", "GiB"):
+        scaled /= 1024
+        if scaled < 1024:
+            return f"{scaled:.1f} {unit}"
+    return f"{scaled / 1024:,.1f} TiB"
+
+
+def raise_if_out_of_memory(err: BaseException) -> None:
+    """Raise the :class:`UserError` of :func:`out_of_memory_message` if ``err`` is a failed
+    allocation, for the handlers that would otherwise blame the model or its input."""
+    message = out_of_memory_message(err)
+    if message is not None:
+        raise UserError(message) from err

@@ -29,7 +29,7 @@ import onnxruntime as ort
 from mvcompile import batch_generalize, input_dims, latency, onnx_io, stages
 from mvcompile.analysis import graph_inputs, value_dims
 from mvcompile.backends._output import check_writable_dir
-from mvcompile.errors import UserError, first_line
+from mvcompile.errors import UserError, first_line, raise_if_out_of_memory
 from mvcompile.passes import storage_precision
 from mvcompile.passes.unfold_fold import NOT_STATIC
 from mvcompile.pipeline import NO_CANDIDATE, PARTIAL, run_pipeline, stage_fired
@@ -420,17 +420,23 @@ def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float, ba
     stages.start("Checking the result against the input")
     try:
         onnx.checker.check_model(result, full_check=True)
+    except Exception as err:  # ValidationError, InferenceError
+        raise _invalid_input(proto) or _validation_failed(err) from err
+    try:
         diff = max_abs_diff(proto, result, batch=batch, reference_outputs=expected)
-    except Exception as err:
-        raise _invalid_input(proto) or UserError(
-            f"The optimized model failed validation ({type(err).__name__}: {err}); nothing was "
-            "written. Please report this with the input model.") from err
+    except Exception as err:  # ONNX Runtime cannot run the result, or its shapes differ
+        raise _validation_failed(err) from err
     if not diff <= tolerance:
         raise UserError(f"The optimized model differs from the input by {diff:.3g} (max abs) "
                         f"on random inputs, above the tolerance {tolerance:g}; nothing was "
                         "written. Please report this with the input model.")
     stages.advance()
     return diff
+
+
+def _validation_failed(err: Exception) -> UserError:
+    return UserError(f"The optimized model failed validation ({type(err).__name__}: {err}); "
+                     "nothing was written. Please report this with the input model.")
 
 
 def _invalid_input(proto: onnx.ModelProto) -> UserError | None:
@@ -525,6 +531,7 @@ def _input_outputs(proto: onnx.ModelProto, name: str) -> Callable[[int], list[np
                 session.append(_unoptimized_session(proto))
             return session[0].run(None, random_inputs(proto, batch=batch))
         except Exception as err:  # ORT raises several exception types for unloadable models
+            raise_if_out_of_memory(err)
             raise UserError(f"ONNX Runtime cannot run the input {name} ({first_line(err)})"
                             "; mvcompile optimize checks its result against the input on "
                             "random inputs, so the input must run on them."

@@ -123,11 +123,18 @@ def _expand_to_192_tib(path: Path) -> Path:
     return path
 
 
-def test_running_out_of_memory_is_an_error_message_not_a_traceback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [("eval", "--data", "digits", "--limit", "2"),
+                                     ("bench", "--runs", "1"),
+                                     ("optimize", "-o", "OUT", "--no-measure")])
+def test_running_out_of_memory_is_an_error_message_not_a_traceback(tmp_path: Path,
+                                                                   command: tuple) -> None:
+    """eval ended in a traceback; bench and optimize blamed the model or its input."""
     model = _expand_to_192_tib(tmp_path / "huge.onnx")
-    code, output = run("eval", str(model), "--data", "digits", "--limit", "2")
+    args = [str(tmp_path / "o.onnx") if a == "OUT" else a for a in command[1:]]
+    code, output = run(command[0], str(model), *args)
     assert_clean_failure(code, output, "Out of memory: 192.0 TiB were asked for by a node of "
                          "type Expand.", "A smaller input (resolution or batch)")
+    assert "cannot run" not in output
 
 
 def test_out_of_memory_message_recognises_only_allocation_failures(tmp_path: Path) -> None:
@@ -139,6 +146,9 @@ def test_out_of_memory_message_recognises_only_allocation_failures(tmp_path: Pat
     torch_error = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
                                "allocate 83886080000 bytes. Error code 12")
     assert "78.1 GiB were asked for." in out_of_memory_message(torch_error)
+    cuda_error = RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 7.79 "
+                              "GiB total capacity)")  # torch.OutOfMemoryError's text
+    assert "on the GPU: 20.00 MiB more were asked for" in out_of_memory_message(cuda_error)
     assert out_of_memory_message(MemoryError()).startswith("Out of memory. ")
     assert out_of_memory_message(RuntimeError("shape mismatch")) is None
 
