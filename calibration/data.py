@@ -67,9 +67,15 @@ def load_images(source: str | None, resolution: int, limit: int | None = None,
                         "pass it as ./digits.")
         return digits(resolution, split, limit, on_image)
     path = Path(source)
-    if path.suffix.lower() == ".npy" and not path.is_dir():
+    if is_array_file(source):
         return _load_npy(path, resolution, limit)
     return load_folder(path, resolution, limit, on_image)
+
+
+def is_array_file(source: str) -> bool:
+    """Whether ``source`` names a .npy array (the suffix in any case), not a folder."""
+    path = Path(source)
+    return path.suffix.lower() == ".npy" and not path.is_dir()
 
 
 def load_folder(folder: Path, resolution: int, limit: int | None = None,

@@ -96,7 +96,8 @@ def count_parameters(model: onnx.ModelProto) -> int:
 
 
 def count_macs(model: onnx.ModelProto) -> tuple[int, list[str]]:
-    """(MACs at batch 1, names of conv/matmul nodes whose shapes could not be inferred)."""
+    """(MACs at the inputs' static batch, 1 where it is symbolic; names of conv/matmul nodes
+    whose shapes could not be inferred)."""
     shapes = _inferred_shapes(model)
     total, unknown = 0, []
     for node in model.graph.node:

@@ -334,10 +334,13 @@ def _macs_row(s: analysis.ModelSummary) -> tuple[str, str]:
     (an input size past the batch is symbolic: it was counted at 1)."""
     for name, dims in s.inputs:
         if any(not isinstance(d, int) for d in dims[1:]):
+            fix = " (`mvcompile optimize --resolution R` fixes it)" if len(dims) == 4 else ""
             return ("MACs", f"unknown: input {name} {analysis.format_shape(dims)} has a "
-                            "symbolic size (`mvcompile optimize --resolution R` fixes it)")
+                            f"symbolic size{fix}")
     batches = {dims[0] for _, dims in s.inputs if dims and isinstance(dims[0], int)}
-    batch = batches.pop() if len(batches) == 1 else 1
+    if len(batches) > 1:
+        return ("MACs (inputs' own batches)", human_count(s.macs))
+    batch = batches.pop() if batches else 1
     unknown = (f" (shapes unknown for {len(s.macs_unknown_nodes)} nodes)"
                if s.macs_unknown_nodes else "")
     return (f"MACs (batch {batch})", human_count(s.macs) + unknown)

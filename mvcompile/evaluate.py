@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from mvcompile import latency, metrics
-from mvcompile.calibration.data import ImageSet
+from mvcompile.calibration.data import ImageSet, is_array_file
 from mvcompile.errors import UserError, ort_load_error
 from mvcompile.graphs.checkpoints import class_names_from_metadata
 from mvcompile.labels import few_names, match_labels
@@ -192,12 +192,12 @@ def source_noun(data: str) -> str:
     """How messages name ``--data``: "digits", "the array" (.npy) or "the folder"."""
     if data == "digits":
         return "digits"
-    return "the array" if data.endswith(".npy") else "the folder"
+    return "the array" if is_array_file(data) else "the folder"
 
 
 def _label_note(data: str) -> str:
     """Why an unlabelled ``--data`` has no top-1, and how to get one."""
-    if data.endswith(".npy"):
+    if is_array_file(data):
         return ("no labels (a .npy array has none; use a folder with one subfolder per class, "
                 "or digits)")
     return "no labels (use one subfolder per class)"

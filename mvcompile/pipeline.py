@@ -154,6 +154,8 @@ class OnnxscriptOptimize(ir.passes.FunctionalPass):
                 err = err.__cause__
             self.failure = first_line(err)
             log.warning("onnxscript's optimizer failed (%s); going on without it", self.failure)
+            # ``model`` is untouched; a functional pass returns a new object, and a clone
+            # (sharing its tensors) is enough, since the pass manager drops ``model``.
             return ir.passes.PassResult(model.clone(), modified=False)
         changed = len(list(trial.graph)) != len(list(model.graph))
         return ir.passes.PassResult(trial, modified=changed)
@@ -256,8 +258,9 @@ PIPELINES: dict[str, list[Stage]] = {
 
 def run_pipeline(model: ir.Model, name: str = "fp32", skip: frozenset[str] = frozenset()
                  ) -> tuple[ir.Model, dict]:
-    """Run pipeline ``name``, less the stages named in ``skip``, on ``model`` in place; return
-    it and a JSON-able report: ``{"pipeline", "nodes_before", "nodes_after", "stages":
+    """Run pipeline ``name``, less the stages named in ``skip``, on ``model`` (changed in place
+    unless a stage copies it, as onnxscript_optimize does); return the result and a JSON-able
+    report: ``{"pipeline", "nodes_before", "nodes_after", "stages":
     [{"name", "rules", "refused", "refusal_kinds", "cleanup"} or {"name", "skipped": True}]}``
     (``refusal_kinds``: :data:`NO_CANDIDATE`, :data:`PARTIAL` or :data:`PATTERN_FOUND` per
     rule in ``refused``; ``cleanup``: see :class:`RuleSetPass`).

@@ -5,11 +5,16 @@ Conv∘BN → Conv with, per output channel o and σ_o = sqrt(var_o + ε):
     W'[o] = W[o] · γ_o/σ_o,        b'_o = (b_o − μ_o) · γ_o/σ_o + β_o.
 
 The arithmetic is onnxscript's ``FuseBatchNormIntoConv`` (which also refuses non-constant or
-shared conv weights); this module adds the refusals a compiler for user graphs needs: training
-mode, and statistics that another node also reads. Folding the latter would compute the same
-outputs (the rule only reads γ, β, μ, σ² and writes new conv initializers), but a graph that
-ties statistics across nodes keeps them tied, by policy: after folding, the tie is gone and an
-edit of the shared tensor would no longer reach this Conv.
+shared conv weights); this module adds the refusals a compiler for user graphs needs:
+
+- training mode;
+- statistics that another node also reads. Folding them would compute the same outputs (the
+  rule only reads γ, β, μ, σ² and writes new conv initializers), but a graph that ties
+  statistics across nodes keeps them tied, by policy: after folding, the tie is gone and an
+  edit of the shared tensor would no longer reach this Conv;
+- statistics that are not one value per output channel (BatchNormalization-7 ``spatial=0``);
+- statistics of another type than the conv weight (BatchNormalization-15);
+- a new bias whose name the graph already uses.
 """
 
 from __future__ import annotations

@@ -139,11 +139,13 @@ def test_npy_suffixes_in_any_case_and_folders_named_npy(tmp_path: Path) -> None:
     (tmp_path / "a.npy").rename(tmp_path / "A.NPY")
     code, output = run("eval", model, "--data", str(tmp_path / "A.NPY"))
     assert code == 0 and "4 arrays from" in output, output
+    assert "a .npy array has none" in output  # named as an array, not a folder
     folder = tmp_path / "photos.npy"
     folder.mkdir()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(folder / "red.png")
     code, output = run("eval", model, "--data", str(folder))
     assert code == 0 and f"1 images from {folder}" in output, output
+    assert "a .npy array has none" not in output
 
 
 def test_digits_notes_a_folder_of_that_name(tmp_path: Path, monkeypatch, caplog) -> None:

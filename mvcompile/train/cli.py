@@ -262,8 +262,7 @@ def _interrupted_summary(options: TrainOptions, before: tuple[int, int] | None) 
     from mvcompile.train.checkpoint import LAST, read_checkpoint
 
     run_dir = options.run_dir()
-    now = _checkpoint_stamp(run_dir)
-    if now is None or (options.overwrite and now == before):
+    if _interrupt_left(options, before) != SAVED:
         return None
     try:
         state = read_checkpoint(run_dir / LAST, torch.device("cpu"))
@@ -340,15 +339,27 @@ def _checkpoint_stamp(run_dir: Path) -> tuple[int, int] | None:
     return stat.st_ino, stat.st_mtime_ns
 
 
-def _interrupted_message(options: TrainOptions, before: tuple[int, int] | None) -> str:
-    """What an interrupt left: a resumable epoch, nothing, or (--overwrite interrupted before
-    it deleted anything) the earlier run untouched."""
-    run_dir = options.run_dir()
-    now = _checkpoint_stamp(run_dir)
+NOTHING, UNTOUCHED, SAVED = "nothing", "untouched", "saved"
+
+
+def _interrupt_left(options: TrainOptions, before: tuple[int, int] | None) -> str:
+    """What an interrupt left in the run folder: :data:`NOTHING` (no last.pt),
+    :data:`UNTOUCHED` (--overwrite stopped before replacing the earlier run's last.pt, whose
+    stamp was ``before``), or :data:`SAVED` (a resumable epoch of this run)."""
+    now = _checkpoint_stamp(options.run_dir())
     if now is None:
+        return NOTHING
+    return UNTOUCHED if options.overwrite and now == before else SAVED
+
+
+def _interrupted_message(options: TrainOptions, before: tuple[int, int] | None) -> str:
+    """What an interrupt left, in words (see :func:`_interrupt_left`)."""
+    run_dir = options.run_dir()
+    left = _interrupt_left(options, before)
+    if left == NOTHING:
         return (f"Interrupted before the first epoch ended; nothing was saved, so there is "
                 f"nothing to resume in {run_dir}.")
-    if options.overwrite and now == before:
+    if left == UNTOUCHED:
         return (f"Interrupted before the new run started; {run_dir} still holds the earlier "
                 f"run, unchanged (continue it with --resume {run_dir}).")
     return f"Interrupted. The last complete epoch is saved; continue with --resume {run_dir}"
