@@ -17,12 +17,16 @@ observation phase) and :func:`insert_qdq` (the rewrite).
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
+from mvcompile import onnx_io
+from mvcompile.analysis import inferred_shapes
 from mvcompile.calibration import qparams
 from mvcompile.calibration.registry import ACTIVATION, BIAS, QUANTIZERS, Weight
 
@@ -43,6 +47,16 @@ class QuantPlan:
     @property
     def symmetric_activations(self) -> bool:
         return self.activation_dtype == "int8"
+
+
+def can_stay_float(node: ir.Node) -> bool:
+    """Whether ``node`` may be kept in float among quantized ones: a Conv, Gemm or MatMul
+    with a constant weight. Its float weight keeps ONNX Runtime from fusing it into an
+    integer kernel, given the per-axis DQ it reads (:func:`_per_axis_dequantize`). Integer
+    elementwise kernels (QLinearAdd, QLinearMul, ...) would take that DQ all the same, and
+    ONNX Runtime then refuses the model (their scales must be scalars)."""
+    return (node.op_type in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1
+            and node.inputs[1] is not None and node.inputs[1].const_value is not None)
 
 
 def quantizable_nodes(graph: ir.Graph, plan: QuantPlan) -> list[ir.Node]:
@@ -87,23 +101,49 @@ def plan_tensors(graph: ir.Graph, plan: QuantPlan) -> list[ir.Value]:
 
 
 def insert_qdq(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan) -> dict[str, int]:
-    """Rewrite ``model`` in place; returns counts of what was inserted."""
+    """Rewrite ``model`` in place; returns counts of what was inserted. Nodes whose bias
+    int32 cannot hold should be in ``plan.keep_float`` (:func:`overflowing_biases`)."""
     graph = model.graph
     counts = {"activations": 0, "weights": 0, "biases": 0, "nodes": 0}
-    act_params = {name: qparams.quant_params(*r, plan.activation_dtype,
-                                             plan.symmetric_activations)
-                  for name, r in ranges.items()}
-    plan = replace(plan, keep_float=plan.keep_float | _overflowing_biases(graph, plan, act_params))
+    act_params = _activation_params(ranges, plan)
     weight_cache: dict[tuple[str, int], tuple[ir.Value, np.ndarray]] = {}
     activations = plan_tensors(graph, plan)  # before weights turn into DQ outputs
+    integer = {n.name for n in quantizable_nodes(graph, plan) if QUANTIZERS[n.op_type].output}
+    shapes = functools.cache(lambda: inferred_shapes(onnx_io.to_proto(model)))
     for node in quantizable_nodes(graph, plan):
         _quantize_node(graph, node, plan, act_params, weight_cache, counts)
     for value in activations:
         if value.name not in act_params:
             raise KeyError(f"no calibrated range for {value.name}")
-        if _quantize_activation(graph, value, *act_params[value.name], plan.keep_float):
+        if _quantize_activation(graph, value, act_params[value.name],
+                                _FloatReaders(plan.keep_float, integer, shapes)):
             counts["activations"] += 1
     return counts
+
+
+@dataclass(frozen=True)
+class _FloatReaders:
+    """What :func:`_quantize_activation` needs to keep float nodes float: their names, the
+    nodes whose integer kernels need a Q as their output's only reader, and every value's
+    static shape (inferred once, when a value's own shape is unknown)."""
+
+    float_nodes: set[str]
+    integer_nodes: set[str]
+    shapes: Callable[[], dict[str, list[int]]]
+
+    def last_dim(self, value: ir.Value) -> int | None:
+        """The size of ``value``'s last axis, if it is static and not the batch."""
+        dims = list(value.shape) if value.shape is not None else []
+        if len(dims) >= 2 and isinstance(dims[-1], int):
+            return dims[-1]
+        inferred = self.shapes().get(value.name, [])
+        return inferred[-1] if len(inferred) >= 2 else None
+
+
+def _activation_params(ranges: dict[str, Range], plan: QuantPlan
+                       ) -> dict[str, tuple[np.float32, np.integer]]:
+    return {name: qparams.quant_params(*r, plan.activation_dtype, plan.symmetric_activations)
+            for name, r in ranges.items()}
 
 
 def _quantize_node(graph: ir.Graph, node: ir.Node, plan: QuantPlan, act_params: dict,
@@ -131,15 +171,16 @@ def _quantize_node(graph: ir.Graph, node: ir.Node, plan: QuantPlan, act_params: 
     counts["nodes"] += 1
 
 
-def _overflowing_biases(graph: ir.Graph, plan: QuantPlan, act_params: dict) -> set[str]:
-    """Nodes whose bias int32 cannot hold at s_x·s_w (a tiny input range with large
-    biases): they stay in float, logged."""
-    names = set()
+def overflowing_biases(graph: ir.Graph, ranges: dict[str, Range], plan: QuantPlan
+                       ) -> list[str]:
+    """Nodes the plan would quantize whose bias int32 cannot hold at s_x·s_w (a tiny input
+    range with large biases): the caller keeps them in float (:func:`_bias_overflows`)."""
+    act_params = _activation_params(ranges, plan)
+    names = []
     for node in quantizable_nodes(graph, plan):
         roles = _roles(node)
         if _bias_overflows(node, roles, _input_scale(node, roles, act_params), plan.weight_qmax):
-            log.warning("%s stays float: its bias exceeds int32 at scale s_x·s_w", node.name)
-            names.add(node.name)
+            names.append(node.name)
     return names
 
 
@@ -220,12 +261,13 @@ def _bias_overflows(node: ir.Node, roles: dict, input_scale: float | None, qmax:
     is left in float altogether: given a float bias between a DQ input and a Q output, ONNX
     Runtime's WeightBiasQuantization casts b / (s_x·s_w) to int32 itself, which overflows,
     and the fused QLinearConv/QGemm loses the bias."""
-    weight = next(((i, r) for i, r in roles.items() if isinstance(r, Weight)), None)
+    weight_index, weight_role = next(
+        ((i, r) for i, r in roles.items() if isinstance(r, Weight)), (None, None))
     bias = next((i for i, r in roles.items() if r == BIAS), None)
-    if weight is None or bias is None or input_scale is None:
+    if weight_index is None or bias is None or input_scale is None:
         return False
-    array = node.inputs[weight[0]].const_value.numpy().astype(np.float32)
-    scales = _weight_scales(array, _weight_axis(node, weight[1]), qmax)
+    array = node.inputs[weight_index].const_value.numpy().astype(np.float32)
+    scales = _weight_scales(array, _weight_axis(node, weight_role), qmax)
     return (_per_channel_bias(node, bias, scales)
             and not qparams.bias_fits_int32(node.inputs[bias].const_value.numpy(), input_scale,
                                             scales))
@@ -253,28 +295,41 @@ def _dequantize(graph: ir.Graph, before: ir.Node, name: str, q: np.ndarray, scal
     return node.outputs[0]
 
 
-def _quantize_activation(graph: ir.Graph, value: ir.Value, scale: np.float32,
-                         zero_point: np.integer, float_readers: set[str]) -> bool:
-    """value → Q → one DQ per consumer (ORT fuses best when each DQ has a single consumer);
-    False, and nothing inserted, when every consumer is in ``float_readers``.
+# Ops across which ONNX Runtime's QDQ propagation moves a per-tensor DequantizeLinear (and
+# Identity, which it removes): a DQ before them reaches the node after them.
+_DQ_PASSES = frozenset({"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice",
+                        "Identity"})
 
-    Nodes kept in float (``float_readers``) read ``value`` itself. A DQ input would put them
-    between a DQ and a Q (that of their quantized consumer), which ONNX Runtime's
-    WeightBiasQuantization fuses into an integer kernel, weights quantized after all.
+
+def _quantize_activation(graph: ir.Graph, value: ir.Value, params: tuple,
+                         readers: _FloatReaders) -> bool:
+    """value → Q → one DQ per consumer (ORT fuses best when each DQ has a single consumer);
+    False, and nothing inserted, when no quantized node reads or writes ``value``.
+
+    Readers whose DQ would reach only nodes kept in float (directly or across
+    :data:`_DQ_PASSES`) must not get a per-tensor DQ: ONNX Runtime would fuse DQ → Conv/Gemm
+    (float weights) → Q into an integer kernel after all (its WeightBiasQuantization), or a
+    DQ → Add → Q into QLinearAdd. They read ``value`` itself, unless a quantized node writes
+    it: its integer kernel needs every reader to be a Q, so they read a per-axis DQ instead
+    (the same scale repeated), which ORT neither fuses nor moves.
     """
-    uses = [u for u in value.uses() if u.node.name not in float_readers]
-    if not uses and not value.is_graph_output():
+    uses = list(value.uses())
+    to_float = [u for u in uses if _reaches_only_float(u.node, readers.float_nodes)]
+    to_int = [u for u in uses if u not in to_float]
+    producer = value.producer()
+    written_by_integer = producer is not None and producer.name in readers.integer_nodes
+    if not to_int and not value.is_graph_output() and not written_by_integer:
         return False
+    scale, zero_point = params
     s = _initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32))
     z = _initializer(graph, f"{value.name}_zero_point", np.asarray(zero_point))
     q_node = ir.Node("", "QuantizeLinear", [value, s, z], name=f"{value.name}_q",
                      outputs=[ir.Value(name=f"{value.name}_quantized")])
-    producer = value.producer()
     if producer is None:
         graph.insert_before(graph.node(0), q_node)
     else:
         graph.insert_after(producer, q_node)
-    consumers = [(u.node, u.idx) for u in uses]
+    consumers = [(u.node, u.idx) for u in to_int]
     if value.is_graph_output():
         consumers.append((None, None))
     for i, (consumer, index) in enumerate(consumers):
@@ -286,7 +341,46 @@ def _quantize_activation(graph: ir.Graph, value: ir.Value, scale: np.float32,
             _reroute_graph_output(graph, value, dq.outputs[0])
         else:
             consumer.replace_input_with(index, dq.outputs[0])
+    if written_by_integer:
+        for use in to_float:
+            dq = _per_axis_dequantize(graph, q_node, value, (scale, zero_point),
+                                      readers.last_dim(value), use.node.name)
+            use.node.replace_input_with(use.idx, dq)
     return True
+
+
+def _reaches_only_float(node: ir.Node, float_nodes: set[str], depth: int = 0) -> bool:
+    """Whether a DQ that ``node`` reads ends, in ONNX Runtime, only at nodes kept in float:
+    ``node`` is one, or passes DQs on (:data:`_DQ_PASSES`) to readers that all are."""
+    if node.name in float_nodes:
+        return True
+    if node.op_type not in _DQ_PASSES or depth > 16 or len(node.outputs) != 1:
+        return False
+    out = node.outputs[0]
+    readers = [u.node for u in out.uses()]
+    return (bool(readers) and not out.is_graph_output()
+            and all(_reaches_only_float(r, float_nodes, depth + 1) for r in readers))
+
+
+def _per_axis_dequantize(graph: ir.Graph, q_node: ir.Node, value: ir.Value, params: tuple,
+                         size: int | None, reader: str) -> ir.Value:
+    """DQ(Q(value)) with the scale and zero point repeated along the last axis (``size``
+    long): the same numbers as the per-tensor DQ, in a form that ONNX Runtime's QDQ fusions
+    and propagation (per-tensor only) leave alone. Per tensor, logged, if ``size`` is None."""
+    scale, zero_point = params
+    if size is None:
+        log.warning("%s reads %s through a per-tensor DQ (its last axis is not static): ONNX "
+                    "Runtime may run it as an integer kernel", reader, value.name)
+    shape = () if size is None else (size,)
+    s = _initializer(graph, f"{value.name}_scale_for_{reader}", np.full(shape, scale, np.float32))
+    z = _initializer(graph, f"{value.name}_zero_point_for_{reader}",
+                     np.full(shape, zero_point, np.asarray(zero_point).dtype))
+    attributes = {} if size is None else {"axis": ir.AttrInt64("axis", -1)}
+    dq = ir.Node("", "DequantizeLinear", [q_node.outputs[0], s, z], attributes=attributes,
+                 name=f"{value.name}_dq_for_{reader}",
+                 outputs=[ir.Value(name=f"{value.name}_dequantized_for_{reader}")])
+    graph.insert_after(q_node, dq)
+    return dq.outputs[0]
 
 
 def _reroute_graph_output(graph: ir.Graph, value: ir.Value, replacement: ir.Value) -> None:

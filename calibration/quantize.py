@@ -23,7 +23,13 @@ from mvcompile import metrics, stages
 from mvcompile.calibration import sensitivity
 from mvcompile.calibration.collect import Range, collect_ranges
 from mvcompile.calibration.data import ImageSet
-from mvcompile.calibration.qdq import QuantPlan, insert_qdq, plan_tensors
+from mvcompile.calibration.qdq import (
+    QuantPlan,
+    can_stay_float,
+    insert_qdq,
+    overflowing_biases,
+    plan_tensors,
+)
 from mvcompile.calibration.registry import DEFAULT_OP_TYPES
 
 log = logging.getLogger(__name__)
@@ -73,15 +79,22 @@ def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
     steps through :mod:`mvcompile.stages`."""
     model = model.clone()
     NameFixPass()(model)  # keep-float decisions and reports refer to node names
+    _check_keep_float(model, options.keep_float)
     plan = QuantPlan(frozenset(options.op_types), set(options.keep_float),
                      options.activation_dtype, 2 ** (options.weight_bits - 1) - 1)
     names = [v.name for v in plan_tensors(model.graph, QuantPlan(plan.op_types))]
     ranges = collect_ranges(model, names, images.batches(), options.method, on_batch)
+    kept = [{"node": n, "reason": "requested"} for n in sorted(plan.keep_float)]
+    for name in overflowing_biases(model.graph, ranges, plan):
+        log.warning("%s stays float: its bias exceeds int32 at scale s_x·s_w", name)
+        plan.keep_float.add(name)
+        kept.append({"node": name, "reason": "its bias exceeds int32 at scale s_x·s_w "
+                                             "(a tiny input range with large biases)"})
     quantized, counts = _rewrite(model, ranges, plan)
     report = QuantizeReport(options.method, options.activation_dtype, options.weight_bits,
                             sorted(plan.op_types),
                             counts, calibration=images.description)
-    report.kept_float = [{"node": n, "reason": "requested"} for n in sorted(plan.keep_float)]
+    report.kept_float = kept
     if options.accuracy_budget is not None:
         quantized = _meet_budget(model, quantized, ranges, plan, images, options, report)
     report.float_matrix_ops = float_matrix_ops(quantized, exclude=plan.keep_float)
@@ -92,6 +105,18 @@ def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
     report.calibration_agreement = metrics.top1_agreement(fp32_logits, int8_logits)
     report.calibration_sqnr_db = metrics.sqnr_db(fp32_logits, int8_logits)
     return quantized, report
+
+
+def _check_keep_float(model: ir.Model, names: Collection[str]) -> None:
+    """ValueError for a requested float node that is missing or cannot stay float."""
+    nodes = {node.name: node for node in model.graph}
+    for name in sorted(names):
+        if name not in nodes:
+            raise ValueError(f"keep_float: no node named {name!r}")
+        if not can_stay_float(nodes[name]):
+            raise ValueError(f"keep_float: {name!r} ({nodes[name].op_type}) cannot stay float "
+                             "among quantized nodes; only a Conv, Gemm or MatMul with a "
+                             "constant weight can")
 
 
 MATRIX_OPS = frozenset({"Conv", "MatMul", "Gemm", "FusedMatMul", "Attention", "Einsum"})

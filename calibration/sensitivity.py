@@ -1,13 +1,14 @@
 """Per-layer sensitivity: how much quantization error each quantized layer adds by itself.
 
-Both the FP32 and the QDQ model keep the original float tensor names (a QDQ graph quantizes a
-tensor after it is produced), so one run of each with those tensors exposed gives, for every
-quantized node n with activation inputs a_i and output y,
+The QDQ model keeps the original float tensor names (a QDQ graph quantizes a tensor after it
+is produced), and a quantized node n reads its activation inputs a_i through DequantizeLinear
+outputs â_i. One run of each model with those tensors exposed gives
 
-    degradation(n) = min_i SQNR(a_i) − SQNR(y)   [dB]
+    degradation(n) = min_i SQNR(a_i, â_i) − SQNR(y, ŷ)   [dB]
 
-the SQNR lost inside n itself, without the error it merely inherits from upstream. The node
-with the largest degradation is the first to keep in float.
+the SQNR lost inside n itself (its weights, its arithmetic), without the error it inherits
+from upstream, its own input's quantization included. The node with the largest degradation
+is the first to keep in float.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import onnx_ir as ir
 from mvcompile import metrics
 from mvcompile.calibration.collect import observation_session
 from mvcompile.calibration.data import ImageSet
-from mvcompile.calibration.qdq import QuantPlan, quantizable_nodes
+from mvcompile.calibration.qdq import QuantPlan, can_stay_float, quantizable_nodes
 
 
 @dataclass(frozen=True)
@@ -51,26 +52,42 @@ def _tensors(model: ir.Model, images: ImageSet, names: list[str]) -> dict[str, n
 
 def rank_layers(fp32: ir.Model, quantized: ir.Model, plan: QuantPlan, images: ImageSet
                 ) -> list[LayerSensitivity]:
-    """Quantized nodes, most sensitive first (nodes already kept float are left out)."""
-    nodes = [(n.name, n.op_type, [v.name for v in n.inputs
-                                  if v is not None and v.const_value is None],
-              n.outputs[0].name)
-             for n in quantizable_nodes(fp32.graph, plan)]
-    names = sorted({t for _, _, inputs, y in nodes for t in (*inputs, y)})
+    """Quantized nodes that may stay float (:func:`.qdq.can_stay_float`), most sensitive
+    first (nodes already kept float are left out). A node's input error is measured on what
+    it reads in the quantized graph (the DQ output), so the error of quantizing its own
+    input counts as inherited, as for every other node; the output is compared by name."""
+    readers = {n.name: n for n in quantized.graph}
+    nodes = []  # (name, op type, [(fp32 input, quantized input)], output)
+    for node in quantizable_nodes(fp32.graph, plan):
+        if not can_stay_float(node) or node.name not in readers:
+            continue
+        read = readers[node.name].inputs
+        pairs = [(v.name, read[i].name) for i, v in enumerate(node.inputs)
+                 if v is not None and v.const_value is None and read[i] is not None]
+        nodes.append((node.name, node.op_type, pairs, node.outputs[0].name))
+    reference = _tensors(fp32, images, sorted({t for _, _, pairs, y in nodes
+                                               for t in (*(a for a, _ in pairs), y)}))
     available = {v.name for n in quantized.graph for v in n.outputs} | {
         v.name for v in quantized.graph.inputs}
-    names = [n for n in names if n in available]
-    reference = _tensors(fp32, images, names)
-    observed = _tensors(quantized, images, names)
-    sqnr = {n: metrics.sqnr_db(reference[n], observed[n]) for n in names}
-    ranking = [LayerSensitivity(node, op, _input_sqnr(sqnr, inputs) - _finite(sqnr.get(y)))
-               for node, op, inputs, y in nodes if y in sqnr]
+    observed = _tensors(quantized, images, sorted(
+        {t for _, _, pairs, y in nodes for t in (*(b for _, b in pairs), y)} & available))
+    ranking = []
+    for name, op, pairs, y in nodes:
+        if y not in observed:
+            continue
+        inherited = min((_sqnr(reference, observed, a, b) for a, b in pairs),
+                        default=_finite(None))
+        ranking.append(LayerSensitivity(name, op, inherited - _sqnr(reference, observed, y, y)))
     return sorted(ranking, key=lambda s: s.degradation_db, reverse=True)
 
 
-def _input_sqnr(sqnr: dict[str, float], inputs: list[str]) -> float:
-    """The worst SQNR among a node's activation inputs: the error it inherits."""
-    return min((_finite(sqnr.get(name)) for name in inputs), default=_finite(None))
+def _sqnr(reference: dict[str, np.ndarray], observed: dict[str, np.ndarray], fp32_name: str,
+          quantized_name: str) -> float:
+    """SQNR of the quantized graph's tensor against the FP32 one (capped, see _finite);
+    the cap when the quantized graph does not have the tensor."""
+    if quantized_name not in observed:
+        return _finite(None)
+    return _finite(metrics.sqnr_db(reference[fp32_name], observed[quantized_name]))
 
 
 def _finite(value: float | None, cap: float = 100.0) -> float:

@@ -98,7 +98,7 @@ def count_parameters(model: onnx.ModelProto) -> int:
 def count_macs(model: onnx.ModelProto) -> tuple[int, list[str]]:
     """(MACs at the inputs' static batch, 1 where it is symbolic; names of conv/matmul nodes
     whose shapes could not be inferred)."""
-    shapes = _inferred_shapes(model)
+    shapes = inferred_shapes(model)
     total, unknown = 0, []
     for node in model.graph.node:
         macs = _node_macs(node, shapes)
@@ -164,7 +164,7 @@ def _einsum_macs(node: onnx.NodeProto, shapes: dict[str, list[int]],
     return int(np.prod(out)) * int(np.prod([sizes[letter] for letter in summed]))
 
 
-def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+def inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """{value name: static shape} after inference with symbolic input dims set to 1."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
@@ -271,4 +271,4 @@ def format_shape(dims: list[int | str]) -> str:
 
 
 __all__ = ["ModelSummary", "summarize", "count_macs", "count_parameters", "op_histogram",
-           "format_shape", "graph_inputs", "value_dims"]
+           "format_shape", "graph_inputs", "inferred_shapes", "value_dims"]

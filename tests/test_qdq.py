@@ -13,8 +13,11 @@ from onnx_ir.passes.common import NameFixPass
 
 from mvcompile import onnx_io
 from mvcompile.calibration.collect import collect_ranges
+from mvcompile.calibration.data import ImageSet
 from mvcompile.calibration.qdq import QuantPlan, insert_qdq, plan_tensors
 from mvcompile.calibration.qparams import REDUCED_QMAX
+from mvcompile.calibration.quantize import QuantizeOptions
+from mvcompile.calibration.quantize import quantize as calibration_quantize
 from mvcompile.errors import UserError
 
 FIXTURE = """
@@ -159,20 +162,40 @@ block (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w, float[8] b, float[8, 8, 3, 3] w
 
 def test_a_node_kept_float_between_quantized_ones_runs_in_float_on_ort(tmp_path,
                                                                        data: np.ndarray) -> None:
-    """c2 kept in float between quantized c1 and c3. Reading DQ(c1) and feeding Q(c2), it sat
-    between a DQ and a Q, and ORT's WeightBiasQuantization fused it into a QLinearConv with
-    its own int8 weights: three integer convolutions for two asked for."""
+    """c2 kept in float between quantized c1 and c3. Reading a per-tensor DQ(c1) and feeding
+    Q(c2), it sat between a DQ and a Q, and ORT's WeightBiasQuantization fused it into a
+    QLinearConv with its own int8 weights; reading c1 in float instead left c1, whose
+    integer kernel needs a Q as its only reader, in float too. c2 reads a per-axis DQ."""
     model = fixture_model(CHAIN)
     kept = next(n for n in model.graph if n.outputs[0].name == "c2")
     plan = QuantPlan(frozenset({"Conv"}), keep_float={kept.name}, weight_qmax=REDUCED_QMAX)
     counts = quantize(model, data, plan)
     assert counts["nodes"] == 2
-    assert kept.inputs[0].producer().op_type == "Conv"  # c1 itself, in float
+    dq = kept.inputs[0].producer()
+    assert dq.op_type == "DequantizeLinear" and dq.attributes["axis"].value == -1
     assert [v.name for v in kept.inputs[1:]] == ["w2", "b2"]
     onnx.checker.check_model(onnx_io.to_proto(model), full_check=True)
     run(model, data, optimized_path=str(tmp_path / "opt.onnx"))
     fused = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
-    assert fused["QLinearConv"] == 1 and fused["Conv"] == 2  # c3 integer; c1 and c2 float
+    assert fused["QLinearConv"] == 2 and fused["Conv"] == 1  # c1 and c3 integer, c2 float
+
+
+def test_a_node_kept_float_behind_a_reshape_runs_in_float_on_ort(tmp_path,
+                                                                 data: np.ndarray) -> None:
+    """ORT moves a per-tensor DQ across a Reshape, so c2 reading Reshape(DQ(c1)) was fused
+    into an integer kernel as well."""
+    model = fixture_model(CHAIN.replace("float[8] b3)", "float[8] b3, int64[4] shape)").replace(
+        "c2 = Conv <pads = [1, 1, 1, 1]> (c1, w2, b2)",
+        "r = Reshape (c1, shape)\n    c2 = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)"))
+    model.graph.initializers["shape"].const_value = ir.tensor(
+        np.array([-1, 8, 8, 8], np.int64), name="shape")
+    kept = next(n for n in model.graph if n.outputs[0].name == "c2")
+    plan = QuantPlan(frozenset({"Conv"}), keep_float={kept.name}, weight_qmax=REDUCED_QMAX)
+    quantize(model, data, plan)
+    onnx.checker.check_model(onnx_io.to_proto(model), full_check=True)
+    run(model, data, optimized_path=str(tmp_path / "opt.onnx"))
+    fused = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert fused["QLinearConv"] == 2 and fused["Conv"] == 1
 
 
 def test_calibration_refuses_an_activation_that_overflows() -> None:
@@ -289,7 +312,8 @@ def _run_unfused(model: ir.Model, x: np.ndarray) -> np.ndarray:
 def test_a_node_whose_bias_exceeds_int32_stays_float(caplog, op: str) -> None:
     """Inputs of range 1e-6 and biases of 1: b / (s_x·s_w) overflows int32. Saturating it
     flipped its sign; leaving only the bias in float let ORT's fusion into QGemm/QLinearConv
-    quantize it itself and lose it (outputs off by 1). The whole node stays float."""
+    quantize it itself and lose it (outputs off by 1). The whole node stays float, and the
+    report says so (it said nothing)."""
     if op == "Gemm":
         model, shape = _gemm_model("[4]"), (4, 8)
     else:
@@ -298,12 +322,16 @@ def test_a_node_whose_bias_exceeds_int32_stays_float(caplog, op: str) -> None:
     bias.const_value = ir.tensor(np.ones(bias.shape[0], np.float32), name="b")
     x = np.random.default_rng(2).uniform(0, 1e-6, shape).astype(np.float32)
     expected = run(model, x)
-    counts = quantize(model, x, QuantPlan(frozenset({op}), weight_qmax=REDUCED_QMAX))
-    assert counts["weights"] == counts["biases"] == counts["nodes"] == 0
-    assert "stays float" in caplog.text
-    onnx.checker.check_model(onnx_io.to_proto(model), full_check=True)
-    np.testing.assert_allclose(run(model, x), expected, atol=1e-3)  # ORT_ENABLE_ALL
-    np.testing.assert_allclose(_run_unfused(model, x), expected, atol=1e-3)
+    quantized, report = calibration_quantize(
+        model, ImageSet(x), QuantizeOptions(op_types=frozenset({op}), report_accuracy=False))
+    node = next(n.name for n in model.graph if n.op_type == op)
+    assert report.counts["weights"] == report.counts["biases"] == report.counts["nodes"] == 0
+    assert [k["node"] for k in report.kept_float] == [node]
+    assert "bias exceeds int32" in report.kept_float[0]["reason"] and "stays float" in caplog.text
+    assert report.float_matrix_ops == {}  # reported as kept, not as a float matrix op
+    onnx.checker.check_model(onnx_io.to_proto(quantized), full_check=True)
+    np.testing.assert_allclose(run(quantized, x), expected, atol=1e-3)  # ORT_ENABLE_ALL
+    np.testing.assert_allclose(_run_unfused(quantized, x), expected, atol=1e-3)
 
 
 CONV_ONLY = """

@@ -98,3 +98,20 @@ def test_a_missed_budget_is_a_build_error_that_says_what_to_change() -> None:
     assert "--accuracy-budget 0% was not met" in message
     assert "25.0%, with 1 layers kept in float" in message
     assert "each image is 25.0%" in message and "Nothing was written" in message
+
+
+def test_only_weighted_matrix_ops_are_ranked_or_kept_in_float() -> None:
+    """A float Sigmoid, Mul or Add between quantized nodes reads a per-axis DQ, which ORT's
+    elementwise QDQ fusion takes all the same and then refuses ('Scale and Zero-point must be
+    a scalar'): only a Conv, Gemm or MatMul with a constant weight can stay float."""
+    import pytest
+
+    model, images = _fragile_model(), _images()
+    quantized, _ = quantize(model, images, QuantizeOptions(method="minmax"))
+    NameFixPass()(model)
+    plan = QuantPlan(frozenset({"Conv", "Gemm", "Swish", "GlobalAveragePool"}))
+    ranking = sensitivity.rank_layers(model, quantized, plan, images)
+    assert sorted(r.op_type for r in ranking) == ["Conv", "Gemm"]
+    swish = next(n.name for n in model.graph if n.op_type == "Swish")
+    with pytest.raises(ValueError, match="cannot stay float"):
+        quantize(model, images, QuantizeOptions(keep_float=frozenset({swish})))
