@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from mvcompile.graphs.channel_order import stem_to_rgb, trained_channel_order
 from mvcompile.graphs.checkpoints import (
     CLASS_NAMES_KEY,
     CheckpointWeights,
@@ -28,6 +29,9 @@ class WeightsInfo:
 
     kind: str  # "checkpoint" or "random"
     description: str
+    # The channel order the checkpoint was trained on; the model takes RGB either way
+    # (:mod:`mvcompile.graphs.channel_order`).
+    trained_on: str = "rgb"
 
 
 def parameter_shapes(cfg: MobileViTConfig) -> dict[str, tuple[int, ...]]:
@@ -42,21 +46,33 @@ def describe(cfg: MobileViTConfig) -> str:
 
 
 def create_mobilevit(
-    cfg: MobileViTConfig, weights: str | Path | None = None, seed: int = DEFAULT_SEED
+    cfg: MobileViTConfig, weights: str | Path | None = None, seed: int = DEFAULT_SEED,
+    channel_order: str = "auto",
 ) -> tuple[ir.Model, WeightsInfo]:
-    """Build the graph; with ``weights``, match the checkpoint strictly or raise UserError."""
+    """Build the graph; with ``weights``, match the checkpoint strictly or raise UserError.
+    ``channel_order`` is the one the checkpoint was trained on ("auto": detected, see
+    :func:`.channel_order.trained_channel_order`); the model takes RGB either way."""
     if weights is None:
         log.info("No weights given: the weights are random (seed %d), not trained.", seed)
         model = build_graph(cfg, RandomWeights(seed))
         return model, WeightsInfo("random", f"random, seed {seed} (not trained)")
-    state = load_state_dict(weights)
-    state = to_hf_names(state, list(parameter_shapes(cfg)), cfg.depths)
+    raw = load_state_dict(weights)
+    order, why = trained_channel_order(weights, raw)
+    if channel_order != "auto":
+        order, why = channel_order, "as given"
+    state = to_hf_names(raw, list(parameter_shapes(cfg)), cfg.depths)
+    description = str(weights)
+    if order == "bgr":
+        state = stem_to_rgb(state)
+        description += " (trained on BGR: the stem conv takes RGB instead)"
+        log.info("%s expects BGR input (%s); its stem conv's input channels are reversed so "
+                 "that the model takes RGB", weights, why)
     source = CheckpointWeights(state, str(weights))
     model = build_graph(cfg, source)
     source.raise_if_mismatched(describe(cfg))
     log.info("Loaded %d tensors from %s", len(source.requested), weights)
     record_class_names(model, checkpoint_class_names(weights), cfg.num_classes)
-    return model, WeightsInfo("checkpoint", str(weights))
+    return model, WeightsInfo("checkpoint", description, order)
 
 
 def record_class_names(model: ir.Model, names: list[str] | None, num_classes: int) -> None:

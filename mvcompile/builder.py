@@ -53,6 +53,7 @@ class BuildOptions:
 
     size: str = "xxs"
     weights: str | None = None
+    channel_order: str = "auto"  # that --weights were trained on (graphs.channel_order)
     resolution: int = 256
     patch_config: str = "A"
     num_classes: int = 1000
@@ -97,7 +98,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     """Build, validate and write the model(s); raise :class:`UserError` on bad input."""
     progress = progress or _Silent()
     config = _check_inputs(options)
-    plain, weights_info = create_mobilevit(config, options.weights, options.seed)
+    plain, weights_info = create_mobilevit(config, options.weights, options.seed,
+                                           options.channel_order)
     if not options.passes:  # with passes, check_numerics runs the plain graph and checks it
         check_finite_outputs(plain)
     fp32, pass_report = compile_graph(plain, "fp32", options.passes)

@@ -16,6 +16,7 @@ from mvcompile import analysis, onnx_io, stages
 from mvcompile.calibration.observers import OBSERVERS as OBSERVER_NAMES
 from mvcompile.click_types import FloatRange, NonEmptyPath
 from mvcompile.errors import UserError, os_error_message, out_of_memory_message
+from mvcompile.graphs.channel_order import CHOICES as CHANNEL_CHOICES
 from mvcompile.graphs.mobilevit import SIZES
 from mvcompile.summary import build_summary
 from mvcompile.table import format_table, human_count
@@ -31,6 +32,7 @@ _CONDITIONAL_OPTIONS = {
     "coreml": (("coreml_precision", "coreml_int8", "coreml_input", "coreml_batch"),
                "the Core ML packages", "without coreml in --targets"),
     "random_weights": (("seed",), "the random weights", "with --weights"),
+    "checkpoint": (("checkpoint_channels",), "--weights", "without them"),
     "timing": (("threads",), "the latency measurement", "with --latency-runs 0"),
 }
 
@@ -203,6 +205,13 @@ class _ProgressBars:
                    "means last.safetensors). Size, patch config, classes and resolution "
                    "recorded by mvcompile train apply unless given. Without it the weights "
                    "are seeded random (not trained).")
+@click.option("--checkpoint-channels", type=click.Choice(CHANNEL_CHOICES), default="auto",
+              show_default=True,
+              help="The colour order the --weights were trained on. auto: BGR for a Hugging "
+                   "Face folder whose preprocessor_config.json flips channels (Apple's "
+                   "checkpoints do) and for ml-cvnets checkpoints, else RGB. The built model "
+                   "takes RGB either way: for BGR weights the stem convolution's input "
+                   "channels are reversed (exact).")
 @click.option("--resolution", type=int, default=256, show_default=True,
               help="Square input size; must be a multiple of 64 (stride 32 and the patches).")
 @click.option("--patch-config", type=click.Choice(["A", "B"]), default="A", show_default=True,
@@ -259,12 +268,13 @@ class _ProgressBars:
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="ONNX Runtime intra-op threads for the latency measurement.")
 @_user_errors
-def build(size: str, weights: str | None, resolution: int, patch_config: str, num_classes: int,
-          out_dir: str | None, no_passes: bool, int8: bool, calib_data: str | None,
-          calib_size: int, calib_method: str, accuracy_budget: float | None,
-          weight_bits: str, eval_data: str | None, targets: str, ort_style: str,
-          coreml_precision: str, coreml_int8: str, coreml_input: str, coreml_batch: int, seed: int,
-          latency_runs: int, threads: int) -> None:
+def build(size: str, weights: str | None, checkpoint_channels: str, resolution: int,
+          patch_config: str, num_classes: int, out_dir: str | None, no_passes: bool,
+          int8: bool, calib_data: str | None, calib_size: int, calib_method: str,
+          accuracy_budget: float | None, weight_bits: str, eval_data: str | None,
+          targets: str, ort_style: str, coreml_precision: str, coreml_int8: str,
+          coreml_input: str, coreml_batch: int, seed: int, latency_runs: int,
+          threads: int) -> None:
     """Build MobileViT as an ONNX graph, compile it (and quantize it with --int8), write the
     models and report.json, and print a summary."""
     from mvcompile.builder import BuildOptions
@@ -274,13 +284,15 @@ def build(size: str, weights: str | None, resolution: int, patch_config: str, nu
     _note_threads(threads)
     _warn_ignored_options(int8=int8, ort="ort" in target_names,
                           coreml="coreml" in target_names, random_weights=not weights,
+                          checkpoint=bool(weights),
                           timing=latency_runs > 0)
     if weights:
         weights = _resolved_weights(weights)
         size, patch_config, num_classes, resolution = _settings_from_checkpoint(
             weights, size=size, patch_config=patch_config, num_classes=num_classes,
             resolution=resolution)
-    options = BuildOptions(size=size, weights=weights, resolution=resolution,
+    options = BuildOptions(size=size, weights=weights, channel_order=checkpoint_channels,
+                           resolution=resolution,
                            patch_config=patch_config, num_classes=num_classes,
                            out_dir=out_dir or f"out/mobilevit_{size}", seed=seed,
                            latency_runs=latency_runs, threads=threads, passes=not no_passes,

@@ -92,9 +92,41 @@ def test_cvnets_checkpoint_loads_with_parity(tmp_path: Path) -> None:
     state = _cvnets_state(weights)
     state["conv_1.block.norm.num_batches_tracked"] = torch.tensor(5)
     torch.save(state, tmp_path / "mobilevit_xxs.pt")
-    model, _ = create_mobilevit(CFG, tmp_path / "mobilevit_xxs.pt")
     pixels = random_pixels(1, 64)
-    np.testing.assert_allclose(ort_run(model, pixels), hf_logits(hf_model(CFG, weights), pixels),
+    reference = hf_model(CFG, weights)
+    # ml-cvnets weights expect BGR; the model takes RGB, the flip folded into the stem conv
+    model, info = create_mobilevit(CFG, tmp_path / "mobilevit_xxs.pt")
+    assert info.trained_on == "bgr" and "trained on BGR" in info.description
+    bgr = np.ascontiguousarray(pixels[:, ::-1])
+    np.testing.assert_allclose(ort_run(model, pixels), hf_logits(reference, bgr), rtol=0,
+                               atol=1e-4)
+    model, info = create_mobilevit(CFG, tmp_path / "mobilevit_xxs.pt", channel_order="rgb")
+    assert info.trained_on == "rgb"
+    np.testing.assert_allclose(ort_run(model, pixels), hf_logits(reference, pixels),
+                               rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("config", "trained_on"), [
+    ({"image_processor_type": "MobileViTImageProcessor", "do_flip_channel_order": True}, "bgr"),
+    ({"image_processor_type": "MobileViTImageProcessor"}, "bgr"),  # the processor's default
+    ({"image_processor_type": "MobileViTImageProcessor", "do_flip_channel_order": False}, "rgb"),
+    (None, "rgb"),
+])
+def test_a_hf_folder_whose_preprocessor_flips_channels_gives_an_rgb_model(
+        tmp_path: Path, config: dict | None, trained_on: str) -> None:
+    """Apple's Hugging Face checkpoints flip RGB to BGR in their preprocessor config; the
+    built model (which takes RGB like every mvcompile model) matches transformers' pipeline:
+    the model on the flipped pixels."""
+    _, weights = build_random(CFG, seed=23)
+    reference = hf_model(CFG, weights)
+    reference.save_pretrained(tmp_path / "hf")
+    if config is not None:
+        (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(config))
+    model, info = create_mobilevit(CFG, tmp_path / "hf")
+    assert info.trained_on == trained_on
+    pixels = random_pixels(2, 64)
+    seen = np.ascontiguousarray(pixels[:, ::-1]) if trained_on == "bgr" else pixels
+    np.testing.assert_allclose(ort_run(model, pixels), hf_logits(reference, seen),
                                rtol=0, atol=1e-4)
 
 

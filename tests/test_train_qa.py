@@ -385,6 +385,29 @@ def test_init_weights_from_a_hugging_face_folder(two_classes: Path, tmp_path: Pa
     np.testing.assert_array_equal(mine[name], weights[name])
     assert notes.notes == ["--init-weights: its classifier has 1000 classes and the data 2; "
                            "the classifier is re-initialised and trained from scratch."]
+    stem = "mobilevit.conv_stem.convolution.weight"
+    np.testing.assert_array_equal(mine[stem], weights[stem])  # no preprocessor config: RGB
+
+
+def test_init_weights_trained_on_bgr_take_rgb(two_classes: Path, tmp_path: Path) -> None:
+    """Apple's folders flip RGB to BGR in preprocessor_config.json; training reads RGB, so
+    the stem conv's input channels are reversed, with a note."""
+    pytest.importorskip("transformers")
+    from conftest import build_random
+    from mvcompile.graphs.mobilevit import MobileViTConfig
+    from mvcompile.reference import hf_model
+
+    cfg = MobileViTConfig.for_size("xxs", resolution=64, num_classes=1000)
+    _, weights = build_random(cfg, seed=6)
+    hf_model(cfg, weights).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(
+        '{"image_processor_type": "MobileViTImageProcessor", "do_flip_channel_order": true}')
+    options = TrainOptions(data=str(two_classes), resolution=64, epochs=1, batch_size=4,
+                           runs_dir=str(tmp_path), name="bgr", init_weights=str(tmp_path / "hf"))
+    run, notes = _prepare(options)
+    stem = "mobilevit.conv_stem.convolution.weight"
+    np.testing.assert_array_equal(export_state_dict(run.model)[stem], weights[stem][:, ::-1])
+    assert any("trained on BGR images" in note for note in notes.notes), notes.notes
 
 
 def test_init_weights_that_do_not_match_name_the_tensors(

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mvcompile.errors import UserError
+from mvcompile.graphs.channel_order import stem_to_rgb, trained_channel_order
 from mvcompile.graphs.checkpoints import (
     CheckpointWeights,
     checkpoint_class_names,
@@ -64,8 +65,14 @@ def load_init_weights(model: nn.Module, path: str | Path, cfg: MobileViTConfig,
     file, note = resolve_run_weights(path)
     notes = [note] if note else []
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith(_IGNORED)}
-    state = to_hf_names(load_state_dict(file), list(wanted), cfg.depths)
+    raw = load_state_dict(file)
+    state = to_hf_names(raw, list(wanted), cfg.depths)
     state = {k: v for k, v in state.items() if not k.endswith(_IGNORED)}
+    order, why = trained_channel_order(file, raw)
+    if order == "bgr":  # training reads RGB images
+        state = stem_to_rgb(state)
+        notes.append(f"--init-weights: {Path(file).name} was trained on BGR images ({why}); "
+                     "its stem convolution's input channels are reversed to take RGB.")
     classifier = _drop_other_head(state, wanted, cfg.num_classes)
     if classifier != "loaded":
         notes.append(f"--init-weights: {classifier}; the classifier is re-initialised and "
