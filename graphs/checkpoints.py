@@ -326,8 +326,10 @@ class CheckpointWeights:
         return [k for k in self.state
                 if k not in self.requested and not k.endswith(_IGNORED_SUFFIXES)]
 
-    def raise_if_mismatched(self, model_desc: str) -> None:
-        """Raise a :class:`UserError` describing every difference, or return if none."""
+    def raise_if_mismatched(self, model_desc: str, size: str | None = None,
+                            num_classes: int | None = None) -> None:
+        """Raise a :class:`UserError` describing every difference, or return if none;
+        ``size`` and ``num_classes`` are those asked for (the hint suggests others only)."""
         unexpected = self.unexpected()
         if not (self.missing or unexpected or self.mismatched):
             self._raise_if_bad_values()
@@ -339,7 +341,7 @@ class CheckpointWeights:
         lines += _listing("unexpected", unexpected)
         lines += _listing("shape mismatch", [f"{n}: checkpoint {list(a)} vs model {list(b)}"
                                              for n, a, b in self.mismatched])
-        hint = self._hint() if self.missing or self.mismatched else (
+        hint = self._hint(size, num_classes) if self.missing or self.mismatched else (
             "Only unexpected keys: remove them from the checkpoint if they are not weights "
             "of this model.")
         if hint:
@@ -353,7 +355,7 @@ class CheckpointWeights:
                 "values no trained model has; it may be damaged. Nothing was written.",
                 *_listing("bad values", self.bad_values)]))
 
-    def _hint(self) -> str:
+    def _hint(self, size_asked: str | None, classes_asked: int | None) -> str:
         head = self.state.get("classifier.weight")
         if _LAST_CONV not in self.state:
             if not any(k.startswith("mobilevit.") for k in self.state):
@@ -364,6 +366,10 @@ class CheckpointWeights:
         classes = f" with {head.shape[0]} classes" if head is not None else ""
         if size is None:
             return ""
+        if size == size_asked and (head is None or head.shape[0] == classes_asked):
+            return (f"It looks like a MobileViT-{size.upper()} checkpoint{classes}, as asked: "
+                    "the mismatches are in the tensors themselves (a modified model, or a "
+                    "damaged file).")
         flags = f"--size {size}" + (f" --num-classes {head.shape[0]}" if head is not None else "")
         return f"It looks like a MobileViT-{size.upper()} checkpoint{classes}; try {flags}."
 

@@ -69,7 +69,7 @@ def create_mobilevit(
                  "that the model takes RGB", weights, why)
     source = CheckpointWeights(state, str(weights))
     model = build_graph(cfg, source)
-    source.raise_if_mismatched(describe(cfg))
+    source.raise_if_mismatched(describe(cfg), cfg.size, cfg.num_classes)
     log.info("Loaded %d tensors from %s", len(source.requested), weights)
     record_class_names(model, checkpoint_class_names(weights), cfg.num_classes)
     return model, WeightsInfo("checkpoint", description, order)

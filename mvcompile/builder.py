@@ -230,7 +230,7 @@ def _measure(blobs: dict[str, bytes], options: BuildOptions, progress: Progress)
 def _write(out_dir: Path, blobs: dict[str, bytes], report: dict, options: BuildOptions,
            coreml_sources: dict[str, onnx.ModelProto], progress: Progress) -> BuildResult:
     """Write every artifact into a staging folder, then move them all into ``out_dir``."""
-    from mvcompile.backends._output import publish, staging_dir
+    from mvcompile.backends._output import check_replaceable, publish, staging_dir
 
     earlier = _earlier_artifacts(out_dir)
     with staging_dir(out_dir / "model.onnx", "build outputs") as stage:
@@ -242,6 +242,8 @@ def _write(out_dir: Path, blobs: dict[str, bytes], report: dict, options: BuildO
         report["artifacts"] = {key: path.name for key, path in staged.items()}
         staged["report"] = stage / "report.json"
         staged["report"].write_text(json.dumps(report, indent=2) + "\n")
+        for path in staged.values():
+            check_replaceable(path, out_dir / path.name, "build output")
         files = {key: publish(path, out_dir / path.name, "build output")
                  for key, path in staged.items()}
     _remove_stale(out_dir, earlier - {p.name for p in files.values()})

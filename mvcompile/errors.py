@@ -11,6 +11,7 @@ _ALLOCATION_FAILED = re.compile(
     r"Failed to allocate memory for requested buffer of size (\d+)"
     r"|(?:can't allocate memory|not enough memory): you tried to allocate (\d+) bytes")
 _CUDA_OUT_OF_MEMORY = re.compile(r"CUDA out of memory\. Tried to allocate ([\d.]+ [KMGT]?i?B)")
+_NUMPY_OUT_OF_MEMORY = re.compile(r"Unable to allocate ([\d.]+ [KMGTPE]?i?B)")
 _ORT_NODE = re.compile(r"while running (\w+) node")
 
 
@@ -54,12 +55,25 @@ def os_error_message(err: OSError) -> str:
 
 
 def out_of_memory_message(err: BaseException) -> str | None:
-    """The message for ``err`` if it is a failed memory allocation (a MemoryError, or ONNX
-    Runtime's or PyTorch's allocator refusing a buffer), else None. The usual cause is a large
-    resolution: MobileViT's attention scores take 4·h·N² floats for N = (R/2/s)² tokens
+    """The message for ``err`` if it, or an error it wraps (``__cause__``: onnx_ir's PassError
+    wraps a pass's MemoryError), is a failed memory allocation, else None. The usual cause is a
+    large resolution: MobileViT's attention scores take 4·h·N² floats for N = (R/2/s)² tokens
     (s the stage's stride), so their memory grows with R⁴."""
+    seen: BaseException | None = err
+    while seen is not None:
+        message = _allocation_message(seen)
+        if message is not None:
+            return message
+        seen = seen.__cause__
+    return None
+
+
+def _allocation_message(err: BaseException) -> str | None:
+    """:func:`out_of_memory_message` for ``err`` itself (a MemoryError, or ONNX Runtime's,
+    PyTorch's or CUDA's allocator refusing a buffer)."""
     if isinstance(err, MemoryError):
-        asked = ""
+        size = _NUMPY_OUT_OF_MEMORY.search(str(err))
+        asked = f": {size.group(1)} were asked for" if size else ""
     elif cuda := _CUDA_OUT_OF_MEMORY.search(str(err)):
         asked = f" on the GPU: {cuda.group(1)} more were asked for"
     else:

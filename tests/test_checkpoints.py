@@ -154,6 +154,17 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
     assert "unexpected: extra.head.weight" in str(err.value)
 
 
+def test_a_checkpoint_of_the_asked_size_with_bad_shapes_suggests_nothing(tmp_path: Path
+                                                                        ) -> None:
+    """The hint used to suggest --size xxs --num-classes 1000, the very flags in use."""
+    _, weights = build_random(CFG, seed=24)
+    weights["classifier.weight"] = weights["classifier.weight"][:, :100].copy()
+    save_file(weights, str(tmp_path / "cut.safetensors"))
+    with pytest.raises(UserError, match="as asked: the mismatches are in the tensors") as err:
+        create_mobilevit(CFG, tmp_path / "cut.safetensors")
+    assert "try --size" not in str(err.value)
+
+
 def test_wrong_class_count_suggests_num_classes(tmp_path: Path) -> None:
     _, weights = build_random(MobileViTConfig.for_size("xxs", resolution=64, num_classes=10))
     save_file(weights, str(tmp_path / "w.safetensors"))

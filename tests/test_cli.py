@@ -339,3 +339,13 @@ def test_version_before_or_after_the_command(where: tuple[str, ...]) -> None:
     code, output = run(*where, "--version")
     assert code == 0, output
     assert output.strip() == f"mvcompile, version {version('mvcompile')}"
+
+
+def test_a_folder_in_the_way_of_an_output_stops_the_build_before_anything_is_moved(
+        tmp_path: Path) -> None:
+    """report.json as a folder: model.onnx used to be moved into place, then the build failed."""
+    out = tmp_path / "o"
+    (out / "report.json" / "x").mkdir(parents=True)
+    code, output = run("build", "--resolution", "64", "--latency-runs", "0", "-o", str(out))
+    assert_clean_failure(code, output, "a folder of that name is in the way", "Nothing was written")
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]

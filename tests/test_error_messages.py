@@ -150,6 +150,11 @@ def test_out_of_memory_message_recognises_only_allocation_failures(tmp_path: Pat
                               "GiB total capacity)")  # torch.OutOfMemoryError's text
     assert "on the GPU: 20.00 MiB more were asked for" in out_of_memory_message(cuda_error)
     assert out_of_memory_message(MemoryError()).startswith("Out of memory. ")
+    try:  # onnx_ir's PassError wraps the MemoryError numpy raised inside a pass
+        raise RuntimeError("An error occurred when running the pass") from MemoryError(
+            "Unable to allocate 64.0 GiB for an array with shape (4, 2**32)")
+    except RuntimeError as wrapped:
+        assert "64.0 GiB were asked for" in out_of_memory_message(wrapped)
     assert out_of_memory_message(RuntimeError("shape mismatch")) is None
 
 

@@ -57,6 +57,16 @@ def staging_dir(destination: Path, what: str) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def check_replaceable(staged: Path, destination: Path, what: str) -> None:
+    """UserError if :func:`publish` could not put ``staged`` at ``destination`` (a folder is in
+    the way of a file, or a file of a folder): called for every artifact before the first one
+    is moved, so that nothing is written."""
+    if destination.exists() and destination.is_dir() != staged.is_dir():
+        found = "folder" if destination.is_dir() else "file"
+        raise UserError(f"Cannot write the {what} to {destination}: a {found} of that name is in "
+                        "the way. Nothing was written; move it or choose another output folder.")
+
+
 def publish(staged: Path, destination: Path, what: str) -> Path:
     """Move a verified file or folder from staging to ``destination``, replacing it.
 
