@@ -117,3 +117,20 @@ def test_running_out_of_memory_is_an_error_message(tmp_path: Path,
     assert result.exit_code == 1, result.output
     assert "Error: Out of memory: 1,024.0 TiB were asked for." in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_ctrl_c_before_training_starts_exits_130_with_a_note(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while torch was imported or --resume's checkpoint read: click printed 'Aborted!'
+    and exited 1."""
+    pytest.importorskip("torch")
+    from mvcompile.train import cli as train_cli
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "_options", interrupted)
+    result = _cli("--epochs", "1")
+    assert result.exit_code == 130, result.output
+    assert "Interrupted before training started; nothing was written." in result.output
+    assert "Aborted" not in result.output

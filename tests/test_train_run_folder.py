@@ -7,6 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -134,6 +135,26 @@ def test_resume_and_overwrite_together_are_refused(tmp_path: Path) -> None:
     _assert_clean_error(result, "--resume and --overwrite contradict each other")
 
 
+def test_a_run_resumed_under_another_name_keeps_off_other_runs_and_brings_its_best(
+        tmp_path: Path, data: Path) -> None:
+    """--resume A --name B wrote into B although it held another run (its last.pt, metrics
+    and run.json replaced, its best.safetensors left: build --weights B built the wrong
+    model); into a new folder it left no best.safetensors although the summary named one."""
+    runs = tmp_path / "runs"
+    first = _cli(*QUICK, "--data", str(data), "--subset", "8", "--runs-dir", str(runs),
+                 "--name", "a")
+    assert first.exit_code == 0, first.output
+    other = _earlier_run(runs / "b")
+    into_other = _cli("--resume", str(runs / "a"), "--epochs", "2", "--runs-dir", str(runs),
+                      "--name", "b")
+    _assert_clean_error(into_other, f"{runs / 'b'} already holds a run")
+    assert {p.name: p.read_bytes() for p in (runs / "b").iterdir()} == other
+    branched = _cli("--resume", str(runs / "a"), "--epochs", "2", "--runs-dir", str(runs),
+                    "--name", "c")
+    assert branched.exit_code == 0, branched.output
+    assert (runs / "c" / outputs.BEST).is_file() and (runs / "c" / checkpoint.LAST).is_file()
+
+
 def test_run_json_records_the_subset_and_each_resume_and_a_finished_run_says_so(
         tmp_path: Path, data: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,3 +220,21 @@ def test_a_damaged_checkpoint_is_named_without_torchs_unsafe_advice(
                                 "corrupt")
     assert "weights_only" not in result.output and "arbitrary code" not in result.output
     assert "miniz" not in result.output and len(result.output) < 400
+
+
+def test_an_image_that_fails_to_decode_in_a_worker_is_a_one_line_error(
+        tmp_path: Path, data: Path) -> None:
+    """A JPEG cut short in its pixel data passes the header check and fails mid-epoch; from a
+    DataLoader worker (--workers 1) torch re-raised it with the worker's whole traceback as
+    the message."""
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(data / "red" / "cut.jpg", quality=95)
+    whole = (data / "red" / "cut.jpg").read_bytes()
+    (data / "red" / "cut.jpg").write_bytes(whole[:len(whole) // 2])
+    result = _cli(*QUICK, "--data", str(data), "--runs-dir", str(tmp_path / "runs"),
+                  "--workers", "1", "--val-split", "0.5")
+    _assert_clean_error(result, "cut.jpg")
+    error = next(line for line in result.output.splitlines() if line.startswith("Error: "))
+    assert "DataLoader worker" not in result.output and "Original Traceback" not in error

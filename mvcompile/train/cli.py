@@ -181,11 +181,16 @@ def train(**kwargs: object) -> None:
     except ImportError as err:
         _fail(f"mvcompile train needs PyTorch ({err}). Install the [train] extra: "
               "pip install 'mvcompile[train]'.")
+    except KeyboardInterrupt:
+        _interrupted_before_start()
     try:
-        options = _options(kwargs)
+        try:
+            options = _options(kwargs)
+        except KeyboardInterrupt:  # reading --resume's checkpoint
+            _interrupted_before_start()
         result = _run(options)
     except UserError as err:
-        _fail(str(err))
+        _fail(_without_worker_traceback(str(err)))
     except OSError as err:  # disk full, permission denied; files are replaced atomically
         _fail(os_error_message(err))
     except (MemoryError, RuntimeError) as err:  # torch's allocator raises RuntimeError
@@ -363,6 +368,27 @@ def _interrupted_message(options: TrainOptions, before: tuple[int, int] | None) 
         return (f"Interrupted before the new run started; {run_dir} still holds the earlier "
                 f"run, unchanged (continue it with --resume {run_dir}).")
     return f"Interrupted. The last complete epoch is saved; continue with --resume {run_dir}"
+
+
+_WORKER_PREFIX = "Caught UserError in DataLoader worker"
+_ERROR_LINE = "UserError: "
+
+
+def _without_worker_traceback(message: str) -> str:
+    """The message of a UserError raised in a DataLoader worker (an image that fails to
+    decode mid-epoch): torch re-raises it in the main process as "Caught UserError in
+    DataLoader worker process N. Original Traceback ...", the message at the end."""
+    if message.startswith(_WORKER_PREFIX) and _ERROR_LINE in message:
+        return message[message.rfind(_ERROR_LINE) + len(_ERROR_LINE):].strip()
+    return message
+
+
+def _interrupted_before_start() -> None:
+    """Ctrl-C while torch is imported or a --resume checkpoint read: nothing has been written
+    (without this, click says only 'Aborted!' and exits 1)."""
+    click.secho("\nInterrupted before training started; nothing was written.", fg="yellow",
+                err=True)
+    sys.exit(SIGINT_STATUS)
 
 
 def _fail(message: str) -> None:

@@ -284,7 +284,8 @@ def _subset(source: ImageSource, n: int, seed: int) -> ImageSource:
 def _run_dir(o: TrainOptions) -> Path:
     """The run folder; UserError if a fresh run would mix its files with an earlier run's."""
     run_dir = o.run_dir()
-    if o.resume or o.overwrite:
+    continuing = o.resume and run_dir.resolve() == resolve(o.resume).parent.resolve()
+    if continuing or o.overwrite:
         return run_dir
     earlier = outputs.earlier_outputs(run_dir)
     if checkpoint.LAST in earlier:
@@ -298,17 +299,20 @@ def _run_dir(o: TrainOptions) -> Path:
 
 
 def _start_run_folder(run: Run, resumed: dict | None) -> None:
-    """Write run.json for the options in force: a fresh run (with --overwrite, after deleting
-    the earlier run's files) records none, a resumed one adds itself to the earlier resumes."""
-    init = run.init
-    if resumed is None:
-        if run.options.overwrite:
-            outputs.clear_run_files(run.run_dir)
-        resumes = []
-    else:
-        earlier = resolve(run.options.resume).parent
+    """Write run.json for the options in force: a fresh run records no resumes, a resumed one
+    adds itself to the earlier ones. With --overwrite, a folder that does not hold the run
+    being resumed is cleared first; a run resumed under another --name starts with the
+    earlier run's best weights (its best epoch so far)."""
+    earlier = resolve(run.options.resume).parent if resumed is not None else None
+    moved = earlier is not None and earlier.resolve() != run.run_dir.resolve()
+    if run.options.overwrite and (earlier is None or moved):
+        outputs.clear_run_files(run.run_dir)
+    init, resumes = run.init, []
+    if earlier is not None:
         resumes = [*outputs.read_resumes(earlier), resumed]
         init = outputs.read_init_weights(earlier)
+        if moved:
+            outputs.copy_best(earlier, run.run_dir)
     outputs.write_run_info(run.run_dir, run.options, run.cfg, run.data, resumes, init)
 
 

@@ -32,7 +32,7 @@ from mvcompile.graphs.checkpoints import RUN_BEST as BEST
 from mvcompile.graphs.checkpoints import RUN_INFO
 from mvcompile.graphs.checkpoints import RUN_LAST_WEIGHTS as LAST_WEIGHTS
 from mvcompile.graphs.mobilevit import MobileViTConfig
-from mvcompile.onnx_io import atomic_write_text
+from mvcompile.onnx_io import atomic_write_bytes, atomic_write_text
 from mvcompile.train.checkpoint import save_weights
 from mvcompile.train.data import DataSplit
 from mvcompile.train.model import export_state_dict
@@ -131,6 +131,15 @@ def read_init_weights(run_dir: Path) -> dict | None:
     """The --init-weights record of an earlier run.json in ``run_dir``, or None."""
     init = _read_run_info(run_dir, "init_weights")
     return init if isinstance(init, dict) else None
+
+
+def copy_best(source: Path, run_dir: Path) -> None:
+    """Copy the best weights of the run in ``source`` into ``run_dir``, where the resumed
+    run continues under another name: its best epoch so far is the earlier run's."""
+    best = source / BEST
+    if best.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / BEST, best.read_bytes())
 
 
 def write_run_info(run_dir: Path, options: TrainOptions, cfg: MobileViTConfig,
