@@ -5,9 +5,25 @@ Python API::
     from mvcompile import BuildOptions, build
     result = build(BuildOptions(size="xxs", resolution=256, out_dir="out/xxs"))
     result.model_path, result.report["models"]["onnx"]["parameters"]
+
+The names are imported on first use (PEP 562), so that importing a submodule, and starting
+the CLI (:mod:`mvcompile._entry`), loads nothing else.
 """
 
-from mvcompile.builder import BuildOptions, BuildResult, build
-from mvcompile.errors import UserError
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["BuildOptions", "BuildResult", "UserError", "build"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("BuildOptions", "BuildResult", "build"):
+        from mvcompile import builder
+
+        return getattr(builder, name)
+    if name == "UserError":
+        from mvcompile.errors import UserError
+
+        return UserError
+    raise AttributeError(f"module 'mvcompile' has no attribute {name!r}")

@@ -109,3 +109,24 @@ def test_children_immune_to_sigterm_are_killed_when_the_process_exits() -> None:
     assert done.returncode == 0, done.stderr
     with pytest.raises(ProcessLookupError):
         os.kill(int(done.stdout), 0)  # gone (a sleeping orphan would still be there)
+
+
+def test_ctrl_c_while_the_cli_loads_is_a_note_not_a_traceback(monkeypatch, capsys) -> None:
+    """The mvcompile command imports the CLI (onnx, ONNX Runtime: about a second) inside a
+    Ctrl-C handler; before, a Ctrl-C then printed a traceback."""
+    import builtins
+
+    from mvcompile import _entry
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "mvcompile.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    with pytest.raises(SystemExit) as exit_info:
+        _entry.main()
+    assert exit_info.value.code == 130
+    assert "Interrupted; no output was written." in capsys.readouterr().err
