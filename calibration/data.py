@@ -69,7 +69,18 @@ def load_images(source: str | None, resolution: int, limit: int | None = None,
     path = Path(source)
     if is_array_file(source):
         return _load_npy(path, resolution, limit)
-    return load_folder(path, resolution, limit, on_image)
+    return load_folder(split_folder(path, split), resolution, limit, on_image)
+
+
+def split_folder(folder: Path, split: str) -> Path:
+    """``folder/split`` when ``folder`` is laid out as ``mvcompile train --data`` takes it,
+    train/ and val/ subfolders of class folders (evaluation reads val/, calibration train/);
+    else ``folder`` itself."""
+    parts = {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+    if parts == {"train", "val"}:
+        log.info("%s has train/ and val/ folders: using %s/", folder, split)
+        return folder / split
+    return folder
 
 
 def is_array_file(source: str) -> bool:

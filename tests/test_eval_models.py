@@ -347,3 +347,15 @@ def test_models_that_cannot_take_rgb_images_are_named_so(tmp_path: Path) -> None
     empty = _channel_means(tmp_path / "b0.onnx", [0, 3, 8, 8], [0, 3])
     code, output = run("eval", empty, "--data", data)  # was an ONNX Runtime traceback
     assert_clean_failure(code, output, "declares a batch size of 0")
+
+
+def test_a_train_and_val_folder_is_evaluated_on_val(tmp_path: Path) -> None:
+    """The layout `mvcompile train --data` takes: train/ and val/ were scored as two classes,
+    training images included."""
+    model = _channel_means(tmp_path / "m.onnx", ["N", 3, 8, 8], ["N", 3])
+    _colour_folder(tmp_path / "data" / "train", (4, 4, 4))
+    _colour_folder(tmp_path / "data" / "val", (2, 1, 1))
+    code, output = run("eval", model, "--data", str(tmp_path / "data"))
+    assert code == 0, output
+    assert f"4 images from {tmp_path / 'data' / 'val'}" in output, output
+    assert _value(output, "top-1") == "100.00%"

@@ -261,7 +261,7 @@ def test_sigterm_stops_like_ctrl_c_with_status_143(tmp_path: Path, monkeypatch: 
         assert result.exit_code == 143, result.output
         assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
         if rank is None:
-            assert f"Interrupted before the first epoch ended; nothing was saved, so there is " \
+            assert f"Interrupted before the first epoch ended; no epoch was saved, so there is " \
                    f"nothing to resume in {tmp_path / 'r'}" in result.output
         else:  # under torchrun only rank 0 says it
             assert "Interrupted" not in result.output

@@ -94,7 +94,7 @@ def test_overwrite_deletes_only_the_earlier_runs_files_and_a_ctrl_c_says_nothing
     result = _cli(*QUICK, "--data", str(data), "--runs-dir", str(tmp_path / "runs"),
                   "--name", "r", "--overwrite")
     assert result.exit_code == 130, result.output
-    assert "nothing was saved" in result.output and f"nothing to resume in {run_dir}" in \
+    assert "no epoch was saved" in result.output and f"nothing to resume in {run_dir}" in \
         result.output and "--resume" not in result.output
     assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt", "run.json"]
     assert json.loads((run_dir / "run.json").read_text())["options"]["overwrite"] is True

@@ -362,7 +362,7 @@ def _interrupted_message(options: TrainOptions, before: tuple[int, int] | None) 
     run_dir = options.run_dir()
     left = _interrupt_left(options, before)
     if left == NOTHING:
-        return (f"Interrupted before the first epoch ended; nothing was saved, so there is "
+        return (f"Interrupted before the first epoch ended; no epoch was saved, so there is "
                 f"nothing to resume in {run_dir}.")
     if left == UNTOUCHED:
         return (f"Interrupted before the new run started; {run_dir} still holds the earlier "
