@@ -72,15 +72,28 @@ def load_images(source: str | None, resolution: int, limit: int | None = None,
     return load_folder(split_folder(path, split), resolution, limit, on_image)
 
 
+VAL_FOLDERS = ("val", "validation")  # the held-out folder beside train/, as train takes it
+
+
 def split_folder(folder: Path, split: str) -> Path:
-    """``folder/split`` when ``folder`` is laid out as ``mvcompile train --data`` takes it,
-    train/ and val/ subfolders of class folders (evaluation reads val/, calibration train/);
-    else ``folder`` itself."""
-    parts = {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
-    if parts == {"train", "val"}:
-        log.info("%s has train/ and val/ folders: using %s/", folder, split)
-        return folder / split
-    return folder
+    """``folder``'s ``split`` ("train" or "val") when it is laid out as ``mvcompile train
+    --data`` takes it: a train/ folder of class folders, and val/ (or validation/) beside it;
+    otherwise ``folder`` itself (a train/ holding images directly is a class called train).
+    Without a val folder, "val" means train/ (with a note: those are the images training
+    saw)."""
+    train = folder / "train"
+    if not (train.is_dir() and any(p.is_dir() and not p.name.startswith(".")
+                                   for p in train.iterdir())):
+        return folder
+    if split == "train":
+        return train
+    val = next((folder / v for v in VAL_FOLDERS if (folder / v).is_dir()), None)
+    if val is None:
+        log.warning("%s has train/ but no val/ folder: evaluating on train/, the images "
+                    "training saw", folder)
+        return train
+    log.info("%s has train/ and %s/ folders: using %s/", folder, val.name, val.name)
+    return val
 
 
 def is_array_file(source: str) -> bool:

@@ -104,12 +104,16 @@ def insert_qdq(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan) -> di
     """Rewrite ``model`` in place; returns counts of what was inserted. Nodes whose bias
     int32 cannot hold should be in ``plan.keep_float`` (:func:`overflowing_biases`)."""
     graph = model.graph
+    overflowing = set(overflowing_biases(graph, ranges, plan))
+    if overflowing:  # its int32 bias would saturate, with its sign flipped
+        raise ValueError(f"biases beyond int32 at s_x·s_w: keep {sorted(overflowing)} in float "
+                         "(overflowing_biases)")
     counts = {"activations": 0, "weights": 0, "biases": 0, "nodes": 0}
     act_params = _activation_params(ranges, plan)
     weight_cache: dict[tuple[str, int], tuple[ir.Value, np.ndarray]] = {}
     activations = plan_tensors(graph, plan)  # before weights turn into DQ outputs
     integer = {n.name for n in quantizable_nodes(graph, plan) if QUANTIZERS[n.op_type].output}
-    shapes = functools.cache(lambda: inferred_shapes(onnx_io.to_proto(model)))
+    shapes = functools.cache(lambda: _non_batch_shapes(model))
     for node in quantizable_nodes(graph, plan):
         _quantize_node(graph, node, plan, act_params, weight_cache, counts)
     for value in activations:
@@ -131,13 +135,25 @@ class _FloatReaders:
     integer_nodes: set[str]
     shapes: Callable[[], dict[str, list[int]]]
 
-    def last_dim(self, value: ir.Value) -> int | None:
-        """The size of ``value``'s last axis, if it is static and not the batch."""
+    def per_axis(self, value: ir.Value) -> tuple[int, int] | None:
+        """(axis, size) for a per-axis DQ of ``value``: its last axis past the first (the
+        batch) that is static and longer than 1 (ORT takes a scale of one element for a
+        scalar); None if there is none."""
         dims = list(value.shape) if value.shape is not None else []
-        if len(dims) >= 2 and isinstance(dims[-1], int):
-            return dims[-1]
-        inferred = self.shapes().get(value.name, [])
-        return inferred[-1] if len(inferred) >= 2 else None
+        if not all(isinstance(d, int) for d in dims[1:]):
+            dims = []
+        dims = dims or self.shapes().get(value.name, [])
+        return next(((axis, size) for axis, size in reversed(list(enumerate(dims)))
+                     if axis > 0 and isinstance(size, int) and size > 1), None)
+
+
+def _non_batch_shapes(model: ir.Model) -> dict[str, list[int]]:
+    """Every value's inferred shape when the graph inputs are static past the first axis (so
+    that only the batch, axis 0, is inferred at a stand-in size); {} otherwise."""
+    if any(value.shape is None or not all(isinstance(d, int) for d in list(value.shape)[1:])
+           for value in model.graph.inputs):
+        return {}
+    return inferred_shapes(onnx_io.to_proto(model))
 
 
 def _activation_params(ranges: dict[str, Range], plan: QuantPlan
@@ -301,8 +317,8 @@ _DQ_PASSES = frozenset({"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze
                         "Identity"})
 
 
-def _quantize_activation(graph: ir.Graph, value: ir.Value, params: tuple,
-                         readers: _FloatReaders) -> bool:
+def _quantize_activation(graph: ir.Graph, value: ir.Value,
+                         params: tuple[np.float32, np.integer], readers: _FloatReaders) -> bool:
     """value → Q → one DQ per consumer (ORT fuses best when each DQ has a single consumer);
     False, and nothing inserted, when no quantized node reads or writes ``value``.
 
@@ -344,7 +360,7 @@ def _quantize_activation(graph: ir.Graph, value: ir.Value, params: tuple,
     if written_by_integer:
         for use in to_float:
             dq = _per_axis_dequantize(graph, q_node, value, (scale, zero_point),
-                                      readers.last_dim(value), use.node.name)
+                                      readers.per_axis(value), use.node.name)
             use.node.replace_input_with(use.idx, dq)
     return True
 
@@ -362,20 +378,21 @@ def _reaches_only_float(node: ir.Node, float_nodes: set[str], depth: int = 0) ->
             and all(_reaches_only_float(r, float_nodes, depth + 1) for r in readers))
 
 
-def _per_axis_dequantize(graph: ir.Graph, q_node: ir.Node, value: ir.Value, params: tuple,
-                         size: int | None, reader: str) -> ir.Value:
-    """DQ(Q(value)) with the scale and zero point repeated along the last axis (``size``
-    long): the same numbers as the per-tensor DQ, in a form that ONNX Runtime's QDQ fusions
-    and propagation (per-tensor only) leave alone. Per tensor, logged, if ``size`` is None."""
+def _per_axis_dequantize(graph: ir.Graph, q_node: ir.Node, value: ir.Value,
+                         params: tuple[np.float32, np.integer],
+                         axis_size: tuple[int, int] | None, reader: str) -> ir.Value:
+    """DQ(Q(value)) with the scale and zero point repeated along ``axis_size`` = (axis, its
+    size > 1): the same numbers as the per-tensor DQ, in a form that ONNX Runtime's QDQ
+    fusions and propagation (per-tensor only) leave alone. Per tensor, logged, if None."""
     scale, zero_point = params
-    if size is None:
-        log.warning("%s reads %s through a per-tensor DQ (its last axis is not static): ONNX "
+    if axis_size is None:
+        log.warning("%s reads %s through a per-tensor DQ (no static axis longer than 1): ONNX "
                     "Runtime may run it as an integer kernel", reader, value.name)
-    shape = () if size is None else (size,)
+    shape = () if axis_size is None else (axis_size[1],)
     s = _initializer(graph, f"{value.name}_scale_for_{reader}", np.full(shape, scale, np.float32))
     z = _initializer(graph, f"{value.name}_zero_point_for_{reader}",
                      np.full(shape, zero_point, np.asarray(zero_point).dtype))
-    attributes = {} if size is None else {"axis": ir.AttrInt64("axis", -1)}
+    attributes = {} if axis_size is None else {"axis": ir.AttrInt64("axis", axis_size[0])}
     dq = ir.Node("", "DequantizeLinear", [q_node.outputs[0], s, z], attributes=attributes,
                  name=f"{value.name}_dq_for_{reader}",
                  outputs=[ir.Value(name=f"{value.name}_dequantized_for_{reader}")])

@@ -71,8 +71,8 @@ def quantize_bias(bias: np.ndarray, input_scale: float, weight_scales: np.ndarra
         np.ndarray, np.ndarray]:
     """int32 bias with scale s_x·s_w[c] and zero point 0, as QLinearConv expects. Divided and
     clipped in float64: in float32, 2³¹ − 1 rounds to 2³¹, which wraps to −2³¹ as int32. A
-    bias beyond the int32 range (:func:`bias_fits_int32`; QDQ insertion keeps such a bias in
-    float) saturates."""
+    bias beyond the int32 range (:func:`bias_fits_int32`; the quantizer keeps such a node in
+    float, and QDQ insertion refuses it otherwise) saturates."""
     scales = (np.float32(input_scale) * weight_scales).astype(np.float32)
     exact = np.round(bias.astype(np.float64) / scales.astype(np.float64))
     return np.clip(exact, -(2**31), 2**31 - 1).astype(np.int32), scales

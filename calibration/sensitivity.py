@@ -1,14 +1,15 @@
 """Per-layer sensitivity: how much quantization error each quantized layer adds by itself.
 
 The QDQ model keeps the original float tensor names (a QDQ graph quantizes a tensor after it
-is produced), and a quantized node n reads its activation inputs a_i through DequantizeLinear
-outputs â_i. One run of each model with those tensors exposed gives
+is produced). For a quantized node n with output y and activation inputs a_i, let â_i be what
+n would read if kept in float: the dequantized tensor when an integer kernel writes a_i (it is
+quantized either way), else the float a_i of the quantized graph (n's own input quantization
+goes away). One run of each model with those tensors exposed gives
 
     degradation(n) = min_i SQNR(a_i, â_i) − SQNR(y, ŷ)   [dB]
 
-the SQNR lost inside n itself (its weights, its arithmetic), without the error it inherits
-from upstream, its own input's quantization included. The node with the largest degradation
-is the first to keep in float.
+the SQNR that keeping n in float would win back, without the error it inherits from
+upstream. The node with the largest degradation is the first to keep in float.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mvcompile import metrics
 from mvcompile.calibration.collect import observation_session
 from mvcompile.calibration.data import ImageSet
 from mvcompile.calibration.qdq import QuantPlan, can_stay_float, quantizable_nodes
+from mvcompile.calibration.registry import QUANTIZERS
 
 
 @dataclass(frozen=True)
@@ -54,15 +56,16 @@ def rank_layers(fp32: ir.Model, quantized: ir.Model, plan: QuantPlan, images: Im
                 ) -> list[LayerSensitivity]:
     """Quantized nodes that may stay float (:func:`.qdq.can_stay_float`), most sensitive
     first (nodes already kept float are left out). A node's input error is measured on what
-    it reads in the quantized graph (the DQ output), so the error of quantizing its own
-    input counts as inherited, as for every other node; the output is compared by name."""
+    it would read if kept in float (:func:`_kept_input`); the output is compared by name."""
     readers = {n.name: n for n in quantized.graph}
+    integer = {n.name for n in quantizable_nodes(fp32.graph, plan)
+               if QUANTIZERS[n.op_type].output}
     nodes = []  # (name, op type, [(fp32 input, quantized input)], output)
     for node in quantizable_nodes(fp32.graph, plan):
         if not can_stay_float(node) or node.name not in readers:
             continue
         read = readers[node.name].inputs
-        pairs = [(v.name, read[i].name) for i, v in enumerate(node.inputs)
+        pairs = [(v.name, _kept_input(read[i], integer)) for i, v in enumerate(node.inputs)
                  if v is not None and v.const_value is None and read[i] is not None]
         nodes.append((node.name, node.op_type, pairs, node.outputs[0].name))
     reference = _tensors(fp32, images, sorted({t for _, _, pairs, y in nodes
@@ -79,6 +82,19 @@ def rank_layers(fp32: ir.Model, quantized: ir.Model, plan: QuantPlan, images: Im
                         default=_finite(None))
         ranking.append(LayerSensitivity(name, op, inherited - _sqnr(reference, observed, y, y)))
     return sorted(ranking, key=lambda s: s.degradation_db, reverse=True)
+
+
+def _kept_input(read: ir.Value, integer: set[str]) -> str:
+    """The tensor a node that reads ``read`` (a DQ output) would read if kept in float: the
+    same dequantized values when an integer kernel writes the tensor (it is quantized either
+    way), else the float tensor before the Q (its own quantization error goes away)."""
+    dq = read.producer()
+    q = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" else None
+    if q is None or q.op_type != "QuantizeLinear":
+        return read.name
+    source = q.inputs[0]
+    writer = source.producer()
+    return read.name if writer is not None and writer.name in integer else source.name
 
 
 def _sqnr(reference: dict[str, np.ndarray], observed: dict[str, np.ndarray], fp32_name: str,

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mvcompile.graphs.checkpoints import HF_WEIGHT_FILES
 from mvcompile.graphs.cvnets_names import looks_like_cvnets
 
 log = logging.getLogger(__name__)
 
 STEM_WEIGHT = "mobilevit.conv_stem.convolution.weight"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
-_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CHOICES = ("auto", "rgb", "bgr")
 
 
@@ -36,7 +36,13 @@ def trained_channel_order(path: str | Path, state: Mapping[str, np.ndarray]
     a Hugging Face folder's preprocessor_config.json decides (``do_flip_channel_order``,
     default true for MobileViT's image processor); else ml-cvnets tensor names mean BGR;
     else RGB (mvcompile train runs and other files)."""
-    config = _preprocessor_config(Path(path))
+    path = Path(path)
+    config = _preprocessor_config(path)
+    if config is None and _hf_folder(path) is not None and (_hf_folder(path) / "config.json"
+                                                            ).is_file():
+        log.warning("%s has no %s to say which colour order its weights expect; taking RGB. "
+                    "Weights fine-tuned from Apple's expect BGR: pass --checkpoint-channels "
+                    "bgr then.", path, PREPROCESSOR_CONFIG)
     if config is not None:
         kind = str(config.get("image_processor_type") or config.get("feature_extractor_type")
                    or "")
@@ -57,9 +63,20 @@ def stem_to_rgb(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return flipped
 
 
+def check_choice(channel_order: str) -> None:
+    """ValueError unless ``channel_order`` is one of :data:`CHOICES`."""
+    if channel_order not in CHOICES:
+        raise ValueError(f"channel_order must be one of {CHOICES}, got {channel_order!r}")
+
+
+def _hf_folder(path: Path) -> Path | None:
+    """The Hugging Face folder ``path`` is or holds the weights of, or None."""
+    return path if path.is_dir() else path.parent if path.name in HF_WEIGHT_FILES else None
+
+
 def _preprocessor_config(path: Path) -> dict | None:
     """The preprocessor_config.json beside a Hugging Face checkpoint, or None."""
-    folder = path if path.is_dir() else path.parent if path.name in _HF_WEIGHT_FILES else None
+    folder = _hf_folder(path)
     config = folder / PREPROCESSOR_CONFIG if folder is not None else None
     if config is None or not config.is_file():
         return None

@@ -27,7 +27,7 @@ from mvcompile.graphs.cvnets_names import cvnets_key, looks_like_cvnets
 
 log = logging.getLogger(__name__)
 
-_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 _LAST_CONV = "mobilevit.conv_1x1_exp.convolution.weight"
@@ -138,7 +138,7 @@ def checkpoint_class_names(path: str | Path) -> list[str] | None:
     labels (``LABEL_0``, ``LABEL_1``, ...) name nothing and give None.
     """
     path = Path(path)
-    folder = path if path.is_dir() else path.parent if path.name in _HF_FILES else None
+    folder = path if path.is_dir() else path.parent if path.name in HF_WEIGHT_FILES else None
     if folder is not None and (folder / "config.json").is_file():
         names = _hf_class_names(folder / "config.json")
         if names is not None:
@@ -193,14 +193,14 @@ def _hf_class_names(config: Path) -> list[str] | None:
 
 def _weights_in_hf_folder(folder: Path) -> Path | None:
     """The weights file of a Hugging Face model folder, or None."""
-    return next((folder / n for n in _HF_FILES if (folder / n).is_file()), None)
+    return next((folder / n for n in HF_WEIGHT_FILES if (folder / n).is_file()), None)
 
 
 def _file_in_hf_folder(folder: Path) -> Path:
     found = _weights_in_hf_folder(folder)
     if found is not None:
         return found
-    raise UserError(f"{folder} is a folder without {' or '.join(_HF_FILES)}; pass a Hugging "
+    raise UserError(f"{folder} is a folder without {' or '.join(HF_WEIGHT_FILES)}; pass a Hugging "
                     "Face model folder, a mvcompile train run folder (runs/NAME) or a "
                     "checkpoint file.")
 

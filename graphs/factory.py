@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from mvcompile.graphs.channel_order import stem_to_rgb, trained_channel_order
+from mvcompile.graphs.channel_order import check_choice, stem_to_rgb, trained_channel_order
 from mvcompile.graphs.checkpoints import (
     CLASS_NAMES_KEY,
     CheckpointWeights,
@@ -52,6 +52,7 @@ def create_mobilevit(
     """Build the graph; with ``weights``, match the checkpoint strictly or raise UserError.
     ``channel_order`` is the one the checkpoint was trained on ("auto": detected, see
     :func:`.channel_order.trained_channel_order`); the model takes RGB either way."""
+    check_choice(channel_order)
     if weights is None:
         log.info("No weights given: the weights are random (seed %d), not trained.", seed)
         model = build_graph(cfg, RandomWeights(seed))

@@ -12,9 +12,17 @@ the CLI (:mod:`mvcompile._entry`), loads nothing else.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time, __getattr__ below
+    from mvcompile.builder import BuildOptions, BuildResult, build
+    from mvcompile.errors import UserError
 
 __all__ = ["BuildOptions", "BuildResult", "UserError", "build"]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 def __getattr__(name: str) -> Any:

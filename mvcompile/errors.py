@@ -55,16 +55,18 @@ def os_error_message(err: OSError) -> str:
 
 
 def out_of_memory_message(err: BaseException) -> str | None:
-    """The message for ``err`` if it, or an error it wraps (``__cause__``: onnx_ir's PassError
-    wraps a pass's MemoryError), is a failed memory allocation, else None. The usual cause is a
-    large resolution: MobileViT's attention scores take 4·h·N² floats for N = (R/2/s)² tokens
-    (s the stage's stride), so their memory grows with R⁴."""
-    seen: BaseException | None = err
-    while seen is not None:
-        message = _allocation_message(seen)
+    """The message for ``err`` if it, or an error it wraps (``__cause__`` or ``__context__``:
+    onnx_ir's PassError wraps a pass's MemoryError), is a failed memory allocation, else
+    None. The usual cause is a large resolution: MobileViT's attention scores take 4·h·N²
+    floats for N = (R/2/s)² tokens (s the stage's stride), so their memory grows with R⁴."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:  # `raise e from e` loops
+        message = _allocation_message(current)
         if message is not None:
             return message
-        seen = seen.__cause__
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return None
 
 

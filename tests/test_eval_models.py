@@ -349,13 +349,30 @@ def test_models_that_cannot_take_rgb_images_are_named_so(tmp_path: Path) -> None
     assert_clean_failure(code, output, "declares a batch size of 0")
 
 
-def test_a_train_and_val_folder_is_evaluated_on_val(tmp_path: Path) -> None:
-    """The layout `mvcompile train --data` takes: train/ and val/ were scored as two classes,
+@pytest.mark.parametrize(("val", "extra"), [("val", None), ("validation", "test"),
+                                            ("val", ".ipynb_checkpoints")])
+def test_a_train_and_val_folder_is_evaluated_on_val(tmp_path: Path, val: str,
+                                                    extra: str | None) -> None:
+    """The layouts `mvcompile train --data` takes: train/ and val/ were scored as two classes,
     training images included."""
     model = _channel_means(tmp_path / "m.onnx", ["N", 3, 8, 8], ["N", 3])
     _colour_folder(tmp_path / "data" / "train", (4, 4, 4))
-    _colour_folder(tmp_path / "data" / "val", (2, 1, 1))
+    _colour_folder(tmp_path / "data" / val, (2, 1, 1))
+    if extra:
+        (tmp_path / "data" / extra).mkdir()
     code, output = run("eval", model, "--data", str(tmp_path / "data"))
     assert code == 0, output
-    assert f"4 images from {tmp_path / 'data' / 'val'}" in output, output
+    assert f"4 images from {tmp_path / 'data' / val}" in output, output
     assert _value(output, "top-1") == "100.00%"
+
+
+def test_classes_named_train_and_val_are_classes(tmp_path: Path) -> None:
+    """train/ and val/ holding images directly are two classes, not a split."""
+    for name in ("train", "val"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "data" / name / f"{i}.png")
+    model = _channel_means(tmp_path / "m.onnx", ["N", 3, 8, 8], ["N", 3])
+    code, output = run("eval", model, "--data", str(tmp_path / "data"))
+    assert code == 0, output
+    assert f"4 images from {tmp_path / 'data'}" in output, output

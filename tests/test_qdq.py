@@ -160,19 +160,23 @@ block (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w, float[8] b, float[8, 8, 3, 3] w
 """
 
 
-def test_a_node_kept_float_between_quantized_ones_runs_in_float_on_ort(tmp_path,
-                                                                       data: np.ndarray) -> None:
+@pytest.mark.parametrize(("width", "axis"), [(8, 3), (1, 2)])
+def test_a_node_kept_float_between_quantized_ones_runs_in_float_on_ort(
+        tmp_path, width: int, axis: int) -> None:
     """c2 kept in float between quantized c1 and c3. Reading a per-tensor DQ(c1) and feeding
     Q(c2), it sat between a DQ and a Q, and ORT's WeightBiasQuantization fused it into a
     QLinearConv with its own int8 weights; reading c1 in float instead left c1, whose
-    integer kernel needs a Q as its only reader, in float too. c2 reads a per-axis DQ."""
-    model = fixture_model(CHAIN)
+    integer kernel needs a Q as its only reader, in float too. c2 reads a per-axis DQ, along
+    an axis longer than 1 (ORT takes a one-element scale for a scalar)."""
+    model = fixture_model(CHAIN.replace("8, 8]", f"8, {width}]").replace(
+        "3, 8, 8] x", f"3, 8, {width}] x"))
+    data = np.random.default_rng(1).uniform(0, 1, (8, 3, 8, width)).astype(np.float32)
     kept = next(n for n in model.graph if n.outputs[0].name == "c2")
     plan = QuantPlan(frozenset({"Conv"}), keep_float={kept.name}, weight_qmax=REDUCED_QMAX)
     counts = quantize(model, data, plan)
     assert counts["nodes"] == 2
     dq = kept.inputs[0].producer()
-    assert dq.op_type == "DequantizeLinear" and dq.attributes["axis"].value == -1
+    assert dq.op_type == "DequantizeLinear" and dq.attributes["axis"].value == axis
     assert [v.name for v in kept.inputs[1:]] == ["w2", "b2"]
     onnx.checker.check_model(onnx_io.to_proto(model), full_check=True)
     run(model, data, optimized_path=str(tmp_path / "opt.onnx"))

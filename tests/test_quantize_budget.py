@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 from onnx_ir.passes.common import NameFixPass
 
 from conftest import StageRecorder
@@ -104,8 +105,6 @@ def test_only_weighted_matrix_ops_are_ranked_or_kept_in_float() -> None:
     """A float Sigmoid, Mul or Add between quantized nodes reads a per-axis DQ, which ORT's
     elementwise QDQ fusion takes all the same and then refuses ('Scale and Zero-point must be
     a scalar'): only a Conv, Gemm or MatMul with a constant weight can stay float."""
-    import pytest
-
     model, images = _fragile_model(), _images()
     quantized, _ = quantize(model, images, QuantizeOptions(method="minmax"))
     NameFixPass()(model)
@@ -115,3 +114,23 @@ def test_only_weighted_matrix_ops_are_ranked_or_kept_in_float() -> None:
     swish = next(n.name for n in model.graph if n.op_type == "Swish")
     with pytest.raises(ValueError, match="cannot stay float"):
         quantize(model, images, QuantizeOptions(keep_float=frozenset({swish})))
+
+
+def test_a_layer_is_charged_for_its_input_quantization_only_where_keeping_it_saves_that() -> None:
+    """Kept in float, a layer still reads a quantized tensor when an integer kernel writes it,
+    but reads the float tensor otherwise (a graph input, a LayerNorm output): only there does
+    its input's quantization count as its own loss."""
+    from mvcompile.calibration.registry import QUANTIZERS
+    from mvcompile.calibration.sensitivity import _kept_input
+    from test_qdq import CHAIN, REDUCED_QMAX
+    from test_qdq import quantize as quantize_graph
+
+    model = fixture_model(CHAIN)
+    data = np.random.default_rng(1).uniform(0, 1, (8, 3, 8, 8)).astype(np.float32)
+    plan = QuantPlan(frozenset({"Conv"}), weight_qmax=REDUCED_QMAX)
+    integer = {n.name for n in model.graph if QUANTIZERS[n.op_type].output}
+    quantize_graph(model, data, plan)
+    convs = {n.outputs[0].name: n for n in model.graph if n.op_type == "Conv"}
+    assert _kept_input(convs["c1"].inputs[0], integer) == "x"  # the graph input, in float
+    read = convs["c2"].inputs[0]
+    assert _kept_input(read, integer) == read.name != "c1"  # c1 is quantized either way

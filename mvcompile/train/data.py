@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mvcompile.calibration.data import VAL_FOLDERS
 from mvcompile.errors import UserError, first_line
 from mvcompile.images import IMAGE_SUFFIXES, find_files, mode_problem, to_rgb
 
 log = logging.getLogger(__name__)
 
-VAL_FOLDERS = ("val", "validation")
 SPLIT_SEED = 0  # the validation split is fixed, whatever the training seed
 DIGITS = "digits"
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
