@@ -361,3 +361,13 @@ g (float[N, 8] x, float[8, 8] w) => (float[N, 8] y, float[N, 8] z) {
     proto = onnx_io.to_proto(model)
     onnx.checker.check_model(proto, full_check=True)
     assert op_counts(model)["DequantizeLinear"] >= 2
+
+
+def test_insert_qdq_refuses_a_bias_beyond_int32_that_is_not_kept_float() -> None:
+    """Called directly (not through quantize(), which keeps such a node float), it used to
+    saturate the bias, its sign flipped."""
+    model = _gemm_model("[4]")
+    model.graph.initializers["b"].const_value = ir.tensor(np.ones(4, np.float32), name="b")
+    x = np.random.default_rng(2).uniform(0, 1e-6, (4, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="biases beyond int32"):
+        quantize(model, x, QuantPlan(frozenset({"Gemm"})))
