@@ -336,20 +336,12 @@ def _quantize_activation(graph: ir.Graph, value: ir.Value,
     written_by_integer = producer is not None and producer.name in readers.integer_nodes
     if not to_int and not value.is_graph_output() and not written_by_integer:
         return False
-    scale, zero_point = params
-    s = _initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32))
-    z = _initializer(graph, f"{value.name}_zero_point", np.asarray(zero_point))
-    q_node = ir.Node("", "QuantizeLinear", [value, s, z], name=f"{value.name}_q",
-                     outputs=[ir.Value(name=f"{value.name}_quantized")])
-    if producer is None:
-        graph.insert_before(graph.node(0), q_node)
-    else:
-        graph.insert_after(producer, q_node)
+    q_node = _insert_quantize(graph, value, params)
     consumers = [(u.node, u.idx) for u in to_int]
     if value.is_graph_output():
         consumers.append((None, None))
     for i, (consumer, index) in enumerate(consumers):
-        dq = ir.Node("", "DequantizeLinear", [q_node.outputs[0], s, z],
+        dq = ir.Node("", "DequantizeLinear", [q_node.outputs[0], *q_node.inputs[1:]],
                      name=f"{value.name}_dq{i}",
                      outputs=[ir.Value(name=f"{value.name}_dequantized{i}")])
         graph.insert_after(q_node, dq)
@@ -359,10 +351,26 @@ def _quantize_activation(graph: ir.Graph, value: ir.Value,
             consumer.replace_input_with(index, dq.outputs[0])
     if written_by_integer:
         for use in to_float:
-            dq = _per_axis_dequantize(graph, q_node, value, (scale, zero_point),
-                                      readers.per_axis(value), use.node.name)
+            dq = _per_axis_dequantize(graph, q_node, value, params, readers.per_axis(value),
+                                      use.node.name)
             use.node.replace_input_with(use.idx, dq)
     return True
+
+
+def _insert_quantize(graph: ir.Graph, value: ir.Value, params: tuple[np.float32, np.integer]
+                     ) -> ir.Node:
+    """Q(value) with per-tensor (scale, zero point) ``params``, right after its producer."""
+    scale, zero_point = params
+    s = _initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32))
+    z = _initializer(graph, f"{value.name}_zero_point", np.asarray(zero_point))
+    q_node = ir.Node("", "QuantizeLinear", [value, s, z], name=f"{value.name}_q",
+                     outputs=[ir.Value(name=f"{value.name}_quantized")])
+    producer = value.producer()
+    if producer is None:
+        graph.insert_before(graph.node(0), q_node)
+    else:
+        graph.insert_after(producer, q_node)
+    return q_node
 
 
 def _reaches_only_float(node: ir.Node, float_nodes: set[str], depth: int = 0) -> bool:
