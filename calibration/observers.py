@@ -71,6 +71,9 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             self.hi += self.c * (hi - self.hi)
 
 
+MIN_LIMIT = 1e-30  # the smallest histogram half-range: 2048 bins stay distinct in float32
+
+
 class _HistogramObserver:
     """A histogram of values over [−R, R], R doubling as needed (bins merge pairwise)."""
 
@@ -88,8 +91,8 @@ class _HistogramObserver:
             return
         self.minmax.update(x)
         peak = float(np.abs(x).max())
-        if self.limit == 0.0:
-            self.limit = peak if peak > 0 else 1.0
+        if self.limit == 0.0:  # below MIN_LIMIT, float32 bin edges would not be distinct
+            self.limit = max(peak, MIN_LIMIT) if peak > 0 else 1.0
         while peak > self.limit:
             self._double_range()
         counts, _ = np.histogram(x, bins=self.bins, range=(-self.limit, self.limit))

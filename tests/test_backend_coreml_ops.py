@@ -250,6 +250,17 @@ def test_qdq_weight_only_keeps_activations_float() -> None:
                                atol=1e-4, rtol=1e-4)
 
 
+def test_a_scalar_int8_constant_is_folded() -> None:
+    """An INT8 build without passes quantizes the attention's scalar scale; Core ML's
+    constexpr_affine_dequantize takes no rank-0 data ("axis needs to be in the range")."""
+    counts = check_op(make_model("""
+        g (float[2,3] x) => (float[2,3] y) {
+            s = DequantizeLinear(sq, ss, sz)
+            y = Mul(x, s)
+        }""", sq=np.int8(64), ss=np.float32(0.25 / 64), sz=np.int8(0)))
+    assert counts["constexpr_affine_dequantize"] == 0
+
+
 def test_flatten_with_negative_axes() -> None:
     """ONNX axes run over [-r, r]: -1 keeps the last dim, -3 the last three."""
     check_op(make_model("""

@@ -60,6 +60,9 @@ def test_runtime_style_int8_is_within_one_step(int8: onnx.ModelProto, tmp_path) 
     step = ort_backend.output_quant_steps(int8)["logits"]
     assert check.max_abs_diff <= step and check.tolerance == pytest.approx(step)
     assert "QuantizeLinear" in paths[1].read_text()
+    for config in paths[1:]:  # headers named the converter's deleted temporary model too
+        header = [line for line in config.read_text().splitlines() if line.startswith("# - ")]
+        assert header == [f"# - {tmp_path.resolve() / 'model.with_runtime_opt.ort'}"], header
 
 
 def test_fixed_style_int8_is_identical(int8: onnx.ModelProto, tmp_path) -> None:

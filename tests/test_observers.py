@@ -169,3 +169,14 @@ def test_bias_out_of_int32_range_is_detected_and_saturates_without_wrapping() ->
     assert qparams.bias_fits_int32(bias, 1e-2, scales)
     q, _ = qparams.quantize_bias(bias, 1e-6, scales)
     assert q.tolist() == [2**31 - 1, -(2**31)]
+
+
+@pytest.mark.parametrize("method", list(OBSERVERS))
+def test_vanishing_activations_get_a_range(method: str) -> None:
+    """Activations near 1e-43 (an untrained checkpoint): the histogram's float32 bin edges
+    over [−peak, peak] were not distinct, and np.histogram raised."""
+    observer = make_observer(method)
+    observer.update(np.array([1e-43, -2e-43, 0.0], np.float32))
+    observer.update(np.array([3e-43], np.float32))
+    lo, hi = observer.compute_range()
+    assert lo <= 0.0 <= hi and hi - lo < 1e-40

@@ -67,7 +67,7 @@ def _dequantize(ctx: LowerContext, node: onnx.NodeProto, attrs: dict[str, Any]) 
     constant = isinstance(x, np.ndarray) or x.val is not None
     q = np.asarray(x if isinstance(x, np.ndarray) else x.val) if constant else None
     scale, zero, axis = _params(ctx, node, attrs, len(shape(x)))
-    if constant and q.dtype in _INT8:
+    if constant and q.dtype in _INT8 and q.ndim:  # a scalar has no axis: folded below
         zero = np.zeros(scale.shape, q.dtype) if zero is None else zero.astype(q.dtype)
         return [mb.constexpr_affine_dequantize(quantized_data=q, zero_point=zero, scale=scale,
                                                axis=0 if axis is None else axis)]

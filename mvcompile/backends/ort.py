@@ -77,12 +77,23 @@ def write_ort(onnx_proto: onnx.ModelProto, out_dir: str | Path, style: str = "fi
         source.write_bytes(onnx_proto.SerializeToString())
         staged = _convert(source, stage / "out", style, target_platform)
         for config in staged[1:]:  # the header names the converted model: use its final path
-            config.write_text(config.read_text().replace(
-                str((stage / "out").resolve()), str(Path(final_dir or out_dir).resolve())))
+            config.write_text(_config_header_for(config.read_text(), stage,
+                                                 Path(final_dir or out_dir)))
         check = verify_ort(onnx_proto, staged[0], style)
         log.info("%s matches the ONNX model: max abs diff %.3g (tolerance %.3g)",
                  staged[0].name, check.max_abs_diff, check.tolerance)
         return [_output.publish(path, out_dir / path.name, "ORT model") for path in staged]
+
+
+def _config_header_for(text: str, stage: Path, final_dir: Path) -> str:
+    """An operator config whose "# Generated from model/s:" header names the model where it
+    will be (``final_dir``), not the staging folder; lines naming the converter's intermediate
+    models (the runtime style's temporary without_runtime_opt copy) are dropped, since those
+    files are gone after the build."""
+    text = text.replace(str((stage / "out").resolve()), str(final_dir.resolve()))
+    staged = str(stage.resolve())
+    return "".join(line for line in text.splitlines(keepends=True)
+                   if not (line.startswith("#") and staged in line))
 
 
 def _convert(source: Path, out: Path, style: str, target_platform: str
