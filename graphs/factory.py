@@ -58,8 +58,9 @@ def create_mobilevit(
         model = build_graph(cfg, RandomWeights(seed))
         return model, WeightsInfo("random", f"random, seed {seed} (not trained)")
     raw = load_state_dict(weights)
-    order, why = trained_channel_order(weights, raw)
-    if channel_order != "auto":
+    if channel_order == "auto":
+        order, why = trained_channel_order(weights, raw)
+    else:
         order, why = channel_order, "as given"
     state = to_hf_names(raw, list(parameter_shapes(cfg)), cfg.depths)
     description = str(weights)
