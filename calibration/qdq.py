@@ -104,10 +104,6 @@ def insert_qdq(model: ir.Model, ranges: dict[str, Range], plan: QuantPlan) -> di
     """Rewrite ``model`` in place; returns counts of what was inserted. Nodes whose bias
     int32 cannot hold should be in ``plan.keep_float`` (:func:`overflowing_biases`)."""
     graph = model.graph
-    overflowing = set(overflowing_biases(graph, ranges, plan))
-    if overflowing:  # its int32 bias would saturate, with its sign flipped
-        raise ValueError(f"biases beyond int32 at s_x·s_w: keep {sorted(overflowing)} in float "
-                         "(overflowing_biases)")
     counts = {"activations": 0, "weights": 0, "biases": 0, "nodes": 0}
     act_params = _activation_params(ranges, plan)
     weight_cache: dict[tuple[str, int], tuple[ir.Value, np.ndarray]] = {}
@@ -181,6 +177,10 @@ def _quantize_node(graph: ir.Graph, node: ir.Node, plan: QuantPlan, act_params: 
     index = next((i for i, r in roles.items() if r == BIAS), None)
     if index is not None and input_scale is not None and _per_channel_bias(
             node, index, weight_scales):
+        if not qparams.bias_fits_int32(node.inputs[index].const_value.numpy(), input_scale,
+                                       weight_scales):  # it would saturate, sign flipped
+            raise ValueError(f"biases beyond int32 at s_x·s_w: keep {node.name!r} in float "
+                             "(overflowing_biases)")
         node.replace_input_with(index, _quantized_bias(graph, node, index, input_scale,
                                                        weight_scales))
         counts["biases"] += 1

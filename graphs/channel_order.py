@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mvcompile.graphs.checkpoints import HF_WEIGHT_FILES
+from mvcompile.graphs.checkpoints import hf_folder
 from mvcompile.graphs.cvnets_names import looks_like_cvnets
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def trained_channel_order(path: str | Path, state: Mapping[str, np.ndarray]
     else RGB (mvcompile train runs and other files)."""
     path = Path(path)
     config = _preprocessor_config(path)
-    if config is None and _hf_folder(path) is not None and (_hf_folder(path) / "config.json"
+    if config is None and hf_folder(path) is not None and (hf_folder(path) / "config.json"
                                                             ).is_file():
         log.warning("%s has no %s to say which colour order its weights expect; taking RGB. "
                     "Weights fine-tuned from Apple's expect BGR: pass --checkpoint-channels "
@@ -69,14 +69,9 @@ def check_choice(channel_order: str) -> None:
         raise ValueError(f"channel_order must be one of {CHOICES}, got {channel_order!r}")
 
 
-def _hf_folder(path: Path) -> Path | None:
-    """The Hugging Face folder ``path`` is or holds the weights of, or None."""
-    return path if path.is_dir() else path.parent if path.name in HF_WEIGHT_FILES else None
-
-
 def _preprocessor_config(path: Path) -> dict | None:
     """The preprocessor_config.json beside a Hugging Face checkpoint, or None."""
-    folder = _hf_folder(path)
+    folder = hf_folder(path)
     config = folder / PREPROCESSOR_CONFIG if folder is not None else None
     if config is None or not config.is_file():
         return None

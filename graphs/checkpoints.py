@@ -129,6 +129,11 @@ def _mvcompile_header(path: str | Path) -> dict[str, str]:
     return {k: v for k, v in header.items() if k.startswith("mvcompile.")}
 
 
+def hf_folder(path: Path) -> Path | None:
+    """The Hugging Face folder ``path`` is, or holds the weights file of; None otherwise."""
+    return path if path.is_dir() else path.parent if path.name in HF_WEIGHT_FILES else None
+
+
 def checkpoint_class_names(path: str | Path) -> list[str] | None:
     """The class names of a checkpoint, in class-index order, or None when it names none.
 
@@ -138,7 +143,7 @@ def checkpoint_class_names(path: str | Path) -> list[str] | None:
     labels (``LABEL_0``, ``LABEL_1``, ...) name nothing and give None.
     """
     path = Path(path)
-    folder = path if path.is_dir() else path.parent if path.name in HF_WEIGHT_FILES else None
+    folder = hf_folder(path)
     if folder is not None and (folder / "config.json").is_file():
         names = _hf_class_names(folder / "config.json")
         if names is not None:

@@ -2,6 +2,8 @@
 
 import re
 
+from mvcompile.table import human_bytes
+
 # ONNX Runtime's "[ONNXRuntimeError] : 1 : FAIL : " status prefix, and the C++ source location
 # and function signature it puts before an assertion ("/onnxruntime_src/x.h:91 ns::F(args) ").
 _ORT_STATUS = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
@@ -85,21 +87,9 @@ def _allocation_message(err: BaseException) -> str | None:
         size = int(match.group(1) or match.group(2))
         node = _ORT_NODE.search(str(err))
         by = f" by a node of type {node.group(1)}" if node else ""
-        asked = f": {_bytes(size)} were asked for{by}"
+        asked = f": {human_bytes(size, 1)} were asked for{by}"
     return (f"Out of memory{asked}. A smaller input (resolution or batch) needs less; "
             "attention memory grows with the fourth power of the resolution.")
-
-
-def _bytes(size: int) -> str:
-    """3 * 2**40 -> '3.0 TiB'."""
-    if size < 1024:
-        return f"{size} B"
-    scaled = float(size)
-    for unit in ("KiB", "MiB", "GiB"):
-        scaled /= 1024
-        if scaled < 1024:
-            return f"{scaled:.1f} {unit}"
-    return f"{scaled / 1024:,.1f} TiB"
 
 
 def raise_if_out_of_memory(err: BaseException) -> None:

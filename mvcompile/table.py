@@ -24,8 +24,9 @@ def human_count(n: float) -> str:
     return str(int(n))
 
 
-def human_bytes(n: int) -> str:
-    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+def human_bytes(n: int, decimals: int = 2) -> str:
+    """5 -> '5 B', 2048 -> '2.00 KiB', up to TiB (with thousands separators beyond)."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
-            return f"{n / scale:.2f} {unit}"
+            return f"{n / scale:,.{decimals}f} {unit}"
     return f"{n} B"

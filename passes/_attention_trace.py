@@ -18,12 +18,12 @@ import onnx_ir as ir
 from mvcompile.passes._layout import (
     SIM_BATCH,
     apply_reshape,
+    batch_is_symbolic,
     broadcasts_unchanged,
     const_array,
     run_chain,
     sim_shape,
     sim_shape_fitting,
-    static_shape,
 )
 
 HEAD_PERM = [0, 2, 1, 3]  # [G, N, h, d_h] <-> [G, h, N, d_h]
@@ -180,7 +180,7 @@ def split_dims(branch: Branch, perm: Sequence[int]) -> tuple[int, int, int] | No
     as a permutation of its source's elements, else None. A symbolic batch is simulated at
     two sizes: a chain may hard-code one."""
     found = _split_dims_at(branch, perm, SIM_BATCH)
-    if found is not None and _batch_is_symbolic(branch.source):
+    if found is not None and batch_is_symbolic(branch.source):
         return found if _split_dims_at(branch, perm, SIM_BATCH + 1) == found else None
     return found
 
@@ -211,7 +211,7 @@ def merge_dims(ctx: ir.Value, nodes: list[ir.Node], width: int) -> list[int] | N
     merge = const_array(nodes[1].inputs[1])
     if merge is None or 0 in merge.tolist():
         return None
-    batches = (SIM_BATCH, SIM_BATCH + 1) if _batch_is_symbolic(ctx) else (SIM_BATCH,)
+    batches = (SIM_BATCH, SIM_BATCH + 1) if batch_is_symbolic(ctx) else (SIM_BATCH,)
     for batch in batches:
         shape = sim_shape(ctx, batch)
         if shape is None or len(shape) != 4:
@@ -223,11 +223,6 @@ def merge_dims(ctx: ir.Value, nodes: list[ir.Node], width: int) -> list[int] | N
                 out.ravel(), index.transpose(HEAD_PERM).ravel()):
             return None
     return [*merge.tolist()[:-1], width]
-
-
-def _batch_is_symbolic(value: ir.Value) -> bool:
-    dims = static_shape(value)
-    return dims is not None and bool(dims) and dims[0] is None
 
 
 def broadcasts_to(array: np.ndarray, shape: tuple[int, ...] | None) -> bool:

@@ -46,6 +46,13 @@ def static_shape(value: ir.Value) -> list[int | None] | None:
     return [d if isinstance(d, int) else None for d in value.shape]
 
 
+def batch_is_symbolic(value: ir.Value) -> bool:
+    """Whether ``value``'s first dimension is symbolic: simulations then run at two batch
+    sizes (SIM_BATCH and one more), since a chain may hard-code one."""
+    dims = static_shape(value)
+    return dims is not None and bool(dims) and dims[0] is None
+
+
 def sim_shape(value: ir.Value, batch: int = SIM_BATCH) -> tuple[int, ...] | None:
     """A concrete shape to simulate ``value`` with: static dims, symbolic batch = ``batch``.
 

@@ -29,13 +29,13 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
 from mvcompile.passes._layout import (
+    batch_is_symbolic,
     chain_nodes,
     const_array,
     int64_init,
     ints_attr,
     run_chain,
     sim_shape,
-    static_shape,
     unfold_ref,
 )
 
@@ -78,8 +78,8 @@ class Im2ColUnfold(RewriteRuleClassBase):
         self.patch = find_im2col_patch(nodes, self.shape) if nodes else None
         if self.patch is None:
             return result.fail("the chain does not compute an im2col unfold [B, C, P, N].")
-        if static_shape(x)[0] is None and find_im2col_patch(  # the batch is simulated: check
-                nodes, (self.shape[0] + 1, *self.shape[1:])) != self.patch:  # a second size
+        if batch_is_symbolic(x) and find_im2col_patch(
+                nodes, (self.shape[0] + 1, *self.shape[1:])) != self.patch:
             return result.fail("the chain computes an im2col unfold at one batch size only.")
         return result
 

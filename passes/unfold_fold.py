@@ -31,6 +31,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
 from mvcompile.passes._layout import (
+    batch_is_symbolic,
     chain_nodes,
     const_array,
     find_fold_patch,
@@ -92,7 +93,7 @@ def _other_batches(image: ir.Value, shape: tuple[int, ...]) -> list[tuple[int, .
     """With a symbolic batch, ``shape`` at one more batch: a chain may hard-code the
     simulated batch size and be an unfold (or fold) at that size only; [] for a static
     batch."""
-    if static_shape(image)[0] is not None:
+    if not batch_is_symbolic(image):
         return []
     return [(shape[0] + 1, *shape[1:])]
 
