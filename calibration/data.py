@@ -4,7 +4,9 @@ Preprocessing is the MobileViT convention: RGB, resize the shorter side to R·(2
 centre-crop R×R, scale to [0, 1] (no mean/std), NCHW float32.
 
 A folder is searched recursively for image files. When its images sit in per-class subfolders
-(the ImageNet-val layout), the sorted subfolder names are the class labels.
+(the ImageNet-val layout), the sorted names of the top-level subfolders that hold images are
+the class labels; images beside those folders, at the top level, are used but have no label
+(-1), as ``mvcompile train`` ignores them.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from mvcompile.errors import UserError, first_line
-from mvcompile.images import IMAGE_SUFFIXES, find_files, to_rgb
+from mvcompile.images import DECODE_ERRORS, IMAGE_SUFFIXES, find_files, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +35,29 @@ class ImageSet:
     """Preprocessed images, optional labels, and what was skipped on the way."""
 
     pixels: np.ndarray  # [N, 3, R, R] float32 in [0, 1]
-    labels: np.ndarray | None = None  # [N] int64 class indices, when the folder has classes
+    labels: np.ndarray | None = None  # [N] int64 class indices (-1: none), when it has classes
     class_names: list[str] = field(default_factory=list)
     description: str = ""
     skipped: list[str] = field(default_factory=list)  # non-image files that were ignored
+    unlabelled: list[str] = field(default_factory=list)  # images outside the class folders
 
     def batches(self, batch_size: int = 8) -> Iterator[np.ndarray]:
         for start in range(0, len(self.pixels), batch_size):
             yield self.pixels[start:start + batch_size]
+
+
+_NAMES_SHOWN = 5  # names (of classes, of files) listed in a note before "..."
+
+
+def few_names(names: list[str]) -> str:
+    """The first few of ``names``, comma-separated, then "..." if there are more."""
+    return ", ".join(names[:_NAMES_SHOWN]) + (", ..." if len(names) > _NAMES_SHOWN else "")
+
+
+def skipped_note(skipped: list[str]) -> str:
+    """What :attr:`ImageSet.skipped` lists, for a summary row."""
+    files = "1 non-image file" if len(skipped) == 1 else f"{len(skipped)} non-image files"
+    return f"skipped {files}: {few_names(skipped)}"
 
 
 def preprocess(image: Image.Image, resolution: int) -> np.ndarray:
@@ -123,20 +140,27 @@ def load_folder(folder: Path, resolution: int, limit: int | None = None,
         try:
             with Image.open(p) as image:
                 arrays.append(preprocess(image, resolution))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            broken.append(f"{p.relative_to(folder)} ({type(err).__name__})")
+        except DECODE_ERRORS as err:
+            broken.append(f"{p.relative_to(folder)} ({_decode_failure(err)})")
         if on_image is not None:
             on_image()
     if broken:
         raise UserError(f"{len(broken)} image(s) in {folder} cannot be decoded: "
                         f"{', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}. "
                         "Remove or fix them and run again.")
-    labels = None
-    if class_names:
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = np.array([index[p.relative_to(folder).parts[0]] for p in images])
+    labels = _labels(folder, images, class_names) if class_names else None
+    unlabelled = [str(p.relative_to(folder)) for p in images if _class_of(p, folder) is None]
     return ImageSet(np.stack(arrays), labels, class_names,
-                    f"{len(arrays)} images from {folder}", skipped)
+                    f"{len(arrays)} images from {folder}", skipped,
+                    unlabelled if class_names else [])
+
+
+def _decode_failure(err: Exception) -> str:
+    """A few words on why Pillow could not decode an image."""
+    if isinstance(err, Image.DecompressionBombError):
+        return (f"over {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels, which Pillow refuses as "
+                "a possible decompression bomb; downscale it")
+    return type(err).__name__
 
 
 def _check_fits_in_memory(count: int, resolution: int, folder: Path,
@@ -159,12 +183,25 @@ def _check_fits_in_memory(count: int, resolution: int, folder: Path,
             f"evenly spread subset of at most {fits} (eval --limit, build --calib-size).")
 
 
+def _class_of(image: Path, folder: Path) -> str | None:
+    """The top-level subfolder of ``folder`` that holds ``image``; None at the top level."""
+    parts = image.relative_to(folder).parts
+    return parts[0] if len(parts) > 1 else None
+
+
 def _class_names(folder: Path, images: list[Path]) -> list[str]:
-    """Sorted top-level subfolder names if every image is in one (and there are ≥ 2)."""
-    tops = {p.relative_to(folder).parts[0] for p in images if len(p.relative_to(folder).parts) > 1}
-    if len(tops) >= 2 and all(len(p.relative_to(folder).parts) > 1 for p in images):
-        return sorted(tops)
-    return []
+    """The sorted top-level subfolders that hold ``images``: the classes, when there are two or
+    more, or one with no image beside it (one class of a model that names its classes)."""
+    tops = {_class_of(p, folder) for p in images}
+    classes = sorted(t for t in tops if t is not None)
+    return classes if len(classes) >= 2 or tops == {*classes} else []
+
+
+def _labels(folder: Path, images: list[Path], class_names: list[str]) -> np.ndarray:
+    """Each image's index in ``class_names`` by its class folder; -1 outside them."""
+    index = {name: i for i, name in enumerate(class_names)}
+    classes = [_class_of(p, folder) for p in images]
+    return np.array([-1 if c is None else index[c] for c in classes], dtype=np.int64)
 
 
 def _subsample(items: list, limit: int | None) -> list:

@@ -81,7 +81,7 @@ def bench(model: str | Path, backend: str | None = None, threads: int = 2, runs:
     path = Path(model)
     if not path.exists():
         raise UserError(f"Model not found: {path}.")
-    if path.is_dir() and path.suffix != ".mlpackage":
+    if path.is_dir() and path.suffix.lower() != ".mlpackage":
         raise UserError(f"{path} is a folder; pass an .onnx, .ort or .mlpackage model.")
     if runs < 1 or warmup < 0 or threads < 1:
         raise UserError("--runs and --threads must be at least 1 and --warmup at least 0.")

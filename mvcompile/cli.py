@@ -389,6 +389,7 @@ def evaluate(model: str, data: str, reference: str | None, limit: int | None) ->
     against an FP32 reference, top-1 agreement and output SQNR. A model built from a checkpoint
     that names its classes has their names recorded: a labelled folder is matched to them by
     name, and one with classes the model lacks is not scored."""
+    from mvcompile.calibration.data import skipped_note
     from mvcompile.evaluate import evaluate_file, find_reference
 
     reference = reference or find_reference(model)
@@ -400,6 +401,8 @@ def evaluate(model: str, data: str, reference: str | None, limit: int | None) ->
     finally:
         progress.finish()
     rows: list[tuple[str, object]] = [("images", f"{report['images']} ({report['source']})")]
+    if report.get("skipped"):
+        rows.append(("data", skipped_note(report["skipped"])))
     if reference:
         rows.append(("reference", reference))
         rows.append(("top-1 agreement", f"{100 * report['top1_agreement']:.2f}%"))

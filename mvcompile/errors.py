@@ -41,7 +41,7 @@ def ort_load_error(err: BaseException, where: str) -> UserError:
     optimize` writes one it takes), and a damaged .ort file."""
     if "Unsupported model IR version" in str(err):
         hint = " `mvcompile optimize` rewrites it with an IR version that ONNX Runtime takes."
-    elif where.endswith(".ort"):
+    elif where.lower().endswith(".ort"):
         hint = " The file may be corrupt, truncated or not an .ort model."
     else:
         hint = ""

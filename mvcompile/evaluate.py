@@ -11,10 +11,10 @@ import onnx
 import onnxruntime as ort
 
 from mvcompile import latency, metrics
-from mvcompile.calibration.data import ImageSet, is_array_file
+from mvcompile.calibration.data import ImageSet, few_names, is_array_file
 from mvcompile.errors import UserError, ort_load_error
 from mvcompile.graphs.checkpoints import class_names_from_metadata
-from mvcompile.labels import few_names, match_labels
+from mvcompile.labels import match_labels
 
 
 def predict(model: bytes | str | ort.InferenceSession, images: ImageSet, threads: int = 2,
@@ -78,7 +78,7 @@ def open_model(path: str, threads: int = 2) -> OpenedModel:
     :class:`UserError` for a missing, corrupt or non-image model."""
     from mvcompile import onnx_io
 
-    if Path(path).suffix == ".ort":
+    if Path(path).suffix.lower() == ".ort":
         session = _open_ort_file(path, threads)
         inputs = session.get_inputs()  # an .ort file has no ONNX proto to read the shape from
         resolution = _square_resolution(inputs[0].shape if inputs else None, path)
@@ -144,19 +144,36 @@ def accuracy_report(images: ImageSet, fp32_logits: np.ndarray,
     in those ("the folder", "digits"); ``model_classes`` are the models' class names, by which
     folder classes are matched (:func:`match_labels`)."""
     report: dict = {"images": len(images.pixels), "source": images.description}
+    if images.skipped:
+        report["skipped"] = images.skipped
     match = match_labels(images, fp32_logits.shape[-1], model_classes, source)
+    labels, notes = match.labels, [match.note] if match.note else []
+    if labels is not None:  # -1: an image outside the class folders, not scored
+        scored = labels >= 0
+        if not scored.any():
+            labels, report["labels"] = None, "not scored: no image read lies in a class folder"
+        elif not scored.all():
+            notes.append(_unlabelled_note(images.unlabelled, int(scored.sum())))
     if match.not_scored:
         report["labels"] = match.not_scored
-    if match.note:
-        report["notes"] = [match.note]
-    if match.labels is not None:
-        report["top1_fp32"] = metrics.top1_accuracy(fp32_logits, match.labels)
+    if notes:
+        report["notes"] = notes
+    if labels is not None:
+        report["top1_images"] = int(scored.sum())
+        report["top1_fp32"] = metrics.top1_accuracy(fp32_logits[scored], labels[scored])
     if int8_logits is not None:
         report["top1_agreement"] = metrics.top1_agreement(fp32_logits, int8_logits)
         report["sqnr_db"] = metrics.sqnr_db(fp32_logits, int8_logits)
-        if match.labels is not None:
-            report["top1_int8"] = metrics.top1_accuracy(int8_logits, match.labels)
+        if labels is not None:
+            report["top1_int8"] = metrics.top1_accuracy(int8_logits[scored], labels[scored])
     return report
+
+
+def _unlabelled_note(unlabelled: list[str], scored: int) -> str:
+    """Why top-1 counts fewer images than were read: some lie beside the class folders."""
+    others = ("1 beside them has no class and is not scored" if len(unlabelled) == 1 else
+              f"{len(unlabelled)} beside them have no class and are not scored")
+    return f"top-1 is over the {scored} images in class folders; {others}: {few_names(unlabelled)}"
 
 
 def model_class_names(proto: onnx.ModelProto) -> list[str] | None:
@@ -231,7 +248,7 @@ def evaluate_file(model_path: str, data: str, reference: str | None = None,
     source = source_noun(data)
     if ref is None:
         report = accuracy_report(images, logits, source=source, model_classes=model.class_names)
-        return _with_label_note(report, images, data)
+        return with_label_note(report, images, data)
     ref_logits = predict(ref.session, images, on_batch=on_batch, name=reference)
     if ref_logits.shape != logits.shape:
         raise UserError(f"The reference {reference} gives {ref_logits.shape[-1]} outputs per "
@@ -240,7 +257,7 @@ def evaluate_file(model_path: str, data: str, reference: str | None = None,
     report = accuracy_report(images, ref_logits, logits, source=source,
                              model_classes=_shared_classes(model, ref))
     report["reference"] = reference
-    return _with_label_note(report, images, data)
+    return with_label_note(report, images, data)
 
 
 def _shared_classes(model: OpenedModel, reference: OpenedModel) -> list[str] | None:
@@ -254,7 +271,7 @@ def _shared_classes(model: OpenedModel, reference: OpenedModel) -> list[str] | N
     return model.class_names or reference.class_names
 
 
-def _with_label_note(report: dict, images: ImageSet, data: str) -> dict:
+def with_label_note(report: dict, images: ImageSet, data: str) -> dict:
     """``report`` with a "labels" note for unlabelled data, so that the CLI's top-1 row says
     why there is no accuracy in terms of the --data actually given."""
     if images.labels is None:

@@ -1,8 +1,9 @@
 """Image files as every command reads them: found the same way, decoded to 8-bit RGB.
 
 Finding: a folder is searched at any depth, following symlinked folders (each real folder
-once, so a link loop ends), in sorted order. Hidden files and folders (names starting with
-".", such as macOS's ``._photo.jpg`` AppleDouble files) are not images.
+once, so a link loop ends), in sorted order: a folder reachable under two names is read under
+the name that sorts first. Hidden files and folders (names starting with ".", such as macOS's
+``._photo.jpg`` AppleDouble files) are not images.
 
 Decoding: the EXIF orientation is applied first (phone photos are stored sideways with an
 Orientation tag), then the pixels become 8-bit RGB. Pillow's own ``convert("RGB")`` clips
@@ -17,11 +18,28 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from mvcompile.errors import UserError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
+
+def _avif_suffixes() -> tuple[str, ...]:
+    """(".avif",) where this Pillow decodes AVIF (built in since Pillow 11.2), else ()."""
+    try:
+        return (".avif",) if features.check_module("avif") else ()
+    except ValueError:  # an older Pillow that has no such module name
+        return ()
+
+
+# The formats Pillow always decodes, under each suffix it registers for them (``.pfm`` is
+# left out: its float pixels have no standard range, see :func:`mode_problem`).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".webp", ".ppm",
+                  ".pgm", ".pbm", ".pnm", ".tif", ".tiff", ".gif", *_avif_suffixes())
+# What Pillow raises for a file it cannot decode. DecompressionBombError (a header claiming
+# more than twice Image.MAX_IMAGE_PIXELS) derives from Exception alone, and some plugins
+# raise SyntaxError or EOFError for damaged headers.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
+                 Image.DecompressionBombError)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -45,6 +63,7 @@ def find_files(root: Path) -> tuple[list[Path], list[Path]]:
             subfolders[:] = []
             continue
         seen.add(real)
+        subfolders.sort()  # walk in sorted order, so a folder linked twice gets one name
         hidden_folder = any(part.startswith(".") for part in Path(folder).relative_to(root).parts)
         for name in names:
             path = Path(folder, name)

@@ -25,6 +25,7 @@ from mvcompile.evaluate import (
     open_session,
     predict,
     source_noun,
+    with_label_note,
 )
 
 if TYPE_CHECKING:
@@ -41,6 +42,10 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
     """Quantize the compiled graph; report calibration and (optional) eval accuracy."""
     source, pass_report = int8_source(plain, options.passes)
     calibration = _images(options.calib_data, options, progress, options.calib_size, "train")
+    # Read before calibrating, so that unusable eval data fails the build at once rather than
+    # after minutes of calibration (and of the --accuracy-budget search).
+    evaluation = (None if options.eval_data is None
+                  else _images(options.eval_data, options, progress, None, "val"))
     if calibration.skipped:
         log.warning("Skipped %d non-image files in %s", len(calibration.skipped),
                     options.calib_data)
@@ -67,9 +72,8 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
     report = {"passes": pass_report, "quantization": asdict(qreport),
               "calibration_skipped": calibration.skipped,
               "accuracy": {"calibration": on_calibration}}
-    if options.eval_data is not None:
-        images = _images(options.eval_data, options, progress, None, "val")
-        report["accuracy"]["eval"] = _compare(pair, images, progress, options.eval_data)
+    if evaluation is not None:
+        report["accuracy"]["eval"] = _compare(pair, evaluation, progress, options.eval_data)
     return int8_proto, report
 
 
@@ -115,6 +119,9 @@ def _compare(pair: _Pair, images: ImageSet, progress: Progress, data: str | None
     fp32_logits = predict(pair.fp32, images, on_batch=progress.advance)
     int8_logits = predict(pair.int8, images, on_batch=progress.advance)
     progress.finish()
-    source = source_noun(data) if data else "the photos"
-    return accuracy_report(images, fp32_logits, int8_logits, source=source,
-                           model_classes=pair.class_names)
+    if not data:  # the bundled photos: no labels, and none expected
+        return accuracy_report(images, fp32_logits, int8_logits, source="the photos",
+                               model_classes=pair.class_names)
+    report = accuracy_report(images, fp32_logits, int8_logits, source=source_noun(data),
+                             model_classes=pair.class_names)
+    return with_label_note(report, images, data)

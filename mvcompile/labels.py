@@ -7,11 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mvcompile.calibration.data import ImageSet
+from mvcompile.calibration.data import ImageSet, few_names
 
 log = logging.getLogger(__name__)
-
-_NAMES_SHOWN = 5  # class names listed in a note before "..."
 
 
 @dataclass(frozen=True)
@@ -28,6 +26,8 @@ def match_labels(images: ImageSet, outputs: int, model_classes: list[str] | None
                  source: str = "the folder") -> LabelMatch:
     """Match the classes of labelled ``images`` to a model with ``outputs`` logits.
 
+    Labels of -1 (images outside the class folders) stay -1: they are not scored.
+
     Without class names in the model, folder class i is output i when the counts agree. With
     them, folder classes are matched by name: a different order (or a subset of the model's
     classes) is remapped, with a note; classes the model does not have are not scored. A folder
@@ -42,8 +42,9 @@ def match_labels(images: ImageSet, outputs: int, model_classes: list[str] | None
     if names is not None and folder != names and set(folder) & set(names):
         return _match_by_name(images, names, source)
     if outputs != len(folder):
-        return LabelMatch(None, not_scored=f"not scored: {source} has {len(folder)} classes, "
-                                           f"the model {outputs} outputs")
+        classes = "1 class" if len(folder) == 1 else f"{len(folder)} classes"
+        return LabelMatch(None, not_scored=f"not scored: {source} has {classes}, the model "
+                                           f"{outputs} outputs")
     note = None
     if names is not None and folder != names:
         note = (f"the classes of {source} ({few_names(folder)}) share no name with the model's "
@@ -72,7 +73,7 @@ def _match_by_name(images: ImageSet, names: list[str], source: str) -> LabelMatc
         return LabelMatch(None, not_scored=(
             f"not scored: {len(unknown)} of the {len(folder)} classes of {source} {verb} not "
             f"among the model's {len(names)} classes: {few_names(unknown)}"))
-    remap = np.array([index[name] for name in folder])
+    remap = np.array([index[name] for name in folder] + [-1])  # [-1]: an unlabelled image
     if len(folder) == len(names):
         note = (f"labels of {source} matched to the model's classes by name (the model orders "
                 "them differently)")
@@ -80,9 +81,3 @@ def _match_by_name(images: ImageSet, names: list[str], source: str) -> LabelMatc
         note = (f"labels of {source} matched to the model's classes by name ({len(folder)} of "
                 f"its {len(names)} classes)")
     return LabelMatch(remap[images.labels], note=note)
-
-
-def few_names(names: list[str]) -> str:
-    """The first few of ``names``, comma-separated, then "..." if there are more."""
-    shown = ", ".join(names[:_NAMES_SHOWN])
-    return shown + (", ..." if len(names) > _NAMES_SHOWN else "")

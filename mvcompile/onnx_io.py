@@ -43,14 +43,14 @@ def save_model(model: ir.Model | onnx.ModelProto, path: str | Path) -> onnx.Mode
 def load_model(path: str | Path) -> onnx.ModelProto:
     """Read an ONNX file, raising :class:`UserError` for a missing or unreadable file."""
     path = Path(path)
-    if path.suffix == ".mlpackage" and path.exists():
+    if path.suffix.lower() == ".mlpackage" and path.exists():
         raise UserError(f"{path} is a Core ML package; this command reads ONNX models (.onnx, "
                         "and .ort for eval). `mvcompile bench` times .mlpackage files on macOS.")
     if path.is_dir():
         raise UserError(f"{path} is a folder; pass the path of an .onnx file.")
     if not path.is_file():
         raise UserError(f"ONNX model not found: {path}.")
-    if path.suffix == ".ort":
+    if path.suffix.lower() == ".ort":
         raise UserError(f"{path} is an ONNX Runtime (.ort) model; this command reads .onnx "
                         "files (`mvcompile bench` times .ort files).")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mvcompile.calibration.data import skipped_note
 from mvcompile.machine import lacks_int8_dot_product
 from mvcompile.pipeline import stage_fired
 from mvcompile.table import format_table, human_bytes, human_count
@@ -118,16 +119,14 @@ def _accuracy_table(int8: dict) -> str:
                      + " (no ORT integer kernel for a transposed operand)"))
     if q.get("budget_met"):  # a missed budget is an error: nothing is written
         rows.append(("accuracy budget", "met"))
-    skipped = int8.get("calibration_skipped") or []
-    if skipped:
-        shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        rows.insert(1, ("calibration data", f"skipped {len(skipped)} non-image files: {shown}"))
     for name, acc in int8["accuracy"].items():
         line = (f"top-1 agreement {100 * acc['top1_agreement']:.1f}%, "
                 f"SQNR {acc['sqnr_db']:.1f} dB")
         if "top1_fp32" in acc:
             line += (f", top-1 FP32 {100 * acc['top1_fp32']:.2f}% / "
                      f"INT8 {100 * acc['top1_int8']:.2f}%")
+        if acc.get("skipped"):
+            rows.append((f"{name} data", skipped_note(acc["skipped"])))
         rows.append((f"{name} ({acc['images']} images)", line))
         rows += [(f"{name} labels", text) for text in [acc.get("labels"), *acc.get("notes", [])]
                  if text]

@@ -376,3 +376,39 @@ def test_classes_named_train_and_val_are_classes(tmp_path: Path) -> None:
     code, output = run("eval", model, "--data", str(tmp_path / "data"))
     assert code == 0, output
     assert f"4 images from {tmp_path / 'data'}" in output, output
+
+
+def test_one_class_of_a_model_that_names_its_classes_is_scored(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    _colour_folder(folder)
+    for name in ("0red", "2blue"):
+        for image in (folder / name).iterdir():
+            image.unlink()
+        (folder / name).rmdir()
+    named = _colour_model(tmp_path / "named.onnx", (2, 0, 1), ["2blue", "0red", "1green"])
+    code, output = run("eval", named, "--data", str(folder))
+    assert code == 0 and _value(output, "top-1") == "100.00%", output
+    assert "by name (1 of its 3 classes)" in output, output
+    code, output = run("eval", _colour_model(tmp_path / "unnamed.onnx"), "--data", str(folder))
+    assert code == 0, output
+    assert _value(output, "top-1") == "not scored: the folder has 1 class, the model 3 outputs"
+
+
+def test_an_image_beside_the_class_folders_is_named_and_not_scored(tmp_path: Path) -> None:
+    folder = _colour_folder(tmp_path / "imgs")
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(folder / "cover.png")
+    (folder / "notes.txt").write_text("not an image")
+    code, output = run("eval", _colour_model(tmp_path / "m.onnx"), "--data", str(folder))
+    assert code == 0, output
+    assert _value(output, "images").startswith("11 ") and _value(output, "top-1") == "100.00%"
+    assert ("top-1 is over the 10 images in class folders; 1 beside them has no class and is "
+            "not scored: cover.png") in output, output
+    assert _value(output, "data") == "skipped 1 non-image file: notes.txt", output
+
+
+def test_an_ort_suffix_in_capitals_is_read_as_ort(ort_models: dict[str, Path],
+                                                 tmp_path: Path) -> None:
+    upper = tmp_path / "MODEL.ORT"
+    upper.write_bytes(ort_models["model"].read_bytes())
+    code, output = run("eval", str(upper), "--data", str(_colour_folder(tmp_path / "imgs")))
+    assert code == 0 and _value(output, "top-1") == "100.00%", output

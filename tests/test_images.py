@@ -79,3 +79,53 @@ def test_calibration_and_train_read_symlinked_class_folders_alike(tmp_path: Path
     assert np.allclose(calibration.pixels[2], 200 / 255)
     train = scan_folder(tmp_path / "root")
     assert train.classes == ["cat", "dog"] and train.labels == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("suffix", [".jfif", ".jpe", ".pgm", ".pbm", ".pnm", ".apng"])
+def test_every_suffix_pillow_registers_for_its_formats_is_an_image(tmp_path: Path,
+                                                                   suffix: str) -> None:
+    """JPEG saved as .jfif/.jpe (Windows), greyscale .pgm: Pillow decodes them all, so they
+    are read, not skipped as non-image files."""
+    image = Image.new("RGB", (16, 16), (200, 100, 50))
+    fmt = {".jfif": "JPEG", ".jpe": "JPEG", ".apng": "PNG"}.get(suffix, "PPM")
+    (image.convert("L") if suffix in (".pgm", ".pbm") else image).save(
+        tmp_path / f"a{suffix}", format=fmt)
+    images, others = find_files(tmp_path)
+    assert images == [tmp_path / f"a{suffix}"] and others == []
+    assert load_folder(tmp_path, resolution=8).pixels.shape == (1, 3, 8, 8)
+
+
+def test_a_folder_linked_twice_is_read_under_the_name_that_sorts_first(tmp_path: Path) -> None:
+    _png(tmp_path / "z_real" / "a.png")
+    os.symlink(tmp_path / "z_real", tmp_path / "a_link")
+    images, _ = find_files(tmp_path)
+    assert images == [tmp_path / "a_link" / "a.png"]
+    assert load_folder(tmp_path, resolution=8).class_names == ["a_link"]
+
+
+def test_an_image_over_pillows_size_limit_is_a_clean_error(tmp_path: Path, monkeypatch) -> None:
+    """Pillow raises DecompressionBombError (not an OSError) for a header claiming more than
+    twice MAX_IMAGE_PIXELS: 179 M pixels by default, 100 here."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
+    _png(tmp_path / "cls" / "huge.png")  # 256 pixels
+    with pytest.raises(UserError, match=r"cls/huge\.png \(over 100 pixels, which Pillow refuses"):
+        load_folder(tmp_path, resolution=8)
+
+
+def test_images_beside_the_class_folders_are_read_without_a_label(tmp_path: Path) -> None:
+    _png(tmp_path / "cat" / "a.png")
+    _png(tmp_path / "dog" / "b.png")
+    _png(tmp_path / "cover.png")
+    images = load_folder(tmp_path, resolution=8)
+    assert images.class_names == ["cat", "dog"]
+    assert images.labels.tolist() == [0, -1, 1]  # sorted: cat/a.png, cover.png, dog/b.png
+    assert images.unlabelled == ["cover.png"] and len(images.pixels) == 3
+
+
+def test_one_class_folder_is_a_class_unless_images_lie_beside_it(tmp_path: Path) -> None:
+    _png(tmp_path / "only" / "cat" / "a.png")
+    one = load_folder(tmp_path / "only", resolution=8)
+    assert one.class_names == ["cat"] and one.labels.tolist() == [0]
+    _png(tmp_path / "only" / "b.png")  # a folder of images with one subfolder: no classes
+    mixed = load_folder(tmp_path / "only", resolution=8)
+    assert mixed.labels is None and mixed.unlabelled == []

@@ -315,3 +315,30 @@ def test_bundled_and_digits_loading_advance_the_progress_bar(source: str | None)
     images = load_images(source, 64, limit=5, on_image=lambda: ticks.append(1))
     assert len(images.pixels) == 5
     assert len(ticks) == 5
+
+
+def test_unusable_eval_data_fails_the_build_before_calibration(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    import mvcompile.int8_build
+
+    def calibrate(*args: object, **kwargs: object) -> None:
+        raise AssertionError("calibrated before reading --eval-data")
+
+    monkeypatch.setattr(mvcompile.int8_build, "quantize", calibrate)
+    np.save(tmp_path / "u8.npy", np.zeros((2, 3, 64, 64), np.uint8))
+    code, output = run("build", *FAST, "--int8", "--eval-data", str(tmp_path / "u8.npy"),
+                       "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "u8.npy holds uint8 values")
+    assert not (tmp_path / "o").exists()
+
+
+def test_build_says_why_an_unlabelled_eval_folder_has_no_top1(tmp_path: Path) -> None:
+    folder = _photo_folder(tmp_path / "flat", classes=1)
+    for image in (folder / "class_0").iterdir():
+        image.rename(folder / image.name)
+    code, output = run("build", *FAST, "--int8", "--eval-data", str(folder),
+                       "-o", str(tmp_path / "o"))
+    assert code == 0, output
+    accuracy = json.loads((tmp_path / "o" / "report.json").read_text())["int8"]["accuracy"]
+    assert accuracy["eval"]["labels"] == "no labels (use one subfolder per class)"
+    assert re.search(r"eval labels +no labels \(use one subfolder per class\)", output), output

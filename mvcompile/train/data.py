@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mvcompile.calibration.data import VAL_FOLDERS
 from mvcompile.errors import UserError, first_line
-from mvcompile.images import IMAGE_SUFFIXES, find_files, mode_problem, to_rgb
+from mvcompile.images import DECODE_ERRORS, IMAGE_SUFFIXES, find_files, mode_problem, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ImageSource:
         try:
             with Image.open(path) as img:
                 return to_rgb(img)
-        except (OSError, ValueError) as err:
+        except DECODE_ERRORS as err:
             raise UserError(f"Cannot read image {path} ({err}). Remove or replace it.") from err
 
 
