@@ -42,6 +42,7 @@ from mvcompile.passes import (
     fuse_layer_norm,
     fuse_swish,
     im2col,
+    restore_interface,
     tidy_reshape,
     unfold_fold,
 )
@@ -271,9 +272,12 @@ def run_pipeline(model: ir.Model, name: str = "fp32", skip: frozenset[str] = fro
     if unknown:
         raise KeyError(f"pipeline {name!r} has no stage {sorted(unknown)}")
     before = _op_counts(model)
+    interface = restore_interface.interface_names(model)
     chosen = [stage for stage in PIPELINES[name] if stage.name not in skip]
     passes = [stage.make() for stage in chosen]
     result = ir.passes.PassManager(passes, steps=1)(model)
+    # Some passes rename graph inputs or outputs (see restore_interface); callers use names.
+    restore_interface.restore_interface(result.model, *interface)
     stages = [{"name": stage.name, "skipped": True} for stage in PIPELINES[name]
               if stage.name in skip]
     for stage, pass_ in zip(chosen, passes, strict=True):

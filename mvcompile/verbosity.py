@@ -7,6 +7,7 @@ import logging
 import click
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+SHAPE_INFERENCE_LOGGER = "onnx_ir.passes.common.shape_inference"
 
 
 def set_verbosity(verbose: int) -> None:
@@ -21,6 +22,10 @@ def set_verbosity(verbose: int) -> None:
     # coremltools warns on import about versions it has not tested and, off macOS, about
     # its runtime library it cannot load (we verify without it); shown with -v.
     logging.getLogger("coremltools").setLevel(logging.NOTSET if verbose else logging.ERROR)
+    # onnx_ir's shape inference pass logs each failure with its traceback and goes on
+    # (optimize names an input that fails onnx.checker in one paragraph); shown with -v.
+    logging.getLogger(SHAPE_INFERENCE_LOGGER).setLevel(logging.NOTSET if verbose
+                                                       else logging.ERROR)
 
 
 def _more_verbose(ctx: click.Context, _param: click.Parameter, count: int) -> None:

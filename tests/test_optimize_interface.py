@@ -1,0 +1,164 @@
+"""`mvcompile optimize` keeps a model's input and output names (callers feed and fetch by
+name), and accepts float16 results that differ from the input only by float16 rounding."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import run
+from mvcompile.optimize import output_limit
+from mvcompile.passes.restore_interface import restore_interface
+
+
+def _optimize(tmp_path: Path, text: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(input, result) of `mvcompile optimize --no-measure` on the model ``text``."""
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    code, output = run("optimize", str(tmp_path / "in.onnx"), "-o", str(tmp_path / "out.onnx"),
+                       "--no-measure")
+    assert code == 0, output
+    result = onnx.load(str(tmp_path / "out.onnx"))
+    onnx.checker.check_model(result, full_check=True)
+    return model, result
+
+
+def _by_name(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of ``model`` fetched by its name."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in model.graph.output]
+    return dict(zip(names, session.run(names, feed), strict=True))
+
+
+@pytest.mark.parametrize("body", ["y = Relu(x)\n z = Identity(y)",  # IdentityElimination
+                                  "y = Relu(x)\n t = Identity(y)\n z = Identity(t)"])
+def test_an_output_copied_by_another_output_keeps_its_name(tmp_path: Path, body: str) -> None:
+    model, result = _optimize(tmp_path, f"""<ir_version: 9, opset_import: ["" : 18]>
+        g (float[1,4,8] x) => (float[1,4,8] y, float[1,4,8] z) {{ {body} }}""")
+    assert [o.name for o in result.graph.output] == ["y", "z"]
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)}
+    expected, got = _by_name(model, feed), _by_name(result, feed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_an_input_that_is_also_an_output_keeps_its_name(tmp_path: Path) -> None:
+    """onnxscript's optimizer renamed x to x_orig; the check then refused the result."""
+    model, result = _optimize(tmp_path, """<ir_version: 9, opset_import: ["" : 18]>
+        g (float[1,4,8] x) => (float[1,4,8] x, float[1,4,8] y) { y = Relu(x) }""")
+    assert [i.name for i in result.graph.input] == ["x"]
+    assert [o.name for o in result.graph.output] == ["x", "y"]
+    feed = {"x": np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 4, 8)}
+    got = _by_name(result, feed)
+    np.testing.assert_array_equal(got["x"], feed["x"])
+    np.testing.assert_array_equal(got["y"], np.maximum(feed["x"], 0))
+
+
+def test_outputs_that_fold_to_one_constant_keep_their_names(tmp_path: Path) -> None:
+    _, result = _optimize(tmp_path, """<ir_version: 9, opset_import: ["" : 18]>
+        g (float[2] x) => (float[2] c, float[2] d, float[2] y) {
+            k = Constant <value = float[2] {1.0, 2.0}> ()
+            c = Identity(k)
+            d = Add(k, k)
+            h = Sub(d, k)
+            y = Add(x, h)
+        }""")
+    assert [o.name for o in result.graph.output] == ["c", "d", "y"]
+    got = _by_name(result, {"x": np.array([10, 20], np.float32)})
+    assert got["c"].tolist() == [1, 2] and got["d"].tolist() == [2, 4]
+    assert got["y"].tolist() == [11, 22]
+
+
+def test_restore_interface_frees_a_name_that_a_pass_gave_to_another_value() -> None:
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(
+        """<ir_version: 9, opset_import: ["" : 18]>
+        g (float[2] x) => (float[2] out) { out = Relu(x) }"""))
+    output = model.graph.outputs[0]
+    output.name = "renamed"
+    model.graph.inputs[0].name = "out"  # a pass reused the output's name for the input
+    assert restore_interface(model, ["x"], ["out"]) == 2
+    assert [v.name for v in model.graph.inputs] == ["x"]
+    assert [v.name for v in model.graph.outputs] == ["out"] and model.graph.outputs[0] is output
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+
+
+def _fp16_conv_bn(path: Path) -> None:
+    """float16 Conv → BatchNormalization, outputs up to about 40: one ulp there is 0.03."""
+    rng = np.random.default_rng(0)
+
+    def f16(name: str, array: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(array.astype(np.float16), name)
+
+    inits = [f16("W", rng.standard_normal((16, 8, 3, 3))), f16("g", rng.uniform(.5, 1.5, 16)),
+             f16("b", rng.standard_normal(16)), f16("m", rng.standard_normal(16)),
+             f16("v", rng.uniform(.1, 1.5, 16))]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 8, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 16, 8, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                                ir_version=9), str(path))
+
+
+def test_a_float16_model_is_checked_to_float16_rounding(tmp_path: Path) -> None:
+    """Folding the BatchNorm rounds the float16 weights once more; the result was refused
+    for a difference of one ulp."""
+    _fp16_conv_bn(tmp_path / "in.onnx")
+    code, output = run("optimize", str(tmp_path / "in.onnx"), "-o", str(tmp_path / "out.onnx"),
+                       "--no-measure")
+    assert code == 0, output
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(tmp_path / "out.onnx"))
+                                        .graph.node}
+
+
+def test_output_limit_is_four_float16_ulps_and_the_tolerance_otherwise() -> None:
+    assert output_limit(np.array([1.0, -40.0], np.float16), 1e-4) == 4 * 0.03125
+    assert output_limit(np.array([1e-3], np.float16), 1e-4) == 1e-4  # the tolerance is larger
+    assert output_limit(np.array([40.0], np.float32), 1e-4) == 1e-4
+    assert output_limit(np.array([np.inf, 2.0], np.float16), 0.0) == 4 * np.spacing(
+        np.float16(2.0))
+
+
+def test_onnxsims_bookkeeping_is_not_written_and_the_users_metadata_is(tmp_path: Path) -> None:
+    model = onnx.parser.parse_model("""<ir_version: 9, opset_import: ["" : 18]>
+        g (float[2] x) => (float[2] y) { y = Relu(x) }""")
+    helper.set_model_props(model, {"author": "me", "onnxsim.note": "mine"})
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    code, output = run("optimize", str(tmp_path / "in.onnx"), "-o", str(tmp_path / "out.onnx"),
+                       "--no-measure")
+    assert code == 0, output
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "out.onnx")).metadata_props}
+    assert props == {"author": "me", "onnxsim.note": "mine"}
+
+
+def test_shape_inference_failures_are_not_printed_as_tracebacks(tmp_path: Path) -> None:
+    """A stale value_info made onnx_ir's shape inference log three tracebacks before the
+    one-paragraph error; they are shown with -v."""
+    model = onnx.parser.parse_model("""<ir_version: 9, opset_import: ["" : 18]>
+        g (float[1,4,8] x) => (float[1,8,4] y) <int64[3] sh = {1,8,4}> {
+            r = Relu(x)
+            y = Reshape(r, sh)
+        }""")
+    model.graph.value_info.append(helper.make_tensor_value_info("r", TensorProto.FLOAT,
+                                                                [1, 8, 4]))
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    command = [sys.executable, "-c", "from mvcompile._entry import main; main()", "optimize",
+               str(tmp_path / "in.onnx"), "-o", str(tmp_path / "o.onnx")]
+    # A process of its own: logging's handlers are set up once per process.
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "fails onnx.checker's full check" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    verbose = subprocess.run([*command, "-v"], capture_output=True, text=True, timeout=300)
+    assert "Shape inference failed" in verbose.stderr  # still there for those who ask
