@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx_ir as ir
@@ -17,6 +17,7 @@ from mvcompile.graphs.checkpoints import (
     load_state_dict,
     to_hf_names,
 )
+from mvcompile.graphs.hf_config import check_built_as_configured
 from mvcompile.graphs.mobilevit import MobileViTConfig, build_graph
 from mvcompile.graphs.random_weights import DEFAULT_SEED, RandomWeights
 
@@ -57,6 +58,10 @@ def create_mobilevit(
         log.info("No weights given: the weights are random (seed %d), not trained.", seed)
         model = build_graph(cfg, RandomWeights(seed))
         return model, WeightsInfo("random", f"random, seed {seed} (not trained)")
+    eps = check_built_as_configured(weights)  # config.json settings no weight shape shows
+    if eps is not None and eps != cfg.ln_eps:
+        log.info("%s: LayerNorm epsilon %g, from its config.json", weights, eps)
+        cfg = replace(cfg, ln_eps=eps)
     raw = load_state_dict(weights)
     if channel_order == "auto":
         order, why = trained_channel_order(weights, raw)

@@ -30,7 +30,8 @@ from mvcompile.stages import StageListener
 log = logging.getLogger(__name__)
 
 TARGETS = ("onnx", "ort", "coreml")
-PASS_TOLERANCE = 1e-4  # max abs logit difference allowed between plain and compiled graphs
+PASS_TOLERANCE = 1e-4  # max abs logit difference between plain and compiled graphs, per
+# unit of the largest logit above 1 (pass_limit)
 
 
 Progress = StageListener  # what the builder reports long work to (the CLI draws bars)
@@ -185,17 +186,27 @@ def raise_if_not_finite(logits: np.ndarray) -> None:
 
 
 def check_numerics(reference: ir.Model, candidate: ir.Model, batch: int = 2) -> float:
-    """Max abs output difference on random inputs; raises if above :data:`PASS_TOLERANCE`."""
+    """Max abs output difference on random inputs; UserError if above :func:`pass_limit`."""
     ref = latency.make_session(onnx_io.to_proto(reference).SerializeToString())
     cand = latency.make_session(onnx_io.to_proto(candidate).SerializeToString())
     feed = latency.random_feed(ref, batch=batch, seed=123)
     expected = ref.run(None, feed)[0]
     raise_if_not_finite(expected)
     diff = float(np.abs(expected - cand.run(None, feed)[0]).max())
-    if not diff <= PASS_TOLERANCE:
-        raise RuntimeError(f"compiled graph differs from the plain graph by {diff:.2e} "
-                           f"(> {PASS_TOLERANCE}); this is a bug in the passes")
+    limit = pass_limit(expected)
+    if not diff <= limit:
+        raise UserError(f"The compiled graph differs from the plain graph by {diff:.2e} (max "
+                        f"abs logit; allowed {limit:.2e}): a bug in the graph passes. Nothing "
+                        "was written. `--no-passes` builds the plain graph; please report this "
+                        "with the build command.")
     return diff
+
+
+def pass_limit(logits: np.ndarray) -> float:
+    """The largest max abs logit difference allowed between plain and compiled graphs:
+    :data:`PASS_TOLERANCE` · max(1, max |logit|). Float32 rounding, which the passes reorder,
+    grows with the values: logits near 400 differ by about 2e-4 with every pass exact."""
+    return PASS_TOLERANCE * max(1.0, float(np.abs(logits).max(initial=0.0)))
 
 
 def _model_entry(config: MobileViTConfig) -> dict:

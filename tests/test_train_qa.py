@@ -540,3 +540,23 @@ def test_an_empty_path_is_refused_not_taken_as_absent(option: str, tmp_path: Pat
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{option}': is empty" in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_init_weights_whose_config_builds_another_network_are_refused(two_classes: Path,
+                                                                      tmp_path: Path) -> None:
+    """A Hugging Face folder with GELU activations loads into our SiLU network shape for
+    shape; fine-tuning it would start from another function."""
+    pytest.importorskip("transformers")
+    from conftest import build_random
+    from mvcompile.graphs.mobilevit import MobileViTConfig
+    from mvcompile.reference import hf_model
+
+    cfg = MobileViTConfig.for_size("xxs", resolution=64, num_classes=1000)
+    _, weights = build_random(cfg, seed=7)
+    hf_model(cfg, weights).save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    options = TrainOptions(data=str(two_classes), resolution=64, epochs=1, batch_size=4,
+                           runs_dir=str(tmp_path), name="gelu", init_weights=str(tmp_path / "hf"))
+    with pytest.raises(UserError, match="hidden_act = 'gelu'"):
+        _prepare(options)

@@ -29,6 +29,7 @@ from mvcompile.graphs.checkpoints import (
     to_hf_names,
     training_metadata,
 )
+from mvcompile.graphs.hf_config import check_built_as_configured
 from mvcompile.graphs.mobilevit import MobileViTConfig
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,11 @@ def load_init_weights(model: nn.Module, path: str | Path, cfg: MobileViTConfig,
                         "checkpoint, or a Hugging Face model folder.")
     file, note = resolve_run_weights(path)
     notes = [note] if note else []
+    eps = check_built_as_configured(file)
+    if eps is not None and eps != cfg.ln_eps:
+        notes.append(f"--init-weights: its config.json sets LayerNorm epsilon {eps:g}; training "
+                     f"uses {cfg.ln_eps:g}, as the models mvcompile builds from its checkpoints "
+                     "do.")
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith(_IGNORED)}
     raw = load_state_dict(file)
     state = to_hf_names(raw, list(wanted), cfg.depths)

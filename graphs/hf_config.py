@@ -1,0 +1,71 @@
+"""Settings in a Hugging Face MobileViT ``config.json`` that change the network while every
+weight keeps its shape.
+
+The strict weight match (:class:`.checkpoints.CheckpointWeights`) already refuses settings
+that change a tensor's shape (``conv_kernel_size``, ``expand_ratio``, ``mlp_ratio``,
+``qkv_bias``, the hidden sizes). These it cannot see:
+
+- ``hidden_act``: the activation of every conv and MLP; ours is SiLU (x·σ(x), also "swish");
+- ``num_attention_heads``: the split of d into heads, softmax(QKᵀ/√(d/h))·V per head; ours, 4;
+- ``output_stride``: 16 or 8 dilate the last stages instead of striding them; ours, 32;
+- ``patch_size``: the h = w of every MobileViT block's unfold; ours, 2 (Config-A);
+- ``layer_norm_eps``: ε in (x − μ)/√(σ² + ε); any value is built as given.
+
+A checkpoint folder whose config sets one of the first four otherwise is refused, naming
+each setting, since the built model would compute another function than the one it was
+trained as. Checkpoint files outside a Hugging Face folder have no config.json; transformers'
+defaults are the values above.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from mvcompile.errors import UserError
+from mvcompile.graphs.checkpoints import hf_folder
+
+log = logging.getLogger(__name__)
+
+# The values of each setting that mvcompile's graph computes (transformers' defaults).
+BUILT_AS = {"hidden_act": ("silu", "swish"), "num_attention_heads": (4,),
+            "output_stride": (32,), "patch_size": (2,)}
+LAYER_NORM_EPS = "layer_norm_eps"
+
+
+def hf_config(weights: str | Path) -> dict:
+    """The config.json of the Hugging Face folder ``weights`` is in (or is), else {}."""
+    folder = hf_folder(Path(weights))
+    if folder is None or not (folder / "config.json").is_file():
+        return {}
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"Cannot read {folder / 'config.json'} ({err}); it says how the "
+                        "checkpoint's network is built. Fix or remove it.") from err
+    if not isinstance(config, dict):
+        raise UserError(f"{folder / 'config.json'} is not a JSON object of settings.")
+    return config
+
+
+def check_built_as_configured(weights: str | Path) -> float | None:
+    """Refuse a checkpoint whose config.json sets what the graph cannot build (see the module
+    docstring); return its ``layer_norm_eps`` (None if it sets none)."""
+    config = hf_config(weights)
+    differ = [f"{key} = {config[key]!r} (mvcompile builds {' or '.join(map(repr, values))})"
+              for key, values in BUILT_AS.items() if key in config and config[key] not in values]
+    if differ:
+        raise UserError(
+            f"{weights}: its config.json builds a network that mvcompile cannot: "
+            f"{'; '.join(differ)}. The weights would load (their shapes match) but the model "
+            "would compute something else. Use a checkpoint trained with transformers' "
+            "MobileViT defaults for these settings.")
+    eps = config.get(LAYER_NORM_EPS)
+    if eps is None:
+        return None
+    if not isinstance(eps, int | float) or isinstance(eps, bool) or not 0 < eps < math.inf:
+        raise UserError(f"{weights}: config.json's layer_norm_eps {eps!r} is not a positive "
+                        "number.")
+    return float(eps)

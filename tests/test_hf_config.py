@@ -1,0 +1,102 @@
+"""Hugging Face config.json settings that no weight shape shows: refused where the graph
+cannot build them, LayerNorm epsilon taken over; and the build's plain-vs-compiled check,
+which scales with the logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import assert_clean_failure, build_random, ort_run, random_pixels, run
+from mvcompile.builder import check_numerics, pass_limit
+from mvcompile.errors import UserError
+from mvcompile.graphs.factory import create_mobilevit
+from mvcompile.graphs.mobilevit import MobileViTConfig
+from mvcompile.reference import hf_logits, hf_model
+
+CFG = MobileViTConfig.for_size("xxs", resolution=64, num_classes=10)
+
+
+def _hf_folder(folder: Path, seed: int = 31, **settings: object) -> tuple[Path, torch.nn.Module]:
+    """A transformers MobileViT folder of CFG with random weights and ``settings`` written
+    into its config.json (and applied to the returned model where they are LayerNorm eps)."""
+    _, weights = build_random(CFG, seed=seed)
+    reference = hf_model(CFG, weights)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # norms of unit scale, so that their epsilon shows in the logits
+        for module in reference.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.eps = settings.get("layer_norm_eps", module.eps)
+    reference.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **settings}))
+    return folder, reference
+
+
+@pytest.mark.parametrize(("key", "value"), [("hidden_act", "gelu"), ("num_attention_heads", 8),
+                                            ("output_stride", 16), ("patch_size", 4)])
+def test_settings_the_graph_cannot_build_are_refused(tmp_path: Path, key: str,
+                                                     value: object) -> None:
+    """Each loads (no weight changes shape) but computes another function: built silently,
+    the logits differed from transformers' by 0.15 to 0.74."""
+    folder, _ = _hf_folder(tmp_path / "hf", **{key: value})
+    with pytest.raises(UserError, match=f"cannot: {key} = {value!r}"):
+        create_mobilevit(CFG, folder)
+    code, output = run("build", "--weights", str(folder), "--resolution", "64",
+                       "--num-classes", "10", "--latency-runs", "0", "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, f"{key} = {value!r}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_transformers_spellings_of_the_defaults_are_accepted(tmp_path: Path) -> None:
+    folder, reference = _hf_folder(tmp_path / "hf", hidden_act="swish", output_stride=32)
+    model, _ = create_mobilevit(CFG, folder)
+    pixels = random_pixels(2, 64)
+    np.testing.assert_allclose(ort_run(model, pixels), hf_logits(reference, pixels),
+                               rtol=0, atol=1e-4)
+
+
+def test_layer_norm_epsilon_is_taken_from_the_config(tmp_path: Path) -> None:
+    folder, reference = _hf_folder(tmp_path / "hf", layer_norm_eps=1e-2)
+    pixels = random_pixels(2, 64)
+    expected = hf_logits(reference, pixels)
+    model, _ = create_mobilevit(CFG, folder)
+    np.testing.assert_allclose(ort_run(model, pixels), expected, rtol=0, atol=1e-4)
+    alone = tmp_path / "alone.safetensors"  # the weights without their config.json
+    alone.write_bytes((folder / "model.safetensors").read_bytes())
+    default_eps, _ = create_mobilevit(CFG, alone)
+    assert np.abs(ort_run(default_eps, pixels) - expected).max() > 1e-3  # epsilon matters
+
+
+def test_an_unreadable_config_is_named(tmp_path: Path) -> None:
+    folder, _ = _hf_folder(tmp_path / "hf")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="Cannot read .*config.json"):
+        create_mobilevit(CFG, folder)
+
+
+def _scale_model(factor: float) -> ir.Model:
+    """y = x · factor on x [N, 4] (random inputs in [0, 1): outputs up to ``factor``)."""
+    text = f"""<ir_version: 10, opset_import: ["" : 24]>
+        g (float[N,4] x) => (float[N,4] y) <float k = {{{factor!r}}}> {{ y = Mul(x, k) }}"""
+    return ir.serde.deserialize_model(onnx.parser.parse_model(text))
+
+
+def test_the_pass_check_allows_float32_rounding_of_large_logits() -> None:
+    """Logits near 1000 that differ in the seventh digit (float32 rounding, as exact passes
+    reorder it) pass; a difference in the fourth digit (a wrong rewrite) does not. The
+    absolute 1e-4 refused the first with a traceback that blamed the passes."""
+    assert pass_limit(np.array([0.5, -3.0])) == pytest.approx(3e-4)
+    assert pass_limit(np.array([0.5])) == 1e-4
+    diff = check_numerics(_scale_model(1000.0), _scale_model(1000.0 * (1 + 2e-7)))
+    assert 1e-4 < diff < 1e-3
+    with pytest.raises(UserError, match="a bug in the graph passes"):
+        check_numerics(_scale_model(1000.0), _scale_model(1000.0 * (1 + 1e-3)))
