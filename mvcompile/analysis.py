@@ -7,13 +7,27 @@ to 1 (batch 1):
   weight's elements per output channel;
 - MatMul-like ops: MACs = |Y| · K, K the contracted dimension;
 - Gemm: MACs = M · N · K;
-- com.microsoft.Attention: the Q/K/V projections plus Q·Kᵀ and P·V (see ``_attention_macs``);
+- com.microsoft.Attention and QAttention: the Q/K/V projections plus Q·Kᵀ and P·V (see
+  ``_attention_macs``);
+- ConvTranspose: |X| · (C_out/groups) · k_h · k_w;
 - Einsum: output elements times the sizes of the summed letters.
 
-Parameters are the elements of floating-point initializers of rank ≥ 1, plus the quantized
-(int8/int32) initializers that DequantizeLinear turns into weights, excluding BatchNorm running
-statistics (buffers), quantization scales and zero points. Integer shape/axes initializers and
-scalar constants are not parameters.
+The integer ops of QOperator INT8 models (QLinearConv, ConvInteger, QLinearMatMul,
+MatMulInteger, com.microsoft QGemm, DynamicQuantizeMatMul, MatMulIntegerToFloat, MatMulNBits,
+QAttention) count as their float counterparts, so a quantized model has the MACs of the float
+model it came from. A node whose MACs cannot be counted, because its shapes are unknown or
+because it does matrix work that has no rule here (recurrent ops, ai.onnx Attention, ...), is
+reported by name instead of counting 0.
+
+Parameters are the elements of the initializers of rank ≥ 1 that are floating point, or that a
+quantized op reads as a quantized tensor: the int8/int32 input of DequantizeLinear (QDQ
+models), and the weights and biases of QLinearConv, QLinearMatMul, QGemm, ConvInteger,
+MatMulInteger, ... (QOperator models; a MatMulNBits weight counts its K · N unpacked
+elements). Not parameters, in either format: the scales and zero points of every quantized op
+(so a per-channel scale vector is not one), including the weight scale that quantize_dynamic
+multiplies with a DynamicQuantizeLinear's scale, BatchNorm running statistics (buffers), integer
+shape/axes initializers and scalar constants. A model quantized in either format therefore has
+the parameter count of its float model.
 """
 
 from __future__ import annotations
@@ -35,7 +49,31 @@ _CONV_WEIGHT_INPUT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv"
                       "NhwcFusedConv": 1}
 # op type -> (index of A, index of B) for matmul-like ops.
 _MATMUL_INPUTS = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3),
-                  "FusedMatMul": (0, 1)}
+                  "FusedMatMul": (0, 1), "DynamicQuantizeMatMul": (0, 1),
+                  "MatMulIntegerToFloat": (0, 1), "MatMulNBits": (0, 1)}
+# Gemm-like ops: MACs = M · N · K, with transA.
+_GEMM_OPS = {"Gemm", "FusedGemm", "QGemm"}
+# Ops that do matrix work with no MAC rule here: reported as unknown rather than counted 0.
+_UNCOUNTED_OPS = {"RNN", "GRU", "LSTM", "DynamicQuantizeLSTM", "Attention",
+                  "MultiHeadAttention", "GroupQueryAttention", "DeformConv",
+                  "QLinearConvTranspose", "ConvTransposeWithDynamicPads"}
+# Quantized ops: op type -> (indices of the inputs that are quantized or float tensors, whose
+# initializers are parameters; indices of the scale and zero-point inputs, which are not).
+_QUANTIZED_INPUTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "QuantizeLinear": ((0,), (1, 2)),
+    "DequantizeLinear": ((0,), (1, 2)),
+    "QLinearConv": ((0, 3, 8), (1, 2, 4, 5, 6, 7)),
+    "QLinearMatMul": ((0, 3), (1, 2, 4, 5, 6, 7)),
+    "QGemm": ((0, 3, 6), (1, 2, 4, 5, 7, 8)),
+    "ConvInteger": ((0, 1), (2, 3)),
+    "MatMulInteger": ((0, 1), (2, 3)),
+    "DynamicQuantizeMatMul": ((0, 1, 4), (2, 3)),
+    "MatMulIntegerToFloat": ((0, 1, 6), (2, 3, 4, 5)),
+    "MatMulNBits": ((0, 1, 5), (2, 3, 4)),  # 4 is g_idx, an index table
+    "QAttention": ((0, 1, 2), (3, 4, 6, 7)),
+    "QLinearAdd": ((0, 3), (1, 2, 4, 5, 6, 7)),
+    "QLinearMul": ((0, 3), (1, 2, 4, 5, 6, 7)),
+}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                 onnx.TensorProto.BFLOAT16}
 
@@ -80,24 +118,49 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of weight initializers: float ones, and the int8/int32 tensors that
-    DequantizeLinear turns into weights; not BN statistics, shapes, scales or zero points."""
+    """Elements of weight initializers: float ones, and the integer tensors that quantized ops
+    read as weights or biases (DequantizeLinear's input in QDQ models; QLinearConv's, QGemm's,
+    MatMulInteger's, ... in QOperator models); not BN statistics, shapes, or the scales and
+    zero points of any quantized op. See the module docstring."""
     excluded = {name for n in model.graph.node if n.op_type == "BatchNormalization"
                 for name in n.input[3:5]}
+    quantized: set[str] = set()
+    unpacked: dict[str, int] = {}  # MatMulNBits weight -> its K · N unpacked elements
+    for node in model.graph.node:
+        tensors, qparams = _quantized_inputs(node)
+        quantized |= {node.input[i] for i in tensors if i < len(node.input)}
+        excluded |= {node.input[i] for i in qparams if i < len(node.input)}
+        if node.op_type == "MatMulNBits" and len(node.input) > 1:
+            k, n = int(_attr(node, "K", 0)), int(_attr(node, "N", 0))
+            if k and n:
+                unpacked[node.input[1]] = k * n
+    # quantize_dynamic's rescale: Mul(DynamicQuantizeLinear's scale, the weight's scale).
+    dynamic_scales = {n.output[1] for n in model.graph.node
+                      if n.op_type == "DynamicQuantizeLinear" and len(n.output) > 1}
     excluded |= {name for n in model.graph.node
-                 if n.op_type in ("QuantizeLinear", "DequantizeLinear") for name in n.input[1:3]}
-    dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+                 if n.op_type == "Mul" and dynamic_scales & set(n.input) for name in n.input}
+    excluded.discard("")
     return sum(
-        int(np.prod(init.dims))
+        unpacked.get(init.name, int(np.prod(init.dims)))
         for init in model.graph.initializer
-        if (init.data_type in _FLOAT_TYPES or init.name in dequantized)
+        if (init.data_type in _FLOAT_TYPES or init.name in quantized)
         and len(init.dims) >= 1 and init.name not in excluded
     )
 
 
+def _quantized_inputs(node: onnx.NodeProto) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input indices of ``node`` that are tensors, input indices that are scales or zero
+    points); both empty for ops that are not quantized."""
+    if node.op_type == "QLinearConcat":  # Y_scale, Y_zero_point, then (X, scale, zero point)*
+        indices = range(2, len(node.input))
+        return (tuple(i for i in indices if (i - 2) % 3 == 0),
+                (0, 1, *(i for i in indices if (i - 2) % 3)))
+    return _QUANTIZED_INPUTS.get(node.op_type, ((), ()))
+
+
 def count_macs(model: onnx.ModelProto) -> tuple[int, list[str]]:
-    """(MACs at the inputs' static batch, 1 where it is symbolic; names of conv/matmul nodes
-    whose shapes could not be inferred)."""
+    """(MACs at the inputs' static batch, 1 where it is symbolic; names of the conv/matmul
+    nodes whose MACs could not be counted: shapes not inferred, or no rule for the op)."""
     shapes = inferred_shapes(model)
     total, unknown = 0, []
     for node in model.graph.node:
@@ -110,22 +173,31 @@ def count_macs(model: onnx.ModelProto) -> tuple[int, list[str]]:
 
 
 def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
-    """MACs of one node; 0 for ops that are not conv/matmul; None if shapes are unknown."""
+    """MACs of one node; 0 for ops that are not conv/matmul; None if shapes are unknown or
+    the op does matrix work that has no rule here."""
     out = shapes.get(node.output[0]) if node.output else None
     if node.op_type in _CONV_WEIGHT_INPUT:
         weight = shapes.get(node.input[_CONV_WEIGHT_INPUT[node.op_type]])
         if out is None or weight is None:
             return None
         return int(np.prod(out)) * int(np.prod(weight[1:]))
-    if node.op_type in _MATMUL_INPUTS or node.op_type in ("Gemm", "FusedGemm"):
+    if node.op_type == "ConvTranspose":
+        x, weight = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if x is None or weight is None:
+            return None
+        return int(np.prod(x)) * int(np.prod(weight[1:]))
+    if node.op_type in _MATMUL_INPUTS or node.op_type in _GEMM_OPS:
         a = shapes.get(node.input[_MATMUL_INPUTS.get(node.op_type, (0, 1))[0]])
         if out is None or a is None:
             return None
         return int(np.prod(out)) * (a[-2] if _attr(node, "transA", 0) else a[-1])
-    if node.op_type == "Attention" and node.domain == "com.microsoft":
+    if (node.op_type == "Attention" and node.domain == "com.microsoft"
+            or node.op_type == "QAttention"):
         return _attention_macs(node, shapes)
     if node.op_type == "Einsum":
         return _einsum_macs(node, shapes, out)
+    if node.op_type in _UNCOUNTED_OPS:
+        return None
     return 0
 
 

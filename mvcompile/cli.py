@@ -18,6 +18,13 @@ from mvcompile.click_types import FloatRange, NonEmptyPath
 from mvcompile.errors import UserError, os_error_message, out_of_memory_message
 from mvcompile.graphs.channel_order import CHOICES as CHANNEL_CHOICES
 from mvcompile.graphs.mobilevit import SIZES
+from mvcompile.interrupts import (
+    SIGINT_STATUS,
+    SIGPIPE_STATUS,
+    SIGTERM_STATUS,
+    Terminated,
+    sigterm_as_interrupt,
+)
 from mvcompile.summary import build_summary
 from mvcompile.table import format_table, human_count
 from mvcompile.train.cli import train as train_command  # imports torch only when it runs
@@ -34,6 +41,9 @@ _CONDITIONAL_OPTIONS = {
     "random_weights": (("seed",), "the random weights", "with --weights"),
     "checkpoint": (("checkpoint_channels",), "--weights", "without them"),
     "timing": (("threads",), "the latency measurement", "with --latency-runs 0"),
+    # bench
+    "ort_backend": (("threads", "resolution"), "ONNX Runtime", "for a Core ML model"),
+    "coreml_backend": (("compute_units",), "Core ML", "for an ONNX Runtime model"),
 }
 
 
@@ -44,10 +54,11 @@ def _warn_ignored_options(**holds: bool) -> None:
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
-    for condition, (names, target, ignored) in _CONDITIONAL_OPTIONS.items():
+    for condition, held in holds.items():
+        names, target, ignored = _CONDITIONAL_OPTIONS[condition]
         given = [f"--{name.replace('_', '-')}" for name in names
                  if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
-        if given and not holds[condition]:
+        if given and not held:
             one = len(given) == 1
             click.secho(f"Note: {', '.join(given)} only {'applies' if one else 'apply'} to "
                         f"{target} and {'is' if one else 'are'} ignored {ignored}.",
@@ -120,23 +131,29 @@ def _note_threads(threads: int) -> None:
 
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn UserError, an OSError or running out of memory into 'Error: ...' on stderr and exit
-    status 1, without a traceback; and Ctrl-C into a one-line note and the shell's status for
-    SIGINT, 130. Outputs are staged and moved into place only when complete, so an interrupted
-    command has written nothing."""
+    status 1, without a traceback; Ctrl-C and SIGTERM (a job scheduler's or `timeout`'s stop)
+    into a one-line note and the shell's status for the signal, 130 or 143; and a reader that
+    closed the pipe (`mvcompile info M | head`) into a quiet exit, 141. Outputs are staged and
+    moved into place only when complete, so an interrupted command has written nothing."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return command(*args, **kwargs)
         except UserError as err:
             click.secho(f"Error: {err}", fg="red", err=True)
             sys.exit(1)
+        except BrokenPipeError:
+            _quiet_stdout()
+            sys.exit(SIGPIPE_STATUS)
         except OSError as err:  # disk full, permission denied: staged outputs were removed
             click.secho(f"Error: {os_error_message(err)}", fg="red", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.secho("\nInterrupted; no output was written.", fg="yellow", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as err:
+            stopped = "Terminated" if isinstance(err, Terminated) else "Interrupted"
+            click.secho(f"\n{stopped}; no output was written.", fg="yellow", err=True)
+            sys.exit(SIGTERM_STATUS if isinstance(err, Terminated) else SIGINT_STATUS)
         except Exception as err:  # ONNX Runtime raises its own types; only memory is ours
             message = out_of_memory_message(err)
             if message is None:
@@ -145,6 +162,13 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(1)
 
     return wrapper
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: its reader has gone, and Python's flush of it at exit would
+    raise BrokenPipeError again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -353,7 +377,9 @@ def _macs_row(s: analysis.ModelSummary) -> tuple[str, str]:
     if len(batches) > 1:
         return ("MACs (inputs' own batches)", human_count(s.macs))
     batch = batches.pop() if batches else 1
-    unknown = (f" (shapes unknown for {len(s.macs_unknown_nodes)} nodes)"
+    unknown = (f" (and {len(s.macs_unknown_nodes)} matrix nodes not counted: shapes unknown, "
+               f"or an op with no MAC rule: {', '.join(s.macs_unknown_nodes[:3])}"
+               f"{', ...' if len(s.macs_unknown_nodes) > 3 else ''})"
                if s.macs_unknown_nodes else "")
     return (f"MACs (batch {batch})", human_count(s.macs) + unknown)
 
@@ -552,6 +578,8 @@ def bench(model: str, backend: str | None, threads: int, runs: int, warmup: int,
         result = bench_module.bench(model, backend, threads=threads, runs=runs, warmup=warmup,
                                     compute_units=compute_units, on_run=lambda: bar.update(1),
                                     resolution=resolution)
+    _warn_ignored_options(ort_backend=result.backend == "ort",
+                          coreml_backend=result.backend == "coreml")
     click.echo(format_table(bench_module.format_rows(result), header=(model, "")))
 
 

@@ -16,7 +16,8 @@ from multiprocessing.process import BaseProcess
 
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[None]:
-    """Hold back SIGINT until the block ends, then raise :class:`KeyboardInterrupt`.
+    """Hold back SIGINT and SIGTERM until the block ends, then raise :class:`KeyboardInterrupt`
+    (:class:`Terminated` for SIGTERM).
 
     ``import coremltools`` takes seconds and tries optional imports (sklearn, torch) under
     bare ``except:`` clauses, which catch the KeyboardInterrupt of a Ctrl-C pressed meanwhile:
@@ -28,17 +29,52 @@ def deferred_interrupt() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+
+    def note(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if signal.SIGTERM in received:
+        raise Terminated
     if received:
         raise KeyboardInterrupt
 
 
+# Exit statuses for a process stopped by a signal, as shells report them (128 + the signal).
+SIGINT_STATUS = 128 + signal.SIGINT  # 130
+SIGPIPE_STATUS = 128 + signal.SIGPIPE  # 141
+SIGTERM_STATUS = 128 + signal.SIGTERM  # 143
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that a run stops the same way."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` at once, as Ctrl-C raises
+    KeyboardInterrupt, so that a command stopped by ``timeout``, ``kill`` or a job scheduler
+    removes its staged outputs as it does for Ctrl-C (without a handler Python dies at once,
+    leaving them). For the commands that have no worker processes; training records the
+    signal instead (:func:`sigterm_as_stop_request`). Outside the main thread the block runs
+    unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _SigtermState:

@@ -190,3 +190,13 @@ def test_more_threads_than_cores_get_a_note(onnx_path: str, monkeypatch) -> None
     assert "--threads 3 is more than this machine's 2 CPU cores" in output
     code, output = run("bench", onnx_path, "--runs", "2", "--warmup", "0", "--threads", "2")
     assert code == 0 and "CPU cores" not in output
+
+
+def test_options_for_the_other_backend_are_named_as_ignored(onnx_path: str) -> None:
+    code, output = run("bench", onnx_path, "--runs", "2", "--warmup", "0",
+                       "--compute-units", "cpu_only")
+    assert code == 0, output
+    assert ("Note: --compute-units only applies to Core ML and is ignored for an ONNX Runtime "
+            "model.") in output
+    code, output = run("bench", onnx_path, "--runs", "2", "--warmup", "0")
+    assert code == 0 and "Note:" not in output, output

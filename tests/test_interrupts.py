@@ -130,3 +130,56 @@ def test_ctrl_c_while_the_cli_loads_is_a_note_not_a_traceback(monkeypatch, capsy
         _entry.main()
     assert exit_info.value.code == 130
     assert "Interrupted; no output was written." in capsys.readouterr().err
+
+
+# SIGTERM and a closed pipe in the other commands -----------------------------------------
+
+CLI = [sys.executable, "-c", "from mvcompile._entry import main; main()"]
+
+
+def test_a_sigterm_during_build_removes_its_staging_folder(tmp_path) -> None:
+    """Python's default SIGTERM ends the process at once; the staged outputs were left in a
+    hidden folder beside the output for good."""
+    import time
+
+    proc = subprocess.Popen([*CLI, "build", "--resolution", "64", "--latency-runs", "0",
+                             "--targets", "onnx,ort", "-o", str(tmp_path / "out")],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".mvcompile-stage-*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".mvcompile-stage-*")), "the build never staged its outputs"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "Terminated; no output was written." in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_inside_a_deferred_block_is_raised_after_it_as_terminated() -> None:
+    finished = False
+    with pytest.raises(Terminated), deferred_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        finished = True
+    assert finished
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(tmp_path) -> None:
+    """`mvcompile info M | head -1`: the rest of the table meets a closed pipe."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", [f"x{i}"], [f"x{i + 1}"]) for i in range(300)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x0", TensorProto.FLOAT,
+                                                                         [1])],
+                              [helper.make_tensor_value_info("x300", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    import onnx
+
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    proc = subprocess.Popen([*CLI, "info", str(tmp_path / "m.onnx")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=0)
+    proc.stdout.close()  # before the table is written: every write finds the pipe closed
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Error" not in stderr and "Traceback" not in stderr and "Exception" not in stderr

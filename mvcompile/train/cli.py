@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,12 @@ from click.core import ParameterSource
 from mvcompile.click_types import FloatRange, NonEmptyPath
 from mvcompile.errors import UserError, os_error_message, out_of_memory_message
 from mvcompile.graphs.mobilevit import SIZES
-from mvcompile.interrupts import Terminated, sigterm_as_stop_request
+from mvcompile.interrupts import (
+    SIGINT_STATUS,
+    SIGTERM_STATUS,
+    Terminated,
+    sigterm_as_stop_request,
+)
 from mvcompile.table import format_table
 
 if TYPE_CHECKING:
@@ -43,8 +47,6 @@ On 8 GPUs (ImageNet, the paper's recipe: 128 images per GPU at 256, 300 epochs):
 them (e.g. --epochs 400 to train longer). SIGTERM (e.g. from a job scheduler) stops a run like
 Ctrl-C does, keeping the last complete epoch, with exit status 143 (130 for Ctrl-C).
 """
-SIGTERM_STATUS = 128 + signal.SIGTERM  # 143, the shell's status for a process killed by SIGTERM
-SIGINT_STATUS = 128 + signal.SIGINT  # 130
 CHECK_BAR_AFTER_S = 1.0  # the image check shows a progress bar once it has run this long
 PROBABILITY = FloatRange(0.0, 1.0, max_open=True)
 NON_NEGATIVE = FloatRange(min=0.0)
