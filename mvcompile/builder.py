@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from mvcompile import analysis, latency, machine, onnx_io
 from mvcompile.backends._output import check_writable_dir
 from mvcompile.calibration.observers import OBSERVERS
 from mvcompile.errors import UserError
+from mvcompile.graphs.checkpoints import resolve_run_weights, training_metadata
 from mvcompile.graphs.factory import create_mobilevit
 from mvcompile.graphs.mobilevit import MobileViTConfig
 from mvcompile.stages import StageListener
@@ -98,7 +99,10 @@ class BuildResult:
 def build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
     """Build, validate and write the model(s); raise :class:`UserError` on bad input."""
     progress = progress or _Silent()
+    options = _with_run_weights(options)
     config = _check_inputs(options)
+    for setting in trained_otherwise(options):
+        log.warning("The checkpoint %s was trained with %s", options.weights, setting)
     plain, weights_info = create_mobilevit(config, options.weights, options.seed,
                                            options.channel_order)
     if not options.passes:  # with passes, check_numerics runs the plain graph and checks it
@@ -133,6 +137,34 @@ def _coreml_sources(plain: ir.Model, models: dict[str, onnx.ModelProto],
     if "int8" in models:
         sources["int8"] = models["int8"]
     return sources
+
+
+def _with_run_weights(options: BuildOptions) -> BuildOptions:
+    """``options`` with a ``mvcompile train`` run folder (or its last.pt) as ``weights``
+    replaced by the weights file it stands for (:func:`resolve_run_weights`)."""
+    if options.weights is None:
+        return options
+    path, note = resolve_run_weights(options.weights)
+    if note:
+        log.info("%s", note)
+    return replace(options, weights=str(path))
+
+
+# Build options that a ``mvcompile train`` checkpoint records (training_metadata's keys).
+TRAINED_SETTINGS = ("size", "patch_config", "num_classes", "resolution")
+
+
+def trained_otherwise(options: BuildOptions) -> list[str]:
+    """The settings recorded in ``options.weights`` (a ``mvcompile train`` checkpoint) that
+    differ from ``options``, e.g. "--patch-config B (building A as asked)": the model is built
+    as asked, which for the patch config or the resolution is not the network that was
+    trained."""
+    if options.weights is None:
+        return []
+    trained = training_metadata(options.weights)
+    return [f"--{name.replace('_', '-')} {trained[name]} (building {getattr(options, name)} "
+            "as asked)" for name in TRAINED_SETTINGS
+            if name in trained and trained[name] != str(getattr(options, name))]
 
 
 def _check_inputs(options: BuildOptions) -> MobileViTConfig:

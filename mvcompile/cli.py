@@ -75,14 +75,15 @@ _TRAINED_SETTINGS = {"size": str, "patch_config": str, "num_classes": int, "reso
 def _settings_from_checkpoint(weights: str, **given: Any) -> tuple[Any, ...]:
     """size, patch_config, num_classes, resolution for a build from ``weights``: the values
     recorded by ``mvcompile train`` in the checkpoint where the command line left an option at
-    its default (said in a note), the command line's where it set one (a note if they differ)."""
+    its default (said in a note), the command line's where it set one (the build warns if they
+    differ: :func:`mvcompile.builder.trained_otherwise`)."""
     from click.core import ParameterSource
 
     from mvcompile.graphs.checkpoints import training_metadata
 
     trained = training_metadata(weights)
     ctx = click.get_current_context()
-    adopted, overridden = [], []
+    adopted = []
     for name, kind in _TRAINED_SETTINGS.items():
         if name not in trained:
             continue
@@ -94,13 +95,8 @@ def _settings_from_checkpoint(weights: str, **given: Any) -> tuple[Any, ...]:
         if ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
             adopted.append(flag)
             given[name] = value
-        elif given[name] != value:
-            overridden.append(f"{flag} (building {given[name]} as asked)")
     if adopted:
         click.secho(f"Note: from the checkpoint's training settings: {', '.join(adopted)}.",
-                    fg="yellow", err=True)
-    if overridden:
-        click.secho(f"Note: the checkpoint was trained with {'; '.join(overridden)}.",
                     fg="yellow", err=True)
     return tuple(given[name] for name in _TRAINED_SETTINGS)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -250,7 +251,8 @@ def test_an_empty_path_is_refused_rather_than_read_as_the_current_folder(args) -
     assert_clean_failure(code, output, "is empty; give a file or folder path.")
 
 
-def test_build_takes_unset_settings_from_the_checkpoints_training_metadata(tmp_path) -> None:
+def test_build_takes_unset_settings_from_the_checkpoints_training_metadata(tmp_path,
+                                                                           caplog) -> None:
     """`mvcompile train` records size, patch config, classes and resolution in the
     .safetensors header: a build that does not set them uses them; one that does is told."""
     cfg = MobileViTConfig.for_size("xxs", resolution=64, patch_config="B", num_classes=10)
@@ -267,10 +269,11 @@ def test_build_takes_unset_settings_from_the_checkpoints_training_metadata(tmp_p
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["model"] == {"size": "xxs", "resolution": 64, "patch_sizes": [8, 4, 2],
                                "num_classes": 10}
-    code, output = run("build", "--weights", str(path), "--patch-config", "A",
-                       "-o", str(tmp_path / "a"), "--latency-runs", "0")
+    with caplog.at_level(logging.WARNING, logger="mvcompile.builder"):
+        code, output = run("build", "--weights", str(path), "--patch-config", "A",
+                           "-o", str(tmp_path / "a"), "--latency-runs", "0")
     assert code == 0, output
-    assert "trained with --patch-config B (building A as asked)" in output
+    assert "trained with --patch-config B (building A as asked)" in caplog.text
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["model"]["patch_sizes"] == [2, 2, 2]
 
@@ -349,3 +352,29 @@ def test_a_folder_in_the_way_of_an_output_stops_the_build_before_anything_is_mov
     code, output = run("build", "--resolution", "64", "--latency-runs", "0", "-o", str(out))
     assert_clean_failure(code, output, "a folder of that name is in the way", "Nothing was written")
     assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+
+
+def test_the_python_api_reads_run_folders_and_warns_of_other_training_settings(
+        tmp_path, caplog) -> None:
+    """build() with a train run folder used to fail ("pass ... a mvcompile train run
+    folder"), and with its checkpoint built Config-A over a Config-B run without a word."""
+    from mvcompile.builder import BuildOptions, build
+
+    cfg = MobileViTConfig.for_size("xxs", resolution=64, patch_config="B", num_classes=10)
+    _, weights = build_random(cfg, seed=4)
+    run_dir = tmp_path / "runs" / "b"
+    run_dir.mkdir(parents=True)
+    save_file(weights, str(run_dir / "best.safetensors"), metadata={
+        "mvcompile.size": "xxs", "mvcompile.patch_config": "B", "mvcompile.num_classes": "10",
+        "mvcompile.resolution": "64"})
+    (run_dir / "run.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="mvcompile.builder"):
+        result = build(BuildOptions(weights=str(run_dir), resolution=64, num_classes=10,
+                                    latency_runs=0, out_dir=str(tmp_path / "o")))
+    assert result.report["weights"]["description"] == str(run_dir / "best.safetensors")
+    assert "was trained with --patch-config B (building A as asked)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mvcompile.builder"):
+        build(BuildOptions(weights=str(run_dir), resolution=64, num_classes=10, patch_config="B",
+                           latency_runs=0, out_dir=str(tmp_path / "b")))
+    assert "trained with" not in caplog.text
