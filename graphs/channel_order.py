@@ -37,7 +37,7 @@ def trained_channel_order(path: str | Path, state: Mapping[str, np.ndarray]
     default true for MobileViT's image processor); else ml-cvnets tensor names mean BGR;
     else RGB (mvcompile train runs and other files)."""
     path = Path(path)
-    config = _preprocessor_config(path)
+    config = preprocessor_config(path)
     if config is None and hf_folder(path) is not None and (hf_folder(path) / "config.json"
                                                             ).is_file():
         log.warning("%s has no %s to say which colour order its weights expect; taking RGB. "
@@ -69,7 +69,7 @@ def check_choice(channel_order: str) -> None:
         raise ValueError(f"channel_order must be one of {CHOICES}, got {channel_order!r}")
 
 
-def _preprocessor_config(path: Path) -> dict | None:
+def preprocessor_config(path: Path) -> dict | None:
     """The preprocessor_config.json beside a Hugging Face checkpoint, or None."""
     folder = hf_folder(path)
     config = folder / PREPROCESSOR_CONFIG if folder is not None else None

@@ -51,15 +51,27 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
                         ".bin or .pt checkpoint, a Hugging Face model folder or a mvcompile "
                         "train run folder.")
     if path.is_dir():
+        shards = _shards_in_hf_folder(path)
+        if shards:
+            state = {name: array for shard in shards for name, array in _read_file(shard).items()}
+            return _checked(state, path)
         path = _file_in_hf_folder(path)
+    return _checked(_read_file(path), path)
+
+
+def _read_file(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of one checkpoint file, by its suffix."""
     if path.suffix == ".safetensors":
-        state = _read_safetensors(path)
-    elif path.suffix in _PICKLE_SUFFIXES:
-        state = _read_pickle(path)
-    else:
-        raise UserError(f"Cannot read weights from {path}: expected a .safetensors, "
-                        f"{', '.join(_PICKLE_SUFFIXES)} file, a Hugging Face model folder or a "
-                        "mvcompile train run folder.")
+        return _read_safetensors(path)
+    if path.suffix in _PICKLE_SUFFIXES:
+        return _read_pickle(path)
+    raise UserError(f"Cannot read weights from {path}: expected a .safetensors, "
+                    f"{', '.join(_PICKLE_SUFFIXES)} file, a Hugging Face model folder or a "
+                    "mvcompile train run folder.")
+
+
+def _checked(state: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    """``state``, read from ``path``, unless it is empty or holds non-finite values."""
     if not state:
         raise UserError(f"{path} holds no tensors; it is not a MobileViT checkpoint.")
     broken = [name for name, array in state.items() if not np.isfinite(array).all()]
@@ -199,6 +211,29 @@ def _hf_class_names(config: Path) -> list[str] | None:
 def _weights_in_hf_folder(folder: Path) -> Path | None:
     """The weights file of a Hugging Face model folder, or None."""
     return next((folder / n for n in HF_WEIGHT_FILES if (folder / n).is_file()), None)
+
+
+def _shards_in_hf_folder(folder: Path) -> list[Path]:
+    """The shard files of a Hugging Face folder saved in pieces (``save_pretrained(...,
+    max_shard_size=...)``): those its ``*.index.json`` weight map names; [] for a folder with
+    one weights file or no index."""
+    if _weights_in_hf_folder(folder) is not None:
+        return []
+    index = next((folder / f"{n}.index.json" for n in HF_WEIGHT_FILES
+                  if (folder / f"{n}.index.json").is_file()), None)
+    if index is None:
+        return []
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"Cannot read the shard index {index} ({err}).") from err
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise UserError(f"{folder} is a sharded Hugging Face folder missing "
+                        f"{len(missing)} of its {len(names)} weight files: "
+                        f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}.")
+    return [folder / n for n in names]
 
 
 def _file_in_hf_folder(folder: Path) -> Path:
@@ -363,6 +398,11 @@ class CheckpointWeights:
     def _hint(self, size_asked: str | None, classes_asked: int | None) -> str:
         head = self.state.get("classifier.weight")
         if _LAST_CONV not in self.state:
+            if _LAST_CONV.removeprefix("mobilevit.") in self.state:
+                return ("It looks like a transformers MobileViTModel, the backbone alone (its "
+                        "keys lack the mobilevit. prefix and it has no classifier): mvcompile "
+                        "builds the classifier, MobileViTForImageClassification; pass the "
+                        "folder of that model.")
             if not any(k.startswith("mobilevit.") for k in self.state):
                 return ("It does not look like a MobileViT checkpoint (no mobilevit.* or "
                         "ml-cvnets keys).")

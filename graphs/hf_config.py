@@ -24,7 +24,10 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
+
 from mvcompile.errors import UserError
+from mvcompile.graphs.channel_order import preprocessor_config
 from mvcompile.graphs.checkpoints import hf_folder
 
 log = logging.getLogger(__name__)
@@ -69,3 +72,30 @@ def check_built_as_configured(weights: str | Path) -> float | None:
         raise UserError(f"{weights}: config.json's layer_norm_eps {eps!r} is not a positive "
                         "number.")
     return float(eps)
+
+
+def other_preprocessing(weights: str | Path) -> str | None:
+    """Why the checkpoint's preprocessor_config.json feeds its model other pixels than the
+    built model takes (RGB in [0, 1], no mean/std: x/255), or None. A fine-tune saved with a
+    generic image processor (``do_normalize`` with mean = std = 0.5, say) was trained on
+    (x/255 − mean)/std; that is not folded into the stem conv, because the conv's zero padding
+    would then pad with the mean instead of 0 (not exact at the borders)."""
+    config = preprocessor_config(Path(weights)) or {}
+    problems = []
+    if config.get("do_normalize"):
+        mean, std = config.get("image_mean", 0.0), config.get("image_std", 1.0)
+        try:
+            if not (np.allclose(mean, 0.0) and np.allclose(std, 1.0)):
+                problems.append(f"normalizes with mean {mean} and std {std}")
+        except (TypeError, ValueError):
+            problems.append(f"normalizes with mean {mean!r} and std {std!r}")
+    factor = config.get("rescale_factor", 1 / 255)
+    if config.get("do_rescale") is False:
+        problems.append("does not rescale the pixels to [0, 1]")
+    elif not isinstance(factor, int | float) or not np.isclose(factor, 1 / 255):
+        problems.append(f"rescales by {factor!r} rather than 1/255")
+    if not problems:
+        return None
+    return (f"{weights}: its preprocessor_config.json {' and '.join(problems)}, but the built "
+            "model takes RGB pixels in [0, 1] with no mean/std; it will not match the "
+            "checkpoint's own pipeline unless its inputs are prepared that way")

@@ -100,3 +100,43 @@ def test_the_pass_check_allows_float32_rounding_of_large_logits() -> None:
     assert 1e-4 < diff < 1e-3
     with pytest.raises(UserError, match="a bug in the graph passes"):
         check_numerics(_scale_model(1000.0), _scale_model(1000.0 * (1 + 1e-3)))
+
+
+def test_a_sharded_folder_loads_with_parity(tmp_path: Path) -> None:
+    _, reference = _hf_folder(tmp_path / "one")
+    reference.save_pretrained(tmp_path / "sharded", max_shard_size="1MB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    model, _ = create_mobilevit(CFG, tmp_path / "sharded")
+    pixels = random_pixels(2, 64)
+    np.testing.assert_allclose(ort_run(model, pixels), hf_logits(reference, pixels),
+                               rtol=0, atol=1e-4)
+    next((tmp_path / "sharded").glob("model-*.safetensors")).unlink()
+    with pytest.raises(UserError, match="sharded Hugging Face folder missing 1 of its"):
+        create_mobilevit(CFG, tmp_path / "sharded")
+
+
+def test_a_backbone_only_folder_is_named_as_such(tmp_path: Path) -> None:
+    from transformers import MobileViTModel
+
+    _, reference = _hf_folder(tmp_path / "hf")
+    MobileViTModel.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "backbone")
+    with pytest.raises(UserError, match="transformers MobileViTModel, the backbone alone"):
+        create_mobilevit(CFG, tmp_path / "backbone")
+
+
+@pytest.mark.parametrize(("processor", "warned"), [
+    ({"do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+     "normalizes with mean [0.5, 0.5, 0.5] and std [0.5, 0.5, 0.5]"),
+    ({"do_rescale": False}, "does not rescale"),
+    ({"do_normalize": False, "image_mean": [0.5] * 3, "do_flip_channel_order": False}, None),
+])
+def test_other_preprocessing_is_warned_of(tmp_path: Path, caplog, processor: dict,
+                                          warned: str | None) -> None:
+    folder, _ = _hf_folder(tmp_path / "hf")
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    create_mobilevit(CFG, folder)
+    if warned is None:
+        assert "preprocessor_config.json" not in caplog.text
+    else:
+        assert warned in caplog.text and "takes RGB pixels in [0, 1]" in caplog.text
