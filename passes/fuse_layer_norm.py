@@ -15,7 +15,7 @@ compute a smaller tensor.
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnxscript.rewriter import MatchResult, RewriteRuleSet
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 from onnxscript.rewriter.rules.fusion._layer_norm import LayerNormBiasFusion, LayerNormFusion
 
 from mvcompile.passes._layout import broadcasts_unchanged
@@ -28,6 +28,27 @@ def _check_broadcast(result: MatchResult, x: ir.Value, name: str, value: ir.Valu
         return result.fail(f"{name} '{value.name}' (shape {value.shape}) does not broadcast to "
                            f"the normalized input's shape {x.shape} without widening it.")
     return result
+
+
+class ExplicitKeepdims(RewriteRuleClassBase):
+    """``ReduceMean(x, axes)`` without a keepdims attribute → the same with ``keepdims=1``,
+    its default: onnxscript's layer-norm pattern asks for the attribute spelled out, and
+    writers that leave defaults out (onnx.parser text, some exporters) would never match.
+    Opset ≥ 18 (axes an input); earlier opsets have no LayerNormalization below 17 anyway."""
+
+    def pattern(self, op, x, axes):
+        return op.ReduceMean(x, axes, _outputs=["mean"])
+
+    def check(self, context, x, axes, mean) -> MatchResult:
+        result = MatchResult()
+        if "keepdims" in mean.producer().attributes:
+            return result.fail("keepdims is already explicit.")
+        return result
+
+    def rewrite(self, op, x, axes, mean):
+        node = mean.producer()
+        noop = node.attributes.get_int("noop_with_empty_axes", 0)
+        return op.ReduceMean(x, axes, keepdims=1, noop_with_empty_axes=noop)
 
 
 class LayerNormScale(LayerNormFusion):
@@ -51,6 +72,8 @@ class LayerNormBias(LayerNormBiasFusion):
 
 
 rules = RewriteRuleSet([
+    # ReduceMean(x, axes) -> ReduceMean(x, axes, keepdims=1): the pattern below spells it out
+    ExplicitKeepdims.rule(name="ExplicitKeepdims"),
     # ReduceMean/Sub/Mul/ReduceMean/Add/Sqrt/Div/Mul -> LayerNormalization
     LayerNormScale.rule(name="LayerNormFusion"),
     # LayerNormalization + Add(β) -> LayerNormalization(β)

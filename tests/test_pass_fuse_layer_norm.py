@@ -39,7 +39,8 @@ def test_decomposed_layer_norm_with_scale_and_shift_becomes_one_node() -> None:
                              "ng = Mul (n, gamma)\n y = Add (ng, beta)", square)
         after, pass_ = apply(before, "fuse_layer_norm", fuse_layer_norm.rules)
         assert ops(after) == ["LayerNormalization"]
-        assert pass_.counts == {"LayerNormFusion": 1, "LayerNormBiasFusion": 1}
+        assert pass_.counts == {"ExplicitKeepdims": 0, "LayerNormFusion": 1,
+                                "LayerNormBiasFusion": 1}
         assert_same_outputs(before, after, _feed(x=(2, 5, 8)))
 
 
@@ -99,4 +100,35 @@ def test_a_shift_after_a_layer_norm_with_three_outputs_is_not_fused() -> None:
     after, pass_ = apply(before, "fuse_layer_norm", fuse_layer_norm.rules)
     assert ops(after) == ["LayerNormalization", "Add"]
     assert "Mean/InvStdDev" in pass_.refusals["LayerNormBiasFusion"]
+    assert_same_outputs(before, after, _feed(x=(2, 5, 8)))
+
+
+def test_reduce_means_that_leave_keepdims_at_its_default_are_fused_too() -> None:
+    """keepdims defaults to 1; onnxscript's pattern asks for it spelled out, so a layer norm
+    written without it (onnx.parser text, some exporters) stayed eight nodes."""
+    text = '<ir_version: 10, opset_import: ["" : 24]>\n' + """
+    g (float[2,5,8] x) => (float[2,5,8] y) {
+        m = ReduceMean (x, axes)
+        d = Sub (x, m)
+        dd = Mul (d, d)
+        v = ReduceMean (dd, axes)
+        ve = Add (v, eps)
+        s = Sqrt (ve)
+        n = Div (d, s)
+        y = Mul (n, gamma)
+    }"""
+    before = parse(text, {**CONSTANTS, "axes": np.array([-1], np.int64)})
+    after, pass_ = apply(before, "fuse_layer_norm", fuse_layer_norm.rules)
+    assert ops(after) == ["LayerNormalization"]
+    assert pass_.counts["ExplicitKeepdims"] == 2 and pass_.counts["LayerNormFusion"] == 1
+    assert_same_outputs(before, after, _feed(x=(2, 5, 8)))
+
+
+def test_a_reduce_mean_with_keepdims_0_is_left_as_it_is() -> None:
+    before = parse('<ir_version: 10, opset_import: ["" : 24]>\n'
+                   "g (float[2,5,8] x) => (float[2,5] y) { y = ReduceMean <keepdims=0> (x, axes) }",
+                   {"axes": np.array([-1], np.int64)})
+    after, pass_ = apply(before, "fuse_layer_norm", fuse_layer_norm.rules)
+    assert ops(after) == ["ReduceMean"] and not pass_.counts.get("ExplicitKeepdims")
+    assert after.graph.node[0].attribute[0].i == 0
     assert_same_outputs(before, after, _feed(x=(2, 5, 8)))
