@@ -94,3 +94,14 @@ def test_stratified_split_keeps_one_training_image_per_class() -> None:
     train, val = stratified_split([0, 0, 1, 1, 1], 0.9)
     assert sorted(train + val) == [0, 1, 2, 3, 4]
     assert {0, 1} & set(train) and {2, 3, 4} & set(train)
+
+
+def test_images_beside_the_class_folders_are_named_as_unused(tmp_path: Path, caplog) -> None:
+    """train takes the subfolders as classes; a photo left at the top level was dropped
+    without a word (eval names such images too)."""
+    make_folder(tmp_path, {"cat": 5, "dog": 5})
+    Image.new("RGB", (8, 8)).save(tmp_path / "cover.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    data = load_data(str(tmp_path))
+    assert len(data.train) + len(data.val) == 10
+    assert "are in no class and are not used (1): cover.jpg" in caplog.text

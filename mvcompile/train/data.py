@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mvcompile.calibration.data import VAL_FOLDERS
+from mvcompile.calibration.data import VAL_FOLDERS, few_names
 from mvcompile.errors import UserError, first_line
 from mvcompile.images import DECODE_ERRORS, IMAGE_SUFFIXES, find_files, mode_problem, to_rgb
 
@@ -151,13 +151,23 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> ImageSource:
         items += files
         labels += [label] * len(files)
     _check_classes(root, found, classes, labels)
+    loose = _loose_images(root)
+    if loose:
+        log.warning("Images beside the class folders of %s are in no class and are not used "
+                    "(%d): %s", root, len(loose), few_names(loose))
     return ImageSource(items, labels, classes)
+
+
+def _loose_images(root: Path) -> list[str]:
+    """The names of the image files directly in ``root`` (not in a class folder), sorted."""
+    return sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _check_classes(root: Path, found: list[str], classes: list[str], labels: list[int]) -> None:
     layout = f"expected {root}/<class name>/<image>{IMAGE_SUFFIXES[0]}, one folder per class"
     if not labels:
-        loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        loose = _loose_images(root)
         detail = (f"it has {len(loose)} images but no class subfolders" if loose
                   else "it holds no images" if not found
                   else f"its {len(found)} subfolders hold no images")
