@@ -6,10 +6,19 @@ n would read if kept in float: the dequantized tensor when an integer kernel wri
 quantized either way), else the float a_i of the quantized graph (n's own input quantization
 goes away). One run of each model with those tensors exposed gives
 
-    degradation(n) = min_i SQNR(a_i, â_i) − SQNR(y, ŷ)   [dB]
+    in(n) = min_i SQNR(a_i, â_i),   out(n) = SQNR(y, ŷ)   [dB]
 
-the SQNR that keeping n in float would win back, without the error it inherits from
-upstream. The node with the largest degradation is the first to keep in float.
+Kept in float, n's output is still quantized where the next integer layer reads it: that
+requantization, r(n) = SQNR(y, DQ(Q(y))) with the scale and zero point of the QuantizeLinear
+on y (no cap: ∞ where nothing requantizes y), stays either way. Independent noises add in
+power, so with ⊕ the SQNR of two noises together, a ⊕ b = −10·log10(10^(−a/10) + 10^(−b/10)),
+
+    degradation(n) = (in(n) ⊕ r(n)) − (out(n) ⊕ r(n))   [dB]
+
+the SQNR that the next layer would win back, without the error n inherits from upstream or
+the requantization that stays. (Without r, a layer that reads the exact graph input scored
+its whole output error, about 60 dB, even though its output is requantized at once.) The
+node with the largest degradation is the first to keep in float.
 """
 
 from __future__ import annotations
@@ -74,14 +83,41 @@ def rank_layers(fp32: ir.Model, quantized: ir.Model, plan: QuantPlan, images: Im
         v.name for v in quantized.graph.inputs}
     observed = _tensors(quantized, images, sorted(
         {t for _, _, pairs, y in nodes for t in (*(b for _, b in pairs), y)} & available))
+    outputs = {v.name: v for n in quantized.graph for v in n.outputs}
     ranking = []
     for name, op, pairs, y in nodes:
         if y not in observed:
             continue
         inherited = min((_sqnr(reference, observed, a, b) for a, b in pairs),
                         default=_finite(None))
-        ranking.append(LayerSensitivity(name, op, inherited - _sqnr(reference, observed, y, y)))
+        requantized = _requantized_sqnr(reference[y], outputs[y])
+        gain = (_together(inherited, requantized)
+                - _together(_sqnr(reference, observed, y, y), requantized))
+        ranking.append(LayerSensitivity(name, op, gain))
     return sorted(ranking, key=lambda s: s.degradation_db, reverse=True)
+
+
+def _requantized_sqnr(y: np.ndarray, value: ir.Value) -> float:
+    """r(n): the SQNR of ``y`` (FP32) through the per-tensor QuantizeLinear that reads
+    ``value`` in the quantized graph and back, DQ(Q(y)) = (clip(round(y/s) + z) − z)·s; the
+    cap (see :func:`_finite`) where no such QuantizeLinear reads it."""
+    q = next((node for node, _ in value.uses() if node.op_type == "QuantizeLinear"), None)
+    if q is None or q.inputs[1] is None or q.inputs[1].const_value is None:
+        return _finite(None)
+    scale = q.inputs[1].const_value.numpy()
+    zero = (q.inputs[2].const_value.numpy() if len(q.inputs) > 2 and q.inputs[2] is not None
+            and q.inputs[2].const_value is not None else np.zeros((), np.uint8))
+    if scale.size != 1 or zero.size != 1 or zero.dtype.kind not in "iu":
+        return _finite(None)
+    limits = np.iinfo(zero.dtype)
+    s, z = float(scale.reshape(())), float(zero.reshape(()))
+    codes = np.clip(np.round(y.astype(np.float64) / s) + z, limits.min, limits.max)
+    return _finite(metrics.sqnr_db(y, ((codes - z) * s).astype(np.float32)))
+
+
+def _together(a_db: float, b_db: float) -> float:
+    """a ⊕ b: the SQNR of two independent noises of SQNR a and b together (powers add)."""
+    return float(-10.0 * np.log10(10.0 ** (-a_db / 10.0) + 10.0 ** (-b_db / 10.0)))
 
 
 def _kept_input(read: ir.Value, integer: set[str]) -> str:

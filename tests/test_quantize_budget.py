@@ -13,6 +13,7 @@ from mvcompile.calibration import sensitivity
 from mvcompile.calibration.data import ImageSet
 from mvcompile.calibration.qdq import QuantPlan
 from mvcompile.calibration.quantize import QuantizeOptions, quantize
+from mvcompile.calibration.registry import DEFAULT_OP_TYPES
 from test_qdq import fixture_model
 
 
@@ -134,3 +135,55 @@ def test_a_layer_is_charged_for_its_input_quantization_only_where_keeping_it_sav
     assert _kept_input(convs["c1"].inputs[0], integer) == "x"  # the graph input, in float
     read = convs["c2"].inputs[0]
     assert _kept_input(read, integer) == read.name != "c1"  # c1 is quantized either way
+
+
+_THREE_CONVS = """<ir_version: 10, opset_import: ["" : 24]>
+m (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[8] b1, float[8, 8, 1, 1] w2, float[8] b2,
+   float[8, 8, 3, 3] w3, float[8] b3, float[6, 8] fw, float[6] fb) => (float[N, 6] y) {
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    s1 = Sigmoid (c1)
+    a1 = Mul (c1, s1)
+    c2 = Conv (a1, w2, b2)
+    s2 = Sigmoid (c2)
+    a2 = Mul (c2, s2)
+    c3 = Conv <pads = [1, 1, 1, 1]> (a2, w3, b3)
+    r = Add (c3, a1)
+    p = GlobalAveragePool (r)
+    f = Flatten (p)
+    y = Gemm <transB = 1> (f, fw, fb)
+}"""
+
+
+def _broken_middle_conv() -> tuple[ir.Model, list[str]]:
+    """Three convs; the second has one huge tap on a channel the first always zeroes, so the
+    tap never matters but per-channel int8 rounds every other tap of that conv to zero.
+    Returns the model and its Conv node names in order."""
+    import onnx.parser
+
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(_THREE_CONVS))
+    rng = np.random.default_rng(3)
+    arrays = {v.name: rng.normal(0, 0.5, list(v.shape)).astype(np.float32)
+              for v in model.graph.inputs[1:]}
+    arrays["w1"][0], arrays["b1"][0] = 0.0, 0.0
+    arrays["w2"][:, 0, 0, 0] = 200.0
+    for value in list(model.graph.inputs[1:]):
+        model.graph.inputs.remove(value)
+        value.const_value = ir.tensor(arrays[value.name], name=value.name)
+        model.graph.register_initializer(value)
+    NameFixPass()(model)
+    return model, [n.name for n in model.graph if n.op_type == "Conv"]
+
+
+def test_a_layer_that_reads_the_exact_input_is_not_ranked_first_for_that() -> None:
+    """The stem's input is exact (SQNR capped at 100 dB), so it scored about 60 dB, first,
+    though its output is requantized at once and keeping it in float changes nothing
+    (agreement 0.594 either way); the broken conv, which keeping in float fixes (logit SQNR
+    1.5 → 32.6 dB), came second."""
+    model, (stem, broken, _) = _broken_middle_conv()
+    images = ImageSet(np.random.default_rng(5).uniform(0, 1, (32, 3, 8, 8)).astype(np.float32))
+    options = QuantizeOptions(method="minmax", weight_bits=7, report_accuracy=False)
+    quantized, _ = quantize(model, images, options)
+    ranking = sensitivity.rank_layers(model, quantized, QuantPlan(DEFAULT_OP_TYPES), images)
+    assert ranking[0].node == broken, ranking
+    stem_score = next(r.degradation_db for r in ranking if r.node == stem)
+    assert ranking[0].degradation_db > stem_score + 20
