@@ -60,9 +60,19 @@ def can_stay_float(node: ir.Node) -> bool:
 
 
 def quantizable_nodes(graph: ir.Graph, plan: QuantPlan) -> list[ir.Node]:
-    """Nodes the plan quantizes, in graph order."""
+    """Nodes the plan quantizes, in graph order: float32 ones (an Add, Mul or Concat of int64
+    shape arithmetic is not quantized; QuantizeLinear takes float input)."""
     return [n for n in graph if n.op_type in plan.op_types and n.op_type in QUANTIZERS
-            and n.domain in ("", "ai.onnx") and n.name not in plan.keep_float]
+            and n.domain in ("", "ai.onnx") and n.name not in plan.keep_float
+            and _float_node(n)]
+
+
+def _float_node(node: ir.Node) -> bool:
+    """Whether ``node`` computes in float32, by the type of its output (or of its first input
+    where the output's is not known); True where neither is known."""
+    known = [v.dtype for v in (node.outputs[0], node.inputs[0] if node.inputs else None)
+             if v is not None and v.dtype is not None]
+    return not known or known[0] == ir.DataType.FLOAT
 
 
 # ORT fuses DQ → Add/Mul → Q into QLinearAdd/QLinearMul only when every operand is

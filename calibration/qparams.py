@@ -5,7 +5,10 @@ Symmetric int8 (weights, or activations when chosen):  scale = max(|lo|, |hi|) /
 
 The range is first widened to include 0, so that 0.0 (padding, ReLU/Swish zeros) is exactly
 representable. A degenerate range (lo = hi, e.g. a constant or all-zero tensor) gets a tiny
-positive scale instead of 0, which would divide by zero in QuantizeLinear.
+positive scale (MIN_SCALE) instead of 0, which would divide by zero in QuantizeLinear. (Not
+1.0, as ONNX Runtime's calibration uses: a conv reading an all-zero tensor would then have its
+bias quantized at 1.0·s_w and lose it; at MIN_SCALE·s_w the bias overflows int32 and the layer
+is kept in float, exact.)
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ def quant_params(lo: float, hi: float, dtype: str = "uint8", symmetric: bool = F
     np_dtype = np.uint8 if dtype == "uint8" else np.int8
     if symmetric:
         bound = max(-lo, hi)
-        scale = bound / ((qmax - qmin) // 2) if bound > 0 else 1.0  # 127: ±bound exact
+        scale = max(bound / ((qmax - qmin) // 2), MIN_SCALE)  # 127: ±bound exact
         zero_point = (qmin + qmax + 1) // 2  # 0 for int8, 128 for uint8
     else:
-        scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
+        scale = max((hi - lo) / (qmax - qmin), MIN_SCALE)
         zero_point = int(np.clip(round(qmin - lo / scale), qmin, qmax))
-    return np.float32(max(scale, MIN_SCALE)), np_dtype(zero_point)
+    return np.float32(scale), np_dtype(zero_point)
 
 
 def weight_scales(weight: np.ndarray, axis: int = 0, qmax: int = 127) -> np.ndarray:

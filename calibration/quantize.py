@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
-from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass
+from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, ShapeInferencePass
 
 from mvcompile import metrics, stages
 from mvcompile.calibration import sensitivity
@@ -79,6 +79,7 @@ def quantize(model: ir.Model, images: ImageSet, options: QuantizeOptions,
     steps through :mod:`mvcompile.stages`."""
     model = model.clone()
     NameFixPass()(model)  # keep-float decisions and reports refer to node names
+    ShapeInferencePass()(model)  # element types: only float32 nodes are quantized
     _check_keep_float(model, options.keep_float)
     plan = QuantPlan(frozenset(options.op_types), set(options.keep_float),
                      options.activation_dtype, 2 ** (options.weight_bits - 1) - 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from mvcompile.calibration import qparams
@@ -180,3 +181,35 @@ def test_vanishing_activations_get_a_range(method: str) -> None:
     observer.update(np.array([3e-43], np.float32))
     lo, hi = observer.compute_range()
     assert lo <= 0.0 <= hi and hi - lo < 1e-40
+
+
+def test_an_all_zero_input_keeps_the_convs_bias_exact() -> None:
+    """Scale 1.0 for an all-zero range quantized the conv's bias at 1.0·s_w: its outputs
+    [0.004, -0.006, 0.01, 0.002] came out [0.0051, -0.0060, 0.0100, 0.0]. At the tiny scale
+    the bias overflows int32, so the conv is kept in float and its output is the bias."""
+    import onnx.parser
+    import onnx_ir as ir
+
+    from mvcompile import onnx_io
+    from mvcompile.calibration.data import ImageSet
+    from mvcompile.calibration.quantize import QuantizeOptions, quantize
+
+    assert qparams.quant_params(0.0, 0.0)[0] == np.float32(qparams.MIN_SCALE)
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(
+        """<ir_version: 10, opset_import: ["" : 24]>
+        m (float[N, 3, 4, 4] x) => (float[N, 4, 4, 4] y)
+          <float[4, 3, 1, 1] w = {1,2,3,4,5,6,7,8,9,10,11,12},
+           float[4] b = {0.004, -0.006, 0.01, 0.002}> {
+            z = Mul (x, zero)
+            y = Conv (z, w, b)
+        }""".replace("<float[4, 3", "<float zero = {0.0}, float[4, 3")))
+    images = ImageSet(np.random.default_rng(0).uniform(0, 1, (4, 3, 4, 4)).astype(np.float32))
+    quantized, report = quantize(model, images, QuantizeOptions(report_accuracy=False,
+                                                                op_types=frozenset({"Conv"})))
+    assert [k["node"] for k in report.kept_float] == [n.name for n in quantized.graph
+                                                      if n.op_type == "Conv"]
+    session = ort.InferenceSession(onnx_io.to_proto(quantized).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": images.pixels})[0]
+    np.testing.assert_allclose(out[:, :, 0, 0], np.tile([0.004, -0.006, 0.01, 0.002], (4, 1)),
+                               rtol=1e-6)

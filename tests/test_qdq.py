@@ -371,3 +371,31 @@ def test_insert_qdq_refuses_a_bias_beyond_int32_that_is_not_kept_float() -> None
     x = np.random.default_rng(2).uniform(0, 1e-6, (4, 8)).astype(np.float32)
     with pytest.raises(ValueError, match="biases beyond int32"):
         quantize(model, x, QuantPlan(frozenset({"Gemm"})))
+
+
+def test_integer_shape_arithmetic_is_not_quantized() -> None:
+    """Shape → Concat(int64) → Reshape: the Concat (a quantizable op type) was given
+    QuantizeLinear on its int64 inputs, and the model failed the checker and ORT's load."""
+    text = """<ir_version: 10, opset_import: ["" : 24]>
+    m (float[N, 3, 4, 4] x, float[8, 3, 1, 1] w) => (float[N, 8, 16] y) {
+        c = Conv (x, w)
+        sh = Shape <start = 0, end = 2> (c)
+        minus1 = Constant <value = int64[1] {-1}> ()
+        tgt = Concat <axis = 0> (sh, minus1)
+        y = Reshape (c, tgt)
+    }"""
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(text))
+    weight = model.graph.inputs[1]
+    model.graph.inputs.remove(weight)
+    weight.const_value = ir.tensor(np.random.default_rng(0).normal(0, 0.5, (8, 3, 1, 1))
+                                   .astype(np.float32), name="w")
+    model.graph.register_initializer(weight)
+    pixels = np.random.default_rng(1).uniform(0, 1, (8, 3, 4, 4)).astype(np.float32)
+    quantized, _ = calibration_quantize(model, ImageSet(pixels),
+                                        QuantizeOptions(report_accuracy=False))
+    proto = onnx_io.to_proto(quantized)
+    assert sorted(n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear") == [
+        "c", "x"]
+    onnx.checker.check_model(proto, full_check=True)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": pixels})[0].shape == (8, 8, 16)
