@@ -226,7 +226,9 @@ def _einsum_macs(node: onnx.NodeProto, shapes: dict[str, list[int]],
         return 0
     if out is None or any(shape is None for shape in operands):
         return None
-    terms, _, result = str(_attr(node, "equation", "")).replace(" ", "").partition("->")
+    equation = _attr(node, "equation", b"")  # onnx gives string attributes as bytes
+    text = equation.decode() if isinstance(equation, bytes) else str(equation)
+    terms, _, result = text.replace(" ", "").partition("->")
     sizes: dict[str, int] = {}
     for term, shape in zip(terms.split(","), operands, strict=True):
         head, _, tail = term.partition("...")

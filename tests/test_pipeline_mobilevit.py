@@ -89,15 +89,13 @@ def test_int8_and_one_transpose_pipelines(xxs64, name: str, transposes: int,
 
 
 def test_compiled_graphs_count_the_same_macs_as_the_plain_one(xxs64) -> None:
-    """The ORT pipelines only re-express the same products (fused attention, absorbed 1x1
-    convs, transposed matmuls), so the MAC count must not move; the mobile form folds each
-    head's out projection into its values, which costs P·V' with d columns instead of d/h."""
+    """The pipelines only re-express the same products (fused attention, absorbed 1x1 convs,
+    transposed matmuls, Einsums in the mobile form), so the MAC count must not move. (Einsum
+    equations were parsed from their bytes' repr, "b'ij,jk->ik'", which summed over a letter
+    b: the mobile form counted 29% more.)"""
     plain, _ = build_random(xxs64)
     plain_macs, unknown = analysis.count_macs(onnx_io.to_proto(plain))
     assert unknown == [] and plain_macs > 0
-    for name in ("fp32", "fp32-transpose", "int8"):
+    for name in ("fp32", "fp32-transpose", "int8", "mobile"):
         compiled, _ = run_pipeline(build_random(xxs64)[0], name)
-        assert analysis.count_macs(onnx_io.to_proto(compiled)) == (plain_macs, [])
-    mobile, _ = run_pipeline(build_random(xxs64)[0], "mobile")
-    mobile_macs, unknown = analysis.count_macs(onnx_io.to_proto(mobile))
-    assert unknown == [] and mobile_macs > plain_macs
+        assert analysis.count_macs(onnx_io.to_proto(compiled)) == (plain_macs, []), name

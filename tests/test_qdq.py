@@ -399,3 +399,27 @@ def test_integer_shape_arithmetic_is_not_quantized() -> None:
     onnx.checker.check_model(proto, full_check=True)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": pixels})[0].shape == (8, 8, 16)
+
+
+def test_a_softmax_reads_a_float_input_so_ort_cannot_fuse_it() -> None:
+    """Mul → Softmax → MatMul, the attention of a graph built without passes: with the Mul
+    and MatMul quantized, ORT fused DQ → Softmax → Q into QLinearSoftmax, which gives 0
+    instead of 1 over one element (one token per patch group): y was 0, not v."""
+    text = """<ir_version: 10, opset_import: ["" : 24]>
+    m (float[N, 4, 1, 1] s) => (float[N, 4, 1, 8] y)
+      <float k = {0.25}, float[1, 8] v = {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8}> {
+        a = Mul (s, k)
+        p = Softmax <axis = -1> (a)
+        y = MatMul (p, v)
+    }"""
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(text))
+    scores = np.random.default_rng(0).normal(0, 1, (6, 4, 1, 1)).astype(np.float32)
+    quantized, _ = calibration_quantize(model, ImageSet(scores),
+                                        QuantizeOptions(report_accuracy=False))
+    proto = onnx_io.to_proto(quantized)
+    writer = {o: n.op_type for n in proto.graph.node for o in n.output}
+    softmax = next(n for n in proto.graph.node if n.op_type == "Softmax")
+    assert writer[softmax.input[0]] == "Mul"  # float, not a DequantizeLinear
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = np.broadcast_to(np.linspace(0.1, 0.8, 8, dtype=np.float32), (6, 4, 1, 8))
+    np.testing.assert_allclose(session.run(None, {"s": scores})[0], expected, atol=0.02)
