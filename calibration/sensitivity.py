@@ -10,7 +10,9 @@ goes away). One run of each model with those tensors exposed gives
 
 Kept in float, n's output is still quantized where the next integer layer reads it: that
 requantization, r(n) = SQNR(y, DQ(Q(y))) with the scale and zero point of the QuantizeLinear
-on y (no cap: ∞ where nothing requantizes y), stays either way. Independent noises add in
+on y (the 100 dB cap where nothing requantizes y), stays either way. (Nearly: where every
+reader of y stays float and only n's integer kernel needed that Q, keeping n in float drops it,
+and r(n) then counts noise that would go away.) Independent noises add in
 power, so with ⊕ the SQNR of two noises together, a ⊕ b = −10·log10(10^(−a/10) + 10^(−b/10)),
 
     degradation(n) = (in(n) ⊕ r(n)) − (out(n) ⊕ r(n))   [dB]

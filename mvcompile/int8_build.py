@@ -42,10 +42,11 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
     """Quantize the compiled graph; report calibration and (optional) eval accuracy."""
     source, pass_report = int8_source(plain, options.passes)
     calibration = _images(options.calib_data, options, progress, options.calib_size, "train")
-    # Read before calibrating, so that unusable eval data fails the build at once rather than
-    # after minutes of calibration (and of the --accuracy-budget search).
-    evaluation = (None if options.eval_data is None
-                  else _images(options.eval_data, options, progress, None, "val"))
+    if options.eval_data is not None:
+        # A probe before calibrating, so that unusable eval data (a wrong path or array, an
+        # empty folder) fails the build at once rather than after minutes of calibration and
+        # of the --accuracy-budget search; all of it is read after, not held meanwhile.
+        load_images(options.eval_data, options.resolution, limit=1, split="val")
     if calibration.skipped:
         log.warning("Skipped %d non-image files in %s", len(calibration.skipped),
                     options.calib_data)
@@ -72,8 +73,9 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
     report = {"passes": pass_report, "quantization": asdict(qreport),
               "calibration_skipped": calibration.skipped,
               "accuracy": {"calibration": on_calibration}}
-    if evaluation is not None:
-        report["accuracy"]["eval"] = _compare(pair, evaluation, progress, options.eval_data)
+    if options.eval_data is not None:
+        images = _images(options.eval_data, options, progress, None, "val")
+        report["accuracy"]["eval"] = _compare(pair, images, progress, options.eval_data)
     return int8_proto, report
 
 

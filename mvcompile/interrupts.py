@@ -16,8 +16,9 @@ from multiprocessing.process import BaseProcess
 
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[None]:
-    """Hold back SIGINT and SIGTERM until the block ends, then raise :class:`KeyboardInterrupt`
-    (:class:`Terminated` for SIGTERM).
+    """Hold back SIGINT and SIGTERM until the block ends, then hand each to the handler that
+    was in place (so :class:`KeyboardInterrupt`, or :class:`Terminated` for SIGTERM under the
+    CLI; a signal the process ignores stays ignored).
 
     ``import coremltools`` takes seconds and tries optional imports (sklearn, torch) under
     bare ``except:`` clauses, which catch the KeyboardInterrupt of a Ctrl-C pressed meanwhile:
@@ -33,16 +34,27 @@ def deferred_interrupt() -> Iterator[None]:
     def note(signum: int, _frame: object) -> None:
         received.append(signum)
 
-    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # A signal the process ignores stays ignored; the others are noted and delivered after.
+    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if signal.SIGTERM in received:
-        raise Terminated
-    if received:
-        raise KeyboardInterrupt
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signum in received:
+            _deliver(signum, previous[signum])
+
+
+def _deliver(signum: int, handler: object) -> None:
+    """Run the handler that was in place for ``signum`` (Python's own for SIGINT raises
+    KeyboardInterrupt, :func:`sigterm_as_interrupt`'s raises :class:`Terminated`, an
+    application's does what it does); for the default action, raise as Ctrl-C would."""
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 # Exit statuses for a process stopped by a signal, as shells report them (128 + the signal).

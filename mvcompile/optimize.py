@@ -354,8 +354,10 @@ def _check_batches(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: f
             raise UserError(f"the generalised model fails at batch {batch} "
                             f"({first_line(err)})") from err
         worst = max([worst, *diffs])
-        if _over_limit(reference, diffs, tolerance) is not None:
-            raise UserError(f"the generalised model differs by {worst:.3g} at batch {batch}")
+        over = _over_limit(reference, diffs, tolerance)
+        if over is not None:
+            raise UserError(f"the generalised model differs by {over[0]:.3g} at batch {batch}, "
+                            f"above the tolerance {over[1]:g}")
     stages.advance()
     return worst
 

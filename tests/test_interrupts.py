@@ -183,3 +183,27 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(tmp_path) -> Non
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 141, stderr
     assert "Error" not in stderr and "Traceback" not in stderr and "Exception" not in stderr
+
+
+def test_an_ignored_sigterm_stays_ignored_inside_a_deferred_block() -> None:
+    """A Python-API caller whose process ignores SIGTERM got Terminated out of build()'s
+    coremltools import; now the block leaves an ignored signal ignored."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_deferred_sigterm_goes_to_the_applications_own_handler() -> None:
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: calls.append(signum))
+    try:
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert calls == []  # held back inside the block
+        assert calls == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
