@@ -41,10 +41,15 @@ def match_labels(images: ImageSet, outputs: int, model_classes: list[str] | None
     folder = images.class_names
     if names is not None and folder != names and set(folder) & set(names):
         return _match_by_name(images, names, source)
+    if len(folder) == 1 and outputs != 1:
+        scorer = ("which matches none of the model's class names" if names is not None else
+                  "which only a model that names its classes can score (by name)")
+        return LabelMatch(None, not_scored=(
+            f"no labels: {source} has one subfolder ({folder[0]}), taken as one class, "
+            f"{scorer}; use one subfolder per class"))
     if outputs != len(folder):
-        classes = "1 class" if len(folder) == 1 else f"{len(folder)} classes"
-        return LabelMatch(None, not_scored=f"not scored: {source} has {classes}, the model "
-                                           f"{outputs} outputs")
+        return LabelMatch(None, not_scored=f"not scored: {source} has {len(folder)} classes, "
+                                           f"the model {outputs} outputs")
     note = None
     if names is not None and folder != names:
         note = (f"the classes of {source} ({few_names(folder)}) share no name with the model's "

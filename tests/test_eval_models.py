@@ -391,7 +391,9 @@ def test_one_class_of_a_model_that_names_its_classes_is_scored(tmp_path: Path) -
     assert "by name (1 of its 3 classes)" in output, output
     code, output = run("eval", _colour_model(tmp_path / "unnamed.onnx"), "--data", str(folder))
     assert code == 0, output
-    assert _value(output, "top-1") == "not scored: the folder has 1 class, the model 3 outputs"
+    assert _value(output, "top-1") == (
+        "no labels: the folder has one subfolder (1green), taken as one class, which only a "
+        "model that names its classes can score (by name); use one subfolder per class")
 
 
 def test_an_image_beside_the_class_folders_is_named_and_not_scored(tmp_path: Path) -> None:
@@ -412,3 +414,14 @@ def test_an_ort_suffix_in_capitals_is_read_as_ort(ort_models: dict[str, Path],
     upper.write_bytes(ort_models["model"].read_bytes())
     code, output = run("eval", str(upper), "--data", str(_colour_folder(tmp_path / "imgs")))
     assert code == 0 and _value(output, "top-1") == "100.00%", output
+
+
+def test_a_single_subfolder_the_named_model_lacks_says_so() -> None:
+    from mvcompile.calibration.data import ImageSet as Images
+    from mvcompile.labels import match_labels
+
+    images = Images(np.zeros((2, 3, 8, 8), np.float32), np.array([0, 0]), ["photos"])
+    match = match_labels(images, 3, ["0red", "1green", "2blue"])
+    assert match.labels is None and match.not_scored == (
+        "no labels: the folder has one subfolder (photos), taken as one class, which matches "
+        "none of the model's class names; use one subfolder per class")
