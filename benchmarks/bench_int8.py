@@ -1,7 +1,8 @@
 """INT8 tables: latency (ours vs ORT quantize_static on the peer export) and accuracy.
 
 Latency — XXS at 256², batch 1, 2 threads, ORT CPU ORT_ENABLE_ALL, one process, interleaved:
-  ours INT8 (mvcompile build --int8), ours FP32 (compiled), the peer FP32 (transformers →
+  ours INT8 (mvcompile build --int8, with the weight range --weight-bits auto picks on this
+  machine), ours FP32 (compiled), the peer FP32 (transformers →
   torch.onnx.export → onnxsim) and the peer INT8 (onnxruntime.quantization.quant_pre_process,
   then quantize_static: QDQ, per-channel, MinMax, uint8 activations / int8 weights) on that
   export.
@@ -10,8 +11,8 @@ Accuracy — a trained model (default runs/digits_xxs/best.safetensors from
 benchmarks/train_digits.py; XXS, 64², 10 classes): FP32 and INT8 top-1 on the digits
 validation split, and top-1 agreement with FP32, for ours and for quantize_static with MinMax
 and with Percentile, each with full 8-bit weights (ORT's default) and with reduce_range (7-bit
-weights, which ORT's documentation advises on CPUs without VNNI, like this one), all calibrated
-on the same images.
+weights, which ORT's documentation advises on CPUs without VNNI), all calibrated on the same
+images.
 
     python benchmarks/bench_int8.py [--weights PATH] [--rounds 15] [--skip-latency]
 """
@@ -32,7 +33,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from mvcompile import latency, metrics, onnx_io
+from mvcompile import latency, machine, metrics, onnx_io
 from mvcompile.builder import compile_graph
 from mvcompile.calibration.data import ImageSet, bundled_photos, digits
 from mvcompile.calibration.observers import OBSERVERS
@@ -71,11 +72,16 @@ def ort_quantize_static(proto: onnx.ModelProto, images: ImageSet, method: Calibr
         return onnx.load(str(dst))
 
 
+# The weight range `mvcompile build --int8` picks on this machine (--weight-bits auto).
+AUTO_BITS, AUTO_WHY = machine.auto_weight_bits(machine.cpu_summary())
+
+
 def ours(cfg: MobileViTConfig, weights: str | None, images: ImageSet) -> tuple[
         onnx.ModelProto, onnx.ModelProto]:
     plain, _ = create_mobilevit(cfg, weights)
     fp32, _ = compile_graph(plain)
-    int8, _ = quantize(int8_source(plain, True)[0], images, QuantizeOptions())
+    int8, _ = quantize(int8_source(plain, True)[0], images,
+                       QuantizeOptions(weight_bits=AUTO_BITS))
     return onnx_io.to_proto(fp32), onnx_io.to_proto(int8)
 
 
@@ -111,7 +117,7 @@ def accuracy_table(weights: str, calib_size: int) -> None:
             rows[name] = ort_quantize_static(peer, calib, method, reduce_range)
     ref = predict(fp32.SerializeToString(), val, batch_size=1)
     print(f"\nAccuracy: XXS 64², digits val ({len(val.pixels)} images), calibration: "
-          f"{calib.description}; weights {weights}")
+          f"{calib.description}; weights {weights}; ours: {AUTO_BITS}-bit weights ({AUTO_WHY})")
     print("| model | top-1 | Δ vs FP32 (points) | top-1 agreement with FP32 | SQNR dB |")
     print("|---|---|---|---|---|")
     base = metrics.top1_accuracy(ref, val.labels)
@@ -124,7 +130,8 @@ def accuracy_table(weights: str, calib_size: int) -> None:
 
 
 def methods_table(weights: str, calib_size: int) -> None:
-    """Every --calib-method (7-bit weights), and the default with full 8-bit weights."""
+    """Every --calib-method at this machine's auto weight range, and the default method at
+    the other range."""
     cfg = MobileViTConfig.for_size("xxs", resolution=64, num_classes=10)
     plain, _ = create_mobilevit(cfg, weights)
     source = int8_source(plain, True)[0]
@@ -134,7 +141,7 @@ def methods_table(weights: str, calib_size: int) -> None:
           f"{calib.description}; FP32 top-1 {100 * metrics.top1_accuracy(ref, val.labels):.2f}%")
     print("| method | weight bits | INT8 top-1 | agreement with FP32 | SQNR dB |")
     print("|---|---|---|---|---|")
-    runs = [(m, 7) for m in OBSERVERS] + [("percentile", 8)]
+    runs = [(m, AUTO_BITS) for m in OBSERVERS] + [("percentile", 8 if AUTO_BITS == 7 else 7)]
     for method, bits in runs:
         int8, _ = quantize(source, calib, QuantizeOptions(method=method, weight_bits=bits))
         logits = predict(onnx_io.to_proto(int8).SerializeToString(), val)
@@ -155,7 +162,7 @@ def variants_table(rounds: int, threads: int) -> None:
                        ("+ Sigmoid·Mul", conv_matmul | {"Sigmoid", "Mul"}),
                        ("+ Add/Concat/pool (default)", DEFAULT_OP_TYPES),
                        ("+ Softmax", DEFAULT_OP_TYPES | {"Softmax"})):
-        int8, _ = quantize(source, images, QuantizeOptions(op_types=ops))
+        int8, _ = quantize(source, images, QuantizeOptions(op_types=ops, weight_bits=AUTO_BITS))
         models[label] = onnx_io.to_proto(int8)
     med = _medians(models, images, rounds, threads)
     print(f"\nINT8 op sets: XXS 256², batch 1, {threads} threads; medians of {10 * rounds} "

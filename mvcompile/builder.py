@@ -70,7 +70,7 @@ class BuildOptions:
     calib_method: str = "percentile"
     accuracy_budget: float | None = None
     eval_data: str | None = None
-    weight_bits: int = 7
+    weight_bits: int | None = None  # None: machine.auto_weight_bits on this CPU
     targets: tuple[str, ...] = ("onnx",)
     ort_style: str = "fixed"
     coreml_precision: str = "fp16"

@@ -258,9 +258,13 @@ class _ProgressBars:
               help="Max top-1 disagreement with FP32 on the calibration images, in percent; "
                    "the most sensitive layers stay in float until it is met (at most a "
                    "quarter of them; if it cannot be met, the build fails and writes nothing).")
-@click.option("--weight-bits", type=click.Choice(["7", "8"]), default="7", show_default=True,
-              help="INT8 weight range: 7 bits avoids the int16 saturation of x86 u8*s8 kernels "
-                   "(measured accuracy loss without it); 8 uses the full range (ARM phones).")
+@click.option("--weight-bits", type=click.Choice(["auto", "7", "8"]), default="auto",
+              show_default=True,
+              help="INT8 weight range. 7 bits avoid the int16 saturation of the u8*s8 kernels "
+                   "of x86 CPUs without VNNI (measured accuracy loss there); 8 use the full "
+                   "range (VNNI x86, ARM phones). auto: 7 on an x86 CPU without VNNI (or "
+                   "whose flags cannot be read), else 8, judged on the building machine; "
+                   "give 7 for a model that will run on such a CPU elsewhere.")
 @click.option("--eval-data", type=PATH, default=None,
               help="With --int8: images to report FP32 and INT8 accuracy on: a folder (one "
                    "subfolder per class gives labels), a preprocessed .npy array, or `digits` "
@@ -318,8 +322,8 @@ def build(size: str, weights: str | None, checkpoint_channels: str, resolution: 
                            latency_runs=latency_runs, threads=threads, passes=not no_passes,
                            int8=int8, calib_data=calib_data, calib_size=calib_size,
                            calib_method=calib_method, accuracy_budget=accuracy_budget,
-                           weight_bits=int(weight_bits), eval_data=eval_data,
-                           targets=target_names,
+                           weight_bits=None if weight_bits == "auto" else int(weight_bits),
+                           eval_data=eval_data, targets=target_names,
                            ort_style=ort_style, coreml_precision=coreml_precision,
                            coreml_int8=coreml_int8, coreml_input=coreml_input,
                            coreml_batch=coreml_batch)

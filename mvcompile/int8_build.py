@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from mvcompile import onnx_io, stages
+from mvcompile import machine, onnx_io, stages
 from mvcompile.calibration.data import ImageSet, load_images
 from mvcompile.calibration.quantize import (
     MAX_FLOAT_FRACTION,
@@ -54,10 +54,11 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
         log.warning("--calib-size %d asks for more images than %s has; calibrating on all %d",
                     options.calib_size, options.calib_data or "the bundled photos",
                     len(calibration.pixels))
+    weight_bits, weight_bits_why = _weight_bits(options.weight_bits)
     progress.start("Calibrating", len(calibration.pixels))
     quantize_options = QuantizeOptions(method=options.calib_method,
                                        accuracy_budget=options.accuracy_budget,
-                                       weight_bits=options.weight_bits,
+                                       weight_bits=weight_bits,
                                        report_accuracy=False)
     with stages.reporting_to(progress):  # the accuracy-budget search, if any, reports too
         int8, qreport = quantize(source, calibration, quantize_options, progress.advance)
@@ -70,13 +71,24 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
     on_calibration = _compare(pair, calibration, progress, options.calib_data)
     qreport.calibration_agreement = on_calibration["top1_agreement"]
     qreport.calibration_sqnr_db = on_calibration["sqnr_db"]
-    report = {"passes": pass_report, "quantization": asdict(qreport),
+    report = {"passes": pass_report,
+              "quantization": {**asdict(qreport), "weight_bits_why": weight_bits_why},
               "calibration_skipped": calibration.skipped,
               "accuracy": {"calibration": on_calibration}}
     if options.eval_data is not None:
         images = _images(options.eval_data, options, progress, None, "val")
         report["accuracy"]["eval"] = _compare(pair, images, progress, options.eval_data)
     return int8_proto, report
+
+
+def _weight_bits(requested: int | None) -> tuple[int, str]:
+    """``--weight-bits``: as given, or (None) chosen for this CPU by
+    :func:`mvcompile.machine.auto_weight_bits`; with the reason for the report."""
+    if requested is not None:
+        return requested, "as requested"
+    bits, why = machine.auto_weight_bits(machine.cpu_summary())
+    log.info("%d-bit weights (%s)", bits, why)
+    return bits, why
 
 
 def _budget_missed(qreport: QuantizeReport, budget: float, images: int) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
 def cpu_summary(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
@@ -28,3 +29,23 @@ def lacks_int8_dot_product(cpu: dict) -> bool:
     """True for an x86 CPU known (from its flags) to have no VNNI/AMX int8 dot product."""
     isa = cpu.get("isa") or {}
     return bool(isa) and not any(isa.get(flag) for flag in INT8_DOT_FLAGS)
+
+
+def auto_weight_bits(cpu: dict, arch: str | None = None) -> tuple[int, str]:
+    """``(bits, why)``: the INT8 weight range ``--weight-bits auto`` picks on this CPU.
+
+    x86 integer kernels without an int8 dot product (VNNI/AMX) add pairs of u8·s8 products
+    in int16 (``vpmaddubsw``), which saturates when 255·127 + 255·127 > 32767; weights
+    in [-63, 63] (7 bits) keep every pair sum in range. With VNNI (``vpdpbusd`` accumulates
+    in int32), on ARM and elsewhere nothing saturates and 8 bits halve the weight rounding
+    error. An x86 CPU whose flags cannot be read (macOS, Windows) is treated as lacking VNNI.
+    """
+    arch = (arch if arch is not None else platform.machine()).lower()
+    isa = cpu.get("isa") or {}
+    if isa:
+        if lacks_int8_dot_product(cpu):
+            return 7, "auto: this x86 CPU has no VNNI, whose u8·s8 kernels saturate with 8"
+        return 8, "auto: this CPU has an int8 dot product (VNNI), which does not saturate"
+    if arch in X86_MACHINES:
+        return 7, "auto: an x86 CPU whose flags could not be read, so VNNI is not assumed"
+    return 8, f"auto: a {arch or 'non-x86'} CPU, whose int8 kernels do not saturate"

@@ -53,12 +53,22 @@ def _models_table(report: dict, files: dict[str, Path]) -> str:
     note = _parameters_note(report)
     if conditions:
         note += f"\n(latency: batch 1, {conditions['threads']} threads, runs interleaved)"
-    if conditions and ratio and ratio > 1 and lacks_int8_dot_product(conditions.get("cpu", {})):
-        note += ("\n(INT8 is slower here: this CPU has no VNNI int8 dot product, so ONNX "
-                 "Runtime's integer kernels gain little over FP32; README, 'What this machine "
-                 "can do')")
+    if conditions and ratio and ratio > 1:
+        note += _slow_int8_note(conditions.get("cpu", {}))
     return format_table(rows, header=("", *("FP32" if k == "onnx" else "INT8" for k in keys))
                         ) + note
+
+
+def _slow_int8_note(cpu: dict) -> str:
+    """Why the INT8 model timed slower than FP32 on this machine's ONNX Runtime."""
+    if lacks_int8_dot_product(cpu):
+        return ("\n(INT8 is slower here: this CPU has no VNNI int8 dot product, so ONNX "
+                "Runtime's integer kernels gain little over FP32; README, 'What this machine "
+                "can do')")
+    return ("\n(INT8 is slower here: ONNX Runtime's integer convolutions and matmuls are "
+            "faster, but its integer Swish (QLinearSigmoid + QLinearMul), integer adds and the "
+            "quantize/dequantize steps around the float LayerNorms and softmaxes cost more "
+            "than they save on this CPU; README, 'INT8 latency')")
 
 
 def _parameters_note(report: dict) -> str:
@@ -106,10 +116,16 @@ def _kept_float(kept: list[dict[str, str]]) -> str:
     return f"{len(kept)}: {names}{more}"
 
 
+def _auto_note(why: str) -> str:
+    """' (auto: ...)' where --weight-bits auto chose the range, else ''."""
+    return f" ({why})" if why.startswith("auto") else ""
+
+
 def _accuracy_table(int8: dict) -> str:
     q = int8["quantization"]
     rows = [("calibration", q["calibration"]),
-            ("method", f"{q['method']}, {q['weight_bits']}-bit weights"),
+            ("method", f"{q['method']}, {q['weight_bits']}-bit weights"
+                       + _auto_note(q.get("weight_bits_why", ""))),
             ("quantized ops", ", ".join(q["op_types"])),
             ("kept in float", _kept_float(q["kept_float"]))]
     left_float = q.get("float_matrix_ops") or {}

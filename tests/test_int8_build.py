@@ -55,6 +55,14 @@ def test_int8_build_writes_a_qdq_model_that_ort_runs(tmp_path: Path) -> None:
     assert "bundled" in output and "top-1 agreement" in output and "INT8" in output
     assert "matrix ops in float" in output and "FusedMatMul x15" in output
     assert "Built in" in output
+    # --weight-bits auto: the range chosen for this CPU, said so, and used for every weight
+    from mvcompile import machine
+
+    bits, why = machine.auto_weight_bits(machine.cpu_summary())
+    quantization = report["int8"]["quantization"]
+    assert (quantization["weight_bits"], quantization["weight_bits_why"]) == (bits, why)
+    assert f"{bits}-bit weights ({why})" in output
+    assert _largest_int8_weight(proto) == 2 ** (bits - 1) - 1
     # The INT8 graph's head-split attention drops each layer's key bias and folds its value
     # bias into the output bias: 2·d parameters fewer per transformer layer.
     from mvcompile.graphs.mobilevit import MobileViTConfig
@@ -64,6 +72,23 @@ def test_int8_build_writes_a_qdq_model_that_ort_runs(tmp_path: Path) -> None:
     models = report["models"]
     assert models["onnx"]["parameters"] - models["int8"]["parameters"] == fewer == 1472
     assert f"INT8 has {fewer:,} fewer parameters for the same function" in output
+
+
+def _largest_int8_weight(proto: onnx.ModelProto) -> int:
+    """max |q| over the int8 initializers (weights); per-channel symmetric scales make each
+    channel reach the range's end."""
+    return max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max())
+               for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8)
+
+
+def test_weight_bits_given_are_used_whatever_the_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, output = run("build", *FAST, "--int8", "--weight-bits", "7", "-o", str(out))
+    assert code == 0, output
+    assert _largest_int8_weight(onnx.load(str(out / "model_int8.onnx"))) == 63
+    quantization = json.loads((out / "report.json").read_text())["int8"]["quantization"]
+    assert (quantization["weight_bits"], quantization["weight_bits_why"]) == (7, "as requested")
+    assert "percentile, 7-bit weights" in output and "(auto:" not in output
 
 
 def test_missing_calibration_folder(tmp_path: Path) -> None:

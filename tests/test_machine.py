@@ -47,14 +47,29 @@ def _report(int8_ms: float, cpu: dict) -> dict:
     }
 
 
-@pytest.mark.parametrize("int8_ms, flags, noted", [
-    (12.0, ZEN3_FLAGS, True), (8.0, ZEN3_FLAGS, False), (12.0, SAPPHIRE_FLAGS, False)])
-def test_summary_explains_slow_int8_only_on_cpus_without_vnni(tmp_path, int8_ms: float,
-                                                             flags: str, noted: bool) -> None:
+@pytest.mark.parametrize("int8_ms, flags, why", [
+    (12.0, ZEN3_FLAGS, "no VNNI int8 dot product"), (8.0, ZEN3_FLAGS, None),
+    (12.0, SAPPHIRE_FLAGS, "integer Swish"), (8.0, SAPPHIRE_FLAGS, None)])
+def test_summary_explains_slow_int8_by_what_the_cpu_lacks(tmp_path, int8_ms: float,
+                                                          flags: str, why: str | None) -> None:
     cpu = machine.cpu_summary(_cpuinfo(tmp_path, flags))
     files = {"onnx": tmp_path / "model.onnx", "int8": tmp_path / "model_int8.onnx"}
     text = build_summary(_report(int8_ms, cpu), files)
-    assert ("no VNNI int8 dot product" in text) is noted
+    assert ("INT8 is slower here" in text) is (why is not None)
+    if why is not None:
+        assert why in text
+    assert ("no VNNI" in text) is (flags == ZEN3_FLAGS and why is not None)
+
+
+@pytest.mark.parametrize("flags, arch, bits", [
+    (ZEN3_FLAGS, "x86_64", 7), (SAPPHIRE_FLAGS, "x86_64", 8), (None, "x86_64", 7),
+    (None, "AMD64", 7), (None, "arm64", 8), (None, "aarch64", 8)])
+def test_auto_weight_bits_avoid_saturation_only_where_kernels_saturate(
+        tmp_path, flags: str | None, arch: str, bits: int) -> None:
+    path = _cpuinfo(tmp_path, flags) if flags else tmp_path / "absent"
+    chosen, why = machine.auto_weight_bits(machine.cpu_summary(path), arch)
+    assert chosen == bits
+    assert why.startswith("auto: ")
 
 
 def test_summary_lists_extra_artifacts_per_model_in_its_column(tmp_path) -> None:
