@@ -57,10 +57,11 @@ def quantize_weight(weight: np.ndarray, scales: np.ndarray, axis: int = 0, qmax:
     return np.clip(np.round(weight / scales.reshape(shape)), -qmax, qmax).astype(np.int8)
 
 
-# 7-bit weights. x86 u8·s8 integer kernels add adjacent products in int16 (vpmaddubsw), which
-# saturates when both are near 255·127; ONNX Runtime 1.31's fused QLinearConv does this on
-# this machine (benchmarks/ort_quirks.py, table 2: stem conv 42.7 dB unfused vs 18.2 dB fused).
-# Halving the weight range keeps every pair sum within int16.
+# 7-bit weights. x86 u8·s8 integer kernels without VNNI add adjacent products in int16
+# (vpmaddubsw), which saturates when both are near 255·127; ONNX Runtime 1.31's fused
+# QLinearConv does this on an AVX2 Zen 3 (benchmarks/ort_quirks.py, table 2: stem conv 42.7 dB
+# unfused vs 18.2 dB fused; equal on a VNNI Zen 5). Halving the weight range keeps every pair
+# sum within int16; mvcompile.machine.auto_weight_bits decides when it is needed.
 REDUCED_QMAX = 63
 
 
