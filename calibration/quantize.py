@@ -46,7 +46,9 @@ class QuantizeOptions:
     activation_dtype: str = "uint8"
     accuracy_budget: float | None = None  # max top-1 disagreement with FP32, in percent
     keep_float: frozenset[str] = frozenset()
-    weight_bits: int = 7  # 7 avoids x86 int16 saturation (qparams.REDUCED_QMAX); 8 for ARM
+    # 7 avoids the int16 saturation of x86 u8·s8 kernels without VNNI (qparams.REDUCED_QMAX);
+    # 8 elsewhere. `mvcompile build` picks it per CPU (machine.auto_weight_bits).
+    weight_bits: int = 7
     # Compare FP32 and INT8 logits on the calibration set for the report; off when the caller
     # evaluates the finished models itself (mvcompile build does).
     report_accuracy: bool = True

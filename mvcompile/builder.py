@@ -31,6 +31,7 @@ from mvcompile.stages import StageListener
 log = logging.getLogger(__name__)
 
 TARGETS = ("onnx", "ort", "coreml")
+WEIGHT_BITS = (None, "auto", 7, 8)  # --weight-bits; None and "auto" pick per CPU
 PASS_TOLERANCE = 1e-4  # max abs logit difference between plain and compiled graphs, per
 # unit of the largest logit above 1 (pass_limit)
 
@@ -70,7 +71,7 @@ class BuildOptions:
     calib_method: str = "percentile"
     accuracy_budget: float | None = None
     eval_data: str | None = None
-    weight_bits: int | None = None  # None: machine.auto_weight_bits on this CPU
+    weight_bits: int | str | None = None  # None or "auto": machine.auto_weight_bits here
     targets: tuple[str, ...] = ("onnx",)
     ort_style: str = "fixed"
     coreml_precision: str = "fp16"
@@ -178,6 +179,8 @@ def _check_inputs(options: BuildOptions) -> MobileViTConfig:
                         f"{', '.join(OBSERVERS)}.")
     if options.calib_size < 1:
         raise UserError(f"--calib-size must be at least 1, got {options.calib_size}.")
+    if options.weight_bits not in WEIGHT_BITS:
+        raise UserError(f"--weight-bits must be auto, 7 or 8, got {options.weight_bits!r}.")
     unknown = set(options.targets) - set(TARGETS)
     if unknown:
         raise UserError(f"Unknown target(s) {', '.join(sorted(unknown))}. Choose from: "

@@ -264,7 +264,8 @@ class _ProgressBars:
                    "of x86 CPUs without VNNI (measured accuracy loss there); 8 use the full "
                    "range (VNNI x86, ARM phones). auto: 7 on an x86 CPU without VNNI (or "
                    "whose flags cannot be read), else 8, judged on the building machine; "
-                   "give 7 for a model that will run on such a CPU elsewhere.")
+                   "give 7 for a model that will run on such a CPU elsewhere, 8 for one built "
+                   "there for a phone or Core ML.")
 @click.option("--eval-data", type=PATH, default=None,
               help="With --int8: images to report FP32 and INT8 accuracy on: a folder (one "
                    "subfolder per class gives labels), a preprocessed .npy array, or `digits` "

@@ -81,11 +81,11 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
     return int8_proto, report
 
 
-def _weight_bits(requested: int | None) -> tuple[int, str]:
-    """``--weight-bits``: as given, or (None) chosen for this CPU by
+def _weight_bits(requested: int | str | None) -> tuple[int, str]:
+    """``--weight-bits``: as given, or (None or "auto") chosen for this CPU by
     :func:`mvcompile.machine.auto_weight_bits`; with the reason for the report."""
-    if requested is not None:
-        return requested, "as requested"
+    if requested not in (None, "auto"):
+        return int(requested), "as requested"
     bits, why = machine.auto_weight_bits(machine.cpu_summary())
     log.info("%d-bit weights (%s)", bits, why)
     return bits, why

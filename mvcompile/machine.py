@@ -14,13 +14,15 @@ X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
 
 def cpu_summary(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     """``{"name", "isa": {flag: bool}}`` from /proc/cpuinfo; ``isa`` is empty where that file
-    does not exist (macOS, Windows)."""
+    does not exist (macOS, Windows) or lists no x86 ``flags`` (ARM)."""
     if not cpuinfo.exists():
         return {"name": platform.processor() or platform.machine() or "unknown", "isa": {}}
     lines = cpuinfo.read_text().splitlines()
     name = next((line.split(":", 1)[1].strip() for line in lines
                  if line.startswith("model name")), platform.machine() or "unknown")
-    flags_line = next((line for line in lines if line.startswith("flags")), "")
+    flags_line = next((line for line in lines if line.startswith("flags")), None)
+    if flags_line is None:  # ARM lists "Features", none of which are x86 extensions
+        return {"name": name, "isa": {}}
     flags = set(flags_line.split(":", 1)[-1].split())
     return {"name": name, "isa": {flag: flag in flags for flag in ISA_FLAGS}}
 
@@ -41,11 +43,10 @@ def auto_weight_bits(cpu: dict, arch: str | None = None) -> tuple[int, str]:
     error. An x86 CPU whose flags cannot be read (macOS, Windows) is treated as lacking VNNI.
     """
     arch = (arch if arch is not None else platform.machine()).lower()
-    isa = cpu.get("isa") or {}
-    if isa:
-        if lacks_int8_dot_product(cpu):
-            return 7, "auto: this x86 CPU has no VNNI, whose u8·s8 kernels saturate with 8"
-        return 8, "auto: this CPU has an int8 dot product (VNNI), which does not saturate"
-    if arch in X86_MACHINES:
+    if arch not in X86_MACHINES:
+        return 8, f"auto: an {arch or 'unknown'} CPU, not x86, so nothing saturates"
+    if not cpu.get("isa"):
         return 7, "auto: an x86 CPU whose flags could not be read, so VNNI is not assumed"
-    return 8, f"auto: a {arch or 'non-x86'} CPU, whose int8 kernels do not saturate"
+    if lacks_int8_dot_product(cpu):
+        return 7, "auto: this x86 CPU lacks VNNI, so its u8·s8 kernels saturate with 8 bits"
+    return 8, "auto: this CPU has an int8 dot product (VNNI), which does not saturate"

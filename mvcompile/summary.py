@@ -65,10 +65,11 @@ def _slow_int8_note(cpu: dict) -> str:
         return ("\n(INT8 is slower here: this CPU has no VNNI int8 dot product, so ONNX "
                 "Runtime's integer kernels gain little over FP32; README, 'What this machine "
                 "can do')")
-    return ("\n(INT8 is slower here: ONNX Runtime's integer convolutions and matmuls are "
-            "faster, but its integer Swish (QLinearSigmoid + QLinearMul), integer adds and the "
-            "quantize/dequantize steps around the float LayerNorms and softmaxes cost more "
-            "than they save on this CPU; README, 'INT8 latency')")
+    return ("\n(INT8 is slower here: in this network ONNX Runtime's integer convolutions and "
+            "matmuls gain little over FP32 on this CPU, and its integer Swish (QLinearSigmoid + "
+            "QLinearMul), integer adds and the quantize/dequantize steps around the float "
+            "LayerNorms and softmaxes cost more than the float ops they replace; README, "
+            "'INT8 latency')")
 
 
 def _parameters_note(report: dict) -> str:

@@ -91,6 +91,20 @@ def test_weight_bits_given_are_used_whatever_the_cpu(tmp_path: Path) -> None:
     assert "percentile, 7-bit weights" in output and "(auto:" not in output
 
 
+def test_api_takes_weight_bits_auto_as_the_cli_does_and_refuses_other_values(
+        tmp_path: Path) -> None:
+    from mvcompile import BuildOptions, build, machine
+    from mvcompile.errors import UserError
+
+    fast = {"resolution": 64, "latency_runs": 0, "calib_size": 4, "int8": True}
+    result = build(BuildOptions(**fast, weight_bits="auto", out_dir=str(tmp_path / "a")))
+    why = result.report["int8"]["quantization"]["weight_bits_why"]
+    assert why == machine.auto_weight_bits(machine.cpu_summary())[1]
+    with pytest.raises(UserError, match="--weight-bits must be auto, 7 or 8, got 9"):
+        build(BuildOptions(**fast, weight_bits=9, out_dir=str(tmp_path / "b")))
+    assert not (tmp_path / "b").exists()
+
+
 def test_missing_calibration_folder(tmp_path: Path) -> None:
     code, output = run("build", *FAST, "--int8", "--calib-data", str(tmp_path / "nope"),
                        "-o", str(tmp_path / "o"))
@@ -157,10 +171,11 @@ def test_accuracy_budget_outside_0_100_is_a_usage_error(tmp_path: Path, value: s
 
 def test_int8_options_without_int8_are_named_as_ignored(tmp_path: Path) -> None:
     code, output = run("build", *FAST, "--calib-data", "digits", "--accuracy-budget", "1",
+                       "--weight-bits", "auto",  # given, though it is the default
                        "-o", str(tmp_path / "o"))  # FAST's --calib-size counts too
     assert code == 0, output
-    assert ("--calib-data, --calib-size, --accuracy-budget only apply to the INT8 model and "
-            "are ignored without --int8") in output
+    assert ("--calib-data, --calib-size, --accuracy-budget, --weight-bits only apply to the INT8 "
+            "model and are ignored without --int8") in output
     assert not (tmp_path / "o" / "model_int8.onnx").exists()
 
 
@@ -175,6 +190,7 @@ def test_target_and_timing_options_that_do_not_apply_are_named_as_ignored(tmp_pa
             "coreml in --targets") in output
     assert ("--threads only applies to the latency measurement and is ignored with "
             "--latency-runs 0") in output
+    assert "--weight-bits" not in output  # a default is not named
     code, output = run("build", "--resolution", "64", "--latency-runs", "0", "--targets",
                        "onnx,ort", "--ort-style", "runtime", "-o", str(tmp_path / "o"))
     assert code == 0 and "Note: --ort-style" not in output, output

@@ -61,15 +61,32 @@ def test_summary_explains_slow_int8_by_what_the_cpu_lacks(tmp_path, int8_ms: flo
     assert ("no VNNI" in text) is (flags == ZEN3_FLAGS and why is not None)
 
 
+ARM_CPUINFO = ("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd aes crc32 asimddp\n"
+               "CPU implementer\t: 0x41\n")
+
+
 @pytest.mark.parametrize("flags, arch, bits", [
     (ZEN3_FLAGS, "x86_64", 7), (SAPPHIRE_FLAGS, "x86_64", 8), (None, "x86_64", 7),
-    (None, "AMD64", 7), (None, "arm64", 8), (None, "aarch64", 8)])
+    (None, "AMD64", 7), (None, "arm64", 8), (None, "aarch64", 8), ("arm", "aarch64", 8)])
 def test_auto_weight_bits_avoid_saturation_only_where_kernels_saturate(
         tmp_path, flags: str | None, arch: str, bits: int) -> None:
-    path = _cpuinfo(tmp_path, flags) if flags else tmp_path / "absent"
+    if flags == "arm":  # Linux on ARM: /proc/cpuinfo lists Features, no x86 flags
+        path = tmp_path / "cpuinfo"
+        path.write_text(ARM_CPUINFO)
+    else:
+        path = _cpuinfo(tmp_path, flags) if flags else tmp_path / "absent"
     chosen, why = machine.auto_weight_bits(machine.cpu_summary(path), arch)
     assert chosen == bits
     assert why.startswith("auto: ")
+    assert ("x86" in why and "not x86" not in why) is (bits == 7)
+
+
+def test_linux_arm_cpu_is_not_said_to_lack_vnni(tmp_path) -> None:
+    path = tmp_path / "cpuinfo"
+    path.write_text(ARM_CPUINFO)
+    cpu = machine.cpu_summary(path)
+    assert cpu["isa"] == {}
+    assert machine.lacks_int8_dot_product(cpu) is False
 
 
 def test_summary_lists_extra_artifacts_per_model_in_its_column(tmp_path) -> None:

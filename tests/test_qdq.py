@@ -138,7 +138,8 @@ def test_a_node_kept_float_reads_its_shared_input_in_float(data: np.ndarray) -> 
     model = fixture_model(SHARED_INPUT)
     expected = run_all(model, data)
     kept = next(n for n in model.graph if n.outputs[0].name == "c2")
-    # 7-bit weights: ORT's fused u8·s8 QLinearConv saturates int16 pair sums with 8-bit ones
+    # 7-bit weights: on x86 without VNNI, ORT's fused u8·s8 QLinearConv saturates int16 pair
+    # sums with 8-bit ones
     plan = QuantPlan(frozenset({"Conv"}), keep_float={kept.name}, weight_qmax=REDUCED_QMAX)
     counts = quantize(model, data, plan)
     assert counts["nodes"] == 1
