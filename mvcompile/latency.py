@@ -72,18 +72,23 @@ def numpy_dtype(ort_type: str) -> type:
 
 
 def seeded_inputs(specs: Iterable[tuple[str, type, Sequence[int | str | None]]], seed: int = 0,
-                  batch: int = 1) -> dict[str, np.ndarray]:
-    """{name: array} for (name, dtype, dims) specs: U[0,1) for floating-point inputs, zeros
-    for integer and boolean ones, empty strings for string ones; dims that are not integers
-    become ``batch``."""
+                  batch: int = 1, signed: bool = False) -> dict[str, np.ndarray]:
+    """{name: array} for (name, dtype, dims) specs: U[0,1) for floating-point inputs (pixel
+    values), zeros for integer and boolean ones, empty strings for string ones; dims that are
+    not integers become ``batch``. ``signed``: N(0,1) floats and True booleans instead, the
+    values the first kind never holds (integers stay 0: any other value may be an index out
+    of range)."""
     rng = np.random.default_rng(seed)
     feed = {}
     for name, dtype, dims in specs:
         shape = [d if isinstance(d, int) else batch for d in dims]
         if np.issubdtype(dtype, np.floating):
-            feed[name] = rng.uniform(0.0, 1.0, shape).astype(dtype)
+            values = rng.standard_normal(shape) if signed else rng.uniform(0.0, 1.0, shape)
+            feed[name] = values.astype(dtype)
         elif np.dtype(dtype) == np.object_:
             feed[name] = np.full(shape, "", dtype=object)
+        elif np.dtype(dtype) == np.bool_:
+            feed[name] = np.full(shape, signed, dtype)
         else:
             feed[name] = np.zeros(shape, dtype)
     return feed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Collection
 from pathlib import Path
@@ -153,7 +154,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())  # the data is on disk before the rename makes it visible
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files
+        os.chmod(tmp, _output_mode(path))  # mkstemp creates 0600
         os.replace(tmp, path)
     except OSError as err:  # a failed write() names no file (disk full): name the output
         Path(tmp).unlink(missing_ok=True)
@@ -163,6 +164,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _output_mode(path: Path) -> int:
+    """The permission bits a file written to ``path`` gets: those of the file it replaces
+    (a private model stays private), else 0666 less the umask, as ``open`` would give."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -126,7 +126,9 @@ def test_a_float16_model_is_checked_to_float16_rounding(tmp_path: Path) -> None:
 def test_output_limit_is_four_float16_ulps_and_the_tolerance_otherwise() -> None:
     assert output_limit(np.array([1.0, -40.0], np.float16), 1e-4) == 4 * 0.03125
     assert output_limit(np.array([1e-3], np.float16), 1e-4) == 1e-4  # the tolerance is larger
-    assert output_limit(np.array([40.0], np.float32), 1e-4) == 1e-4
+    assert output_limit(np.array([0.5, -0.25], np.float32), 1e-4) == 1e-4  # absolute up to 1
+    assert output_limit(np.array([40.0, np.nan], np.float32), 1e-4) == pytest.approx(40e-4)
+    assert output_limit(np.array([3, 7], np.int64), 0.0) == 0.0  # integers: exact
     assert output_limit(np.array([np.inf, 2.0], np.float16), 0.0) == 4 * np.spacing(
         np.float16(2.0))
 
