@@ -216,9 +216,31 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
     if target not in TARGET_PIPELINES:
         raise UserError(f"Unknown target {target!r}; choose one of {sorted(TARGET_PIPELINES)}.")
     sized = input_dims.fix_resolution(proto, resolution, name)
-    result, report = _optimize_sized(sized, target, tolerance, choose_by_latency, batch, name)
+    freed, defaults = _free_overridable(sized)
+    result, report = _optimize_sized(freed, target, tolerance, choose_by_latency, batch, name)
     report["resolution"] = resolution if sized is not proto else None
+    report["overridable_inputs"] = [t.name for t in defaults]
+    if defaults:
+        result.graph.initializer.extend(defaults)
+        onnx.checker.check_model(result, full_check=True)
     return result, report
+
+
+def _free_overridable(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """``proto`` with the initializers that are also graph inputs (IR ≥ 4: defaults a caller
+    may override) taken out, so that they are inputs like any other and neither onnxsim nor
+    the passes fold them into constants, and those initializers, to be put back."""
+    inputs = {v.name for v in proto.graph.input}
+    defaults = [t for t in proto.graph.initializer if t.name in inputs]
+    if proto.ir_version < 4 or not defaults:  # IR 3 lists every weight as an input
+        return proto, []
+    freed = onnx.ModelProto()
+    freed.CopyFrom(proto)
+    del freed.graph.initializer[:]
+    freed.graph.initializer.extend(t for t in proto.graph.initializer if t.name not in inputs)
+    log.info("Keeping %d initializers that are also graph inputs as overridable inputs: %s",
+             len(defaults), ", ".join(t.name for t in defaults))
+    return freed, defaults
 
 
 def _optimize_sized(proto: onnx.ModelProto, target: str, tolerance: float,
