@@ -17,7 +17,11 @@ from mvcompile.graphs.checkpoints import (
     load_state_dict,
     to_hf_names,
 )
-from mvcompile.graphs.hf_config import check_built_as_configured, other_preprocessing
+from mvcompile.graphs.hf_config import (
+    check_built_as_configured,
+    other_preprocessing,
+    patch_size_note,
+)
 from mvcompile.graphs.mobilevit import MobileViTConfig, build_graph
 from mvcompile.graphs.random_weights import DEFAULT_SEED, RandomWeights
 
@@ -59,9 +63,9 @@ def create_mobilevit(
         model = build_graph(cfg, RandomWeights(seed))
         return model, WeightsInfo("random", f"random, seed {seed} (not trained)")
     eps = check_built_as_configured(weights)  # config.json settings no weight shape shows
-    preprocessing = other_preprocessing(weights)
-    if preprocessing is not None:
-        log.warning("%s", preprocessing)
+    for note in (other_preprocessing(weights), patch_size_note(weights, cfg.patch_sizes)):
+        if note is not None:
+            log.warning("%s", note)
     if eps is not None and eps != cfg.ln_eps:
         log.info("%s: LayerNorm epsilon %g, from its config.json", weights, eps)
         cfg = replace(cfg, ln_eps=eps)

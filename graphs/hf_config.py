@@ -53,10 +53,18 @@ def hf_config(weights: str | Path) -> dict:
     return config
 
 
+MODEL_TYPE = "mobilevit"  # transformers' model_type of MobileViT (v1), which mvcompile builds
+
+
 def check_built_as_configured(weights: str | Path) -> float | None:
-    """Refuse a checkpoint whose config.json sets what the graph cannot build (see the module
-    docstring); return its ``layer_norm_eps`` (None if it sets none)."""
+    """Refuse a checkpoint whose config.json is of another model type (MobileViTV2's
+    ``mobilevitv2``, say) or sets what the graph cannot build (see the module docstring);
+    return its ``layer_norm_eps`` (None if it sets none)."""
     config = hf_config(weights)
+    model_type = config.get("model_type", MODEL_TYPE)
+    if model_type != MODEL_TYPE:
+        raise UserError(f"{weights} is a {model_type!r} checkpoint (config.json's model_type); "
+                        f"mvcompile builds MobileViT, model_type {MODEL_TYPE!r}, only.")
     differ = [f"{key} = {config[key]!r} (mvcompile builds {' or '.join(map(repr, values))})"
               for key, values in BUILT_AS.items() if key in config and config[key] not in values]
     if differ:
@@ -72,6 +80,22 @@ def check_built_as_configured(weights: str | Path) -> float | None:
         raise UserError(f"{weights}: config.json's layer_norm_eps {eps!r} is not a positive "
                         "number.")
     return float(eps)
+
+
+def patch_size_note(weights: str | Path, patch_sizes: tuple[int, ...]) -> str | None:
+    """Why building ``patch_sizes`` from the Hugging Face checkpoint ``weights`` is not the
+    network it was trained as (transformers' MobileViT unfolds every block in patches of
+    config.json's one ``patch_size``, 2: Config-A), or None. Every weight keeps its shape
+    under Config-B, so the weights load; the model computes another function."""
+    config = hf_config(weights)
+    if not config:
+        return None
+    trained = config.get("patch_size", BUILT_AS["patch_size"][0])
+    if all(p == trained for p in patch_sizes):
+        return None
+    return (f"{weights}: its config.json unfolds every MobileViT block in {trained}x{trained} "
+            f"patches (--patch-config A); building patch sizes {tuple(patch_sizes)} as asked, "
+            "which is not the network these weights were trained as")
 
 
 def other_preprocessing(weights: str | Path) -> str | None:

@@ -76,6 +76,26 @@ def test_layer_norm_epsilon_is_taken_from_the_config(tmp_path: Path) -> None:
     assert np.abs(ort_run(default_eps, pixels) - expected).max() > 1e-3  # epsilon matters
 
 
+def test_a_checkpoint_of_another_model_type_is_named_as_such(tmp_path: Path) -> None:
+    """A MobileViTV2 folder used to fail with 555 key differences and "does not look like a
+    MobileViT checkpoint"."""
+    folder, _ = _hf_folder(tmp_path / "hf", model_type="mobilevitv2")
+    with pytest.raises(UserError, match="is a 'mobilevitv2' checkpoint .*model_type 'mobilevit'"):
+        create_mobilevit(CFG, folder)
+
+
+def test_building_config_b_from_a_config_a_checkpoint_is_warned_of(tmp_path: Path,
+                                                                    caplog) -> None:
+    """Every weight keeps its shape under (8, 4, 2) patches, so the build used to go through
+    without a word, 4% off transformers' logits."""
+    folder, _ = _hf_folder(tmp_path / "hf")
+    create_mobilevit(CFG, folder)
+    assert "patch" not in caplog.text
+    config_b = MobileViTConfig.for_size("xxs", resolution=64, num_classes=10, patch_config="B")
+    create_mobilevit(config_b, folder)
+    assert "2x2 patches (--patch-config A); building patch sizes (8, 4, 2)" in caplog.text
+
+
 def test_an_unreadable_config_is_named(tmp_path: Path) -> None:
     folder, _ = _hf_folder(tmp_path / "hf")
     (folder / "config.json").write_text("{not json")

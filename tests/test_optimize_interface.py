@@ -169,20 +169,10 @@ def test_shape_inference_failures_are_not_printed_as_tracebacks(tmp_path: Path) 
 def test_an_initializer_that_is_also_an_input_stays_an_overridable_input(tmp_path: Path) -> None:
     # y = x + w·2, w an input with a default (IR ≥ 4): onnxsim used to fold w·2 into a
     # constant and drop the input w, so a caller feeding w got "invalid input name".
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["w", "c"], ["wc"]), helper.make_node("Add", ["x", "wc"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3]),
-              helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
-        [numpy_helper.from_array(np.ones((1, 3), np.float32), "w"),
-         numpy_helper.from_array(np.full((1, 3), 2.0, np.float32), "c")])
-    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(model, str(tmp_path / "in.onnx"))
-    code, output = run("optimize", str(tmp_path / "in.onnx"), "-o", str(tmp_path / "out.onnx"),
-                       "--no-measure")
-    assert code == 0, output
-    result = onnx.load(str(tmp_path / "out.onnx"))
-    onnx.checker.check_model(result, full_check=True)
+    _, result = _optimize(tmp_path, """<ir_version: 10, opset_import: ["" : 17]>
+        g (float[1,3] x, float[1,3] w) => (float[1,3] y)
+        <float[1,3] w = {1.0, 1.0, 1.0}, float[1,3] c = {2.0, 2.0, 2.0}>
+        { wc = Mul(w, c)  y = Add(x, wc) }""")
     assert [v.name for v in result.graph.input] == ["x", "w"]
     x = np.zeros((1, 3), np.float32)
     assert _by_name(result, {"x": x})["y"].tolist() == [[2.0, 2.0, 2.0]]  # the default
