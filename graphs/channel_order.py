@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mvcompile.errors import UserError
 from mvcompile.graphs.checkpoints import hf_folder
 from mvcompile.graphs.cvnets_names import looks_like_cvnets
 
@@ -64,9 +65,10 @@ def stem_to_rgb(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def check_choice(channel_order: str) -> None:
-    """ValueError unless ``channel_order`` is one of :data:`CHOICES`."""
+    """UserError unless ``channel_order`` is one of :data:`CHOICES`."""
     if channel_order not in CHOICES:
-        raise ValueError(f"channel_order must be one of {CHOICES}, got {channel_order!r}")
+        raise UserError(f"--checkpoint-channels must be one of {', '.join(CHOICES)}, got "
+                        f"{channel_order!r}.")
 
 
 def preprocessor_config(path: Path) -> dict | None:

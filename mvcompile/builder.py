@@ -23,6 +23,7 @@ from mvcompile import analysis, latency, machine, onnx_io
 from mvcompile.backends._output import check_writable_dir
 from mvcompile.calibration.observers import OBSERVERS
 from mvcompile.errors import UserError
+from mvcompile.graphs.channel_order import check_choice
 from mvcompile.graphs.checkpoints import resolve_run_weights, training_metadata
 from mvcompile.graphs.factory import create_mobilevit
 from mvcompile.graphs.mobilevit import MobileViTConfig
@@ -174,6 +175,15 @@ def _check_inputs(options: BuildOptions) -> MobileViTConfig:
                                       patch_config=options.patch_config,
                                       num_classes=options.num_classes)
     check_writable_dir(Path(options.out_dir), "build outputs")
+    check_choice(options.channel_order)
+    if isinstance(options.targets, str):
+        raise UserError(f"targets is a tuple of names, e.g. ('onnx', 'ort'), not the string "
+                        f"{options.targets!r}.")
+    if ("coreml" in options.targets and options.coreml_input == "image"
+            and options.coreml_batch != 1):
+        raise UserError(f"--coreml-input image takes one image per prediction, but "
+                        f"--coreml-batch is {options.coreml_batch}. Use --coreml-batch 1 or "
+                        "--coreml-input tensor.")
     if options.calib_method not in OBSERVERS:
         raise UserError(f"Unknown calibration method {options.calib_method!r}. Choose one of: "
                         f"{', '.join(OBSERVERS)}.")
