@@ -300,8 +300,11 @@ def _write(out_dir: Path, blobs: dict[str, bytes], report: dict, options: BuildO
         staged["report"].write_text(json.dumps(report, indent=2) + "\n")
         for path in staged.values():
             check_replaceable(path, out_dir / path.name, "build output")
-        files = {key: publish(path, out_dir / path.name, "build output")
-                 for key, path in staged.items()}
+        # Folders (.mlpackage) first: replacing one is what fails in practice (a folder without
+        # write permission cannot be moved), and nothing else has been replaced by then.
+        order = sorted(staged, key=lambda key: not staged[key].is_dir())
+        files = {key: publish(staged[key], out_dir / staged[key].name, "build output")
+                 for key in order}
     _remove_stale(out_dir, earlier - {p.name for p in files.values()})
     log.info("Wrote %s", ", ".join(str(p) for p in files.values()))
     return BuildResult(out_dir, files, report)

@@ -76,13 +76,29 @@ def publish(staged: Path, destination: Path, what: str) -> Path:
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
         if destination.is_dir() and staged.is_dir():
-            aside = Path(tempfile.mkdtemp(prefix=".mvcompile-old-", dir=destination.parent))
-            os.replace(destination, aside / destination.name)
-            os.replace(staged, destination)
-            shutil.rmtree(aside, ignore_errors=True)
+            _replace_folder(staged, destination)
         else:
             os.replace(staged, destination)
     except OSError as err:
         raise UserError(f"Cannot write the {what} to {destination}: {err.strerror}.") from err
     log.info("wrote %s", destination)
     return destination
+
+
+def _replace_folder(staged: Path, destination: Path) -> None:
+    """Rename the folder ``destination`` aside, ``staged`` into its place, then delete the old
+    one. On an error the old folder is put back and the empty aside folder removed (should
+    putting it back fail too, it stays in the aside folder rather than being deleted)."""
+    aside = Path(tempfile.mkdtemp(prefix=".mvcompile-old-", dir=destination.parent))
+    try:
+        os.replace(destination, aside / destination.name)
+    except OSError:
+        aside.rmdir()
+        raise
+    try:
+        os.replace(staged, destination)
+    except OSError:
+        os.replace(aside / destination.name, destination)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
