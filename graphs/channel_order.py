@@ -72,7 +72,9 @@ def check_choice(channel_order: str) -> None:
 
 
 def preprocessor_config(path: Path) -> dict | None:
-    """The preprocessor_config.json beside a Hugging Face checkpoint, or None."""
+    """The preprocessor_config.json beside a Hugging Face checkpoint, or None; UserError if it
+    cannot be read or is not a JSON object (taking RGB instead would be wrong for a
+    fine-tune of Apple's BGR weights)."""
     folder = hf_folder(path)
     config = folder / PREPROCESSOR_CONFIG if folder is not None else None
     if config is None or not config.is_file():
@@ -80,6 +82,9 @@ def preprocessor_config(path: Path) -> dict | None:
     try:
         data = json.loads(config.read_text())
     except (OSError, ValueError) as err:
-        log.warning("Ignoring %s: %s", config, err)
-        return None
-    return data if isinstance(data, dict) else None
+        raise UserError(f"Cannot read {config} ({err}); it says which colour order and pixel "
+                        "scale the checkpoint expects. Fix or remove it.") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{config} is not a JSON object of settings; it says which colour order "
+                        "the checkpoint expects. Fix or remove it.")
+    return data

@@ -96,6 +96,18 @@ def test_building_config_b_from_a_config_a_checkpoint_is_warned_of(tmp_path: Pat
     assert "2x2 patches (--patch-config A); building patch sizes (8, 4, 2)" in caplog.text
 
 
+@pytest.mark.parametrize(("text", "message"), [("{not json", "Cannot read .*preprocessor"),
+                                                ("[1, 2]", "is not a JSON object")])
+def test_an_unreadable_preprocessor_config_is_named(tmp_path: Path, text: str,
+                                                    message: str) -> None:
+    """It used to be warned of as absent, and the colour order taken as RGB: wrong for a
+    fine-tune of Apple's weights, which expect BGR."""
+    folder, _ = _hf_folder(tmp_path / "hf")
+    (folder / "preprocessor_config.json").write_text(text)
+    with pytest.raises(UserError, match=message):
+        create_mobilevit(CFG, folder)
+
+
 def test_an_unreadable_config_is_named(tmp_path: Path) -> None:
     folder, _ = _hf_folder(tmp_path / "hf")
     (folder / "config.json").write_text("{not json")
