@@ -115,10 +115,19 @@ def _resolved_weights(weights: str) -> str:
 PATH = NonEmptyPath()
 
 
+THREADS_PER_CORE_LIMIT = 4  # --threads above this many per core is refused
+
+
 def _note_threads(threads: int) -> None:
     """A note when --threads asks for more threads than the machine has cores: the extra
-    ones only take turns on the same cores, which slows ONNX Runtime down."""
+    ones only take turns on the same cores, which slows ONNX Runtime down; an error past
+    :data:`THREADS_PER_CORE_LIMIT` per core (100000 threads took ONNX Runtime minutes to
+    start, during which it did not answer SIGTERM)."""
     cores = os.cpu_count() or 1
+    if threads > THREADS_PER_CORE_LIMIT * cores:
+        raise UserError(f"--threads {threads} is far more than this machine's {cores} CPU "
+                        f"cores; give at most {THREADS_PER_CORE_LIMIT * cores} (the cores "
+                        "themselves are the useful number).")
     if threads > cores:
         click.secho(f"Note: --threads {threads} is more than this machine's {cores} CPU "
                     "cores; the extra threads take turns on them and slow ONNX Runtime down.",

@@ -11,8 +11,9 @@ import onnx
 import onnxruntime as ort
 
 from mvcompile import latency, metrics
+from mvcompile.analysis import graph_inputs
 from mvcompile.calibration.data import ImageSet, few_names, is_array_file
-from mvcompile.errors import UserError, ort_load_error
+from mvcompile.errors import UserError, first_line, ort_load_error, raise_if_out_of_memory
 from mvcompile.graphs.checkpoints import class_names_from_metadata
 from mvcompile.labels import match_labels
 
@@ -39,7 +40,12 @@ def predict(model: bytes | str | ort.InferenceSession, images: ImageSet, threads
     outputs = []
     for batch in images.batches(batch_size):
         feed = _pad_batch(batch, batch_size) if fixed else batch
-        outputs.append(session.run(None, {input_name: feed})[0][:len(batch)])
+        outputs.append(_run_batch(session, input_name, feed, where)[:len(batch)])
+        if outputs[-1].ndim and len(outputs[-1]) != len(batch):
+            rows = len(outputs[-1])
+            raise UserError(f"{where}'s first output has {rows} row{'s' * (rows != 1)} for a "
+                            f"batch of {len(batch)} images; eval needs one row of class logits "
+                            "per image, [N, classes].")
         if on_batch is not None:
             on_batch(len(batch))
     logits = np.concatenate(outputs)
@@ -52,6 +58,19 @@ def predict(model: bytes | str | ort.InferenceSession, images: ImageSet, threads
         raise UserError(f"{where} gives NaN or infinite logits for {bad} of the "
                         f"{len(logits)} images, so they cannot be scored.")
     return logits
+
+
+def _run_batch(session: ort.InferenceSession, input_name: str, feed: np.ndarray,
+               where: str) -> np.ndarray:
+    """The first output of ``session`` on ``feed``; UserError naming ``where`` if ONNX
+    Runtime fails (a graph that hard-codes another batch in a Reshape, say)."""
+    try:
+        return session.run(None, {input_name: feed})[0]
+    except Exception as err:  # ORT raises Fail, InvalidArgument, RuntimeException, ...
+        raise_if_out_of_memory(err)
+        raise UserError(f"ONNX Runtime cannot run {where} on a batch of {len(feed)} images "
+                        f"({first_line(err)}). A model exported for one batch size may "
+                        "declare a symbolic batch but hard-code it inside.") from err
 
 
 def open_session(model: bytes | str, where: str, threads: int = 2) -> ort.InferenceSession:
@@ -183,9 +202,10 @@ def model_class_names(proto: onnx.ModelProto) -> list[str] | None:
 
 def model_resolution(proto: onnx.ModelProto, name: str) -> int:
     """The static square resolution of a model's image input."""
-    if not proto.graph.input:
+    inputs = graph_inputs(proto)  # initializers listed as inputs are weights, not images
+    if not inputs:
         return _square_resolution(None, name)
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    dims = inputs[0].type.tensor_type.shape.dim
     return _square_resolution([d.dim_value if d.HasField("dim_value") else None for d in dims],
                               name)
 

@@ -192,6 +192,21 @@ def test_more_threads_than_cores_get_a_note(onnx_path: str, monkeypatch) -> None
     assert code == 0 and "CPU cores" not in output
 
 
+@pytest.mark.parametrize("command", ["bench", "build"])
+def test_far_more_threads_than_cores_are_refused(onnx_path: str, monkeypatch, tmp_path,
+                                                 command: str) -> None:
+    """--threads 100000 ran for over ten minutes on 2 cores and did not answer SIGTERM."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    args = ([onnx_path] if command == "bench" else ["--resolution", "64", "-o",
+                                                      str(tmp_path / "o")])
+    code, output = run(command, *args, "--threads", "100000")
+    assert_clean_failure(code, output, "--threads 100000 is far more than this machine's 2 CPU "
+                                       "cores; give at most 8")
+    assert not (tmp_path / "o").exists()
+    code, output = run("bench", onnx_path, "--runs", "2", "--warmup", "0", "--threads", "8")
+    assert code == 0, output
+
+
 def test_options_for_the_other_backend_are_named_as_ignored(onnx_path: str) -> None:
     code, output = run("bench", onnx_path, "--runs", "2", "--warmup", "0",
                        "--compute-units", "cpu_only")

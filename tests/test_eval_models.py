@@ -425,3 +425,64 @@ def test_a_single_subfolder_the_named_model_lacks_says_so() -> None:
     assert match.labels is None and match.not_scored == (
         "no labels: the folder has one subfolder (photos), taken as one class, which matches "
         "none of the model's class names; use one subfolder per class")
+
+
+def _array(tmp_path: Path, count: int = 5, size: int = 16) -> str:
+    path = tmp_path / "pixels.npy"
+    np.save(path, np.random.default_rng(0).uniform(0, 1, (count, 3, size, size))
+            .astype(np.float32))
+    return str(path)
+
+
+def test_a_model_whose_logits_are_not_one_row_per_image_is_refused(tmp_path: Path) -> None:
+    """Mean over the batch: [1, 3] for any N. It gave an IndexError traceback with labels, and
+    "5 images" with exit 0 for a .npy array, of which one row had been scored."""
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=1),
+             helper.make_node("Flatten", ["m"], ["y"])]
+    model = helper.make_graph(
+        nodes, "batchmean", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                           ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [onnx.numpy_helper.from_array(np.array([0, 2, 3], np.int64), "axes")])
+    path = tmp_path / "batchmean.onnx"
+    onnx.save(helper.make_model(model, ir_version=10,
+                                opset_imports=[helper.make_opsetid("", 24)]), str(path))
+    for data in (_array(tmp_path), str(_colour_folder(tmp_path / "colours"))):
+        code, output = run("eval", str(path), "--data", data)
+        assert_clean_failure(code, output, "first output has 1 row for a batch of")
+
+
+def test_a_model_that_fails_at_the_eval_batch_is_a_clean_error(tmp_path: Path) -> None:
+    """A symbolic batch declared, batch 1 hard-coded in a Reshape: a raw ORT traceback before."""
+    shape = onnx.numpy_helper.from_array(np.array([1, 3, 16, 16], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+         helper.make_node("Flatten", ["p"], ["y"])], "fakebatch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [shape])
+    path = tmp_path / "fakebatch.onnx"
+    onnx.save(helper.make_model(graph, ir_version=10,
+                                opset_imports=[helper.make_opsetid("", 24)]), str(path))
+    code, output = run("eval", str(path), "--data", _array(tmp_path))
+    assert_clean_failure(code, output, "fakebatch.onnx on a batch of 5 images")
+
+
+def test_weights_listed_before_the_image_input_do_not_set_the_resolution(tmp_path: Path
+                                                                           ) -> None:
+    """model_resolution read graph.input[0], here a [2, 2] weight: images were prepared at
+    2x2 and refused."""
+    weight = onnx.numpy_helper.from_array(np.eye(3, dtype=np.float32)[:, :3], "w")
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+         helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])],
+        "weights_first",
+        [helper.make_tensor_value_info("w", TensorProto.FLOAT, [3, 3]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [weight])
+    path = tmp_path / "weights_first.onnx"
+    onnx.save(helper.make_model(graph, ir_version=10,
+                                opset_imports=[helper.make_opsetid("", 24)]), str(path))
+    code, output = run("eval", str(path), "--data", str(_colour_folder(tmp_path / "colours")))
+    assert code == 0, output
+    assert "100.00%" in output  # identity weights: the channel means pick each colour
