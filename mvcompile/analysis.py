@@ -36,6 +36,7 @@ import collections
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,11 +123,12 @@ def count_parameters(model: onnx.ModelProto) -> int:
     read as weights or biases (DequantizeLinear's input in QDQ models; QLinearConv's, QGemm's,
     MatMulInteger's, ... in QOperator models); not BN statistics, shapes, or the scales and
     zero points of any quantized op. See the module docstring."""
-    excluded = {name for n in model.graph.node if n.op_type == "BatchNormalization"
+    nodes = list(all_nodes(model.graph))
+    excluded = {name for n in nodes if n.op_type == "BatchNormalization"
                 for name in n.input[3:5]}
     quantized: set[str] = set()
     unpacked: dict[str, int] = {}  # MatMulNBits weight -> its K · N unpacked elements
-    for node in model.graph.node:
+    for node in nodes:
         tensors, qparams = _quantized_inputs(node)
         quantized |= {node.input[i] for i in tensors if i < len(node.input)}
         excluded |= {node.input[i] for i in qparams if i < len(node.input)}
@@ -135,17 +137,49 @@ def count_parameters(model: onnx.ModelProto) -> int:
             if k and n:
                 unpacked[node.input[1]] = k * n
     # quantize_dynamic's rescale: Mul(DynamicQuantizeLinear's scale, the weight's scale).
-    dynamic_scales = {n.output[1] for n in model.graph.node
+    dynamic_scales = {n.output[1] for n in nodes
                       if n.op_type == "DynamicQuantizeLinear" and len(n.output) > 1}
-    excluded |= {name for n in model.graph.node
+    excluded |= {name for n in nodes
                  if n.op_type == "Mul" and dynamic_scales & set(n.input) for name in n.input}
     excluded.discard("")
     return sum(
         unpacked.get(init.name, int(np.prod(init.dims)))
-        for init in model.graph.initializer
+        for init in _weight_tensors(model.graph, nodes)
         if (init.data_type in _FLOAT_TYPES or init.name in quantized)
         and len(init.dims) >= 1 and init.name not in excluded
     )
+
+
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """The nodes of ``graph`` and, depth first, of the subgraphs of its If, Loop and Scan
+    nodes (TorchScript exports have them)."""
+    for node in graph.node:
+        yield node
+        for sub in _subgraphs(node):
+            yield from all_nodes(sub)
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in
+            ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+
+
+def _weight_tensors(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]
+                    ) -> Iterator[onnx.TensorProto]:
+    """The initializers of ``graph`` and its subgraphs, and the tensors of the Constant nodes
+    among ``nodes`` (some exporters store weights so), named as the Constant's output."""
+    yield from graph.initializer
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            yield from sub.initializer
+    for node in nodes:
+        value = next((a.t for a in node.attribute if a.name == "value"
+                      and a.type == onnx.AttributeProto.TENSOR), None)
+        if node.op_type == "Constant" and value is not None and node.output:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            yield tensor
 
 
 def _quantized_inputs(node: onnx.NodeProto) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -164,12 +198,18 @@ def count_macs(model: onnx.ModelProto) -> tuple[int, list[str]]:
     shapes = inferred_shapes(model)
     total, unknown = 0, []
     for node in model.graph.node:
-        macs = _node_macs(node, shapes)
+        macs = None if _has_matrix_work(node) else _node_macs(node, shapes)
         if macs is None:
             unknown.append(node.name or node.op_type)
         else:
             total += macs
     return total, unknown
+
+
+def _has_matrix_work(node: onnx.NodeProto) -> bool:
+    """Whether a subgraph of ``node`` (If, Loop, Scan) holds a conv or matmul: its MACs
+    depend on the branch taken or the trip count, so they are reported as not counted."""
+    return any(_node_macs(n, {}) is None for sub in _subgraphs(node) for n in all_nodes(sub))
 
 
 def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:

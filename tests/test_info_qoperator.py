@@ -254,3 +254,36 @@ def test_info_on_quantize_dynamic_matches_the_float_model(tmp_path: Path,
     assert {"ConvInteger", "MatMulInteger"} <= ops and not {"Conv", "Gemm"} & ops, ops
     assert analysis.count_parameters(quantized) == FLOAT_PARAMETERS
     assert analysis.count_macs(quantized) == (FLOAT_MACS, [])
+
+
+def test_weights_in_constant_nodes_are_parameters() -> None:
+    """Some exporters store weights as Constant nodes: they counted 0 parameters."""
+    model = _float_model()
+    constants = [helper.make_node("Constant", [], [t.name], value=t)
+                 for t in model.graph.initializer]
+    nodes = [*constants, *model.graph.node]
+    del model.graph.initializer[:]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    assert analysis.count_parameters(model) == FLOAT_PARAMETERS
+    assert analysis.count_macs(model) == (FLOAT_MACS, [])
+
+
+def test_an_if_with_matrix_work_is_not_counted_and_its_weights_are() -> None:
+    """A conv in both branches of an If: 0 parameters and 0 MACs, unflagged, before."""
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Conv", ["x", f"{name}_w"], [f"{name}_y"])], name, [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)],
+            [_init(f"{name}_w", np.ones((2, 3, 1, 1), np.float32))])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], name="choose", then_branch=branch("a"),
+                          else_branch=branch("b"))], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert analysis.count_parameters(model) == 2 * 6  # each branch's stored weights
+    assert analysis.count_macs(model) == (0, ["choose"])
