@@ -429,13 +429,8 @@ def evaluate(model: str, data: str, reference: str | None, limit: int | None) ->
     from mvcompile.evaluate import evaluate_file, find_reference
 
     reference = reference or find_reference(model)
-    progress = _ProgressBars()
-    progress.start("Evaluating", 0)
-    try:
-        report = evaluate_file(model, data, reference, limit,
-                               on_batch=lambda n: progress.advance(n))
-    finally:
-        progress.finish()
+    with stages.reporting_to(_ProgressBars()):
+        report = evaluate_file(model, data, reference, limit)
     rows: list[tuple[str, object]] = [("images", f"{report['images']} ({report['source']})")]
     if report.get("skipped"):
         rows.append(("data", skipped_note(report["skipped"])))

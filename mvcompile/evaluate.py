@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from mvcompile import latency, metrics
+from mvcompile import latency, metrics, stages
 from mvcompile.analysis import graph_inputs
 from mvcompile.calibration.data import ImageSet, few_names, is_array_file
 from mvcompile.errors import UserError, first_line, ort_load_error, raise_if_out_of_memory
@@ -251,10 +251,10 @@ def find_reference(model_path: str) -> str | None:
 
 
 def evaluate_file(model_path: str, data: str, reference: str | None = None,
-                  limit: int | None = None,
-                  on_batch: Callable[[int], None] | None = None) -> dict:
+                  limit: int | None = None) -> dict:
     """Top-1 of ``model_path`` (.onnx or .ort) on ``data``; with a reference FP32 model,
-    agreement and SQNR."""
+    agreement and SQNR. Reports its progress (loading, then one step per image and model)
+    through :mod:`mvcompile.stages`."""
     from mvcompile.calibration.data import load_images
 
     model = open_model(model_path)
@@ -263,7 +263,10 @@ def evaluate_file(model_path: str, data: str, reference: str | None = None,
         raise UserError(f"The reference {reference} takes {ref.resolution}² inputs and "
                         f"{model_path} {model.resolution}²; compare models built at the same "
                         "resolution.")
-    images = load_images(data, model.resolution, limit, split="val")
+    stages.start(f"Loading images from {data}", limit or 0)
+    images = load_images(data, model.resolution, limit, on_image=stages.advance, split="val")
+    stages.start("Evaluating", len(images.pixels) * (2 if ref is not None else 1))
+    on_batch = stages.advance
     logits = predict(model.session, images, on_batch=on_batch, name=model_path)
     source = source_noun(data)
     if ref is None:

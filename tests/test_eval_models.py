@@ -486,3 +486,32 @@ def test_weights_listed_before_the_image_input_do_not_set_the_resolution(tmp_pat
     code, output = run("eval", str(path), "--data", str(_colour_folder(tmp_path / "colours")))
     assert code == 0, output
     assert "100.00%" in output  # identity weights: the channel means pick each colour
+
+
+class _Recorder:
+    """A StageListener that keeps each stage's (label, total, steps advanced)."""
+
+    def __init__(self) -> None:
+        self.stages: list[list] = []
+
+    def start(self, label: str, total: int) -> None:
+        self.stages.append([label, total, 0])
+
+    def advance(self, n: int = 1) -> None:
+        self.stages[-1][2] += n
+
+    def finish(self) -> None:
+        pass
+
+
+def test_eval_progress_counts_every_image_of_both_models(tmp_path: Path) -> None:
+    """The bar had one step in all and stood at 100% after the first batch."""
+    from mvcompile import stages
+    from mvcompile.evaluate import evaluate_file
+
+    model = _channel_means(tmp_path / "m.onnx", ["N", 3, 16, 16], ["N", 3])
+    recorder = _Recorder()
+    with stages.reporting_to(recorder):
+        evaluate_file(model, str(_colour_folder(tmp_path / "colours")), reference=model)
+    assert recorder.stages[-1] == ["Evaluating", 20, 20]  # 10 images, model and reference
+    assert recorder.stages[0][0].startswith("Loading images") and recorder.stages[0][2] == 10
