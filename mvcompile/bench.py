@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mvcompile import latency
+from mvcompile import latency, onnx_io
 from mvcompile.analysis import format_shape
 from mvcompile.errors import UserError, first_line, ort_load_error, raise_if_out_of_memory
 
@@ -95,10 +95,7 @@ def bench(model: str | Path, backend: str | None = None, threads: int = 2, runs:
 
 def _bench_ort(path: Path, threads: int, runs: int, warmup: int,
                on_run: Callable[[], None] | None, resolution: int | None) -> BenchResult:
-    try:  # spinning: ORT's default, right for one session timed alone (see the module doc)
-        session = latency.make_session(str(path), threads=threads, spinning=True)
-    except Exception as err:  # onnxruntime raises several types for unreadable models
-        raise ort_load_error(err, str(path)) from err
+    session = _ort_session(path, threads)
     if not session.get_outputs():
         raise UserError(f"{path} has no outputs, so there is nothing to time.")
     shapes = _ort_input_shapes(session, path, resolution)
@@ -113,6 +110,24 @@ def _bench_ort(path: Path, threads: int, runs: int, warmup: int,
                         f"{_describe(shapes)}: {first_line(err)}") from err
     return BenchResult(str(path), "ort", f"CPU, {threads} thread(s)", batch, stats,
                        tuple(shapes.items()))
+
+
+def _ort_session(path: Path, threads: int) -> ort.InferenceSession:
+    """A session for ``path``, with ORT's default thread spinning, right for one session timed
+    alone (see the module doc). An .onnx file that ONNX Runtime cannot load from its path is
+    read with onnx and handed over as bytes: ORT cannot take shape tensors (a Reshape's) from
+    external data, and onnx says which external data file is missing."""
+    try:
+        return latency.make_session(str(path), threads=threads, spinning=True)
+    except Exception as err:  # onnxruntime raises several types for unreadable models
+        if path.suffix.lower() != ".onnx":
+            raise ort_load_error(err, str(path)) from err
+        first = err
+    proto = onnx_io.load_model(path)  # UserError for a missing data file, say
+    try:
+        return latency.make_session(proto.SerializeToString(), threads=threads, spinning=True)
+    except Exception:  # the path's error is the one to show
+        raise ort_load_error(first, str(path)) from first
 
 
 def _ort_input_shapes(session: ort.InferenceSession, path: Path, resolution: int | None

@@ -215,3 +215,17 @@ def test_options_for_the_other_backend_are_named_as_ignored(onnx_path: str) -> N
             "model.") in output
     code, output = run("bench", onnx_path, "--runs", "2", "--warmup", "0")
     assert code == 0 and "Note:" not in output, output
+
+
+def test_a_model_with_every_tensor_in_external_data_is_timed(onnx_path: str, tmp_path) -> None:
+    """Saved with size_threshold=0, a Reshape's shape tensor is external too: ONNX Runtime
+    could not load the model from its path, though eval and info read it."""
+    path = tmp_path / "ext" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(onnx.load(onnx_path), str(path), save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    code, output = run("bench", str(path), "--runs", "2", "--warmup", "0")
+    assert code == 0, output
+    (path.parent / "m.data").unlink()
+    assert_clean_failure(*run("bench", str(path), "--runs", "2"),
+                         "external data files that are missing: m.data")
