@@ -60,14 +60,28 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _read_file(path: Path) -> dict[str, np.ndarray]:
-    """The tensors of one checkpoint file, by its suffix."""
-    if path.suffix == ".safetensors":
+    """The tensors of one checkpoint file, by its suffix, or by its content where a
+    safetensors file carries a PyTorch suffix (renamed, or saved under a .bin name)."""
+    if path.suffix == ".safetensors" or (path.suffix in _PICKLE_SUFFIXES
+                                         and _looks_like_safetensors(path)):
         return _read_safetensors(path)
     if path.suffix in _PICKLE_SUFFIXES:
         return _read_pickle(path)
     raise UserError(f"Cannot read weights from {path}: expected a .safetensors, "
                     f"{', '.join(_PICKLE_SUFFIXES)} file, a Hugging Face model folder or a "
                     "mvcompile train run folder.")
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little endian, less
+    than the file) and then "{"; PyTorch's zip and pickle files start otherwise."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(9)
+    except OSError:
+        return False
+    return (len(head) == 9 and head[8:9] == b"{"
+            and int.from_bytes(head[:8], "little") < path.stat().st_size)
 
 
 def _checked(state: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:

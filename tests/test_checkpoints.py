@@ -80,8 +80,11 @@ def test_hf_safetensors_folder_and_bin_load_with_parity(tmp_path: Path) -> None:
     torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
     pixels = random_pixels(2, 64)
     expected = hf_logits(reference, pixels)
+    # A safetensors file under a PyTorch suffix was "truncated or corrupt" as a pickle.
+    renamed = tmp_path / "renamed.bin"
+    renamed.write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
     for path in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors",
-                 tmp_path / "pytorch_model.bin"):
+                 tmp_path / "pytorch_model.bin", renamed):
         model, info = create_mobilevit(CFG, path)
         assert info.kind == "checkpoint"
         np.testing.assert_allclose(ort_run(model, pixels), expected, rtol=0, atol=1e-4)
