@@ -217,10 +217,13 @@ def _square_resolution(shape: list | None, name: str) -> int:
         raise UserError(f"{name} has no inputs; eval needs one image input [N, 3, H, W].")
     sizes = [d for d in shape[2:4] if isinstance(d, int) and d > 0]
     if len(shape) == 4 and not sizes:
+        source = (f"the .onnx that {name} was converted from" if str(name).lower()
+                  .endswith(".ort") else name)
         raise UserError(f"{name} takes images of any height and width, so eval cannot tell "
-                        f"which resolution to prepare them at; fix it with `mvcompile optimize "
-                        f"{name} --resolution R -o OUT.onnx` and evaluate OUT.onnx.")
-    if len(shape) != 4 or len(sizes) != 2 or sizes[0] != sizes[1]:
+                        f"which resolution to prepare them at; fix {source} with `mvcompile "
+                        "optimize MODEL.onnx --resolution R -o OUT.onnx` and evaluate OUT.onnx"
+                        f"{' (converted to .ort again)' if source != name else ''}.")
+    if len(shape) != 4 or len(set(sizes)) != 1:  # one side free takes the other's size
         raise UserError(f"{name} does not take a square [N, 3, R, R] image input.")
     return sizes[0]
 

@@ -312,6 +312,19 @@ def test_a_model_of_any_image_size_is_told_how_to_fix_one(tmp_path: Path) -> Non
     code, output = run("eval", model, "--data", "digits")
     assert_clean_failure(code, output, "takes images of any height and width",
                          "--resolution R")
+    from mvcompile.backends.ort import write_ort
+
+    ort_file = write_ort(onnx.load(model), tmp_path / "ort")[0]
+    code, output = run("eval", str(ort_file), "--data", "digits")  # optimize refuses .ort
+    assert_clean_failure(code, output, "fix the .onnx that", "converted to .ort again")
+
+
+def test_a_model_with_one_free_side_is_evaluated_square(tmp_path: Path) -> None:
+    """[N, 3, H, 16] takes 16x16 images; it was called "not square"."""
+    model = _channel_means(tmp_path / "dynh.onnx", ["N", 3, "H", 16], ["N", 3])
+    code, output = run("eval", model, "--data", str(_colour_folder(tmp_path / "colours")))
+    assert code == 0, output
+    assert "100.00%" in output
 
 
 def test_an_output_that_is_not_logits_is_named(tmp_path: Path) -> None:
