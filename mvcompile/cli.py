@@ -387,7 +387,8 @@ def _macs_row(s: analysis.ModelSummary) -> tuple[str, str]:
     if len(batches) > 1:
         return ("MACs (inputs' own batches)", human_count(s.macs))
     batch = batches.pop() if batches else 1
-    unknown = (f" (and {len(s.macs_unknown_nodes)} matrix nodes not counted: shapes unknown, "
+    count = len(s.macs_unknown_nodes)
+    unknown = (f" (and {count} matrix node{'s' * (count != 1)} not counted: shapes unknown, "
                f"or an op with no MAC rule: {', '.join(s.macs_unknown_nodes[:3])}"
                f"{', ...' if len(s.macs_unknown_nodes) > 3 else ''})"
                if s.macs_unknown_nodes else "")

@@ -270,7 +270,8 @@ def test_weights_in_constant_nodes_are_parameters() -> None:
     assert analysis.count_macs(model) == (FLOAT_MACS, [])
 
 
-def test_an_if_with_matrix_work_is_not_counted_and_its_weights_are() -> None:
+def test_an_if_with_matrix_work_is_not_counted_and_its_weights_are(tmp_path: Path
+                                                                   ) -> None:
     """A conv in both branches of an If: 0 parameters and 0 MACs, unflagged, before."""
     def branch(name: str) -> onnx.GraphProto:
         return helper.make_graph(
@@ -287,3 +288,7 @@ def test_an_if_with_matrix_work_is_not_counted_and_its_weights_are() -> None:
     model.ir_version = 8
     assert analysis.count_parameters(model) == 2 * 6  # each branch's stored weights
     assert analysis.count_macs(model) == (0, ["choose"])
+    onnx.save(model, str(tmp_path / "if.onnx"))
+    assert _info_counts(tmp_path / "if.onnx") == (
+        "12 (12)", "0 (and 1 matrix node not counted: shapes unknown, or an op with no MAC rule: "
+        "choose)")
