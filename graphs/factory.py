@@ -8,16 +8,19 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from mvcompile.errors import UserError
 from mvcompile.graphs.channel_order import check_choice, stem_to_rgb, trained_channel_order
 from mvcompile.graphs.checkpoints import (
     CLASS_NAMES_KEY,
     CheckpointWeights,
     checkpoint_class_names,
+    checkpoint_size,
     format_class_names,
     load_state_dict,
     to_hf_names,
 )
 from mvcompile.graphs.hf_config import (
+    architecture_differences,
     check_built_as_configured,
     other_preprocessing,
     patch_size_note,
@@ -83,7 +86,15 @@ def create_mobilevit(
                  "that the model takes RGB", weights, why)
     source = CheckpointWeights(state, str(weights))
     model = build_graph(cfg, source)
-    source.raise_if_mismatched(describe(cfg), cfg.size, cfg.num_classes)
+    try:
+        source.raise_if_mismatched(describe(cfg), cfg.size, cfg.num_classes)
+    except UserError as err:
+        differ = architecture_differences(weights, cfg.size)
+        if differ and checkpoint_size(source.state) in (None, cfg.size):
+            raise UserError(f"{weights}: its config.json describes another network than "
+                            f"{describe(cfg)}: {'; '.join(differ)}. mvcompile builds "
+                            "transformers' MobileViT at its three standard sizes only.") from err
+        raise
     log.info("Loaded %d tensors from %s", len(source.requested), weights)
     record_class_names(model, checkpoint_class_names(weights), cfg.num_classes)
     return model, WeightsInfo("checkpoint", description, order)

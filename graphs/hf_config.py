@@ -23,6 +23,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,18 @@ def hf_config(weights: str | Path) -> dict:
     return config
 
 
+# Our sizes as transformers.MobileViTConfig arguments (as in Apple's published HF checkpoints),
+# and the architecture settings that are transformers' defaults at every size.
+HF_SIZE_ARGS: dict[str, dict[str, Any]] = {
+    "xxs": {"hidden_sizes": [64, 80, 96], "neck_hidden_sizes": [16, 16, 24, 48, 64, 80, 320],
+            "expand_ratio": 2.0},
+    "xs": {"hidden_sizes": [96, 120, 144], "neck_hidden_sizes": [16, 32, 48, 64, 80, 96, 384]},
+    "s": {"hidden_sizes": [144, 192, 240], "neck_hidden_sizes": [16, 32, 64, 96, 128, 160, 640]},
+}
+HF_ARCHITECTURE_DEFAULTS: dict[str, Any] = {"num_channels": 3, "conv_kernel_size": 3,
+                                            "expand_ratio": 4.0, "mlp_ratio": 2.0,
+                                            "qkv_bias": True}
+
 MODEL_TYPE = "mobilevit"  # transformers' model_type of MobileViT (v1), which mvcompile builds
 
 
@@ -80,6 +93,16 @@ def check_built_as_configured(weights: str | Path) -> float | None:
         raise UserError(f"{weights}: config.json's layer_norm_eps {eps!r} is not a positive "
                         "number.")
     return float(eps)
+
+
+def architecture_differences(weights: str | Path, size: str) -> list[str]:
+    """The settings in the config.json of ``weights`` that describe another network than
+    transformers' MobileViT-``size`` (a kernel size, hidden sizes, qkv_bias, ...), as
+    "key = value (MobileViT-SIZE has expected)"; [] without a config.json."""
+    config = hf_config(weights)
+    expected = {**HF_ARCHITECTURE_DEFAULTS, **HF_SIZE_ARGS[size]}
+    return [f"{key} = {config[key]!r} (MobileViT-{size.upper()} has {value!r})"
+            for key, value in expected.items() if key in config and config[key] != value]
 
 
 def patch_size_note(weights: str | Path, patch_sizes: tuple[int, ...]) -> str | None:

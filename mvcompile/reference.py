@@ -5,23 +5,17 @@ Needs the ``[test]`` extra (torch + transformers); nothing in the compiler impor
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mvcompile.graphs.hf_config import HF_SIZE_ARGS
 from mvcompile.graphs.mobilevit import MobileViTConfig
 
 if TYPE_CHECKING:
     import onnx
     import torch
 
-# Our sizes as transformers.MobileViTConfig arguments (as in Apple's published HF checkpoints).
-HF_SIZE_ARGS: dict[str, dict[str, Any]] = {
-    "xxs": {"hidden_sizes": [64, 80, 96], "neck_hidden_sizes": [16, 16, 24, 48, 64, 80, 320],
-            "expand_ratio": 2.0},
-    "xs": {"hidden_sizes": [96, 120, 144], "neck_hidden_sizes": [16, 32, 48, 64, 80, 96, 384]},
-    "s": {"hidden_sizes": [144, 192, 240], "neck_hidden_sizes": [16, 32, 64, 96, 128, 160, 640]},
-}
 
 
 def hf_model(cfg: MobileViTConfig, weights: dict[str, np.ndarray] | None = None

@@ -84,6 +84,27 @@ def test_a_checkpoint_of_another_model_type_is_named_as_such(tmp_path: Path) -> 
         create_mobilevit(CFG, folder)
 
 
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"conv_kernel_size": 5}, "conv_kernel_size = 5 (MobileViT-XXS has 3)"),
+    ({"qkv_bias": False}, "qkv_bias = False (MobileViT-XXS has True)"),
+    ({"hidden_sizes": [64, 80, 100]}, "hidden_sizes = [64, 80, 100] (MobileViT-XXS has "
+                                      "[64, 80, 96])")])
+def test_a_nonstandard_architecture_is_named_by_its_config(tmp_path: Path, settings: dict,
+                                                           named: str) -> None:
+    """Built with those settings, the weights mismatch; the error blamed "a modified model,
+    or a damaged file" rather than the setting config.json states."""
+    from transformers import MobileViTConfig as HFConfig
+    from transformers import MobileViTForImageClassification
+
+    from mvcompile.graphs.hf_config import HF_SIZE_ARGS
+
+    config = HFConfig(num_labels=10, image_size=64, **{**HF_SIZE_ARGS["xxs"], **settings})
+    MobileViTForImageClassification(config).save_pretrained(tmp_path / "hf")
+    with pytest.raises(UserError, match="describes another network than MobileViT-XXS") as err:
+        create_mobilevit(CFG, tmp_path / "hf")
+    assert named in str(err.value)
+
+
 def test_building_config_b_from_a_config_a_checkpoint_is_warned_of(tmp_path: Path,
                                                                     caplog) -> None:
     """Every weight keeps its shape under (8, 4, 2) patches, so the build used to go through
