@@ -83,6 +83,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
         wide = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.round(np.clip(wide, 0, 65535) * (255 / 65535))
                                 .astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        # Through RGBA: Pillow warns on every such file converted straight to RGB (the pixels
+        # are the same either way; the transparency is dropped).
+        image = image.convert("RGBA")
     # convert("RGB") of an RGB image is one more full copy: skipped, this runs per image
     return image if image.mode == "RGB" else image.convert("RGB")
 

@@ -30,6 +30,22 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
     assert rgb.shape == (8, 8, 3) and np.all(rgb == 128)  # Pillow's convert gives 255
 
 
+def test_palette_images_with_byte_transparency_convert_without_a_warning(tmp_path: Path
+                                                                         ) -> None:
+    """Pillow's "Palette images with Transparency expressed in bytes" warning reached the
+    user's terminal once per run."""
+    palette = Image.new("P", (4, 4), 7)
+    palette.putpalette([(3 * i) % 256 for i in range(768)])
+    palette.save(tmp_path / "p.png", transparency=bytes([0] * 255 + [255]))
+    import warnings
+
+    with Image.open(tmp_path / "p.png") as opened, warnings.catch_warnings():
+        index, palette = opened.getpixel((0, 0)), opened.getpalette()
+        warnings.simplefilter("error")
+        rgb = to_rgb(opened)
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == tuple(palette[3 * index:3 * index + 3])
+
+
 def test_floating_point_images_are_refused(tmp_path: Path) -> None:
     Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
     with Image.open(tmp_path / "f.tif") as image, pytest.raises(UserError, match="floating"):
