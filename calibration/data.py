@@ -99,9 +99,8 @@ def split_folder(folder: Path, split: str) -> Path:
     Without a val folder, "val" means train/ (with a note: those are the images training
     saw)."""
     train = folder / "train"
-    if not (train.is_dir() and any(p.is_dir() and not p.name.startswith(".")
-                                   for p in train.iterdir())):
-        return folder
+    if not (train.is_dir() and _has_subfolders(train)):
+        return _lone_val_folder(folder) or folder
     if split == "train":
         return train
     val = next((folder / v for v in VAL_FOLDERS if (folder / v).is_dir()), None)
@@ -111,6 +110,22 @@ def split_folder(folder: Path, split: str) -> Path:
         return train
     log.info("%s has train/ and %s/ folders: using %s/", folder, val.name, val.name)
     return val
+
+
+def _has_subfolders(folder: Path) -> bool:
+    return any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+
+
+def _lone_val_folder(folder: Path) -> Path | None:
+    """``folder``'s val/ (or validation/) when that is all it holds and it holds class
+    folders: the held-out half of a train/ + val/ layout, copied alone. Taken as one class
+    called "val" before."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if (len(entries) == 1 and entries[0].name in VAL_FOLDERS and entries[0].is_dir()
+            and _has_subfolders(entries[0])):
+        log.info("%s holds only %s/: using its class folders", folder, entries[0].name)
+        return entries[0]
+    return None
 
 
 def is_array_file(source: str) -> bool:

@@ -379,6 +379,17 @@ def test_a_train_and_val_folder_is_evaluated_on_val(tmp_path: Path, val: str,
     assert _value(output, "top-1") == "100.00%"
 
 
+def test_a_folder_holding_only_val_class_folders_is_evaluated_on_them(tmp_path: Path) -> None:
+    """The held-out half of a train/ + val/ layout copied alone was one class called "val",
+    with no labels."""
+    model = _channel_means(tmp_path / "m.onnx", ["N", 3, 8, 8], ["N", 3])
+    _colour_folder(tmp_path / "data" / "val", (2, 1, 1))
+    code, output = run("eval", model, "--data", str(tmp_path / "data"))
+    assert code == 0, output
+    assert f"4 images from {tmp_path / 'data' / 'val'}" in output, output
+    assert _value(output, "top-1") == "100.00%"
+
+
 def test_classes_named_train_and_val_are_classes(tmp_path: Path) -> None:
     """train/ and val/ holding images directly are two classes, not a split."""
     for name in ("train", "val"):
