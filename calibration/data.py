@@ -120,6 +120,8 @@ def _lone_val_folder(folder: Path) -> Path | None:
     """``folder``'s val/ (or validation/) when that is all it holds and it holds class
     folders: the held-out half of a train/ + val/ layout, copied alone. Taken as one class
     called "val" before."""
+    if not folder.is_dir():  # a file or a missing path: load_folder names the problem
+        return None
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
     if (len(entries) == 1 and entries[0].name in VAL_FOLDERS and entries[0].is_dir()
             and _has_subfolders(entries[0])):
