@@ -22,6 +22,7 @@ from mvcompile.graphs.checkpoints import (
 from mvcompile.graphs.hf_config import (
     architecture_differences,
     check_built_as_configured,
+    hf_config,
     other_preprocessing,
     patch_size_note,
 )
@@ -66,7 +67,9 @@ def create_mobilevit(
         model = build_graph(cfg, RandomWeights(seed))
         return model, WeightsInfo("random", f"random, seed {seed} (not trained)")
     eps = check_built_as_configured(weights)  # config.json settings no weight shape shows
-    for note in (other_preprocessing(weights), patch_size_note(weights, cfg.patch_sizes)):
+    config = hf_config(weights)  # {} for a file outside a Hugging Face folder
+    for note in (other_preprocessing(weights), patch_size_note(weights, config,
+                                                               cfg.patch_sizes)):
         if note is not None:
             log.warning("%s", note)
     if eps is not None and eps != cfg.ln_eps:
@@ -89,7 +92,7 @@ def create_mobilevit(
     try:
         source.raise_if_mismatched(describe(cfg), cfg.size, cfg.num_classes)
     except UserError as err:
-        differ = architecture_differences(weights, cfg.size)
+        differ = architecture_differences(config, cfg.size)
         if differ and checkpoint_size(source.state) in (None, cfg.size):
             raise UserError(f"{weights}: its config.json describes another network than "
                             f"{describe(cfg)}: {'; '.join(differ)}. mvcompile builds "

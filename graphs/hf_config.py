@@ -95,22 +95,22 @@ def check_built_as_configured(weights: str | Path) -> float | None:
     return float(eps)
 
 
-def architecture_differences(weights: str | Path, size: str) -> list[str]:
-    """The settings in the config.json of ``weights`` that describe another network than
+def architecture_differences(config: dict, size: str) -> list[str]:
+    """The settings in ``config`` (:func:`hf_config`) that describe another network than
     transformers' MobileViT-``size`` (a kernel size, hidden sizes, qkv_bias, ...), as
-    "key = value (MobileViT-SIZE has expected)"; [] without a config.json."""
-    config = hf_config(weights)
+    "key = value (MobileViT-SIZE has expected)"; [] for an empty config."""
     expected = {**HF_ARCHITECTURE_DEFAULTS, **HF_SIZE_ARGS[size]}
     return [f"{key} = {config[key]!r} (MobileViT-{size.upper()} has {value!r})"
             for key, value in expected.items() if key in config and config[key] != value]
 
 
-def patch_size_note(weights: str | Path, patch_sizes: tuple[int, ...]) -> str | None:
-    """Why building ``patch_sizes`` from the Hugging Face checkpoint ``weights`` is not the
-    network it was trained as (transformers' MobileViT unfolds every block in patches of
-    config.json's one ``patch_size``, 2: Config-A), or None. Every weight keeps its shape
-    under Config-B, so the weights load; the model computes another function."""
-    config = hf_config(weights)
+def patch_size_note(weights: str | Path, config: dict, patch_sizes: tuple[int, ...]
+                    ) -> str | None:
+    """Why building ``patch_sizes`` from the Hugging Face checkpoint ``weights`` (its
+    config.json: ``config``, :func:`hf_config`) is not the network it was trained as
+    (transformers' MobileViT unfolds every block in patches of config.json's one
+    ``patch_size``, 2: Config-A), or None. Every weight keeps its shape under Config-B, so the
+    weights load; the model computes another function."""
     if not config:
         return None
     trained = config.get("patch_size", BUILT_AS["patch_size"][0])

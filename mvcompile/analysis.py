@@ -169,7 +169,7 @@ def _weight_tensors(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]
     """The initializers of ``graph`` and its subgraphs, and the tensors of the Constant nodes
     among ``nodes`` (some exporters store weights so), named as the Constant's output."""
     yield from graph.initializer
-    for node in graph.node:
+    for node in nodes:
         for sub in _subgraphs(node):
             yield from sub.initializer
     for node in nodes:

@@ -269,13 +269,12 @@ def evaluate_file(model_path: str, data: str, reference: str | None = None,
     stages.start(f"Loading images from {data}", limit or 0)
     images = load_images(data, model.resolution, limit, on_image=stages.advance, split="val")
     stages.start("Evaluating", len(images.pixels) * (2 if ref is not None else 1))
-    on_batch = stages.advance
-    logits = predict(model.session, images, on_batch=on_batch, name=model_path)
+    logits = predict(model.session, images, on_batch=stages.advance, name=model_path)
     source = source_noun(data)
     if ref is None:
         report = accuracy_report(images, logits, source=source, model_classes=model.class_names)
         return with_label_note(report, images, data)
-    ref_logits = predict(ref.session, images, on_batch=on_batch, name=reference)
+    ref_logits = predict(ref.session, images, on_batch=stages.advance, name=reference)
     if ref_logits.shape != logits.shape:
         raise UserError(f"The reference {reference} gives {ref_logits.shape[-1]} outputs per "
                         f"image and {model_path} {logits.shape[-1]}; compare models with the "

@@ -35,7 +35,6 @@ from mvcompile.passes.unfold_fold import NOT_STATIC
 from mvcompile.pipeline import (
     NO_CANDIDATE,
     PARTIAL,
-    PATTERN_FOUND,
     OnnxscriptOptimize,
     run_pipeline,
     stage_fired,
@@ -270,11 +269,8 @@ def _optimize_sized(proto: onnx.ModelProto, target: str, tolerance: float,
     for stage in report["pipeline"]["stages"]:
         if stage["name"] == UNCHECKED_STAGE:
             stage.clear()
-            stage.update(name=UNCHECKED_STAGE, rules={OnnxscriptOptimize.RULE: 0},
-                         refused={OnnxscriptOptimize.RULE: "failed, so skipped: the model it "
-                                  "gave differed from the input on random inputs"},
-                         refusal_kinds={OnnxscriptOptimize.RULE: PATTERN_FOUND},
-                         cleanup=False)
+            stage.update(name=UNCHECKED_STAGE, **OnnxscriptOptimize.failed_row(
+                "the model it gave differed from the input on random inputs"))
     return result, report
 
 
@@ -417,8 +413,12 @@ def _check_batches(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: f
         if over is not None:
             raise UserError(f"the generalised model differs by {over[0]:.3g} at batch {batch}, "
                             f"above the tolerance {over[1]:g}")
+    signed = _signed_differences(proto, result, tolerance, VERIFY_BATCHES[0])
+    if signed is not None and signed[1] is not None:
+        raise UserError(f"the generalised model differs by {signed[1][0]:.3g} on signed "
+                        f"inputs, above the tolerance {signed[1][1]:g}")
     stages.advance()
-    return worst
+    return max([worst, *(signed[0] if signed else [])])
 
 
 def symbolic_batch_inputs(proto: onnx.ModelProto) -> list[str]:

@@ -162,12 +162,15 @@ class OnnxscriptOptimize(ir.passes.FunctionalPass):
         return ir.passes.PassResult(trial, modified=changed)
 
     def report(self) -> dict:
-        """Nothing when it ran; else a refused rule row, like :meth:`RuleSetPass.report`."""
-        if self.failure is None:
-            return {}
-        return {"rules": {self.RULE: 0},
-                "refused": {self.RULE: f"failed, so skipped: {self.failure}"},
-                "refusal_kinds": {self.RULE: PATTERN_FOUND}, "cleanup": False}
+        """Nothing when it ran; else :meth:`failed_row`."""
+        return {} if self.failure is None else self.failed_row(self.failure)
+
+    @classmethod
+    def failed_row(cls, why: str) -> dict:
+        """The stage's report when it was left out because of ``why``: a refused rule row,
+        like :meth:`RuleSetPass.report`."""
+        return {"rules": {cls.RULE: 0}, "refused": {cls.RULE: f"failed, so skipped: {why}"},
+                "refusal_kinds": {cls.RULE: PATTERN_FOUND}, "cleanup": False}
 
 
 def _check_still_valid(before: ir.Model, after: ir.Model) -> None:

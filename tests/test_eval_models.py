@@ -525,7 +525,7 @@ class _Recorder:
         self.stages[-1][2] += n
 
     def finish(self) -> None:
-        pass
+        """Nothing to close: the stages stay recorded."""
 
 
 def test_eval_progress_counts_every_image_of_both_models(tmp_path: Path) -> None:
