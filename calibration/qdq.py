@@ -339,7 +339,12 @@ _DQ_PASSES = frozenset({"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze
 def _quantize_activation(graph: ir.Graph, value: ir.Value,
                          params: tuple[np.float32, np.integer], readers: _FloatReaders) -> bool:
     """value → Q → one DQ per consumer (ORT fuses best when each DQ has a single consumer);
-    False, and nothing inserted, when no quantized node reads or writes ``value``.
+    False, and nothing inserted, when no quantized node reads ``value`` and either it is a
+    graph output or no quantized node writes it for a float reader.
+
+    Graph outputs stay float: Q/DQ on the logits would clip any logit beyond the calibrated
+    range to its edge and round the rest to steps of the scale, for no speed (ONNX Runtime
+    runs DQ → Gemm with a float output as one QGemm).
 
     Readers whose DQ would reach only nodes kept in float (directly or across
     :data:`_DQ_PASSES`) must not get a per-tensor DQ: ONNX Runtime would fuse DQ → Conv/Gemm
@@ -353,21 +358,15 @@ def _quantize_activation(graph: ir.Graph, value: ir.Value,
     to_int = [u for u in uses if u not in to_float]
     producer = value.producer()
     written_by_integer = producer is not None and producer.name in readers.integer_nodes
-    if not to_int and not value.is_graph_output() and not written_by_integer:
+    if not to_int and (value.is_graph_output() or not (written_by_integer and to_float)):
         return False
     q_node = _insert_quantize(graph, value, params)
-    consumers = [(u.node, u.idx) for u in to_int]
-    if value.is_graph_output():
-        consumers.append((None, None))
-    for i, (consumer, index) in enumerate(consumers):
+    for i, use in enumerate(to_int):
         dq = ir.Node("", "DequantizeLinear", [q_node.outputs[0], *q_node.inputs[1:]],
                      name=f"{value.name}_dq{i}",
                      outputs=[ir.Value(name=f"{value.name}_dequantized{i}")])
         graph.insert_after(q_node, dq)
-        if consumer is None:
-            _reroute_graph_output(graph, value, dq.outputs[0])
-        else:
-            consumer.replace_input_with(index, dq.outputs[0])
+        use.node.replace_input_with(use.idx, dq.outputs[0])
     if written_by_integer:
         for use in to_float:
             dq = _per_axis_dequantize(graph, q_node, value, params, readers.per_axis(value),
@@ -425,16 +424,6 @@ def _per_axis_dequantize(graph: ir.Graph, q_node: ir.Node, value: ir.Value,
                  outputs=[ir.Value(name=f"{value.name}_dequantized_for_{reader}")])
     graph.insert_after(q_node, dq)
     return dq.outputs[0]
-
-
-def _reroute_graph_output(graph: ir.Graph, value: ir.Value, replacement: ir.Value) -> None:
-    """Make the dequantized tensor the graph output, keeping the output's name."""
-    position = list(graph.outputs).index(value)
-    name = value.name
-    value.name = f"{name}_float"
-    replacement.name = name
-    replacement.shape, replacement.type = value.shape, value.type
-    graph.outputs[position] = replacement
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -18,7 +18,6 @@ import pytest
 from conftest import build_random, quantized_mobile
 from mvcompile import onnx_io
 from mvcompile.backends import coreml, mil_lower
-from mvcompile.backends import ort as ort_backend
 from mvcompile.errors import UserError
 from mvcompile.graphs.mobilevit import MobileViTConfig
 from mvcompile.pipeline import run_pipeline
@@ -118,8 +117,8 @@ def _constant_softmax_quantizes(model: onnx.ModelProto) -> int:
 
 
 def test_int8_w8a8_uses_quantize_dequantize(int8: onnx.ModelProto) -> None:
-    mlmodel, diff, _ = compare(int8, coreml.CoreMLOptions("fp32", "w8a8", "tensor"))
-    assert diff <= 3 * ort_backend.output_quant_steps(int8)["logits"]  # rounding flips
+    mlmodel, _, diff = compare(int8, coreml.CoreMLOptions("fp32", "w8a8", "tensor"))
+    assert diff <= 1e-3  # float logits; an internal rounding flip moves them by far less
     ops = coreml.program_summary(mlmodel._mil_program)["ops"]
     onnx_quantize = sum(n.op_type == "QuantizeLinear" for n in int8.graph.node)
     # At 64x64 the last block has one token per patch group: softmax over one element is the

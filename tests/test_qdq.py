@@ -83,11 +83,13 @@ def test_conv_and_gemm_get_qdq_and_ort_fuses_them(tmp_path, data: np.ndarray) ->
     model = fixture_model()
     expected = run(model, data)
     counts = quantize(model, data, QuantPlan(frozenset({"Conv", "Gemm"})))
-    assert counts == {"activations": 4, "weights": 2, "biases": 2, "nodes": 2}
+    assert counts == {"activations": 3, "weights": 2, "biases": 2, "nodes": 2}
     ops = op_counts(model)
-    # activations x, conv, flat, y: one Q each and one DQ per consumer; weights and biases: DQ
-    assert ops["QuantizeLinear"] == 4
-    assert ops["DequantizeLinear"] == 4 + 4
+    # activations x, conv, flat: one Q each and one DQ per consumer; weights and biases: DQ;
+    # the graph output y stays float
+    assert ops["QuantizeLinear"] == 3
+    assert ops["DequantizeLinear"] == 3 + 4
+    assert model.graph.outputs[0].producer().op_type == "Gemm"
     assert [n.op_type for n in model.graph if n.op_type not in ("QuantizeLinear",
             "DequantizeLinear")] == ["Conv", "Swish", "GlobalAveragePool", "Flatten", "Gemm"]
     proto = onnx_io.to_proto(model)
@@ -99,6 +101,28 @@ def test_conv_and_gemm_get_qdq_and_ort_fuses_them(tmp_path, data: np.ndarray) ->
     # Error of a few quantization steps of the output range, far below the signal.
     assert np.abs(quantized - expected).max() < 0.05 * np.abs(expected).max()
     assert model.graph.outputs[0].name == "y"
+
+
+def test_the_graph_output_stays_float_beyond_its_calibrated_range(tmp_path,
+                                                                   data: np.ndarray) -> None:
+    """Logits are not clipped to their calibrated range nor rounded to its 8-bit steps: with
+    the output's range calibrated at a tenth of what it reaches, the quantized model still
+    gives the float logits, and ORT's fused QGemm writes them."""
+    model = fixture_model()
+    expected = run(model, data)
+    plan = QuantPlan(frozenset({"Conv", "Gemm"}))
+    tensors = [v.name for v in plan_tensors(model.graph, plan)]
+    ranges = collect_ranges(model, tensors, [data], "minmax")
+    narrow = 0.1 * float(np.abs(expected).max())
+    ranges["y"] = (-narrow, narrow)
+    insert_qdq(model, ranges, plan)
+    quantized = run(model, data, optimized_path=str(tmp_path / "opt.onnx"))
+    assert np.abs(quantized).max() > 5 * narrow
+    assert np.abs(quantized - expected).max() < 0.05 * np.abs(expected).max()
+    optimized = onnx.load(str(tmp_path / "opt.onnx")).graph
+    assert [n.op_type for n in optimized.node if "y" in n.output] == ["QGemm"]
+    steps = quantized / (2 * narrow / 255)  # not rounded to the narrow range's 8-bit steps
+    assert np.abs(steps - np.round(steps)).max() > 0.1
 
 
 def test_weights_are_int8_per_channel_and_biases_int32(data: np.ndarray) -> None:
@@ -153,12 +177,13 @@ def test_a_node_kept_float_reads_its_shared_input_in_float(data: np.ndarray) -> 
 CHAIN = """
 <ir_version: 10, opset_import: ["" : 24]>
 block (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w, float[8] b, float[8, 8, 3, 3] w2,
-       float[8] b2, float[8, 8, 3, 3] w3, float[8] b3) => (float[N, 8, 8, 8] c3) {
+       float[8] b2, float[8, 8, 3, 3] w3, float[8] b3) => (float[N, 8, 8, 8] y) {
     c1 = Conv <pads = [1, 1, 1, 1]> (x, w, b)
     c2 = Conv <pads = [1, 1, 1, 1]> (c1, w2, b2)
     c3 = Conv <pads = [1, 1, 1, 1]> (c2, w3, b3)
+    y = Relu (c3)
 }
-"""
+"""  # Relu, not quantized, writes the float graph output (which a quantized c3 would write)
 
 
 @pytest.mark.parametrize(("width", "axis"), [(8, 3), (1, 2)])
@@ -233,7 +258,7 @@ def test_matmul_between_activations_quantizes_both_inputs(data: np.ndarray) -> N
     plan = QuantPlan(frozenset({"MatMul"}))
     assert [v.name for v in plan_tensors(model.graph, plan)] == ["x", "q", "xt", "y"]
     counts = quantize(model, x, plan)
-    assert counts["weights"] == 1 and counts["activations"] == 4
+    assert counts["weights"] == 1 and counts["activations"] == 3  # not y, the graph output
     onnx.checker.check_model(onnx_io.to_proto(model), full_check=True)
     np.testing.assert_allclose(run(model, x), expected, atol=0.05 * np.abs(expected).max())
 
@@ -268,7 +293,8 @@ def test_add_with_a_constant_operand_becomes_qlinearadd(tmp_path) -> None:
     <ir_version: 10, opset_import: ["" : 24]>
     biased (float[N, 4, 6] x, float[6, 6] w, float[6] b) => (float[N, 4, 6] y) {
         h = MatMul (x, w)
-        y = Add (h, b)
+        s = Add (h, b)
+        y = Relu (s)
     }
     """
     model = fixture_model(text)
