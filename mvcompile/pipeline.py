@@ -46,6 +46,7 @@ from mvcompile.passes import (
     tidy_reshape,
     unfold_fold,
 )
+from mvcompile.passes._reasons import NOTHING_TO_DO
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def _why_not(rule_set: RewriteRuleSet, model: ir.Model) -> tuple[str, str]:
     """The refusal kind (:data:`NO_CANDIDATE`, :data:`PARTIAL`, :data:`PATTERN_FOUND`) and
     failure reason of the rule's best partial match (a dry run with a tracer). The whole
     pattern was found when a condition or the replacement failed, or when the matched nodes
-    have other uses (which onnxscript reports as a failed match)."""
+    have other uses (which onnxscript reports as a failed match); a condition that found
+    nothing to do (:data:`NOTHING_TO_DO`) counts as no candidate."""
     tracer = MatchingTracer()
     rule_set.apply_to_model(model, tracer=tracer)
     matches = [m for found in tracer.best_matches_map.values() for m in found]
@@ -123,6 +125,8 @@ def _why_not(rule_set: RewriteRuleSet, model: ir.Model) -> tuple[str, str]:
     if not best:
         return NO_CANDIDATE, "no candidate subgraph in this model"
     reason = best[0].match_result.reason or "pattern did not match"
+    if reason.startswith(NOTHING_TO_DO):
+        return NO_CANDIDATE, reason
     found = best[0].status != MatchStatus.NO_MATCH or reason.startswith(_OTHER_USES)
     return PATTERN_FOUND if found else PARTIAL, f"{best[0].status.name.lower()}: {reason}"
 

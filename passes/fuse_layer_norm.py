@@ -19,6 +19,7 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSe
 from onnxscript.rewriter.rules.fusion._layer_norm import LayerNormBiasFusion, LayerNormFusion
 
 from mvcompile.passes._layout import broadcasts_unchanged
+from mvcompile.passes._reasons import NOTHING_TO_DO
 
 
 def _check_broadcast(result: MatchResult, x: ir.Value, name: str, value: ir.Value) -> MatchResult:
@@ -42,7 +43,7 @@ class ExplicitKeepdims(RewriteRuleClassBase):
     def check(self, context, x, axes, mean) -> MatchResult:
         result = MatchResult()
         if "keepdims" in mean.producer().attributes:
-            return result.fail("keepdims is already explicit.")
+            return result.fail(f"{NOTHING_TO_DO}keepdims is already explicit.")
         return result
 
     def rewrite(self, op, x, axes, mean):

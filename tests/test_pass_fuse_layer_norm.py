@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 from _passes_util import apply, assert_same_outputs, ops, parse
 
+from mvcompile.optimize import rule_rows
 from mvcompile.passes import fuse_layer_norm
+from mvcompile.pipeline import NO_CANDIDATE
 
 RNG = np.random.default_rng(0)
 CONSTANTS = {"eps": np.array(1e-5, np.float32), "two": np.array(2.0, np.float32),
@@ -41,6 +43,11 @@ def test_decomposed_layer_norm_with_scale_and_shift_becomes_one_node() -> None:
         assert ops(after) == ["LayerNormalization"]
         assert pass_.counts == {"ExplicitKeepdims": 0, "LayerNormFusion": 1,
                                 "LayerNormBiasFusion": 1}
+        # keepdims already spelled out: nothing to do, which optimize's table leaves out
+        assert pass_.refusal_kinds == {"ExplicitKeepdims": NO_CANDIDATE}
+        rows, hidden, _ = rule_rows({"stages": [pass_.report()]}, width=80)
+        assert [row[0] for row in rows] == ["LayerNormFusion", "LayerNormBiasFusion"]
+        assert hidden == 1
         assert_same_outputs(before, after, _feed(x=(2, 5, 8)))
 
 
