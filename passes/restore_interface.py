@@ -9,9 +9,13 @@ recorded before the pipeline, restores them:
 
 - input i gets its name back: ``inputs'[i].name = inputs[i]``;
 - output i that names a graph input becomes that input itself (``(x) => (x, ...)``);
-- output i whose value is listed once and is not a graph input is renamed in place;
-- any other output i (a value listed twice, or a graph input under another name) is copied:
-  ``outputs[i] = Identity(v)``, a new value with the recorded name and v's type and shape.
+- output i whose value is not a graph input and is listed under no other recorded name is
+  renamed in place;
+- any other output i (a value listed under two names, or a graph input under another name) is
+  copied: ``outputs[i] = Identity(v)``, a new value with the recorded name and v's type and
+  shape;
+- output i whose recorded name an earlier output j had (the model listed one value twice, as
+  ``(y, y)``) becomes that output again: ``outputs[i] = outputs[j]``.
 
 A value that holds a recorded name in the meantime is renamed first (``name_1``, ...).
 The graph computes the same function, under the interface it had; nothing else changes.
@@ -47,19 +51,28 @@ def restore_interface(model: ir.Model, inputs: list[str], outputs: list[str]) ->
             value.name = name
             restored += 1
     by_name = {v.name: v for v in graph.inputs}
-    listed = collections.Counter(id(v) for v in graph.outputs)
+    wanted: dict[int, set[str]] = collections.defaultdict(set)  # value → its recorded names
+    for value, name in zip(graph.outputs, outputs, strict=True):
+        wanted[id(value)].add(name)
+    given: dict[str, ir.Value] = {}  # recorded name → the output value that now has it
     for i, (value, name) in enumerate(zip(list(graph.outputs), outputs, strict=True)):
+        if name in given:  # the model listed one value twice, as (y, y): list it again
+            restored += given[name] is not value
+            graph.outputs[i] = given[name]
+            continue
+        given[name] = value
         if value.name == name:
             continue
         restored += 1
         if name in by_name:
             graph.outputs[i] = by_name[name]
-        elif listed[id(value)] == 1 and not value.is_graph_input():
+        elif len(wanted[id(value)]) == 1 and not value.is_graph_input():
             _free_name(graph, name, keep=value)
             value.name = name
         else:
             _free_name(graph, name, keep=None)
             graph.outputs[i] = _identity_copy(graph, value, name)
+        given[name] = graph.outputs[i]
     if restored:
         log.info("Restored %d graph input/output names that the passes changed", restored)
     return restored

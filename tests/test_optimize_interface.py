@@ -53,6 +53,18 @@ def test_an_output_copied_by_another_output_keeps_its_name(tmp_path: Path, body:
         np.testing.assert_array_equal(got[name], expected[name])
 
 
+def test_a_value_listed_twice_as_an_output_stays_listed_twice(tmp_path: Path) -> None:
+    """(y, y) came back as (y_1, y), and the check refused it ("Please report this")."""
+    model, result = _optimize(tmp_path, """<ir_version: 9, opset_import: ["" : 18]>
+        g (float[1,4,8] x) => (float[1,4,8] y, float[1,4,8] y) { y = Relu(x) }""")
+    assert [o.name for o in result.graph.output] == ["y", "y"]
+    assert [n.op_type for n in result.graph.node] == ["Relu"]
+    feed = {"x": np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 4, 8)}
+    session = ort.InferenceSession(result.SerializeToString(), providers=["CPUExecutionProvider"])
+    for got in session.run(None, feed):
+        np.testing.assert_array_equal(got, np.maximum(feed["x"], 0))
+
+
 def test_an_input_that_is_also_an_output_keeps_its_name(tmp_path: Path) -> None:
     """onnxscript's optimizer renamed x to x_orig; the check then refused the result."""
     model, result = _optimize(tmp_path, """<ir_version: 9, opset_import: ["" : 18]>
