@@ -551,6 +551,9 @@ def _optimize_summary(model: str, output: str, report: dict) -> None:
                     "fixed batch and generalising the result failed (`mvcompile -v optimize "
                     "...` logs why). `--batch 1` fixes the batch so that they can apply.",
                     fg="yellow", err=True)
+    if report.get("unknown_dims_blocked"):
+        click.secho("Note: some rewrites need static shapes and found sizes computed at run "
+                    f"time: {report['unknown_dims_blocked']}.", fg="yellow", err=True)
 
 
 @main.command()

@@ -96,11 +96,30 @@ def cannot_run_hint(proto: onnx.ModelProto) -> str:
     if not unknown:
         return ""
     first = unknown[0]
-    command = (f"--dim_param {first.param} --dim_value SIZE" if first.param else
-               f"--input_name {first.input} --input_shape ...")
     return (f" Input '{first.input}' has shape {format_shape(first.shape)}, whose unknown size "
             f"at axis {first.axis} the check filled like the batch (1): fix it first with "
-            f"`python -m onnxruntime.tools.make_dynamic_shape_fixed {command} IN OUT`.")
+            f"{_fix_command(first)}.")
+
+
+def static_shapes_hint(proto: onnx.ModelProto) -> str:
+    """For a model with unknown sizes past the batch: which one, and how to fix it so that
+    rewrites that need static shapes can apply; "" if it has none."""
+    unknown = unknown_dims(proto)
+    if not unknown:
+        return ""
+    first = unknown[0]
+    spatial = symbolic_image_sizes(proto)
+    fix = ("--resolution R (e.g. --resolution 256) fixes its height and width" if spatial
+           else f"{_fix_command(first)} fixes it")
+    return (f"input '{first.input}' has shape {format_shape(first.shape)}, unknown at axis "
+            f"{first.axis} (past the batch); {fix}")
+
+
+def _fix_command(dim: UnknownDim) -> str:
+    """ONNX Runtime's tool that fixes ``dim``, as a command line."""
+    args = (f"--dim_param {dim.param} --dim_value SIZE" if dim.param else
+            f"--input_name {dim.input} --input_shape ...")
+    return f"`python -m onnxruntime.tools.make_dynamic_shape_fixed {args} IN OUT`"
 
 
 def _check_names_only_image_sizes(proto: onnx.ModelProto, spatial: list[UnknownDim],

@@ -319,6 +319,8 @@ def _optimize(proto: onnx.ModelProto, prepared: onnx.ModelProto, stored: list[ir
             result, stored, lambda model: _check(proto, model, tolerance, batch or 1,
                                                  expected(batch or 1)))
     before, simple, after = op_counts(proto), op_counts(simplified), op_counts(result)
+    blocked = _symbolic_batch_blocked(result, pipeline_report)
+    unknown_hint = input_dims.static_shapes_hint(proto)
     report = {
         "target": target,
         "nodes": {"input": sum(before.values()), "onnxsim": sum(simple.values()),
@@ -332,8 +334,11 @@ def _optimize(proto: onnx.ModelProto, prepared: onnx.ModelProto, stored: list[ir
         "pipeline": pipeline_report,
         "batch": batch,
         "batch_generalised": False,
-        "symbolic_batch_blocked": bool(symbolic) and batch is None
-                                  and _symbolic_batch_blocked(result, pipeline_report),
+        # what kept rewrites that need static shapes from matching: the symbolic batch
+        # alone (--batch fixes it), or an unknown size past it (the hint says how to fix it)
+        "symbolic_batch_blocked": bool(symbolic) and batch is None and not unknown_hint
+                                  and blocked,
+        "unknown_dims_blocked": unknown_hint if blocked else "",
     }
     return result, report
 

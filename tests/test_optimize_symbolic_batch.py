@@ -160,3 +160,27 @@ def test_float16_storage_is_restored_after_the_generalisation(
     assert after["Cast"] == report["storage"]["restored"]
     assert _batch_dims(optimized) == ["batch", "batch"]
     _assert_matches(source, optimized)
+
+
+def test_an_unknown_size_past_the_batch_is_named_instead_of_the_batch(tmp_path) -> None:
+    """x [batch, seq] tiled by its own seq: the Shape op stays whatever the batch, so the note
+    names seq and ONNX Runtime's tool to fix it (it blamed the batch and offered --batch 1)."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "axis1"], ["seq"], axis=0),
+             helper.make_node("Concat", ["one", "seq"], ["repeats"], axis=0),
+             helper.make_node("Tile", ["x", "repeats"], ["t"]),
+             helper.make_node("Relu", ["t"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("one", TensorProto.INT64, [1], [1])])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)])
+    src, out = tmp_path / "seq.onnx", tmp_path / "o.onnx"
+    onnx.save(model, str(src))
+    code, output = run("optimize", str(src), "-o", str(out), "--no-measure")
+    assert code == 0, output
+    assert "--batch 1` fixes" not in output
+    assert "input 'x' has shape [batch, seq], unknown at axis 1" in output
+    assert "make_dynamic_shape_fixed --dim_param seq --dim_value SIZE" in output
+    _assert_matches(model, onnx.load(str(out)))
