@@ -63,3 +63,27 @@ def test_a_different_constant_is_not_gelu() -> None:
     after, _ = apply(before, "fuse_gelu", fuse_gelu.rules())
     assert "Gelu" not in ops(after)
     assert_same_outputs(before, after, FEED)
+
+
+def test_a_float16_gelu_and_a_mul_by_one_over_sqrt2_are_fused() -> None:
+    """float16 stores √2 as 1.4140625 (1.1e-4 off; onnxscript's match wants 1e-5), and
+    some exporters write x·(1/√2) instead of x/√2."""
+    half = {name: value.astype(np.float16) for name, value in CONSTANTS.items()}
+    text = _erf_gelu(24, OUTER_HALF).replace("float[", "float16[")
+    before = parse(text, half)
+    after, _ = apply(before, "fuse_gelu", fuse_gelu.rules())
+    assert ops(after) == ["Gelu"]
+    x16 = {"x": FEED["x"].astype(np.float16)}
+    assert_same_outputs(before, after, x16, atol=4e-3)  # a few float16 ulps at |y| ≤ 8
+    reciprocal = _erf_gelu(24, INNER_HALF).replace("s = Div (x, sqrt2)", "s = Mul (x, rsqrt2)")
+    before = parse(reciprocal, {**CONSTANTS, "rsqrt2": np.array(np.sqrt(0.5), np.float32)})
+    after, pass_ = apply(before, "fuse_gelu", fuse_gelu.rules())
+    assert ops(after) == ["Gelu"] and pass_.counts["ErfGeluInnerHalf"] == 1
+    assert_same_outputs(before, after, FEED)
+
+
+def test_a_constant_off_by_more_than_float16_rounding_is_not_gelu() -> None:
+    before = parse(_erf_gelu(24, OUTER_HALF), {**CONSTANTS,
+                                               "sqrt2": np.array(1.41, np.float32)})
+    after, _ = apply(before, "fuse_gelu", fuse_gelu.rules())
+    assert "Gelu" not in ops(after)
