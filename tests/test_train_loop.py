@@ -130,6 +130,21 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path: Path) -> None:
     assert list(tmp_path.rglob("*.tmp")) == []
 
 
+def test_resume_uses_the_learning_rates_and_weight_decay_given_again(tmp_path: Path) -> None:
+    """The checkpoint's optimizer state brought back the old weight decay and peak rate, so a
+    resumed --lr-min 1e-4 ended at 4e-4 and --weight-decay stayed 0.01 (run.json said not)."""
+    opts = replace(TINY, runs_dir=str(tmp_path), subset=64, batch_size=16)
+    train(opts, Recorder())
+    run_dir = tmp_path / "tiny"
+    train(replace(opts, resume=str(run_dir), epochs=3, lr=5e-4, lr_min=1e-4,
+                  weight_decay=0.5), Recorder())
+    state = torch.load(run_dir / "last.pt", weights_only=False)
+    group = state["optimizer"]["param_groups"][0]
+    assert state["epoch"] == 3
+    assert group["weight_decay"] == 0.5 and group["initial_lr"] == 5e-4
+    assert group["lr"] == pytest.approx(1e-4)  # the end of the new cosine: --lr-min
+
+
 def _cli(*args: str) -> object:
     return CliRunner().invoke(main, ["train", *args])
 

@@ -474,6 +474,18 @@ def _state(run: Run, epoch: int, rng: list[dict]) -> dict:
             "history": run.history, "best": run.best}
 
 
+def _use_options_rates(run: Run) -> None:
+    """Give the optimizer the learning rates and weight decay of the options in force, which
+    ``--resume`` may have changed: the checkpoint's optimizer and scheduler states bring back
+    the old weight decay and peak rate, which LambdaLR would multiply by the new schedule's
+    factor. At step t, lr = lr_max · factor(t) = the new schedule's lr(t)."""
+    lr_max, step = run.options.lr, run.scheduler.last_epoch
+    run.scheduler.base_lrs = [lr_max] * len(run.optimizer.param_groups)
+    for group, factor in zip(run.optimizer.param_groups, run.scheduler.lr_lambdas, strict=True):
+        group.update(initial_lr=lr_max, lr=lr_max * factor(step),
+                     weight_decay=run.options.weight_decay)
+
+
 def _restore(run: Run, state: dict) -> None:
     """Continue exactly where the checkpoint stopped; warn if the recipe changed."""
     changed = changed_options(state["options"], run.options)
@@ -485,6 +497,7 @@ def _restore(run: Run, state: dict) -> None:
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    _use_options_rates(run)
     if run.ema and state["ema"]:
         run.ema.load_state_dict(state["ema"])
     rng = state["rng"]
