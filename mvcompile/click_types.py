@@ -10,13 +10,16 @@ import click
 
 class FloatRange(click.FloatRange):
     """click's FloatRange, refusing NaN, which it lets through (every comparison with NaN is
-    false, so no bound ever fails)."""
+    false, so no bound ever fails), and infinity, which no option of ours means (an infinite
+    learning rate or tolerance)."""
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Any:
         number = super().convert(value, param, ctx)
         if isinstance(number, float) and math.isnan(number):
             self.fail("must be a number, not NaN.", param, ctx)
+        if isinstance(number, float) and math.isinf(number):
+            self.fail("must be a finite number.", param, ctx)
         return number
 
 

@@ -560,3 +560,26 @@ def test_init_weights_whose_config_builds_another_network_are_refused(two_classe
                            runs_dir=str(tmp_path), name="gelu", init_weights=str(tmp_path / "hf"))
     with pytest.raises(UserError, match="hidden_act = 'gelu'"):
         _prepare(options)
+
+
+def test_a_diverging_run_stops_with_an_error_and_leaves_a_folder_it_can_start_again(
+        tmp_path: Path) -> None:
+    """--lr 1e4 makes the loss NaN: drawing curves.png crashed with a traceback after the
+    weights were written and before last.pt, so the folder could be neither resumed nor run
+    again. Now the run stops before writing the epoch, and the same command runs again."""
+    args = ("--data", "digits", "--lr", "1e4", "--resolution", "64", "--epochs", "2",
+            "--subset", "64", "--batch-size", "16", "--runs-dir", str(tmp_path), "--name", "n")
+    _assert_clean_error(_cli(*args), "Training diverged", "epoch 1 is nan", "lower")
+    assert [p.name for p in (tmp_path / "n").iterdir()] == ["run.json"]
+    _assert_clean_error(_cli(*args), "Training diverged")  # not "holds files of an earlier run"
+    usage = _cli(*args[:2], "--lr", "inf")
+    assert usage.exit_code == 2 and "'--lr': must be a finite number" in usage.output
+
+
+def test_curves_skip_values_that_are_not_finite(tmp_path: Path) -> None:
+    from mvcompile.train.plot import write_curves
+
+    history = [{"epoch": 1, "train_loss": 2.0, "val_loss": float("nan"), "val_acc": 0.5},
+               {"epoch": 2, "train_loss": float("inf"), "val_loss": 1.0, "val_acc": 0.6}]
+    write_curves(tmp_path / "curves.png", history)
+    assert Image.open(tmp_path / "curves.png").size == (960, 320)

@@ -11,6 +11,7 @@ goes to a :class:`Reporter` supplied by the CLI.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -429,7 +430,11 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist) -> tuple[float, floa
 
 def end_epoch(run: Run, epoch: int, train_loss: float, seconds: float,
               reporter: Reporter) -> None:
-    """Validate, update best, write the run folder (rank 0), keep ranks in step."""
+    """Validate, update best, write the run folder (rank 0), keep ranks in step. A training
+    loss that is not finite (the same on every rank) stops the run before anything of this
+    epoch is written, so the run folder keeps the last good epoch."""
+    if not math.isfinite(train_loss):
+        raise UserError(_diverged_message(run, epoch, train_loss))
     val_loss, val_acc = evaluate(run.model, run.val_loader, run.dist)
     ema_acc = evaluate(run.ema.module, run.val_loader, run.dist)[1] if run.ema else None
     row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
@@ -448,6 +453,16 @@ def end_epoch(run: Run, epoch: int, train_loss: float, seconds: float,
             checkpoint.save_checkpoint(run.run_dir / checkpoint.LAST, _state(run, epoch, rng))
     barrier(run.dist)
     reporter.epoch_end(row)
+
+
+def _diverged_message(run: Run, epoch: int, train_loss: float) -> str:
+    saved = (f" Epoch {epoch} is saved in {run.run_dir}; `--resume {run.run_dir} --lr ...` "
+             "continues from it with a lower rate." if epoch > 0 else
+             " No epoch was saved.")
+    amp = " or without --amp" if run.options.amp else ""
+    return (f"Training diverged: the mean training loss of epoch {epoch + 1} is {train_loss}. "
+            f"The learning rate (--lr {run.options.lr:g}) may be too high; try a lower one"
+            f"{amp}.{saved}")
 
 
 def _metadata(run: Run) -> dict[str, str]:

@@ -69,7 +69,8 @@ def _panel(title: str, series: Series, xlabel: str) -> Image.Image:
 def write_curves(path: Path, history: list[dict]) -> None:
     """Two panels: train/val loss and val accuracy per epoch."""
     def series(key: str) -> list[tuple[float, float]]:
-        return [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
+        return [(row["epoch"], row[key]) for row in history
+                if row.get(key) is not None and math.isfinite(row[key])]
     loss = {"train loss": series("train_loss"), "val loss": series("val_loss")}
     acc = {"val accuracy": series("val_acc")}
     if any(row.get("ema_val_acc") is not None for row in history):
