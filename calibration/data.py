@@ -94,12 +94,12 @@ VAL_FOLDERS = ("val", "validation")  # the held-out folder beside train/, as tra
 
 def split_folder(folder: Path, split: str) -> Path:
     """``folder``'s ``split`` ("train" or "val") when it is laid out as ``mvcompile train
-    --data`` takes it: a train/ folder of class folders, and val/ (or validation/) beside it;
-    otherwise ``folder`` itself (a train/ holding images directly is a class called train).
+    --data`` takes it (:func:`is_train_split`); otherwise ``folder`` itself (a train/ holding
+    images directly, or beside other class folders, is a class called train).
     Without a val folder, "val" means train/ (with a note: those are the images training
     saw)."""
     train = folder / "train"
-    if not (train.is_dir() and _has_subfolders(train)):
+    if not is_train_split(folder):
         return _lone_val_folder(folder) or folder
     if split == "train":
         return train
@@ -110,6 +110,19 @@ def split_folder(folder: Path, split: str) -> Path:
         return train
     log.info("%s has train/ and %s/ folders: using %s/", folder, val.name, val.name)
     return val
+
+
+def is_train_split(folder: Path) -> bool:
+    """Whether ``folder/train`` is the training split of a train/ + val/ layout rather than a
+    class called "train" (CIFAR-100 has one): it holds class folders, and beside it there is
+    a val/ (or validation/) folder, or no folder other than those and test/."""
+    train = folder / "train"
+    if not (train.is_dir() and _has_subfolders(train)):
+        return False
+    splits = {"train", "test", *VAL_FOLDERS}
+    others = [p for p in folder.iterdir()
+              if p.is_dir() and not p.name.startswith(".") and p.name not in splits]
+    return not others or any((folder / v).is_dir() for v in VAL_FOLDERS)
 
 
 def _has_subfolders(folder: Path) -> bool:

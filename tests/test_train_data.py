@@ -49,6 +49,20 @@ def test_train_and_val_folders_are_used_as_given(tmp_path: Path) -> None:
     assert x[0].mean() > x[1].mean()  # class "a" is red, and channels stay RGB
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_class_called_train_beside_other_classes_is_a_class(tmp_path: Path,
+                                                               nested: bool) -> None:
+    """CIFAR-100 has a class "train": it was taken as the train/ split ("empty for training:
+    6 images but no class subfolders"), or, with its images in subfolders, those subfolders
+    became the classes. Without val/ beside it and with other class folders, it is a class."""
+    make_folder(tmp_path, {"bicycle": 3, "bus": 3, **({} if nested else {"train": 3})})
+    if nested:
+        make_folder(tmp_path / "train", {"photos": 3})
+    data = load_data(str(tmp_path), val_split=0.34)
+    assert data.train.classes == ["bicycle", "bus", "train"]
+    assert len(data.train) + len(data.val) == 9
+
+
 @pytest.mark.parametrize(("setup", "message"), [
     (lambda p: None, "holds no images"),
     (lambda p: (p / "x").mkdir(), "subfolders hold no images"),
@@ -105,3 +119,14 @@ def test_images_beside_the_class_folders_are_named_as_unused(tmp_path: Path, cap
     data = load_data(str(tmp_path))
     assert len(data.train) + len(data.val) == 10
     assert "are in no class and are not used (1): cover.jpg" in caplog.text
+
+
+def test_split_folder_takes_a_class_called_train_with_subfolders_as_a_class(
+        tmp_path: Path) -> None:
+    from mvcompile.calibration.data import split_folder
+
+    make_folder(tmp_path, {"bicycle": 2, "bus": 2})
+    make_folder(tmp_path / "train", {"photos": 2})
+    assert split_folder(tmp_path, "train") == tmp_path == split_folder(tmp_path, "val")
+    make_folder(tmp_path / "val", {"photos": 1})  # val/ beside train/: a split after all
+    assert split_folder(tmp_path, "val") == tmp_path / "val"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mvcompile.calibration.data import VAL_FOLDERS, few_names
+from mvcompile.calibration.data import VAL_FOLDERS, few_names, is_train_split
 from mvcompile.errors import UserError, first_line
 from mvcompile.images import DECODE_ERRORS, IMAGE_SUFFIXES, find_files, mode_problem, to_rgb
 
@@ -125,7 +125,10 @@ def _folder(root: Path, val_split: float) -> DataSplit:
     if not root.is_dir():
         raise UserError(f"--data {root}: no such folder. Pass an image folder with one "
                         "subfolder per class, or `digits` for the built-in demo.")
-    train_root = root / "train" if (root / "train").is_dir() else root
+    # train/ beside val/ is a split even when it holds images directly (an error below)
+    beside_val = any((root / v).is_dir() for v in VAL_FOLDERS)
+    train_root = (root / "train" if (root / "train").is_dir()
+                  and (beside_val or is_train_split(root)) else root)
     val_root = next((train_root.parent / v for v in VAL_FOLDERS
                      if train_root != root and (train_root.parent / v).is_dir()), None)
     train = scan_folder(train_root)
