@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,15 @@ def test_split_folder_takes_a_class_called_train_with_subfolders_as_a_class(
     assert split_folder(tmp_path, "train") == tmp_path == split_folder(tmp_path, "val")
     make_folder(tmp_path / "val", {"photos": 1})  # val/ beside train/: a split after all
     assert split_folder(tmp_path, "val") == tmp_path / "val"
+
+
+def test_a_class_folder_whose_name_is_not_utf8_is_refused_before_training(
+        tmp_path: Path) -> None:
+    """A Latin-1 'caf\\xe9' trained a whole epoch, then writing the class names into the
+    weights' header raised UnicodeEncodeError."""
+    make_folder(tmp_path, {"dog": 2})
+    latin1 = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    make_folder(latin1.parent, {latin1.name: 2})
+    with pytest.raises(UserError, match=r"1 class folder\(s\) .* not valid UTF-8") as error:
+        load_data(str(tmp_path))
+    assert "'caf\\xe9'" in str(error.value)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,7 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> ImageSource:
         raise UserError(f"{root} has class folders that the training set lacks: "
                         f"{', '.join(sorted(set(found) - set(classes)))}.")
     classes = classes or found
+    _check_names_are_utf8(root, classes)
     items, labels = [], []
     for label, name in enumerate(classes):
         files = find_files(root / name)[0]
@@ -159,6 +161,26 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> ImageSource:
         log.warning("Images beside the class folders of %s are in no class and are not used "
                     "(%d): %s", root, len(loose), few_names(loose))
     return ImageSource(items, labels, classes)
+
+
+def _check_names_are_utf8(root: Path, classes: list[str]) -> None:
+    """UserError for a class folder whose name is not valid UTF-8 (an old Latin-1 archive):
+    the class names go into the weights' header as UTF-8, which failed after an epoch."""
+    bad = [name for name in classes if not _is_utf8(name)]
+    if bad:
+        shown = ", ".join(repr(os.fsencode(name))[1:] for name in bad[:5])
+        raise UserError(f"{len(bad)} class folder(s) in {root} have names that are not valid "
+                        f"UTF-8: {shown}. The class names are stored as UTF-8 with the "
+                        "weights; rename those folders (for example with `convmv -f latin1 "
+                        "-t utf8 -r --notest DIR`).")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, kept by Python as surrogates
+        return False
+    return True
 
 
 def _loose_images(root: Path) -> list[str]:
