@@ -583,3 +583,22 @@ def test_curves_skip_values_that_are_not_finite(tmp_path: Path) -> None:
                {"epoch": 2, "train_loss": float("inf"), "val_loss": 1.0, "val_acc": 0.6}]
     write_curves(tmp_path / "curves.png", history)
     assert Image.open(tmp_path / "curves.png").size == (960, 320)
+
+
+def test_a_relative_data_folder_is_saved_absolute_and_other_classes_refuse_a_resume(
+        tmp_path: Path, monkeypatch) -> None:
+    """--data saved as typed ('ds') made a resume from another folder fail on an option the
+    user never passed, or train on another folder of that name, silently, with other
+    classes."""
+    make_folder(tmp_path / "ds", {"cat": 4, "dog": 4})
+    make_folder(tmp_path / "elsewhere" / "ds", {"x": 4, "y": 4})
+    monkeypatch.chdir(tmp_path)
+    result = _cli("--data", "ds", *QUICK, "--runs-dir", str(tmp_path / "runs"), "--name", "r")
+    assert result.exit_code == 0, result.output
+    run_json = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
+    assert run_json["options"]["data"] == str(tmp_path / "ds")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = _cli("--resume", str(tmp_path / "runs" / "r"), "--epochs", "2")
+    assert resumed.exit_code == 0, resumed.output  # the saved absolute path: cat and dog
+    _assert_clean_error(_cli("--resume", str(tmp_path / "runs" / "r"), "--epochs", "3",
+                             "--data", "ds"), "trained on the classes cat, dog", "has x, y")

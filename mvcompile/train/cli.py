@@ -215,6 +215,8 @@ def _options(kwargs: dict) -> TrainOptions:
     from mvcompile.train.checkpoint import saved_options
     from mvcompile.train.options import TrainOptions, resumed_options
 
+    if kwargs["data"] != "digits":  # a run resumed from another folder finds the same data
+        kwargs = {**kwargs, "data": os.path.abspath(os.path.expanduser(kwargs["data"]))}
     if not kwargs["resume"]:
         return TrainOptions(**kwargs)
     if kwargs["init_weights"]:

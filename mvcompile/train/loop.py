@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from mvcompile.calibration.data import few_names
 from mvcompile.errors import UserError
 from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY, format_class_names
 from mvcompile.graphs.mobilevit import MobileViTConfig
@@ -483,6 +484,7 @@ def _rng_state() -> dict:
 
 def _state(run: Run, epoch: int, rng: list[dict]) -> dict:
     return {"model_config": _model_config(run), "options": asdict(run.options),
+            "classes": list(run.data.train.classes),
             "epoch": epoch + 1, "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "ema": run.ema.state_dict() if run.ema else None, "rng": rng,
@@ -503,6 +505,12 @@ def _use_options_rates(run: Run) -> None:
 
 def _restore(run: Run, state: dict) -> None:
     """Continue exactly where the checkpoint stopped; warn if the recipe changed."""
+    saved_classes = state.get("classes")  # absent from checkpoints before 2026-11-22
+    if saved_classes is not None and saved_classes != list(run.data.train.classes):
+        raise UserError(f"The run in {run.options.resume} was trained on the classes "
+                        f"{few_names(saved_classes)}, and --data {run.options.data} has "
+                        f"{few_names(run.data.train.classes)}: pass the run's own data "
+                        "folder, or start a new run from its weights with --init-weights.")
     changed = changed_options(state["options"], run.options)
     recipe = [k for k in RECIPE_KEYS if k in changed]
     if recipe and state["epoch"] < run.options.epochs:  # else nothing is trained
