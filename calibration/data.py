@@ -195,8 +195,8 @@ def _decode_failure(err: Exception) -> str:
 
 def _check_fits_in_memory(count: int, resolution: int, folder: Path,
                           meminfo: Path = Path("/proc/meminfo")) -> None:
-    """Refuse a folder whose preprocessed images (count · 3 · R² float32) would take more than
-    half the memory available now: they are held in memory together."""
+    """Refuse a folder (or .npy file) whose preprocessed images (count · 3 · R² float32) would
+    take more than half the memory available now: they are held in memory together."""
     per_image = 3 * resolution * resolution * np.dtype(np.float32).itemsize
     needed = count * per_image
     try:
@@ -245,8 +245,8 @@ def _subsample(items: list, limit: int | None) -> list:
 def _load_npy(path: Path, resolution: int, limit: int | None) -> ImageSet:
     if not path.is_file():
         raise UserError(f"Image array not found: {path}.")
-    try:
-        array = np.load(path, allow_pickle=False)
+    try:  # mapped, not read: only the rows used are read, after the memory check
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as err:
         raise UserError(f"Cannot read {path} as a .npy array: {_npy_problem(err)} Save "
                         "preprocessed inputs with numpy.save(path, float32_array).") from err
@@ -260,8 +260,11 @@ def _load_npy(path: Path, resolution: int, limit: int | None) -> ImageSet:
                         f"{resolution}] preprocessed inputs (RGB, [0, 1]).")
     if len(array) == 0:
         raise UserError(f"{path} holds no samples.")
+    rows = _subsample(list(range(len(array))), limit)
+    _check_fits_in_memory(len(rows), resolution, path)
+    array = np.asarray(array[rows])  # reads those rows only
     _check_preprocessed(array, path)
-    array = np.asarray(_subsample(list(array), limit), dtype=np.float32)
+    array = array.astype(np.float32, copy=False)
     return ImageSet(array, description=f"{len(array)} arrays from {path}")
 
 
@@ -270,6 +273,8 @@ def _npy_problem(err: ValueError) -> str:
     if "allow_pickle" in str(err):  # not a .npy header, or an object array
         return ("it is not a plain numeric NumPy file (mvcompile does not load pickled "
                 "objects).")
+    if "mmap length is greater than file size" in str(err):
+        return "the file is shorter than its header says: it was cut short."
     return f"{first_line(err).rstrip('.')}."
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 
 from conftest import assert_clean_failure, run
 from mvcompile.calibration.data import ImageSet
+from mvcompile.errors import UserError
 from mvcompile.evaluate import predict
 from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY
 
@@ -129,7 +131,8 @@ def test_unreadable_npy_data_is_named_with_its_problem(tmp_path: Path) -> None:
     data = (tmp_path / "full.npy").read_bytes()
     (tmp_path / "cut.npy").write_bytes(data[:len(data) // 2])
     code, output = run("eval", model, "--data", str(tmp_path / "cut.npy"))
-    assert_clean_failure(code, output, "Failed to read all data for array")
+    assert_clean_failure(code, output, "cut.npy as a .npy array: the file is shorter than "
+                         "its header says")
     assert "pickled" not in output
 
 
@@ -539,3 +542,22 @@ def test_eval_progress_counts_every_image_of_both_models(tmp_path: Path) -> None
         evaluate_file(model, str(_colour_folder(tmp_path / "colours")), reference=model)
     assert recorder.stages[-1] == ["Evaluating", 20, 20]  # 10 images, model and reference
     assert recorder.stages[0][0].startswith("Loading images") and recorder.stages[0][2] == 10
+
+
+def test_a_npy_larger_than_memory_is_read_only_for_the_rows_asked_for(tmp_path: Path) -> None:
+    """The whole array was read even for --calib-size 8: a 27 GiB file failed with an
+    out-of-memory error about resolution and attention. It is mapped, and only the rows used
+    are read; all of them is refused by the memory check, with the subset that fits."""
+    from mvcompile.calibration.data import load_images
+
+    shape = (6_000_000, 3, 64, 64)  # 275 GiB of zeros, a sparse file
+    path = tmp_path / "huge.npy"
+    with path.open("wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        header = f.tell()
+    os.truncate(path, header + int(np.prod(shape)) * 4)
+    images = load_images(str(path), 64, limit=8)
+    assert images.pixels.shape == (8, 3, 64, 64)
+    with pytest.raises(UserError, match="6000000 images .* need 274.7 GiB .* at most"):
+        load_images(str(path), 64)
