@@ -193,14 +193,35 @@ def _decode_failure(err: Exception) -> str:
     return type(err).__name__
 
 
+def probe_images(source: str, resolution: int, split: str, remedy: str) -> None:
+    """Fail now where ``load_images(source, resolution, split=split)`` would fail later: a
+    wrong path or array, no images, or more images than memory holds (``remedy``: what to ask
+    for instead, with ``{fits}`` for the count that fits). Reads one image."""
+    load_images(source, resolution, limit=1, split=split)
+    if source == "digits":
+        return
+    path = Path(source)
+    if is_array_file(source):
+        count = len(np.load(path, mmap_mode="r", allow_pickle=False))
+    else:
+        path = split_folder(path, split)
+        count = len(find_files(path)[0])
+    _check_fits_in_memory(count, resolution, path, remedy=remedy)
+
+
+MEMINFO = Path("/proc/meminfo")  # where Linux says how much memory is available
+
+
 def _check_fits_in_memory(count: int, resolution: int, folder: Path,
-                          meminfo: Path = Path("/proc/meminfo")) -> None:
+                          meminfo: Path | None = None,
+                          remedy: str = "Ask for an evenly spread subset of at most {fits} "
+                                        "(eval --limit, build --calib-size).") -> None:
     """Refuse a folder (or .npy file) whose preprocessed images (count · 3 · R² float32) would
     take more than half the memory available now: they are held in memory together."""
     per_image = 3 * resolution * resolution * np.dtype(np.float32).itemsize
     needed = count * per_image
     try:
-        line = next(ln for ln in meminfo.read_text().splitlines()
+        line = next(ln for ln in (meminfo or MEMINFO).read_text().splitlines()
                     if ln.startswith("MemAvailable:"))
         available = int(line.split()[1]) * 1024
     except (OSError, StopIteration, ValueError, IndexError):
@@ -209,8 +230,8 @@ def _check_fits_in_memory(count: int, resolution: int, folder: Path,
         fits = max(1, available // 2 // per_image)
         raise UserError(
             f"{count} images from {folder} at {resolution}² need {needed / 2**30:.1f} GiB in "
-            f"memory, more than half of the {available / 2**30:.1f} GiB available. Ask for an "
-            f"evenly spread subset of at most {fits} (eval --limit, build --calib-size).")
+            f"memory, more than half of the {available / 2**30:.1f} GiB available. "
+            + remedy.format(fits=fits))
 
 
 def _class_of(image: Path, folder: Path) -> str | None:

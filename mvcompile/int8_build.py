@@ -11,7 +11,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from mvcompile import machine, onnx_io, stages
-from mvcompile.calibration.data import ImageSet, load_images
+from mvcompile.calibration.data import ImageSet, load_images, probe_images
 from mvcompile.calibration.quantize import (
     MAX_FLOAT_FRACTION,
     QuantizeOptions,
@@ -44,9 +44,12 @@ def build_int8(plain: ir.Model, fp32: onnx.ModelProto, options: BuildOptions,
     calibration = _images(options.calib_data, options, progress, options.calib_size, "train")
     if options.eval_data is not None:
         # A probe before calibrating, so that unusable eval data (a wrong path or array, an
-        # empty folder) fails the build at once rather than after minutes of calibration and
-        # of the --accuracy-budget search; all of it is read after, not held meanwhile.
-        load_images(options.eval_data, options.resolution, limit=1, split="val")
+        # empty folder, more images than memory holds) fails the build at once rather than
+        # after minutes of calibration and of the --accuracy-budget search; all of it is read
+        # after, not held meanwhile.
+        probe_images(options.eval_data, options.resolution, "val", remedy=(
+            "Build without --eval-data, then evaluate on an evenly spread subset with "
+            "`mvcompile eval MODEL --data DATA --limit {fits}`."))
     if calibration.skipped:
         log.warning("Skipped %d non-image files in %s", len(calibration.skipped),
                     options.calib_data)

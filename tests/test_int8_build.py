@@ -373,6 +373,28 @@ def test_unusable_eval_data_fails_the_build_before_calibration(tmp_path: Path,
     assert not (tmp_path / "o").exists()
 
 
+def test_eval_data_too_large_for_memory_fails_the_build_before_calibration(
+        tmp_path: Path, monkeypatch) -> None:
+    """The memory check of --eval-data ran only after calibration, and advised `eval --limit,
+    build --calib-size`, neither of which limits --eval-data in build."""
+    import mvcompile.calibration.data
+    import mvcompile.int8_build
+
+    def calibrate(*args: object, **kwargs: object) -> None:
+        raise AssertionError("calibrated before checking --eval-data's size")
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 25165824 kB\nMemAvailable: 100 kB\n")
+    monkeypatch.setattr(mvcompile.calibration.data, "MEMINFO", meminfo)
+    monkeypatch.setattr(mvcompile.int8_build, "quantize", calibrate)
+    folder = _photo_folder(tmp_path / "eval")
+    code, output = run("build", *FAST, "--int8", "--calib-data", "digits", "--eval-data",
+                       str(folder), "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, "6 images from", "Build without --eval-data",
+                         "mvcompile eval MODEL --data DATA --limit 1")
+    assert not (tmp_path / "o").exists()
+
+
 def test_build_says_why_an_unlabelled_eval_folder_has_no_top1(tmp_path: Path) -> None:
     folder = _photo_folder(tmp_path / "flat", classes=1)
     for image in (folder / "class_0").iterdir():
