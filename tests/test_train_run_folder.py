@@ -153,6 +153,13 @@ def test_a_run_resumed_under_another_name_keeps_off_other_runs_and_brings_its_be
                     "--name", "c")
     assert branched.exit_code == 0, branched.output
     assert (runs / "c" / outputs.BEST).is_file() and (runs / "c" / checkpoint.LAST).is_file()
+    # the error above says "start over with --overwrite": with --resume under another name,
+    # that clears b (it was refused as contradicting --resume, sending the user in a circle)
+    replaced = _cli("--resume", str(runs / "a"), "--epochs", "2", "--runs-dir", str(runs),
+                    "--name", "b", "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    info = json.loads((runs / "b" / "run.json").read_text())
+    assert info["resumes"][-1]["from"] == str(runs / "a" / "last.pt")
 
 
 def test_run_json_records_the_subset_and_each_resume_and_a_finished_run_says_so(

@@ -272,7 +272,9 @@ def _check_options(o: TrainOptions) -> None:
     if o.ema_decay is not None and not 0.0 < o.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in (0, 1), got {o.ema_decay}.")
     check_run_name(o.name, o.runs_dir)
-    if o.resume and o.overwrite:
+    # --overwrite with --resume under another --name clears that folder (_start_run_folder)
+    if o.resume and o.overwrite and (o.run_dir().resolve()
+                                     == resolve(o.resume).parent.resolve()):
         raise UserError(f"--resume and --overwrite contradict each other: --resume continues "
                         f"the run in {o.run_dir()}, --overwrite starts it over. Drop one.")
 
