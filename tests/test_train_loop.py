@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -143,6 +144,26 @@ def test_resume_uses_the_learning_rates_and_weight_decay_given_again(tmp_path: P
     assert state["epoch"] == 3
     assert group["weight_decay"] == 0.5 and group["initial_lr"] == 5e-4
     assert group["lr"] == pytest.approx(1e-4)  # the end of the new cosine: --lr-min
+
+
+def test_a_ctrl_c_while_an_epoch_is_written_waits_for_its_checkpoint(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """Ctrl-C between last.safetensors and last.pt left the weights and metrics.csv one epoch
+    ahead of the checkpoint that --resume and the summary go by."""
+    from mvcompile.train import checkpoint as checkpoint_module
+
+    save = checkpoint_module.save_checkpoint
+
+    def interrupted_save(path, state) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # as if pressed just before last.pt is written
+        save(path, state)
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(replace(TINY, runs_dir=str(tmp_path), subset=64, batch_size=16), Recorder())
+    run_dir = tmp_path / "tiny"
+    assert torch.load(run_dir / "last.pt", weights_only=False)["epoch"] == 1
+    assert [r["epoch"] for r in csv.DictReader((run_dir / "metrics.csv").open())] == ["1"]
 
 
 def _cli(*args: str) -> object:

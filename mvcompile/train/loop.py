@@ -29,6 +29,7 @@ from mvcompile.graphs.checkpoints import CLASS_NAMES_KEY, format_class_names
 from mvcompile.graphs.mobilevit import MobileViTConfig
 from mvcompile.interrupts import (
     Terminated,
+    deferred_interrupt,
     raise_if_terminated,
     sigterm_immune_children,
     stop_requested,
@@ -450,7 +451,9 @@ def end_epoch(run: Run, epoch: int, train_loss: float, seconds: float,
         run.best = {"epoch": epoch + 1, "val_acc": score}
     rng = gather_objects(run.dist, _rng_state())
     if run.dist.is_main:
-        with outputs.writing(run.run_dir):  # e.g. a full disk: a clean error, not a traceback
+        # A Ctrl-C or SIGTERM waits for the epoch's files: between last.safetensors and last.pt
+        # it left the weights and metrics one epoch ahead of the checkpoint.
+        with deferred_interrupt(), outputs.writing(run.run_dir):  # OSError: a clean error
             outputs.write_epoch(run.run_dir, run.export_model, _metadata(run), improved,
                                 run.history)
             checkpoint.save_checkpoint(run.run_dir / checkpoint.LAST, _state(run, epoch, rng))
