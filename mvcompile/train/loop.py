@@ -274,10 +274,14 @@ def _check_options(o: TrainOptions) -> None:
         raise UserError(f"--ema-decay must be in (0, 1), got {o.ema_decay}.")
     check_run_name(o.name, o.runs_dir)
     # --overwrite with --resume under another --name clears that folder (_start_run_folder)
-    if o.resume and o.overwrite and (o.run_dir().resolve()
-                                     == resolve(o.resume).parent.resolve()):
+    if o.resume and o.overwrite and _resumes_in_place(o):
         raise UserError(f"--resume and --overwrite contradict each other: --resume continues "
                         f"the run in {o.run_dir()}, --overwrite starts it over. Drop one.")
+
+
+def _resumes_in_place(o: TrainOptions) -> bool:
+    """Whether --resume continues the run in its own folder (not under another --name)."""
+    return o.run_dir().resolve() == resolve(o.resume).parent.resolve()
 
 
 def _subset(source: ImageSource, n: int, seed: int) -> ImageSource:
@@ -289,7 +293,7 @@ def _subset(source: ImageSource, n: int, seed: int) -> ImageSource:
 def _run_dir(o: TrainOptions) -> Path:
     """The run folder; UserError if a fresh run would mix its files with an earlier run's."""
     run_dir = o.run_dir()
-    continuing = o.resume and run_dir.resolve() == resolve(o.resume).parent.resolve()
+    continuing = o.resume and _resumes_in_place(o)
     if continuing or o.overwrite:
         return run_dir
     earlier = outputs.earlier_outputs(run_dir)
@@ -309,7 +313,7 @@ def _start_run_folder(run: Run, resumed: dict | None) -> None:
     being resumed is cleared first; a run resumed under another --name starts with the
     earlier run's best weights (its best epoch so far)."""
     earlier = resolve(run.options.resume).parent if resumed is not None else None
-    moved = earlier is not None and earlier.resolve() != run.run_dir.resolve()
+    moved = earlier is not None and not _resumes_in_place(run.options)
     if run.options.overwrite and (earlier is None or moved):
         outputs.clear_run_files(run.run_dir)
     init, resumes = run.init, []
