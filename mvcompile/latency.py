@@ -36,7 +36,8 @@ class LatencyStats:
 
 def make_session(model: bytes | str, threads: int = 2,
                  level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                 spinning: bool = False) -> ort.InferenceSession:
+                 spinning: bool = False, stop_spinning_after_run: bool = False
+                 ) -> ort.InferenceSession:
     """A CPU session with ``threads`` intra-op threads and one inter-op thread.
 
     Spinning is off by default: after each run ONNX Runtime's worker threads busy-wait for
@@ -44,6 +45,11 @@ def make_session(model: bytes | str, threads: int = 2,
     threads steal the CPU from the next session: identical graphs then time differently by
     position (``python benchmarks/ort_quirks.py``, table 1). ``spinning=True`` is ORT's
     default, right for timing one session alone (``mvcompile bench``).
+
+    ``spinning=True, stop_spinning_after_run=True`` (ORT's ``session.force_spinning_stop``)
+    keeps ORT's default behaviour inside a run, where workers spin between the parallel
+    sections of consecutive nodes instead of sleeping and being woken for each one, but parks
+    them when the run returns, so that they do not compete with the next session either.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -51,6 +57,8 @@ def make_session(model: bytes | str, threads: int = 2,
     options.graph_optimization_level = level
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif stop_spinning_after_run:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 

@@ -1,9 +1,10 @@
-"""latency.measure_interleaved: run counts and per-session inputs."""
+"""latency: session thread spinning, measure_interleaved run counts and per-session inputs."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from mvcompile import latency
@@ -43,3 +44,33 @@ def test_time_models_times_each_serialized_model() -> None:
     models = {"a": _relu(TensorProto.FLOAT), "b": _relu(TensorProto.FLOAT)}
     stats = latency.time_models(models, {"x": np.ones((4, 4), np.float32)}, runs=5)
     assert {name: s.runs for name, s in stats.items()} == {"a": 5, "b": 5}
+
+
+def _config_entry(options, key: str) -> str:
+    """The session config entry ``key``, or "" where it was never set."""
+    try:
+        return options.get_session_config_entry(key)
+    except RuntimeError:
+        return ""
+
+
+@pytest.mark.parametrize(("kwargs", "allow", "stop"), [
+    ({}, "0", ""),
+    ({"spinning": True}, "", ""),
+    ({"spinning": True, "stop_spinning_after_run": True}, "", "1"),
+])
+def test_make_session_sets_the_thread_spinning_it_is_asked_for(monkeypatch, kwargs, allow,
+                                                               stop) -> None:
+    seen: list = []
+    real = latency.ort.InferenceSession
+
+    def recording(model, options, providers):
+        seen.append(options)
+        return real(model, options, providers=providers)
+
+    monkeypatch.setattr(latency.ort, "InferenceSession", recording)
+    session = latency.make_session(_relu(TensorProto.FLOAT), **kwargs)
+    assert _config_entry(seen[0], "session.intra_op.allow_spinning") == allow
+    assert _config_entry(seen[0], "session.force_spinning_stop") == stop
+    x = -np.ones((4, 4), np.float32)
+    assert session.run(None, {"x": x})[0].max() == 0.0
