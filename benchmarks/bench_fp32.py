@@ -49,18 +49,28 @@ def contenders(size: str, resolution: int) -> dict[str, onnx.ModelProto]:
 
 SPINNING = {"off": {"spinning": False},
             "in-run": {"spinning": True, "stop_spinning_after_run": True}}
+AGAIN = " (again)"
 
 
-def time_condition(models: dict[str, onnx.ModelProto], spinning: str, threads: int,
+def time_condition(blobs: dict[str, bytes], spinning: str, threads: int,
                    feed: dict[str, np.ndarray], runs: int) -> dict[str, float]:
-    """Median ms of each model plus an A/A second session of the first, interleaved."""
-    blobs = {name: proto.SerializeToString() for name, proto in models.items()}
+    """Median ms of each serialized model plus an A/A second session of the first,
+    interleaved."""
     first = next(iter(blobs))
-    blobs[f"{first} (again)"] = blobs[first]
     sessions = {k: latency.make_session(b, threads=threads, **SPINNING[spinning])
-                for k, b in blobs.items()}
+                for k, b in {**blobs, first + AGAIN: blobs[first]}.items()}
     stats = latency.measure_interleaved(sessions, feed, runs=runs)
     return {k: s.median_ms for k, s in stats.items()}
+
+
+def describe(models: dict[str, onnx.ModelProto]) -> dict[str, tuple[int, int, float]]:
+    """Each model's node count, Transpose count and max |Δ| to the plain graph."""
+    rows = {}
+    for name, proto in models.items():
+        ops = [n.op_type for n in proto.graph.node]
+        rows[name] = (len(ops), ops.count("Transpose"),
+                      max_abs_diff(models["plain (ours)"], proto))
+    return rows
 
 
 def main() -> None:
@@ -81,16 +91,15 @@ def main() -> None:
         0, 1, (1, 3, args.resolution, args.resolution)).astype(np.float32)}
     for size in args.sizes:
         models = contenders(size, args.resolution)
-        diffs = {name: max_abs_diff(models["plain (ours)"], p) for name, p in models.items()}
+        rows = describe(models)
+        blobs = {name: proto.SerializeToString() for name, proto in models.items()}
         for spinning in args.spinning:
-            med = time_condition(models, spinning, args.threads, feed, 10 * args.rounds)
+            med = time_condition(blobs, spinning, args.threads, feed, 10 * args.rounds)
             for name, ms in med.items():
-                proto = models[name.removesuffix(" (again)")]
-                ops = [n.op_type for n in proto.graph.node]
-                print(f"| {size} | {spinning} | {name} | {len(ops)} | "
-                      f"{ops.count('Transpose')} | {ms:.2f} | "
+                nodes, transposes, diff = rows[name.removesuffix(AGAIN)]
+                print(f"| {size} | {spinning} | {name} | {nodes} | {transposes} | {ms:.2f} | "
                       f"{ms / med['peer (HF export)']:.2f} | {ms / med['plain (ours)']:.2f} | "
-                      f"{diffs[name.removesuffix(' (again)')]:.1e} |", flush=True)
+                      f"{diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

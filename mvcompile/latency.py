@@ -51,6 +51,9 @@ def make_session(model: bytes | str, threads: int = 2,
     sections of consecutive nodes instead of sleeping and being woken for each one, but parks
     them when the run returns, so that they do not compete with the next session either.
     """
+    if stop_spinning_after_run and not spinning:
+        raise ValueError("stop_spinning_after_run needs spinning=True: without spinning "
+                         "there is nothing to stop")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -74,3 +74,8 @@ def test_make_session_sets_the_thread_spinning_it_is_asked_for(monkeypatch, kwar
     assert _config_entry(seen[0], "session.force_spinning_stop") == stop
     x = -np.ones((4, 4), np.float32)
     assert session.run(None, {"x": x})[0].max() == 0.0
+
+
+def test_make_session_refuses_to_stop_spinning_that_is_off() -> None:
+    with pytest.raises(ValueError, match="needs spinning=True"):
+        latency.make_session(_relu(TensorProto.FLOAT), stop_spinning_after_run=True)
