@@ -466,8 +466,9 @@ RULES_HIDDEN = "no full pattern in this model, or nothing to clean up"
 @click.option("--target", type=click.Choice(["ort", "mobile"]), default="ort", show_default=True,
               help="ort: ONNX Runtime contrib ops where faster; mobile: standard ONNX only.")
 @click.option("--tolerance", type=FloatRange(min=0), default=1e-4, show_default=True,
-              help="Largest max-abs output difference to the input model on random inputs, "
-                   "relative to an output's largest magnitude where that is above 1.")
+              help="Largest difference of each output element from the input model's on "
+                   "random inputs, relative to the element's magnitude where that is above "
+                   "1 (and never below float rounding at the output's scale).")
 @click.option("--measure/--no-measure", default=True, show_default=True,
               help="--target ort: time the result with and without the attention head-split "
                    "fold on this machine's ONNX Runtime and keep it unless the model runs "

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 TARGET_PIPELINES = {"ort": "fp32-foreign", "mobile": "mobile-foreign"}
 DEFAULT_TOLERANCE = 1e-4
 HALF_ULPS = 4  # float16 outputs may differ by this many units in the last place (output_limit)
+ROUNDING_ULPS = 32  # float32/64 outputs: by this many units in the last place of their scale
 # The batches at which a model optimized at a fixed batch and generalised back to a symbolic
 # one (optimize_proto without --batch) must match the input.
 VERIFY_BATCHES = (1, 2, 3)
@@ -113,12 +114,12 @@ def max_abs_diff(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: i
                default=0.0)
 
 
-def output_differences(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 0,
-                       batch: int = 1, reference_outputs: list[np.ndarray] | None = None,
-                       signed: bool = False) -> list[float]:
-    """:func:`output_difference` for each output, as :func:`max_abs_diff` runs them. ValueError
-    if the candidate's inputs or outputs are named otherwise (callers feed and fetch by name)
-    or its outputs have other shapes."""
+def run_both(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 0,
+             batch: int = 1, reference_outputs: list[np.ndarray] | None = None,
+             signed: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(reference's outputs, candidate's outputs) on the same random inputs, as
+    :func:`max_abs_diff` runs them. ValueError if the candidate's inputs or outputs are named
+    otherwise (callers feed and fetch by name) or its outputs have other shapes."""
     for kind, names in (("inputs", lambda m: [v.name for v in graph_inputs(m)]),
                         ("outputs", lambda m: [v.name for v in m.graph.output])):
         if names(candidate) != names(reference):
@@ -131,48 +132,67 @@ def output_differences(reference: onnx.ModelProto, candidate: onnx.ModelProto, s
     if [a.shape for a in outputs] != [a.shape for a in reference_outputs]:
         raise ValueError(f"output shapes differ at batch {batch}: "
                          f"{[a.shape for a in outputs]} vs {[a.shape for a in reference_outputs]}")
-    return [output_difference(a, b) for a, b in zip(reference_outputs, outputs, strict=True)]
+    return reference_outputs, outputs
 
 
-def output_limit(expected: np.ndarray, tolerance: float) -> float:
-    """The largest |Δ| accepted for an output whose input-model values are ``expected``:
-    ``tolerance`` · max(1, m), m the largest finite |value| (absolute up to 1, relative above:
-    a BatchNorm folded into a conv whose outputs reach 2e3 moves them by float32 rounding,
-    about 2e-3), and for a float16 output at least :data:`HALF_ULPS` units in the last place
-    of m: one float16 ulp at 40 is already 0.03."""
-    if expected.dtype.kind != "f" or not expected.size:
-        return tolerance
-    finite = np.abs(expected[np.isfinite(expected)])
-    largest = float(finite.max()) if finite.size else 0.0
-    limit = tolerance * max(1.0, largest)
-    if expected.dtype == np.float16:
-        limit = max(limit, HALF_ULPS * float(np.spacing(np.float16(largest))))
-    return limit
+def output_differences(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 0,
+                       batch: int = 1, reference_outputs: list[np.ndarray] | None = None,
+                       signed: bool = False) -> list[float]:
+    """:func:`output_difference` for each output, as :func:`run_both` runs them."""
+    expected, actual = run_both(reference, candidate, seed, batch, reference_outputs, signed)
+    return [output_difference(a, b) for a, b in zip(expected, actual, strict=True)]
 
 
-def _over_limit(expected: list[np.ndarray], diffs: list[float], tolerance: float
+def output_limit(expected: np.ndarray, tolerance: float) -> np.ndarray:
+    """The largest |Δ| accepted at each element of an output whose input-model values are
+    ``expected``: ``tolerance`` · max(1, |value|) (absolute up to 1, relative above), but at
+    least float rounding at the output's scale m, its largest finite |value|:
+    :data:`ROUNDING_ULPS` units in the last place of m for float32 and float64 (a BatchNorm
+    folded into a conv whose outputs reach 2e3 moves the elements near 0 by float32 rounding
+    of terms near 2e3, about 1e-4), :data:`HALF_ULPS` for float16 (one float16 ulp at 40 is
+    already 0.03). An element's own limit, not one for the whole output: a small score beside
+    a large box coordinate is held to its own scale. 0 where the value is not finite (only the
+    same NaN or infinity is accepted there); integers: ``tolerance``."""
+    if expected.dtype.kind != "f":
+        return np.full(expected.shape, tolerance)
+    finite = np.isfinite(expected)
+    largest = float(np.abs(expected[finite]).max()) if finite.any() else 0.0
+    ulps = HALF_ULPS if expected.dtype == np.float16 else ROUNDING_ULPS
+    rounding = ulps * float(np.spacing(expected.dtype.type(largest)))
+    magnitude = np.abs(np.where(finite, expected, 0.0).astype(np.float64))
+    return np.where(finite, np.maximum(tolerance * np.maximum(1.0, magnitude), rounding), 0.0)
+
+
+def _over_limit(expected: list[np.ndarray], actual: list[np.ndarray], tolerance: float
                 ) -> tuple[float, float] | None:
-    """(difference, limit) of the first output beyond :func:`output_limit`, else None."""
-    for output, diff in zip(expected, diffs, strict=True):
-        limit = output_limit(output, tolerance)
-        if not diff <= limit:
-            return diff, limit
+    """(|Δ|, limit) at the element furthest beyond its :func:`output_limit`, in the first
+    output that has one, else None."""
+    for want, got in zip(expected, actual, strict=True):
+        diff, limit = element_differences(want, got), output_limit(want, tolerance)
+        over = ~(diff <= limit)
+        if over.any():
+            worst = np.unravel_index(np.argmax(np.where(over, diff - limit, -np.inf)), diff.shape)
+            return float(diff[worst]), float(limit[worst])
     return None
 
 
 def output_difference(expected: np.ndarray, actual: np.ndarray) -> float:
-    """max |expected − actual| over the elements: 0 where both hold the same non-finite value
-    (NaN, or an infinity of one sign), inf where only one does; for outputs that are not
-    numbers (strings), 0 if equal, else inf."""
-    if not expected.size:
-        return 0.0
+    """max |expected − actual| over the elements (:func:`element_differences`); 0 for an
+    empty output."""
+    return float(element_differences(expected, actual).max(initial=0.0))
+
+
+def element_differences(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """|expected − actual| at each element: 0 where both hold the same non-finite value (NaN,
+    or an infinity of one sign), inf where only one does; for outputs that are not numbers
+    (strings), 0 everywhere if they are equal, else inf."""
     if expected.dtype.kind not in "biuf" or actual.dtype.kind not in "biuf":
-        return 0.0 if np.array_equal(expected, actual) else float("inf")
+        return np.full(expected.shape, 0.0 if np.array_equal(expected, actual) else np.inf)
     a, b = expected.astype(np.float64), actual.astype(np.float64)
     same = (a == b) | (np.isnan(a) & np.isnan(b))
     with np.errstate(invalid="ignore"):
         diff = np.abs(a - b)
-    return float(np.max(np.where(same, 0.0, np.nan_to_num(diff, nan=np.inf, posinf=np.inf))))
+    return np.where(same, 0.0, np.nan_to_num(diff, nan=np.inf, posinf=np.inf))
 
 
 def run_unoptimized(proto: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -409,19 +429,19 @@ def _check_batches(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: f
     for batch in VERIFY_BATCHES:
         reference = expected(batch)
         try:
-            diffs = output_differences(proto, result, batch=batch, reference_outputs=reference)
+            _, actual = run_both(proto, result, batch=batch, reference_outputs=reference)
         except Exception as err:  # ORT raises several exception types; names, shapes: ValueError
             raise UserError(f"the generalised model fails at batch {batch} "
                             f"({first_line(err)})") from err
-        worst = max([worst, *diffs])
-        over = _over_limit(reference, diffs, tolerance)
+        worst = max([worst, *map(output_difference, reference, actual)])
+        over = _over_limit(reference, actual, tolerance)
         if over is not None:
             raise UserError(f"the generalised model differs by {over[0]:.3g} at batch {batch}, "
-                            f"above the tolerance {over[1]:g}")
+                            f"above that element's limit {over[1]:.3g}")
     signed = _signed_differences(proto, result, tolerance, VERIFY_BATCHES[0])
     if signed is not None and signed[1] is not None:
         raise UserError(f"the generalised model differs by {signed[1][0]:.3g} on signed "
-                        f"inputs, above the tolerance {signed[1][1]:g}")
+                        f"inputs, above that element's limit {signed[1][1]:.3g}")
     stages.advance()
     return max([worst, *(signed[0] if signed else [])])
 
@@ -537,18 +557,20 @@ def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float, ba
     except Exception as err:  # ValidationError, InferenceError
         raise _invalid_input(proto) or _validation_failed(err) from err
     try:
-        diffs = output_differences(proto, result, batch=batch, reference_outputs=expected)
+        _, actual = run_both(proto, result, batch=batch, reference_outputs=expected)
     except Exception as err:  # ONNX Runtime cannot run the result, or its names or shapes differ
         raise _validation_failed(err) from err
-    over = _over_limit(expected, diffs, tolerance)
+    diffs = list(map(output_difference, expected, actual))
+    over = _over_limit(expected, actual, tolerance)
     signed = _signed_differences(proto, result, tolerance, batch)
     if over is None and signed is not None:
         over = signed[1]
         diffs = [*diffs, *signed[0]]
     if over is not None:
         raise NumericsMismatch(
-            f"The optimized model differs from the input by {over[0]:.3g} (max abs) on random "
-            f"inputs, above the limit {over[1]:g} (--tolerance, relative to outputs above 1); "
+            f"The optimized model differs from the input by {over[0]:.3g} at one output "
+            f"element on random inputs, above that element's limit {over[1]:.3g} (--tolerance "
+            "times the value where it is above 1); "
             "nothing was written. Please report this with the input model.")
     stages.advance()
     return max(diffs, default=0.0)
@@ -568,10 +590,10 @@ def _signed_differences(proto: onnx.ModelProto, result: onnx.ModelProto, toleran
                   first_line(err))
         return None
     try:
-        diffs = output_differences(proto, result, 1, batch, expected, signed=True)
+        _, actual = run_both(proto, result, 1, batch, expected, signed=True)
     except Exception as err:
         raise _validation_failed(err) from err
-    return diffs, _over_limit(expected, diffs, tolerance)
+    return list(map(output_difference, expected, actual)), _over_limit(expected, actual, tolerance)
 
 
 def _validation_failed(err: Exception) -> UserError:

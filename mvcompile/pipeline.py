@@ -22,14 +22,16 @@ Pipelines:
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
+import onnxscript.rewriter
 from onnxscript.rewriter import MatchingTracer, MatchStatus, RewriteRuleSet
 
 from mvcompile import onnx_io
@@ -37,6 +39,7 @@ from mvcompile.errors import first_line
 from mvcompile.passes import (
     commute_resize,
     fold_head_split,
+    fuse_clips,
     fuse_conv_bn,
     fuse_gelu,
     fuse_layer_norm,
@@ -133,7 +136,10 @@ def _why_not(rule_set: RewriteRuleSet, model: ir.Model) -> tuple[str, str]:
 
 class OnnxscriptOptimize(ir.passes.FunctionalPass):
     """onnxscript.optimizer.optimize: constant folding, its default rewrite rules (which
-    include BN folding and Reshape/Transpose collapsing) and dead-code removal, on a copy.
+    include BN folding and Reshape/Transpose collapsing) and dead-code removal, on a copy;
+    with :mod:`passes.fuse_clips`' rules in place of its two Clip fusions, which are wrong for
+    ranges that do not overlap (and which no check on random inputs sees inside an If or Loop
+    body that those inputs never run).
 
     Its rules lack some of our checks (its BN fold takes BatchNormalization-7's [C, H, W]
     statistics and mixed-type BatchNormalization-15): if it raises, or turns a model that
@@ -152,7 +158,8 @@ class OnnxscriptOptimize(ir.passes.FunctionalPass):
         # in it, as optimize_ir's NameFixPass may, would rename the original's too).
         trial = ir.serde.deserialize_model(onnx_io.to_proto(model))
         try:
-            onnxscript.optimizer.optimize_ir(trial)
+            with _default_rewrite_rules(fuse_clips.onnxscript_default_rules()):
+                onnxscript.optimizer.optimize_ir(trial)
             _check_still_valid(model, trial)
         except Exception as err:  # onnxscript's rules raise ValueError, TypeError and others
             while err.__cause__ is not None:  # onnx_ir wraps the rule's error in PassErrors
@@ -175,6 +182,18 @@ class OnnxscriptOptimize(ir.passes.FunctionalPass):
         like :meth:`RuleSetPass.report`."""
         return {"rules": {cls.RULE: 0}, "refused": {cls.RULE: f"failed, so skipped: {why}"},
                 "refusal_kinds": {cls.RULE: PATTERN_FOUND}, "cleanup": False}
+
+
+@contextlib.contextmanager
+def _default_rewrite_rules(rules: tuple) -> Iterator[None]:
+    """Make ``rules`` the rewrite rules that ``onnxscript.optimizer.optimize_ir`` applies
+    (it reads ``onnxscript.rewriter._DEFAULT_REWRITE_RULES`` and takes no rules argument)."""
+    saved = onnxscript.rewriter._DEFAULT_REWRITE_RULES
+    onnxscript.rewriter._DEFAULT_REWRITE_RULES = rules
+    try:
+        yield
+    finally:
+        onnxscript.rewriter._DEFAULT_REWRITE_RULES = saved
 
 
 def _check_still_valid(before: ir.Model, after: ir.Model) -> None:

@@ -51,6 +51,19 @@ def xxs64() -> MobileViTConfig:
     return MobileViTConfig.for_size("xxs", resolution=64)
 
 
+@pytest.fixture
+def unsound_clip_fusion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxscript's optimizer with its own default rules, whose Clip fusion is wrong where the
+    ranges do not overlap (``Clip(Clip(x, -1, -0.5), 0, 1)``, always 0, becomes
+    ``Clip(x, 0, -0.5)``, always -0.5): a known-unsound rewrite for the tests of the numerics
+    check, which the pipeline otherwise avoids (passes/fuse_clips.py)."""
+    import onnxscript.rewriter
+
+    from mvcompile.passes import fuse_clips
+    monkeypatch.setattr(fuse_clips, "onnxscript_default_rules",
+                        lambda: onnxscript.rewriter._DEFAULT_REWRITE_RULES)
+
+
 def run(*args: str) -> tuple[int, str]:
     """Invoke the CLI in-process. An exception that escaped the command (which a user would
     see as a traceback) is re-raised, so every CLI test also checks "no traceback"."""

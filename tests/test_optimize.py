@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import StageRecorder, assert_clean_failure, build_random, run
+from mvcompile import optimize
 from mvcompile.cli import main
 from mvcompile.latency import LatencyStats
 from mvcompile.optimize import max_abs_diff, optimize_proto
@@ -137,11 +138,17 @@ def test_cli_rejects_a_missing_file_without_writing(tmp_path) -> None:
 
 
 def test_numerics_mismatch_writes_nothing(hf_export, tmp_path, monkeypatch) -> None:
-    """A result that differs from its input (simulated: the comparison reports 1.0 for its
-    one output) is not written."""
+    """A result that differs from its input (simulated: the result's logits come out 1.0
+    higher) is not written."""
     _, path = hf_export
     out = tmp_path / "out.onnx"
-    monkeypatch.setattr("mvcompile.optimize.output_differences", lambda *args, **kw: [1.0])
+    real = optimize.run_both
+
+    def shifted(*args, **kw):
+        expected, actual = real(*args, **kw)
+        return expected, [a + 1.0 for a in actual]
+
+    monkeypatch.setattr(optimize, "run_both", shifted)
     result = CliRunner().invoke(main, ["optimize", path, "-o", str(out)])
     assert result.exit_code == 1
     assert "nothing was" in result.output

@@ -135,14 +135,45 @@ def test_a_float16_model_is_checked_to_float16_rounding(tmp_path: Path) -> None:
                                         .graph.node}
 
 
-def test_output_limit_is_four_float16_ulps_and_the_tolerance_otherwise() -> None:
-    assert output_limit(np.array([1.0, -40.0], np.float16), 1e-4) == 4 * 0.03125
-    assert output_limit(np.array([1e-3], np.float16), 1e-4) == 1e-4  # the tolerance is larger
-    assert output_limit(np.array([0.5, -0.25], np.float32), 1e-4) == 1e-4  # absolute up to 1
-    assert output_limit(np.array([40.0, np.nan], np.float32), 1e-4) == pytest.approx(40e-4)
-    assert output_limit(np.array([3, 7], np.int64), 0.0) == 0.0  # integers: exact
-    assert output_limit(np.array([np.inf, 2.0], np.float16), 0.0) == 4 * np.spacing(
-        np.float16(2.0))
+def test_output_limit_is_per_element_with_a_floor_of_rounding_at_the_outputs_scale() -> None:
+    def limit(values, dtype, tolerance=1e-4):
+        return output_limit(np.array(values, dtype), tolerance).tolist()
+
+    assert limit([1.0, -40.0], np.float16) == [4 * 0.03125] * 2  # 4 float16 ulps of 40
+    assert limit([1e-3], np.float16) == [1e-4]  # the tolerance is larger
+    assert limit([0.5, -0.25], np.float32) == [1e-4, 1e-4]  # absolute up to 1
+    # 0.5 beside 40: 32 float32 ulps of 40 (1.2e-4) are above the tolerance; NaN: exact
+    assert limit([40.0, 0.5, np.nan], np.float32) == pytest.approx(
+        [40e-4, 32 * float(np.spacing(np.float32(40.0))), 0.0])
+    # beside a value of 1e4 a value of 0.5 keeps nearly its own limit: 32 float32 ulps of 1e4
+    assert limit([1e4, 0.5], np.float32) == pytest.approx([1.0, 32 * float(np.spacing(
+        np.float32(1e4)))])
+    assert limit([3, 7], np.int64, 0.0) == [0.0, 0.0]  # integers: exact
+    assert limit([np.inf, 2.0], np.float16, 0.0) == [0.0, 4 * float(np.spacing(np.float16(2.0)))]
+
+
+def test_a_large_element_does_not_hide_a_wrong_small_one(tmp_path: Path,
+                                                         unsound_clip_fusion: None) -> None:
+    """Boxes in pixels beside scores in [0, 1] (a detector's head): onnxscript's optimizer, with
+    its own Clip fusion, turns the scores from 0 into -0.5; a limit taken from the boxes
+    (1e4 · 1e-4 = 1) let that through."""
+    model = onnx.parser.parse_model("""<ir_version: 10, opset_import: ["" : 18]>
+        g (float[1,8] x) => (float[1,16] y) {
+            c1 = Clip (x, lo1, hi1)
+            scores = Clip (c1, lo2, hi2)
+            boxes = Mul (x, scale)
+            y = Concat <axis = 1> (boxes, scores) }""")
+    for name, value in {"lo1": -1.0, "hi1": -0.5, "lo2": 0.0, "hi2": 1.0, "scale": 1e4}.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(
+            np.array(value, np.float32), name))
+    onnx.save(model, tmp_path / "in.onnx")
+    code, output = run("optimize", str(tmp_path / "in.onnx"), "-o", str(tmp_path / "out.onnx"),
+                       "--no-measure")
+    assert code == 0, output
+    assert "differed from the input" in output  # the optimizer's result was refused
+    feed = {"x": np.random.default_rng(3).uniform(0, 1, (1, 8)).astype(np.float32)}
+    got = ort.InferenceSession(str(tmp_path / "out.onnx")).run(None, feed)[0]
+    np.testing.assert_array_equal(got[0, 8:], np.zeros(8, np.float32))
 
 
 def test_onnxsims_bookkeeping_is_not_written_and_the_users_metadata_is(tmp_path: Path) -> None:
