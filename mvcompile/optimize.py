@@ -234,6 +234,7 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
     """
     if target not in TARGET_PIPELINES:
         raise UserError(f"Unknown target {target!r}; choose one of {sorted(TARGET_PIPELINES)}.")
+    _refuse_non_tensors(proto, name)
     sized = input_dims.fix_resolution(proto, resolution, name)
     freed, defaults = _free_overridable(sized)
     result, report = _optimize_sized(freed, target, tolerance, choose_by_latency, batch, name)
@@ -243,6 +244,21 @@ def optimize_proto(proto: onnx.ModelProto, target: str = "ort",
         result.graph.initializer.extend(defaults)
         onnx.checker.check_model(result, full_check=True)
     return result, report
+
+
+def _refuse_non_tensors(proto: onnx.ModelProto, name: str) -> None:
+    """UserError naming the graph inputs and outputs that are not tensors (sequences, maps,
+    optionals): the result is checked on random tensor inputs and compared tensor by tensor."""
+    kinds = {"sequence_type": "a sequence", "map_type": "a map", "optional_type": "an optional",
+             "sparse_tensor_type": "a sparse tensor"}
+    found = [f"{role} {value.name!r} is {kinds.get(value.type.WhichOneof('value'), 'untyped')}"
+             for role, values in (("input", graph_inputs(proto)), ("output", proto.graph.output))
+             for value in values if value.type.WhichOneof("value") != "tensor_type"]
+    if found:
+        raise UserError(f"{name}: {'; '.join(found)}. mvcompile optimize checks its result "
+                        "against the input on random tensor inputs, output by output, so it "
+                        "takes models whose graph inputs and outputs are all tensors. Nothing "
+                        "was written.")
 
 
 def _free_overridable(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:

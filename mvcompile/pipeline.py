@@ -152,13 +152,15 @@ class OnnxscriptOptimize(ir.passes.FunctionalPass):
     def __init__(self) -> None:
         super().__init__()
         self.failure: str | None = None
+        self.rewrites = 0  # what its rules rewrote in the result (constant folding aside)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         # A copy that shares no tensor with ``model`` (a clone does: renaming an initializer
         # in it, as optimize_ir's NameFixPass may, would rename the original's too).
         trial = ir.serde.deserialize_model(onnx_io.to_proto(model))
+        rules = _CountingRuleSet(fuse_clips.onnxscript_default_rules())
         try:
-            with _default_rewrite_rules(fuse_clips.onnxscript_default_rules()):
+            with _default_rewrite_rules(rules):
                 onnxscript.optimizer.optimize_ir(trial)
             _check_still_valid(model, trial)
         except Exception as err:  # onnxscript's rules raise ValueError, TypeError and others
@@ -169,12 +171,19 @@ class OnnxscriptOptimize(ir.passes.FunctionalPass):
             # ``model`` is untouched; a functional pass returns a new object, and a clone
             # (sharing its tensors) is enough, since the pass manager drops ``model``.
             return ir.passes.PassResult(model.clone(), modified=False)
+        self.rewrites = rules.applied
         changed = len(list(trial.graph)) != len(list(model.graph))
         return ir.passes.PassResult(trial, modified=changed)
 
     def report(self) -> dict:
-        """Nothing when it ran; else :meth:`failed_row`."""
-        return {} if self.failure is None else self.failed_row(self.failure)
+        """How many rewrites its rules made, a row like a rule's (nothing when none); where it
+        failed, :meth:`failed_row`."""
+        if self.failure is not None:
+            return self.failed_row(self.failure)
+        if not self.rewrites:
+            return {}
+        return {"rules": {self.RULE: self.rewrites}, "refused": {}, "refusal_kinds": {},
+                "cleanup": False}
 
     @classmethod
     def failed_row(cls, why: str) -> dict:
@@ -184,8 +193,22 @@ class OnnxscriptOptimize(ir.passes.FunctionalPass):
                 "refusal_kinds": {cls.RULE: PATTERN_FOUND}, "cleanup": False}
 
 
+class _CountingRuleSet(RewriteRuleSet):
+    """A rule set that adds up the rewrites it applies over every call (onnxscript's
+    optimizer applies its rules a few times and only logs each count)."""
+
+    def __init__(self, rules: tuple) -> None:
+        super().__init__(list(rules))
+        self.applied = 0
+
+    def apply_to_model(self, model: ir.Model, **kwargs) -> int:
+        count = super().apply_to_model(model, **kwargs)
+        self.applied += count
+        return count
+
+
 @contextlib.contextmanager
-def _default_rewrite_rules(rules: tuple) -> Iterator[None]:
+def _default_rewrite_rules(rules: RewriteRuleSet) -> Iterator[None]:
     """Make ``rules`` the rewrite rules that ``onnxscript.optimizer.optimize_ir`` applies
     (it reads ``onnxscript.rewriter._DEFAULT_REWRITE_RULES`` and takes no rules argument)."""
     saved = onnxscript.rewriter._DEFAULT_REWRITE_RULES

@@ -18,7 +18,9 @@ recorded before the pipeline, restores them:
   ``(y, y)``) becomes that output again: ``outputs[i] = outputs[j]``.
 
 A value that holds a recorded name in the meantime is renamed first (``name_1``, ...).
-The graph computes the same function, under the interface it had; nothing else changes.
+A node left with no use (the ``Identity`` that copied a graph input to an output, once the
+output is that input again) is removed. The graph computes the same function, under the
+interface it had; nothing else changes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import collections
 import logging
 
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ def restore_interface(model: ir.Model, inputs: list[str], outputs: list[str]) ->
         given[name] = graph.outputs[i]
     if restored:
         log.info("Restored %d graph input/output names that the passes changed", restored)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
     return restored
 
 

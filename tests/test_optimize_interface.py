@@ -75,6 +75,7 @@ def test_an_input_that_is_also_an_output_keeps_its_name(tmp_path: Path) -> None:
     got = _by_name(result, feed)
     np.testing.assert_array_equal(got["x"], feed["x"])
     np.testing.assert_array_equal(got["y"], np.maximum(feed["x"], 0))
+    assert [n.op_type for n in result.graph.node] == ["Relu"]  # no dead Identity of x is left
 
 
 def test_outputs_that_fold_to_one_constant_keep_their_names(tmp_path: Path) -> None:
@@ -221,3 +222,34 @@ def test_an_initializer_that_is_also_an_input_stays_an_overridable_input(tmp_pat
     assert _by_name(result, {"x": x})["y"].tolist() == [[2.0, 2.0, 2.0]]  # the default
     assert _by_name(result, {"x": x, "w": np.full((1, 3), 5.0, np.float32)})["y"].tolist() == [
         [10.0, 10.0, 10.0]]
+
+
+def _sequence_out() -> onnx.ModelProto:
+    return helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]),
+         helper.make_node("SequenceConstruct", ["x", "r"], ["s"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)]),
+        opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _optional_in() -> onnx.ModelProto:
+    optional = helper.make_value_info("o", helper.make_optional_type_proto(
+        helper.make_tensor_type_proto(TensorProto.FLOAT, [2, 3])))
+    return helper.make_model(helper.make_graph(
+        [helper.make_node("OptionalHasElement", ["o"], ["h"])], "g", [optional],
+        [helper.make_tensor_value_info("h", TensorProto.BOOL, [])]),
+        opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize(("model", "says"), [(_sequence_out, "output 's' is a sequence"),
+                                             (_optional_in, "input 'o' is an optional")])
+def test_inputs_and_outputs_that_are_not_tensors_are_named(tmp_path: Path, model, says: str
+                                                           ) -> None:
+    """ONNX Runtime runs both; the check, which feeds and compares tensors, cannot (it used to
+    fail with "'list' object has no attribute 'shape'" or "cannot run the input (0)")."""
+    onnx.checker.check_model(model(), full_check=True)
+    onnx.save(model(), tmp_path / "in.onnx")
+    code, output = run("optimize", str(tmp_path / "in.onnx"), "-o", str(tmp_path / "out.onnx"))
+    assert code == 1 and says in output and "Nothing was written" in output, output
+    assert not (tmp_path / "out.onnx").exists()

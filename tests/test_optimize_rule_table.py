@@ -114,3 +114,18 @@ def test_onnxscript_optimizer_failing_is_a_row_and_the_rest_goes_on(tmp_path: Pa
     assert "failed, so skipped: operands could not be broadcast" in row
     assert "has shape [3, 5, 5], not [3]" in output  # our own fold refused it, with the reason
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_onnxscript_optimizers_rewrites_are_a_row(tmp_path: Path) -> None:
+    """A Clip pair that onnxscript's optimizer fuses (with passes/fuse_clips' rule): the row
+    says it rewrote once; it used to be left out, the table reading "no full pattern"."""
+    src, out = tmp_path / "clips.onnx", tmp_path / "o.onnx"
+    onnx.save(parse('<ir_version: 10, opset_import: ["" : 18]>\n'
+                    "g (float[4] x) => (float[4] y) { a = Constant <value_float = 0.0> ()\n"
+                    " b = Constant <value_float = 1.0> ()\n t = Clip (x, a, b)\n"
+                    " y = Clip (t, a, b) }"), str(src))
+    code, output = run("optimize", str(src), "-o", str(out), "--no-measure")
+    assert code == 0, output
+    row = next(line for line in output.splitlines() if line.startswith("onnxscript_optimizer"))
+    assert row.split()[1] == "1", output
+    assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["Clip"]
