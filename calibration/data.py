@@ -312,9 +312,15 @@ def _check_preprocessed(array: np.ndarray, path: Path) -> None:
                         "pixels scaled to [0, 1] with no mean/std normalization.")
 
 
+_ZOOMS = (1.0, 0.75, 0.5)  # central crops of the bundled photos
+BUNDLED_CROPS = len(_BUNDLED_PHOTOS) * len(_ZOOMS)
+
+
 def bundled_photos(resolution: int, count: int = 32,
                    on_image: Callable[[], None] | None = None) -> ImageSet:
-    """Real photos shipped with scikit-image, with deterministic crops to reach ``count``."""
+    """Real photos shipped with scikit-image, with deterministic crops to reach ``count``: each
+    photo whole, then their 75% and then 50% central crops, so at most
+    :data:`BUNDLED_CROPS` different images (fewer than ``count`` where it asks for more)."""
     import skimage.data
 
     photos = []
@@ -322,9 +328,10 @@ def bundled_photos(resolution: int, count: int = 32,
         array = getattr(skimage.data, name)()
         photos.append(Image.fromarray(array if array.ndim == 3 else np.stack([array] * 3, -1)))
     samples = []
+    count = min(count, BUNDLED_CROPS)
     for i in range(count):
         photo = photos[i % len(photos)]
-        zoom = 1.0 - 0.25 * ((i // len(photos)) % 3)  # whole photo, 75%, 50% central crops
+        zoom = _ZOOMS[i // len(photos)]
         w, h = photo.size
         cw, ch = int(w * zoom), int(h * zoom)
         crop = photo.crop(((w - cw) // 2, (h - ch) // 2, (w + cw) // 2, (h + ch) // 2))

@@ -77,13 +77,19 @@ class MobileViTConfig:
             raise UserError(
                 f"Unknown patch config {patch_config!r}. Choose A (2,2,2) or B (8,4,2)."
             )
-        if num_classes < 1:
-            raise UserError(f"--num-classes must be at least 1, got {num_classes}.")
+        if not 1 <= num_classes <= MAX_CLASSES:
+            raise UserError(f"--num-classes must be between 1 and {MAX_CLASSES:,}, got "
+                            f"{num_classes}: the classifier is a [{num_classes}, C] weight, and "
+                            "ONNX files hold at most 2 GiB.")
         channels, dims, expansion = _SIZES[size]
         config = cls(size, channels, dims, expansion, patch_sizes=PATCH_CONFIGS[patch_config],
                      num_classes=num_classes)
         check_resolution(resolution, config.patch_sizes)
         return replace(config, resolution=resolution)
+
+
+MAX_RESOLUTION = 4096  # attention at R/8 holds (R/8)^4/4 scores a head: 275 GB for S at 4096
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; S's classifier at this size is 256 MB
 
 
 def valid_resolutions(patch_sizes: tuple[int, ...], up_to: int = 1024) -> list[int]:
@@ -98,12 +104,18 @@ def valid_resolutions(patch_sizes: tuple[int, ...], up_to: int = 1024) -> list[i
 
 
 def check_resolution(resolution: int, patch_sizes: tuple[int, ...]) -> None:
-    """Raise :class:`UserError` naming the nearest valid sizes if ``resolution`` is invalid."""
-    valid = valid_resolutions(patch_sizes, up_to=max(1024, 2 * resolution))
-    if resolution in valid:
+    """Raise :class:`UserError` naming the nearest valid sizes if ``resolution`` is invalid
+    (not a positive multiple of the smallest valid size, or above :data:`MAX_RESOLUTION`)."""
+    valid = valid_resolutions(patch_sizes)
+    if resolution > MAX_RESOLUTION:
+        raise UserError(f"Resolution {resolution} is above {MAX_RESOLUTION}, the largest this "
+                        "tool builds: MobileViT's attention memory grows with the fourth power "
+                        "of the resolution (MobileViT was trained at 256).")
+    if resolution > 0 and resolution % valid[0] == 0:
         return
-    below = [r for r in valid if r < resolution][-1:]
-    above = [r for r in valid if r > resolution][:1]
+    step = valid[0]
+    below = [resolution // step * step] if resolution > step else []
+    above = [max(step, -(-resolution // step) * step)]
     nearest = " or ".join(str(r) for r in below + above)
     raise UserError(
         f"Resolution {resolution} does not work with patch sizes {patch_sizes}: the network "

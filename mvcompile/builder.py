@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -61,7 +62,7 @@ class BuildOptions:
     resolution: int = 256
     patch_config: str = "A"
     num_classes: int = 1000
-    out_dir: str = "out/mobilevit_xxs"
+    out_dir: str | None = None  # None: out/mobilevit_SIZE, as the CLI's default
     seed: int = 0
     latency_runs: int = 20
     threads: int = 2
@@ -79,6 +80,10 @@ class BuildOptions:
     coreml_int8: str = "w8a8"
     coreml_input: str = "image"
     coreml_batch: int = 1
+
+    def __post_init__(self) -> None:
+        if self.out_dir is None:
+            object.__setattr__(self, "out_dir", f"out/mobilevit_{self.size}")
 
 
 @dataclass
@@ -297,7 +302,8 @@ def _write(out_dir: Path, blobs: dict[str, bytes], report: dict, options: BuildO
                                      progress))
         report["artifacts"] = {key: path.name for key, path in staged.items()}
         staged["report"] = stage / "report.json"
-        staged["report"].write_text(json.dumps(report, indent=2) + "\n")
+        staged["report"].write_text(json.dumps(finite_json(report), indent=2, allow_nan=False)
+                                    + "\n")
         for path in staged.values():
             check_replaceable(path, out_dir / path.name, "build output")
         # Folders (.mlpackage) first: replacing one is what fails in practice (a folder without
@@ -324,6 +330,19 @@ def _artifact_names() -> set[str]:
     return names
 
 
+def finite_json(value: object) -> object:
+    """``value`` with every infinite or NaN float replaced by None, which JSON can hold (its
+    number has no infinity: Python writes ``Infinity``, which strict parsers refuse). An SQNR
+    of INT8 logits equal to FP32's is infinite and is written as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
+
+
 def _earlier_artifacts(out_dir: Path) -> set[str]:
     """What an earlier build wrote into ``out_dir``, as its report.json lists it; nothing when
     there is no such report (the files there are then the user's, not ours)."""
@@ -342,6 +361,11 @@ def _remove_stale(out_dir: Path, stale: set[str]) -> None:
 
     for name in sorted(stale):
         path = out_dir / name
+        if path.is_symlink() or (path.is_dir() and not _is_mlpackage(path)):
+            log.warning("Left %s in place: an earlier build's report.json lists it, but it is "
+                        "not what a build writes there (a %s)", path,
+                        "symbolic link" if path.is_symlink() else "folder")
+            continue
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -350,6 +374,12 @@ def _remove_stale(out_dir: Path, stale: set[str]) -> None:
             continue
         log.warning("Removed %s, left by an earlier build into this folder that this build "
                     "did not rewrite", path)
+
+
+def _is_mlpackage(path: Path) -> bool:
+    """Whether the folder ``path`` is a Core ML package, the one kind of folder a build
+    writes."""
+    return path.suffix == ".mlpackage" and (path / "Manifest.json").is_file()
 
 
 def _write_targets(stage: Path, out_dir: Path, blobs: dict[str, bytes], report: dict,

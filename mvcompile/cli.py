@@ -252,7 +252,9 @@ class _ProgressBars:
               help="Output folder for model.onnx, model_int8.onnx, report.json and the "
                    "--targets artifacts (.ort, .mlpackage) [default: out/mobilevit_SIZE].")
 @click.option("--no-passes", is_flag=True,
-              help="Skip the graph passes and write the plain authored graph (for comparison).")
+              help="Skip the graph passes and write the plain authored graph (for "
+                   "comparison); --int8 then quantizes, and --targets then lower, that plain "
+                   "graph too.")
 @click.option("--int8", is_flag=True,
               help="Also calibrate and write an INT8 (QDQ) model, model_int8.onnx.")
 @click.option("--calib-data", type=PATH, default=None,

@@ -348,4 +348,9 @@ def stage_fired(pipeline_report: dict, stage: str) -> bool:
 
 
 def _op_counts(model: ir.Model) -> dict[str, int]:
-    return dict(collections.Counter(node.op_type for node in model.graph).most_common())
+    """{op type: count}, most frequent first; ops of other domains than ONNX's are prefixed
+    with theirs (``com.microsoft.Attention`` is not opset-23 ``Attention``), as
+    :func:`mvcompile.analysis.op_histogram` names them."""
+    return dict(collections.Counter(
+        f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        for node in model.graph).most_common())

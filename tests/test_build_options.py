@@ -32,3 +32,40 @@ def test_coreml_image_input_with_batch_2_fails_before_the_build(tmp_path: Path) 
     assert_clean_failure(code, output, "--coreml-input image takes one image per prediction")
     assert "Calibrating" not in output and "Compiling" not in output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_apis_default_folder_is_named_after_the_size() -> None:
+    """It was out/mobilevit_xxs for every size, so an S build replaced (and a later build
+    deleted the INT8 model of) an XXS one there."""
+    assert BuildOptions(size="s").out_dir == "out/mobilevit_s"
+    assert BuildOptions().out_dir == "out/mobilevit_xxs"
+    assert BuildOptions(size="xs", out_dir="here").out_dir == "here"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--resolution", "99999999999999999999968"), "is above 4096"),  # OverflowError traceback
+    (("--resolution", "6400000000"), "is above 4096"),  # 7.5 GB and 16 s in the check
+    (("--resolution", "100"), "Nearest: 64 or 128"),
+    (("--resolution", "0"), "Nearest: 64"),
+    (("--num-classes", "1700000"), "between 1 and 100,000"),  # over 2 GiB: failed at the end
+    (("--num-classes", "9223372036854775807"), "between 1 and 100,000"),  # traceback
+    (("--num-classes", "0"), "between 1 and 100,000"),
+])
+def test_sizes_out_of_range_are_refused_at_once(tmp_path: Path, args: tuple[str, ...],
+                                                message: str) -> None:
+    code, output = run("build", "--latency-runs", "0", *args, "-o", str(tmp_path / "o"))
+    assert_clean_failure(code, output, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_json_holds_no_infinity() -> None:
+    """An SQNR of INT8 logits equal to FP32's is infinite; Python's json wrote Infinity, which
+    strict parsers (jq, JavaScript) refuse."""
+    import json
+    import math
+
+    from mvcompile.builder import finite_json
+
+    report = {"sqnr_db": math.inf, "rows": [1.5, -math.inf, math.nan], "n": 3, "name": "x"}
+    text = json.dumps(finite_json(report), allow_nan=False)
+    assert json.loads(text) == {"sqnr_db": None, "rows": [1.5, None, None], "n": 3, "name": "x"}

@@ -231,6 +231,35 @@ def test_rebuild_removes_only_what_the_earlier_build_wrote(tmp_path: Path) -> No
     assert (theirs / "model.ort").read_text() == "mine" and (theirs / "model.mlpackage").is_dir()
 
 
+def test_a_listed_artifact_that_is_a_folder_or_a_link_is_left_alone(tmp_path: Path) -> None:
+    """A report.json that lists model_int8.onnx where a folder of that name stands: the rebuild
+    without --int8 deleted the folder, whatever it held (shutil.rmtree)."""
+    out = tmp_path / "o"
+    fast = ("--resolution", "64", "--latency-runs", "0")
+    assert run("build", *fast, "--targets", "onnx,ort", "-o", str(out))[0] == 0
+    report = json.loads((out / "report.json").read_text())
+    report["artifacts"]["int8"] = "model_int8.onnx"
+    (out / "report.json").write_text(json.dumps(report))
+    (out / "model_int8.onnx").mkdir()
+    (out / "model_int8.onnx" / "notes.txt").write_text("mine")
+    (out / "model.ort").unlink()
+    (out / "model.ort").symlink_to(tmp_path / "elsewhere.ort")
+    (tmp_path / "elsewhere.ort").write_text("mine too")
+    code, output = run("build", *fast, "-o", str(out))
+    assert code == 0, output
+    assert (out / "model_int8.onnx" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "elsewhere.ort").read_text() == "mine too" and (out / "model.ort").exists()
+
+
+def test_an_output_folder_that_is_a_dangling_link_is_refused_at_once(tmp_path: Path) -> None:
+    """It failed after the whole build, with "File exists"."""
+    (tmp_path / "o").symlink_to(tmp_path / "nowhere")
+    code, output = run("build", "--resolution", "64", "--latency-runs", "0", "-o",
+                       str(tmp_path / "o"))
+    assert_clean_failure(code, output, "symbolic link to nothing")
+    assert "Compiling" not in output
+
+
 def test_ctrl_c_gives_a_note_and_status_130(tmp_path: Path, monkeypatch) -> None:
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

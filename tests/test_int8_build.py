@@ -63,15 +63,19 @@ def test_int8_build_writes_a_qdq_model_that_ort_runs(tmp_path: Path) -> None:
     assert (quantization["weight_bits"], quantization["weight_bits_why"]) == (bits, why)
     assert f"{bits}-bit weights ({why})" in output
     assert _largest_int8_weight(proto) == 2 ** (bits - 1) - 1
-    # The INT8 graph's head-split attention drops each layer's key bias and folds its value
-    # bias into the output bias: 2·d parameters fewer per transformer layer.
+    # Both graphs drop each layer's key bias and fold its value bias into the output bias; the
+    # FP32 graph's fused Attention stores them as 2·d zeros per transformer layer, the INT8
+    # graph's head-split form stores the query bias alone.
     from mvcompile.graphs.mobilevit import MobileViTConfig
 
     cfg = MobileViTConfig.for_size("xxs")
     fewer = 2 * sum(d * depth for d, depth in zip(cfg.dims, cfg.depths, strict=True))
     models = report["models"]
     assert models["onnx"]["parameters"] - models["int8"]["parameters"] == fewer == 1472
-    assert f"INT8 has {fewer:,} fewer parameters for the same function" in output
+    assert f"FP32 counts {fewer:,} more parameters for the same function" in output
+    zeros = [onnx.numpy_helper.to_array(t) for t in onnx.load(out / "model.onnx").graph.initializer
+             if t.name.endswith("qkv_bias")]
+    assert sum(int((a[a.size // 3:] == 0).sum()) for a in zeros) == fewer  # the k, v parts
 
 
 def _largest_int8_weight(proto: onnx.ModelProto) -> int:

@@ -450,3 +450,14 @@ def test_a_softmax_reads_a_float_input_so_ort_cannot_fuse_it() -> None:
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     expected = np.broadcast_to(np.linspace(0.1, 0.8, 8, dtype=np.float32), (6, 4, 1, 8))
     np.testing.assert_allclose(session.run(None, {"s": scores})[0], expected, atol=0.02)
+
+
+def test_the_bundled_photos_give_at_most_their_distinct_crops() -> None:
+    """They cycled after 39 (13 photos × 3 crops), so --calib-size 100 calibrated on repeats
+    while the summary said "100 crops"; now there are 39, and the build says it uses all."""
+    from mvcompile.calibration.data import BUNDLED_CROPS, bundled_photos
+
+    images = bundled_photos(64, 100)
+    assert len(images.pixels) == BUNDLED_CROPS == 39
+    assert len({image.tobytes() for image in images.pixels}) == BUNDLED_CROPS
+    assert images.description.startswith("39 crops")

@@ -33,6 +33,9 @@ def check_writable_dir(folder: Path, what: str) -> None:
     """Raise :class:`UserError` unless ``folder`` is, or can be created as, a writable folder."""
     folder = Path(folder)
     for parent in [folder, *folder.parents]:
+        if parent.is_symlink() and not parent.exists():
+            raise UserError(f"Cannot write the {what} to {folder}: {parent} is a symbolic "
+                            "link to nothing. Remove it or choose another output path.")
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"Cannot write the {what} to {folder}: {parent} is a file, "
