@@ -180,6 +180,9 @@ def _check_inputs(options: BuildOptions) -> MobileViTConfig:
                                       patch_config=options.patch_config,
                                       num_classes=options.num_classes)
     check_writable_dir(Path(options.out_dir), "build outputs")
+    if Path(options.out_dir).suffix.lower() in (".onnx", ".ort"):
+        log.warning("-o names the output folder: %s will be a folder holding model.onnx and "
+                    "report.json", options.out_dir)
     check_choice(options.channel_order)
     if isinstance(options.targets, str):
         raise UserError(f"targets is a tuple of names, e.g. ('onnx', 'ort'), not the string "
@@ -306,6 +309,7 @@ def _write(out_dir: Path, blobs: dict[str, bytes], report: dict, options: BuildO
                                     + "\n")
         for path in staged.values():
             check_replaceable(path, out_dir / path.name, "build output")
+        _note_unrecorded(out_dir, [p.name for p in staged.values()], earlier)
         # Folders (.mlpackage) first: replacing one is what fails in practice (a folder without
         # write permission cannot be moved), and nothing else has been replaced by then.
         order = sorted(staged, key=lambda key: not staged[key].is_dir())
@@ -352,6 +356,17 @@ def _earlier_artifacts(out_dir: Path) -> set[str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
     return {name for name in listed if isinstance(name, str)} & _artifact_names()
+
+
+def _note_unrecorded(out_dir: Path, names: list[str], earlier: set[str]) -> None:
+    """Warn of the files this build replaces in ``out_dir`` that no earlier build's
+    report.json lists there (they may be the user's own)."""
+    if (out_dir / "report.json").is_file() and earlier:
+        names = [name for name in names if name not in earlier and name != "report.json"]
+    for name in names:
+        if (out_dir / name).exists():
+            log.warning("Replacing %s, which no earlier build into this folder recorded",
+                        out_dir / name)
 
 
 def _remove_stale(out_dir: Path, stale: set[str]) -> None:

@@ -407,3 +407,25 @@ def test_the_python_api_reads_run_folders_and_warns_of_other_training_settings(
         build(BuildOptions(weights=str(run_dir), resolution=64, num_classes=10, patch_config="B",
                            latency_runs=0, out_dir=str(tmp_path / "b")))
     assert "trained with" not in caplog.text
+
+
+def test_replacing_files_no_build_recorded_is_said(tmp_path: Path, caplog) -> None:
+    """A model.onnx of the user's in the folder was overwritten without a word; a rebuild's
+    own files are replaced quietly."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "model.onnx").write_text("mine")
+    fast = ("--resolution", "64", "--latency-runs", "0")
+    code, output = run("build", *fast, "-o", str(out))
+    assert code == 0 and f"Replacing {out / 'model.onnx'}" in caplog.text, output
+    caplog.clear()
+    code, output = run("build", *fast, "-o", str(out))
+    assert code == 0 and "Replacing" not in caplog.text, output
+
+
+def test_an_out_dir_named_like_a_model_file_is_said_to_be_a_folder(tmp_path: Path,
+                                                                   caplog) -> None:
+    code, output = run("build", "--resolution", "64", "--latency-runs", "0", "-o",
+                       str(tmp_path / "mine.onnx"))
+    assert code == 0 and "names the output folder" in caplog.text, output
+    assert (tmp_path / "mine.onnx" / "model.onnx").is_file()
