@@ -139,7 +139,7 @@ def _coreml_sources(plain: ir.Model, models: dict[str, onnx.ModelProto],
     pipeline uses ORT contrib ops), and the INT8 model as built."""
     if "coreml" not in options.targets:
         return {}
-    mobile, _ = compile_graph(plain, "mobile", options.passes)
+    mobile, _ = compile_graph(plain, "mobile", options.passes)  # its passes: report.json's
     sources = {"onnx": onnx_io.to_proto(mobile)}
     if "int8" in models:
         sources["int8"] = models["int8"]
@@ -429,6 +429,12 @@ def _write_targets(stage: Path, out_dir: Path, blobs: dict[str, bytes], report: 
                 batch=options.coreml_batch)
             progress.finish()
             report["coreml"][name] = _coreml_io(written[f"{key}_coreml"])
+        report["coreml_sources"] = {
+            _ONNX_NAMES[key].replace(".onnx", ".mlpackage"): {
+                "graph": ("the mobile pipeline's (standard ONNX)" if key == "onnx"
+                          and options.passes else f"{_ONNX_NAMES[key]}'s"),
+                "nodes": len(proto.graph.node), "op_histogram": analysis.op_histogram(proto)}
+            for key, proto in coreml_sources.items()}
     return written
 
 

@@ -54,7 +54,7 @@ def _models_table(report: dict, files: dict[str, Path]) -> str:
     rows.append(("file", *(str(files[k]) for k in keys)))
     rows += _artifact_rows(files, keys)
     conditions = latency.get("conditions")
-    note = _parameters_note(report)
+    note = _parameters_note(report) + _coreml_source_note(report)
     if conditions:
         note += f"\n(latency: batch 1, {conditions['threads']} threads, runs interleaved)"
     if conditions and ratio and ratio > SLOWER:
@@ -94,6 +94,18 @@ def _parameters_note(report: dict) -> str:
             "Attention nodes store a [q, k, v] bias whose key and value parts are zeros (the "
             "key bias, which softmax ignores, is dropped and the value bias folded into the "
             "output bias); INT8 stores the query bias alone)")
+
+
+def _coreml_source_note(report: dict) -> str:
+    """Which graph the FP32 Core ML package was lowered from, where it is not the one whose
+    figures the FP32 column gives (the ORT graph)."""
+    source = report.get("coreml_sources", {}).get("model.mlpackage")
+    if not source or not source["graph"].startswith("the mobile"):
+        return ""
+    ops = ", ".join(op for op in source["op_histogram"] if op in ("Swish", "Einsum"))
+    return (f"\n(model.mlpackage is lowered from the mobile pipeline's graph, {source['nodes']} "
+            f"nodes of standard ONNX ({ops} where the FP32 column's graph has ORT contrib ops); "
+            "report.json, coreml_sources)")
 
 
 _ARTIFACT_KINDS = ((".ort", "ORT mobile"), (".config", "ORT operator configs"),

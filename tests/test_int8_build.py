@@ -311,6 +311,12 @@ def test_targets_write_ort_and_coreml_for_fp32_and_int8(tmp_path: Path) -> None:
     io = {row["name"]: row for row in report["coreml"]["model.mlpackage"]}
     assert io["pixel_values"]["kind"] == "image" and io["pixel_values"]["shape"] == [1, 3, 64, 64]
     assert io["logits"]["role"] == "output"
+    # the FP32 package comes from the mobile pipeline's graph, not the ORT one the column shows
+    sources = report["coreml_sources"]
+    assert "Swish" in sources["model.mlpackage"]["op_histogram"]
+    assert "com.microsoft.QuickGelu" in report["models"]["onnx"]["op_histogram"]
+    assert sources["model_int8.mlpackage"]["graph"] == "model_int8.onnx's"
+    assert "model.mlpackage is lowered from the mobile pipeline's graph" in output
     session = ort.InferenceSession(str(out / "model_int8.ort"), providers=["CPUExecutionProvider"])
     assert session.run(None, {"pixel_values": np.zeros((1, 3, 64, 64), np.float32)})[0].shape \
         == (1, 1000)
