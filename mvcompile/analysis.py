@@ -109,12 +109,15 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
     )
 
 
+def op_key(domain: str, op_type: str) -> str:
+    """An op's name in histograms: ``op_type`` for ONNX's own ops, ``domain.op_type`` for
+    others (``com.microsoft.Attention`` is not opset-23 ``Attention``)."""
+    return f"{domain}.{op_type}" if domain not in ("", "ai.onnx") else op_type
+
+
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
-    """{op type: count}, most frequent first; non-default domains are prefixed."""
-    counts = collections.Counter(
-        f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-        for n in model.graph.node
-    )
+    """{op type: count}, most frequent first; non-default domains are prefixed (:func:`op_key`)."""
+    counts = collections.Counter(op_key(n.domain, n.op_type) for n in model.graph.node)
     return dict(counts.most_common())
 
 

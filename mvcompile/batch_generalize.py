@@ -14,8 +14,11 @@ that scale with the batch, and each of those is rewritten so that it holds for a
   (a Softmax over one element that onnxsim folded to ones, say), used only by broadcasting
   ops: its first slice along that axis, which the op broadcasts.
 
-Anything else raises :class:`NotGeneralizable`. The caller must still check the result
-numerically at several batches: the rules above are necessary conditions, not proof.
+Anything else raises :class:`NotGeneralizable`, and so does an input model with a Slice of
+constant bounds that keeps part of a symbolic batch axis (``x[:16]`` of a [seq] or [T, B, C]
+input): at batch 1 and 2 it is a no-op, which the rewrites remove, at batch 40 it is not. The
+caller must still check the result numerically at several batches: the rules above are
+necessary conditions, not proof.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def generalize(one: onnx.ModelProto, two: onnx.ModelProto, original: onnx.ModelP
     """A copy of ``one`` (optimized at batch 1) that takes any batch, from its differences to
     ``two`` (the same pipeline at batch 2); ``original``, the symbolic-batch input, gives the
     graph inputs' and outputs' dimension names. Raises :class:`NotGeneralizable`."""
+    _refuse_batch_slices(original)
     _check_same_structure(one, two)
     result = onnx.ModelProto()
     result.CopyFrom(one)
@@ -60,6 +64,53 @@ def generalize(one: onnx.ModelProto, two: onnx.ModelProto, original: onnx.ModelP
     _restore_dims(result, one, two, original)
     log.info("Generalised %d batch-dependent constants to any batch", changed)
     return result
+
+
+FULL = 2**62  # a Slice bound at least this large (or as negative) reaches the axis' end
+
+
+def _refuse_batch_slices(original: onnx.ModelProto) -> None:
+    """Raise if a Slice of ``original``'s main graph has constant bounds that keep part of an
+    axis whose size is a symbolic batch dimension (the first dimension of a graph input,
+    followed by name through ONNX shape inference): a fixed batch at or below the bound makes
+    it a no-op, which the rewrites remove."""
+    graph = onnx.shape_inference.infer_shapes(original).graph
+    initializers = {init.name for init in graph.initializer}
+    batch = {value.type.tensor_type.shape.dim[0].dim_param for value in graph.input
+             if value.name not in initializers and value.type.tensor_type.shape.dim}
+    batch.discard("")
+    if not batch:
+        return
+    dims = {value.name: [d.dim_param for d in value.type.tensor_type.shape.dim]
+            for value in (*graph.input, *graph.value_info)}
+    constants = _constants(graph)
+    for node in graph.node:
+        if node.op_type != "Slice" or len(node.input) < 3 or node.input[0] not in dims:
+            continue
+        bounds = [constants.get(name) for name in node.input[1:5]]
+        starts, ends = bounds[0], bounds[1]
+        if starts is None or ends is None:
+            continue
+        axes = bounds[2] if len(bounds) > 2 and bounds[2] is not None else range(len(starts))
+        steps = bounds[3] if len(bounds) > 3 and bounds[3] is not None else [1] * len(starts)
+        shape = dims[node.input[0]]
+        for axis, start, end, step in zip(axes, starts, ends, steps, strict=True):
+            axis = int(axis) % len(shape) if shape else int(axis)
+            whole = step > 0 and (start == 0 or start <= -FULL) and end >= FULL
+            if shape and shape[axis] in batch and not whole:
+                raise NotGeneralizable(
+                    f"Slice {node.name or node.output[0]!r} keeps [{start}:{end}] of the "
+                    f"symbolic axis {shape[axis]!r}, which a fixed batch makes a no-op")
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    """The integer values of ``graph``'s initializers and Constant nodes, by name."""
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return {name: [int(v) for v in np.ravel(a)] for name, a in values.items()
+            if a.dtype.kind in "iu"}
 
 
 def _check_same_structure(one: onnx.ModelProto, two: onnx.ModelProto) -> None:

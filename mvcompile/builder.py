@@ -81,9 +81,10 @@ class BuildOptions:
     coreml_input: str = "image"
     coreml_batch: int = 1
 
-    def __post_init__(self) -> None:
-        if self.out_dir is None:
-            object.__setattr__(self, "out_dir", f"out/mobilevit_{self.size}")
+    @property
+    def out_path(self) -> Path:
+        """``out_dir``, or the CLI's default for the size, out/mobilevit_SIZE."""
+        return Path(self.out_dir if self.out_dir is not None else f"out/mobilevit_{self.size}")
 
 
 @dataclass
@@ -130,7 +131,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     report["models"] = {key: _model_stats(models[key], blobs[key]) for key in models}
     report["latency"] = _measure(blobs, options, progress)
     coreml_sources = _coreml_sources(plain, models, options)
-    return _write(Path(options.out_dir), blobs, report, options, coreml_sources, progress)
+    return _write(options.out_path, blobs, report, options, coreml_sources, progress)
 
 
 def _coreml_sources(plain: ir.Model, models: dict[str, onnx.ModelProto],
@@ -139,7 +140,7 @@ def _coreml_sources(plain: ir.Model, models: dict[str, onnx.ModelProto],
     pipeline uses ORT contrib ops), and the INT8 model as built."""
     if "coreml" not in options.targets:
         return {}
-    mobile, _ = compile_graph(plain, "mobile", options.passes)  # its passes: report.json's
+    mobile, _ = compile_graph(plain, "mobile", options.passes)
     sources = {"onnx": onnx_io.to_proto(mobile)}
     if "int8" in models:
         sources["int8"] = models["int8"]
@@ -179,10 +180,10 @@ def _check_inputs(options: BuildOptions) -> MobileViTConfig:
     config = MobileViTConfig.for_size(options.size, resolution=options.resolution,
                                       patch_config=options.patch_config,
                                       num_classes=options.num_classes)
-    check_writable_dir(Path(options.out_dir), "build outputs")
-    if Path(options.out_dir).suffix.lower() in (".onnx", ".ort"):
+    check_writable_dir(options.out_path, "build outputs")
+    if options.out_path.suffix.lower() in (".onnx", ".ort"):
         log.warning("-o names the output folder: %s will be a folder holding model.onnx and "
-                    "report.json", options.out_dir)
+                    "report.json", options.out_path)
     check_choice(options.channel_order)
     if isinstance(options.targets, str):
         raise UserError(f"targets is a tuple of names, e.g. ('onnx', 'ort'), not the string "

@@ -47,6 +47,7 @@ TARGET_PIPELINES = {"ort": "fp32-foreign", "mobile": "mobile-foreign"}
 DEFAULT_TOLERANCE = 1e-4
 HALF_ULPS = 4  # float16 outputs may differ by this many units in the last place (output_limit)
 ROUNDING_ULPS = 32  # float32/64 outputs: by this many units in the last place of their scale
+FILL_VALUE = 1e30  # |values| from here up in an output are mask fills (output_limit)
 # The batches at which a model optimized at a fixed batch and generalised back to a symbolic
 # one (optimize_proto without --batch) must match the input.
 VERIFY_BATCHES = (1, 2, 3)
@@ -146,21 +147,32 @@ def output_differences(reference: onnx.ModelProto, candidate: onnx.ModelProto, s
 def output_limit(expected: np.ndarray, tolerance: float) -> np.ndarray:
     """The largest |Δ| accepted at each element of an output whose input-model values are
     ``expected``: ``tolerance`` · max(1, |value|) (absolute up to 1, relative above), but at
-    least float rounding at the output's scale m, its largest finite |value|:
-    :data:`ROUNDING_ULPS` units in the last place of m for float32 and float64 (a BatchNorm
-    folded into a conv whose outputs reach 2e3 moves the elements near 0 by float32 rounding
-    of terms near 2e3, about 1e-4), :data:`HALF_ULPS` for float16 (one float16 ulp at 40 is
-    already 0.03). An element's own limit, not one for the whole output: a small score beside
-    a large box coordinate is held to its own scale. 0 where the value is not finite (only the
-    same NaN or infinity is accepted there); integers: ``tolerance``."""
+    least a floor set by the output's scale m, its largest finite |value| below
+    :data:`FILL_VALUE` (values at the float's range are mask fills, not outputs): a tenth of
+    ``tolerance`` · m, or float rounding at m where that is larger (:data:`ROUNDING_ULPS`
+    units in the last place for float32 and float64, :data:`HALF_ULPS` for float16). The
+    floor is what a rewrite that reorders float arithmetic moves the elements near 0 by, when
+    they are the difference of terms near m (a BatchNorm with a running mean far above its
+    spread, folded into its conv). Each element has its own limit, not one for the whole
+    output: a small score beside a large box coordinate is held to about its own scale.
+    0 where the value is not finite (only the same NaN or infinity is accepted there);
+    integers: ``tolerance``."""
     if expected.dtype.kind != "f":
         return np.full(expected.shape, tolerance)
     finite = np.isfinite(expected)
-    largest = float(np.abs(expected[finite]).max()) if finite.any() else 0.0
-    ulps = HALF_ULPS if expected.dtype == np.float16 else ROUNDING_ULPS
-    rounding = ulps * float(np.spacing(expected.dtype.type(largest)))
     magnitude = np.abs(np.where(finite, expected, 0.0).astype(np.float64))
-    return np.where(finite, np.maximum(tolerance * np.maximum(1.0, magnitude), rounding), 0.0)
+    scale = magnitude[magnitude < FILL_VALUE]
+    largest = float(scale.max()) if scale.size else 0.0
+    ulps = HALF_ULPS if expected.dtype == np.float16 else ROUNDING_ULPS
+    floor = max(ulps * _ulp(largest, expected.dtype), tolerance * largest / 10)
+    return np.where(finite, np.maximum(tolerance * np.maximum(1.0, magnitude), floor), 0.0)
+
+
+def _ulp(value: float, dtype: np.dtype) -> float:
+    """The spacing of floats of ``dtype`` at ``value`` ≥ 0, in float64 (no overflow at the
+    type's largest value)."""
+    exponent = np.frexp(value)[1]  # value = f·2^e, f in [0.5, 1)
+    return float(np.ldexp(1.0, int(exponent) - 1 - np.finfo(dtype).nmant))
 
 
 def _over_limit(expected: list[np.ndarray], actual: list[np.ndarray], tolerance: float
@@ -586,18 +598,21 @@ def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float, ba
         raise NumericsMismatch(
             f"The optimized model differs from the input by {over[0]:.3g} at one output "
             f"element on random inputs, above that element's limit {over[1]:.3g} (--tolerance "
-            "times the value where it is above 1); "
-            "nothing was written. Please report this with the input model.")
+            "times the value where it is above 1, at least a tenth of it times the output's "
+            "largest value); nothing was written. Where that is float rounding (outputs "
+            "that are differences of much larger terms), a larger --tolerance accepts it; "
+            "otherwise please report this with the input model.")
     stages.advance()
     return max(diffs, default=0.0)
 
 
 def _signed_differences(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float,
                         batch: int) -> tuple[list[float], tuple[float, float] | None] | None:
-    """:func:`output_differences` on signed inputs (``random_inputs(signed=True)``: N(0,1)
-    floats, True booleans), which a rewrite that is wrong only for negative values or on an
-    If's other branch fails, and the first output over its limit; None where the input model
-    itself cannot run on them (an image model may not: it is checked on pixels already)."""
+    """The max abs difference of each output on signed inputs (``random_inputs(signed=True)``:
+    N(0,1) floats, True booleans), which a rewrite that is wrong only for negative values or on
+    an If's other branch fails, and (|Δ|, limit) of the element furthest over its limit
+    (:func:`_over_limit`), if any; None where the input model itself cannot run on them (an
+    image model may not: it is checked on pixels already)."""
     feed = random_inputs(proto, 1, batch, signed=True)
     try:
         expected = run_unoptimized(proto, feed)

@@ -32,9 +32,10 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
 import onnxscript.rewriter
-from onnxscript.rewriter import MatchingTracer, MatchStatus, RewriteRuleSet
+from onnxscript.rewriter import MatchingTracer, MatchStatus, RewriteRule, RewriteRuleSet
 
 from mvcompile import onnx_io
+from mvcompile.analysis import op_key
 from mvcompile.errors import first_line
 from mvcompile.passes import (
     commute_resize,
@@ -197,7 +198,7 @@ class _CountingRuleSet(RewriteRuleSet):
     """A rule set that adds up the rewrites it applies over every call (onnxscript's
     optimizer applies its rules a few times and only logs each count)."""
 
-    def __init__(self, rules: tuple) -> None:
+    def __init__(self, rules: tuple[RewriteRule, ...]) -> None:
         super().__init__(list(rules))
         self.applied = 0
 
@@ -348,9 +349,7 @@ def stage_fired(pipeline_report: dict, stage: str) -> bool:
 
 
 def _op_counts(model: ir.Model) -> dict[str, int]:
-    """{op type: count}, most frequent first; ops of other domains than ONNX's are prefixed
-    with theirs (``com.microsoft.Attention`` is not opset-23 ``Attention``), as
-    :func:`mvcompile.analysis.op_histogram` names them."""
-    return dict(collections.Counter(
-        f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
-        for node in model.graph).most_common())
+    """{op type: count}, most frequent first, named as :func:`mvcompile.analysis.op_key` names
+    them."""
+    return dict(collections.Counter(op_key(node.domain, node.op_type)
+                                    for node in model.graph).most_common())

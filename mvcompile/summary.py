@@ -103,9 +103,9 @@ def _coreml_source_note(report: dict) -> str:
     if not source or not source["graph"].startswith("the mobile"):
         return ""
     ops = ", ".join(op for op in source["op_histogram"] if op in ("Swish", "Einsum"))
+    where = f" ({ops} where the FP32 column's graph has ORT contrib ops)" if ops else ""
     return (f"\n(model.mlpackage is lowered from the mobile pipeline's graph, {source['nodes']} "
-            f"nodes of standard ONNX ({ops} where the FP32 column's graph has ORT contrib ops); "
-            "report.json, coreml_sources)")
+            f"nodes of standard ONNX{where}; report.json, coreml_sources)")
 
 
 _ARTIFACT_KINDS = ((".ort", "ORT mobile"), (".config", "ORT operator configs"),

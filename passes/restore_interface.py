@@ -18,9 +18,9 @@ recorded before the pipeline, restores them:
   ``(y, y)``) becomes that output again: ``outputs[i] = outputs[j]``.
 
 A value that holds a recorded name in the meantime is renamed first (``name_1``, ...).
-A node left with no use (the ``Identity`` that copied a graph input to an output, once the
-output is that input again) is removed. The graph computes the same function, under the
-interface it had; nothing else changes.
+An ``Identity`` left with no use (one that copied a graph input to an output, once the output
+is that input again) is removed. The graph computes the same function, under the interface it
+had; nothing else changes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import collections
 import logging
 
 import onnx_ir as ir
-import onnx_ir.passes.common
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +77,16 @@ def restore_interface(model: ir.Model, inputs: list[str], outputs: list[str]) ->
         given[name] = graph.outputs[i]
     if restored:
         log.info("Restored %d graph input/output names that the passes changed", restored)
-        ir.passes.common.RemoveUnusedNodesPass()(model)
+        _remove_unused_identities(graph)
     return restored
+
+
+def _remove_unused_identities(graph: ir.Graph) -> None:
+    """Remove the Identity nodes of ``graph`` whose output nothing reads."""
+    for node in reversed(list(graph)):
+        output = node.outputs[0] if node.op_type == "Identity" and not node.domain else None
+        if output is not None and not output.uses() and not output.is_graph_output():
+            graph.remove(node, safe=True)
 
 
 def _identity_copy(graph: ir.Graph, value: ir.Value, name: str) -> ir.Value:

@@ -37,9 +37,12 @@ def test_coreml_image_input_with_batch_2_fails_before_the_build(tmp_path: Path) 
 def test_the_apis_default_folder_is_named_after_the_size() -> None:
     """It was out/mobilevit_xxs for every size, so an S build replaced (and a later build
     deleted the INT8 model of) an XXS one there."""
-    assert BuildOptions(size="s").out_dir == "out/mobilevit_s"
-    assert BuildOptions().out_dir == "out/mobilevit_xxs"
-    assert BuildOptions(size="xs", out_dir="here").out_dir == "here"
+    from dataclasses import replace
+
+    assert BuildOptions(size="s").out_path == Path("out/mobilevit_s")
+    assert BuildOptions().out_path == Path("out/mobilevit_xxs")
+    assert replace(BuildOptions(), size="s").out_path == Path("out/mobilevit_s")
+    assert BuildOptions(size="xs", out_dir="here").out_path == Path("here")
 
 
 @pytest.mark.parametrize(("args", "message"), [

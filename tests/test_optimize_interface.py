@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -136,21 +137,32 @@ def test_a_float16_model_is_checked_to_float16_rounding(tmp_path: Path) -> None:
                                         .graph.node}
 
 
-def test_output_limit_is_per_element_with_a_floor_of_rounding_at_the_outputs_scale() -> None:
+def test_output_limit_is_per_element_with_a_floor_at_the_outputs_scale() -> None:
     def limit(values, dtype, tolerance=1e-4):
         return output_limit(np.array(values, dtype), tolerance).tolist()
 
     assert limit([1.0, -40.0], np.float16) == [4 * 0.03125] * 2  # 4 float16 ulps of 40
     assert limit([1e-3], np.float16) == [1e-4]  # the tolerance is larger
     assert limit([0.5, -0.25], np.float32) == [1e-4, 1e-4]  # absolute up to 1
-    # 0.5 beside 40: 32 float32 ulps of 40 (1.2e-4) are above the tolerance; NaN: exact
-    assert limit([40.0, 0.5, np.nan], np.float32) == pytest.approx(
-        [40e-4, 32 * float(np.spacing(np.float32(40.0))), 0.0])
-    # beside a value of 1e4 a value of 0.5 keeps nearly its own limit: 32 float32 ulps of 1e4
-    assert limit([1e4, 0.5], np.float32) == pytest.approx([1.0, 32 * float(np.spacing(
-        np.float32(1e4)))])
+    # 0.5 beside 40: a tenth of the tolerance at 40 (4e-4); NaN: exact
+    assert limit([40.0, 0.5, np.nan], np.float32) == pytest.approx([40e-4, 4e-4, 0.0])
+    # with no tolerance, float rounding: 32 float32 ulps of 40
+    assert limit([40.0, 0.5], np.float32, 0.0) == pytest.approx(
+        [32 * float(np.spacing(np.float32(40.0)))] * 2)
+    # beside 1e4, 0.5 is held to a tenth of the tolerance at 1e4 (0.1), not to 1e4's (1.0)
+    assert limit([1e4, 0.5], np.float32) == pytest.approx([1.0, 0.1])
     assert limit([3, 7], np.int64, 0.0) == [0.0, 0.0]  # integers: exact
     assert limit([np.inf, 2.0], np.float16, 0.0) == [0.0, 4 * float(np.spacing(np.float16(2.0)))]
+
+
+def test_a_mask_fill_value_does_not_set_the_scale() -> None:
+    """float32's lowest value (a common mask fill) made every limit infinite, with numpy's
+    overflow warning."""
+    fill = float(np.finfo(np.float32).min)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        limits = output_limit(np.array([0.0, 0.3, 0.9, fill], np.float32), 1e-4)
+    assert limits.tolist() == pytest.approx([1e-4, 1e-4, 1e-4, abs(fill) * 1e-4])
 
 
 def test_a_large_element_does_not_hide_a_wrong_small_one(tmp_path: Path,

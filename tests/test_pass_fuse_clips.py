@@ -92,7 +92,7 @@ def test_the_default_rules_are_onnxscripts_with_ours_in_place_of_its_two() -> No
     theirs = onnxscript.rewriter._DEFAULT_REWRITE_RULES
     assert [r.name for r in ours] == [r.name for r in theirs]
     replaced = [r.name for r, t in zip(ours, theirs, strict=True) if r is not t]
-    assert replaced == ["FuseSuccessiveReluClip", "FuseSuccessiveClip"]
+    assert replaced == ["FuseSuccessiveClipRelu", "FuseSuccessiveReluClip", "FuseSuccessiveClip"]
 
 
 def test_onnxscripts_optimizer_with_our_rules_is_right_inside_an_if_branch() -> None:
@@ -136,3 +136,62 @@ def test_optimize_writes_a_right_model_for_a_clip_pair_in_an_if_branch(tmp_path:
     assert "differed from the input" not in output  # onnxscript's optimizer was kept
     big = {"x": np.full(4, 200.0, np.float32)}
     np.testing.assert_array_equal(run(onnx.load(tmp_path / "out.onnx"), big)[0], np.zeros(4))
+
+
+def test_a_nan_bound_is_not_fused() -> None:
+    """ONNX Runtime reads a NaN bound as absent; fusing it made the bound NaN."""
+    before = _two_clips("a1", "b1", "a2", "b2", {"a1": np.nan, "b1": 1.0, "a2": 0.0, "b2": 2.0})
+    after, pass_ = apply(before, "fuse_clips", fuse_clips.rules)
+    assert ops(after) == ["Clip", "Clip"]
+    assert "NaN" in pass_.refusals["FuseSuccessiveClip"]
+
+
+@pytest.mark.parametrize(("low", "high"), [(-2.0, -1.0), (0.5, 2.0), (-1.0, 1.0)])
+def test_clip_after_relu_becomes_one_clip(low: float, high: float) -> None:
+    before = parse('<ir_version: 10, opset_import: ["" : 18]>\n'
+                   "g (float[61] x) => (float[61] y) { t = Relu (x)\n y = Clip (t, lo, hi) }",
+                   {"lo": np.array(low, np.float32), "hi": np.array(high, np.float32)})
+    after, pass_ = apply(before, "fuse_clips", fuse_clips.rules)
+    assert ops(after) == ["Clip"] and pass_.counts["FuseSuccessiveClipRelu"] == 1
+    assert_same_outputs(before, after, FEED, atol=0)
+
+
+def test_int64_bounds_keep_their_value() -> None:
+    """onnxscript's Clip∘Relu rule took max(0.0, bound) in float64: 2⁶⁰ + 1 lost its 1."""
+    big = 2**60 + 1
+    before = parse('<ir_version: 10, opset_import: ["" : 18]>\n'
+                   "g (int64[3] x) => (int64[3] y) { t = Relu (x)\n y = Clip (t, lo, hi) }",
+                   {"lo": np.array(big, np.int64), "hi": np.array(big + 4, np.int64)})
+    after, _ = apply(before, "fuse_clips", fuse_clips.rules)
+    assert ops(after) == ["Clip"]
+    assert_same_outputs(before, after, {"x": np.array([0, big + 2, big + 9], np.int64)}, atol=0)
+
+
+def test_two_chains_on_one_input_get_bounds_of_their_own() -> None:
+    """onnxscript's rules named both chains' bounds x_min, and its optimizer failed."""
+    before = parse('<ir_version: 10, opset_import: ["" : 18]>\n'
+                   "g (float[61] x) => (float[61] y, float[61] z) "
+                   "{ t = Clip (x, a, b)\n y = Clip (t, c, d)\n u = Clip (x, e, f)\n"
+                   " z = Clip (u, g, h) }",
+                   {n: np.array(v, np.float32) for n, v in zip("abcdefgh", (
+                       0.0, 1.0, 0.5, 6.0, -1.0, 2.0, 0.0, 0.5), strict=True)})
+    optimizer = OnnxscriptOptimize()
+    after = onnx_io.to_proto(optimizer(ir.serde.deserialize_model(before)).model)
+    assert optimizer.failure is None and optimizer.rewrites == 2
+    assert ops(after) == ["Clip", "Clip"]
+    assert_same_outputs(before, after, FEED, atol=0)
+
+
+def test_a_clip_pair_on_a_value_of_unknown_type_is_left_and_the_optimizer_goes_on() -> None:
+    """After a custom-domain op the type is unknown: onnxscript's rule raised, and its whole
+    optimizer stage (constant folding, BN folds) was skipped."""
+    before = onnx.parser.parse_model(
+        '<ir_version: 10, opset_import: ["" : 18, "custom" : 1]>\n'
+        "g (float[4] x) => (float[4] y) { u = custom.Foo (x)\n t = Clip (u, a, b)\n"
+        " y = Clip (t, c, d) }")
+    before.graph.initializer.extend(onnx.numpy_helper.from_array(np.array(v, np.float32), n)
+                                    for n, v in zip("abcd", (0.0, 1.0, 0.0, 6.0), strict=True))
+    optimizer = OnnxscriptOptimize()
+    after = onnx_io.to_proto(optimizer(ir.serde.deserialize_model(before)).model)
+    assert optimizer.failure is None
+    assert [n.op_type for n in after.graph.node] == ["Foo", "Clip", "Clip"]
