@@ -554,6 +554,14 @@ def _optimize_summary(model: str, output: str, report: dict) -> None:
                     "fixed batch and generalising the result failed (`mvcompile -v optimize "
                     "...` logs why). `--batch 1` fixes the batch so that they can apply.",
                     fg="yellow", err=True)
+    if report.get("overridable_inputs"):
+        count = len(report["overridable_inputs"])
+        click.secho(f"Note: {count} initializer{'s are' if count > 1 else ' is'} also graph "
+                    "input(s), a default the caller may override (torch.onnx.export's "
+                    "keep_initializers_as_inputs=True does this to every weight); they stay "
+                    "inputs, so rewrites that need constant weights (BatchNorm and attention "
+                    "folds) leave their nodes alone. Export without it to let them apply.",
+                    fg="yellow", err=True)
     if report.get("unknown_dims_blocked"):
         click.secho("Note: some rewrites need static shapes and found sizes computed at run "
                     f"time: {report['unknown_dims_blocked']}.", fg="yellow", err=True)
