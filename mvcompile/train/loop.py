@@ -10,9 +10,11 @@ goes to a :class:`Reporter` supplied by the CLI.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -158,6 +160,7 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
     """Train (or resume) and return the run's results. Raises UserError on bad input."""
     d = init_distributed()
     reporter = reporter if reporter is not None and d.is_main else SilentReporter()
+    run = None
     try:
         run = prepare(options, d, reporter)
         if run.start_epoch >= options.epochs:
@@ -170,7 +173,19 @@ def train(options: TrainOptions, reporter: Reporter | None = None) -> TrainResul
         run.export_model.eval()
         return TrainResult(run.run_dir, run.history, run.best, run.export_model,
                            run.start_epoch)
+    except BaseException as err:
+        if d.enabled:  # the frames below hold the DDP wrapper: let it go (see below)
+            traceback.clear_frames(err.__traceback__)
+        raise
     finally:
+        # Under torchrun, the DistributedDataParallel wrapper and its reducer's gloo work go
+        # before the process group, while the interpreter is whole: left to its shutdown (a
+        # stopped run's frames and reference cycles keep them), they can abort the process
+        # ("terminate called without an active exception") after the run has stopped and
+        # written its files.
+        if run is not None and d.enabled:
+            run.net = run.model
+            gc.collect()
         shutdown_distributed(d)
 
 
