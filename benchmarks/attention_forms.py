@@ -105,18 +105,12 @@ def norm_forms(rows: int, d: int, rng: np.random.Generator) -> dict[str, bytes]:
 def time_forms(title: str, forms: dict[str, bytes], feed: dict[str, np.ndarray],
                rounds: int) -> None:
     """One table: each form's median, its ratio to the first form, and its max |Δ| to it."""
-    sessions = {name: latency.make_session(blob) for name, blob in forms.items()}
-    outputs = {name: s.run(None, feed)[0] for name, s in sessions.items()}
-    stats = latency.measure_interleaved(sessions, feed, runs=10 * rounds)
-    first = next(iter(forms))
     print(f"\n{title}")
     print("| form | nodes | median µs | × ours | max |Δ| vs ours |")
     print("|---|---|---|---|---|")
-    for name, blob in forms.items():
-        nodes = len(onnx.load_from_string(blob).graph.node)
-        diff = float(np.abs(outputs[name] - outputs[first]).max())
-        print(f"| {name} | {nodes} | {1000 * stats[name].median_ms:.0f} | "
-              f"{stats[name].median_ms / stats[first].median_ms:.2f} | {diff:.1e} |")
+    for name, t in latency.time_forms(forms, feed, 10 * rounds).items():
+        print(f"| {name} | {t.nodes} | {1000 * t.median_ms:.0f} | {t.ratio:.2f} | "
+              f"{t.max_diff:.1e} |")
 
 
 def main() -> None:

@@ -128,15 +128,9 @@ def time_shape(c: int, k: int, h: int, rounds: int, rng: np.random.Generator) ->
     forms = {"direct Conv": direct(w, b, h), "Winograd, grouped conv": winograd_grouped(w, b, h),
              "Winograd, 3-D conv": winograd_3d(w, b, h)}
     feed = {"x": rng.standard_normal((1, c, h, h)).astype(np.float32)}
-    sessions = {name: latency.make_session(blob) for name, blob in forms.items()}
-    outputs = {name: s.run(None, feed)[0] for name, s in sessions.items()}
-    stats = latency.measure_interleaved(sessions, feed, runs=10 * rounds)
-    first = next(iter(forms))
-    for name, blob in forms.items():
-        nodes = len(onnx.load_from_string(blob).graph.node)
-        diff = float(np.abs(outputs[name] - outputs[first]).max())
-        print(f"| {c}→{k}, {h}² | {name} | {nodes} | {1000 * stats[name].median_ms:.0f} | "
-              f"{stats[name].median_ms / stats[first].median_ms:.2f} | {diff:.1e} |")
+    for name, t in latency.time_forms(forms, feed, 10 * rounds).items():
+        print(f"| {c}→{k}, {h}² | {name} | {t.nodes} | {1000 * t.median_ms:.0f} | "
+              f"{t.ratio:.2f} | {t.max_diff:.1e} |")
 
 
 def main() -> None:

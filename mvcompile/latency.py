@@ -164,3 +164,31 @@ def time_models(models: dict[str, bytes], feed: dict[str, np.ndarray], runs: int
     of them see the same machine load; ``on_run`` is called after each round of blocks."""
     sessions = {name: make_session(blob, threads=threads) for name, blob in models.items()}
     return measure_interleaved(sessions, feed, runs=runs, on_run=on_run)
+
+
+@dataclass(frozen=True)
+class FormTiming:
+    """One form of a computation timed against the first (:func:`time_forms`)."""
+
+    nodes: int
+    median_ms: float
+    ratio: float  # median / the first form's
+    max_diff: float  # max |first output − the first form's|
+
+
+def time_forms(forms: dict[str, bytes], feed: dict[str, np.ndarray], runs: int
+               ) -> dict[str, FormTiming]:
+    """Serialized models that compute the same thing, timed interleaved
+    (:func:`measure_interleaved`, spinning off), each with its node count and its first
+    output's max abs difference to the first form's."""
+    import onnx
+
+    sessions = {name: make_session(blob) for name, blob in forms.items()}
+    outputs = {name: s.run(None, feed)[0] for name, s in sessions.items()}
+    stats = measure_interleaved(sessions, feed, runs=runs)
+    first = next(iter(forms))
+    return {name: FormTiming(len(onnx.load_from_string(blob).graph.node),
+                             stats[name].median_ms,
+                             stats[name].median_ms / stats[first].median_ms,
+                             float(np.abs(outputs[name] - outputs[first]).max()))
+            for name, blob in forms.items()}

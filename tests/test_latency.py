@@ -79,3 +79,23 @@ def test_make_session_sets_the_thread_spinning_it_is_asked_for(monkeypatch, kwar
 def test_make_session_refuses_to_stop_spinning_that_is_off() -> None:
     with pytest.raises(ValueError, match="needs spinning=True"):
         latency.make_session(_relu(TensorProto.FLOAT), stop_spinning_after_run=True)
+
+
+def test_time_forms_gives_nodes_ratios_and_differences_to_the_first_form() -> None:
+    import onnx.parser
+
+    def model(body: str) -> bytes:
+        return onnx.parser.parse_model('<ir_version: 10, opset_import: ["" : 18]>\n'
+                                       f"g (float[64] x) => (float[64] y) {{ {body} }}"
+                                       ).SerializeToString()
+
+    forms = {"relu": model("y = Relu (x)"),
+             "max": model("z = Constant <value_float = 0.0> ()\n y = Max (x, z)"),
+             "shifted": model("o = Constant <value_float = 0.5> ()\n r = Relu (x)\n"
+                              " y = Add (r, o)")}
+    feed = {"x": np.linspace(-1, 1, 64, dtype=np.float32)}
+    timings = latency.time_forms(forms, feed, runs=10)
+    assert [t.nodes for t in timings.values()] == [1, 2, 3]
+    assert timings["relu"].ratio == 1.0 and timings["max"].max_diff == 0.0
+    assert timings["shifted"].max_diff == 0.5
+    assert all(t.median_ms > 0 for t in timings.values())
