@@ -147,7 +147,7 @@ def count_parameters(model: onnx.ModelProto) -> int:
     excluded.discard("")
     return sum(
         unpacked.get(init.name, int(np.prod(init.dims)))
-        for init in _weight_tensors(model.graph, nodes)
+        for init in constant_tensors(model.graph, nodes)
         if (init.data_type in _FLOAT_TYPES or init.name in quantized)
         and len(init.dims) >= 1 and init.name not in excluded
     )
@@ -167,7 +167,7 @@ def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
             ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
 
 
-def _weight_tensors(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]
+def constant_tensors(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]
                     ) -> Iterator[onnx.TensorProto]:
     """The initializers of ``graph`` and its subgraphs, and the tensors of the Constant nodes
     among ``nodes`` (some exporters store weights so), named as the Constant's output."""

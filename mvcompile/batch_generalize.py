@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from mvcompile.analysis import constant_tensors
+
 log = logging.getLogger(__name__)
 
 # Ops that broadcast every input against the others (numpy rules): a constant input may be
@@ -105,10 +107,7 @@ def _refuse_batch_slices(original: onnx.ModelProto) -> None:
 
 def _constants(graph: onnx.GraphProto) -> dict[str, list[int]]:
     """The integer values of ``graph``'s initializers and Constant nodes, by name."""
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    values = {t.name: numpy_helper.to_array(t) for t in constant_tensors(graph, list(graph.node))}
     return {name: [int(v) for v in np.ravel(a)] for name, a in values.items()
             if a.dtype.kind in "iu"}
 

@@ -361,10 +361,10 @@ def _earlier_artifacts(out_dir: Path) -> set[str]:
 
 def _note_unrecorded(out_dir: Path, names: list[str], earlier: set[str]) -> None:
     """Warn of the files this build replaces in ``out_dir`` that no earlier build's
-    report.json lists there (they may be the user's own)."""
-    if (out_dir / "report.json").is_file() and earlier:
-        names = [name for name in names if name not in earlier and name != "report.json"]
-    for name in names:
+    report.json lists there (``earlier``: :func:`_earlier_artifacts`; they may be the user's
+    own). The report.json of a build that listed its artifacts is its own too."""
+    recorded = earlier | {"report.json"} if earlier else set()
+    for name in (name for name in names if name not in recorded):
         if (out_dir / name).exists():
             log.warning("Replacing %s, which no earlier build into this folder recorded",
                         out_dir / name)

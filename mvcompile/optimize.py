@@ -175,17 +175,22 @@ def _ulp(value: float, dtype: np.dtype) -> float:
     return float(np.ldexp(1.0, int(exponent) - 1 - np.finfo(dtype).nmant))
 
 
-def _over_limit(expected: list[np.ndarray], actual: list[np.ndarray], tolerance: float
-                ) -> tuple[float, float] | None:
-    """(|Δ|, limit) at the element furthest beyond its :func:`output_limit`, in the first
-    output that has one, else None."""
+def compare_outputs(expected: list[np.ndarray], actual: list[np.ndarray], tolerance: float
+                    ) -> tuple[list[float], tuple[float, float] | None]:
+    """The max abs difference of each output (:func:`output_difference`), and (|Δ|, limit) at
+    the element furthest beyond its :func:`output_limit` in the first output that has one,
+    else None."""
+    diffs, over = [], None
     for want, got in zip(expected, actual, strict=True):
-        diff, limit = element_differences(want, got), output_limit(want, tolerance)
-        over = ~(diff <= limit)
-        if over.any():
-            worst = np.unravel_index(np.argmax(np.where(over, diff - limit, -np.inf)), diff.shape)
-            return float(diff[worst]), float(limit[worst])
-    return None
+        diff = element_differences(want, got)
+        diffs.append(float(diff.max(initial=0.0)))
+        limit = output_limit(want, tolerance)
+        beyond = ~(diff <= limit)
+        if over is None and beyond.any():
+            worst = np.unravel_index(np.argmax(np.where(beyond, diff - limit, -np.inf)),
+                                     diff.shape)
+            over = float(diff[worst]), float(limit[worst])
+    return diffs, over
 
 
 def output_difference(expected: np.ndarray, actual: np.ndarray) -> float:
@@ -464,8 +469,8 @@ def _check_batches(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: f
         except Exception as err:  # ORT raises several exception types; names, shapes: ValueError
             raise UserError(f"the generalised model fails at batch {batch} "
                             f"({first_line(err)})") from err
-        worst = max([worst, *map(output_difference, reference, actual)])
-        over = _over_limit(reference, actual, tolerance)
+        diffs, over = compare_outputs(reference, actual, tolerance)
+        worst = max([worst, *diffs])
         if over is not None:
             raise UserError(f"the generalised model differs by {over[0]:.3g} at batch {batch}, "
                             f"above that element's limit {over[1]:.3g}")
@@ -591,8 +596,7 @@ def _check(proto: onnx.ModelProto, result: onnx.ModelProto, tolerance: float, ba
         _, actual = run_both(proto, result, batch=batch, reference_outputs=expected)
     except Exception as err:  # ONNX Runtime cannot run the result, or its names or shapes differ
         raise _validation_failed(err) from err
-    diffs = list(map(output_difference, expected, actual))
-    over = _over_limit(expected, actual, tolerance)
+    diffs, over = compare_outputs(expected, actual, tolerance)
     signed = _signed_differences(proto, result, tolerance, batch)
     if over is None and signed is not None:
         over = signed[1]
@@ -614,7 +618,7 @@ def _signed_differences(proto: onnx.ModelProto, result: onnx.ModelProto, toleran
     """The max abs difference of each output on signed inputs (``random_inputs(signed=True)``:
     N(0,1) floats, True booleans), which a rewrite that is wrong only for negative values or on
     an If's other branch fails, and (|Δ|, limit) of the element furthest over its limit
-    (:func:`_over_limit`), if any; None where the input model itself cannot run on them (an
+    (:func:`compare_outputs`), if any; None where the input model itself cannot run on them (an
     image model may not: it is checked on pixels already)."""
     feed = random_inputs(proto, 1, batch, signed=True)
     try:
@@ -627,7 +631,7 @@ def _signed_differences(proto: onnx.ModelProto, result: onnx.ModelProto, toleran
         _, actual = run_both(proto, result, 1, batch, expected, signed=True)
     except Exception as err:
         raise _validation_failed(err) from err
-    return list(map(output_difference, expected, actual)), _over_limit(expected, actual, tolerance)
+    return compare_outputs(expected, actual, tolerance)
 
 
 def _validation_failed(err: Exception) -> UserError:

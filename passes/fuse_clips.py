@@ -25,6 +25,8 @@ runs its optimizer with.
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 import onnx_ir as ir
 from onnxscript import rewriter
@@ -74,13 +76,15 @@ def _upper(high1: Bound, low2: Bound, high2: Bound) -> Bound:
     return value if high2 is None else np.minimum(value, high2)
 
 
-class _FuseToClip(RewriteRuleClassBase):
+class _FuseToClip(RewriteRuleClassBase, abc.ABC):
     """A chain that ends in ``Clip(x, low, high)`` with constant bounds. Subclasses give the
     pattern (naming the Clip outputs ``out_first_clip`` and, for two, ``out_second_clip``)
     and :meth:`fused_bounds`."""
 
+    @abc.abstractmethod
     def fused_bounds(self, clips: list[ir.Node], zero: np.ndarray) -> tuple[Bound, Bound]:
-        raise NotImplementedError
+        """(min, max) of the one Clip that the matched ``clips`` (first, second) make;
+        ``zero``: 0 in the input's type."""
 
     def check(self, context, x, **outputs) -> MatchResult:
         del context
